@@ -1,0 +1,5 @@
+"""Real datasets for evaluation and the synthetic data pool."""
+
+from smi.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, load_fashion_mnist
+
+__all__ = ["FMNIST_CLASSES", "FMNIST_MEAN", "FMNIST_STD", "load_fashion_mnist"]

@@ -1,0 +1,171 @@
+"""Load a teacher from a timm name, a shipped teacher, or a local checkpoint.
+
+A checkpoint is two files side by side: ``NAME.safetensors`` (the state dict) and ``NAME.json``
+(metadata: timm architecture and kwargs, number of classes, mean/std, input size, class names).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from smi.errors import SmiError
+from smi.utils.io import atomic_save_tensors, atomic_write_json, sha256_file
+
+__all__ = ["Teacher", "load_teacher", "save_teacher", "TEACHER_FORMAT"]
+
+TEACHER_FORMAT = "smi-teacher/1"
+
+
+@dataclass
+class Teacher:
+    """A model in eval mode with frozen weights, plus what it needs to read images."""
+
+    model: nn.Module
+    spec: str  # what the user asked for: a timm name, a shipped name or a path
+    arch: str  # timm architecture name
+    num_classes: int
+    input_size: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: list[str] | None = None
+    fingerprint: str = ""  # sha256 of the weights file, or 'random-init:<arch>' / 'timm-pretrained:<arch>'
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """What a pool or quantized model records to say which teacher made it."""
+        return {"spec": self.spec, "arch": self.arch, "fingerprint": self.fingerprint,
+                "num_classes": self.num_classes, "input_size": list(self.input_size)}
+
+
+def _suggest(name: str) -> str:
+    names = timm.list_models()
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _freeze(model: nn.Module, device: torch.device | str) -> nn.Module:
+    model.eval().to(device)
+    model.requires_grad_(False)  # inversion needs input gradients only; weight grads are pure overhead
+    return model
+
+
+def _data_cfg(model: nn.Module) -> dict[str, Any]:
+    return timm.data.resolve_model_data_config(model)
+
+
+def load_teacher(
+    spec: str, *, pretrained: bool = False, device: torch.device | str = "cpu", **model_kwargs: Any
+) -> Teacher:
+    """Load a frozen teacher.
+
+    Args:
+        spec: a path to ``*.safetensors`` (with its ``*.json`` beside it), the name of a teacher
+            smi ships (``fmnist_vit_tiny``, loaded with its weights), or any timm model name.
+        pretrained: for a timm name, download timm's pretrained weights (needs the internet);
+            without it the model is randomly initialised (useful for speed measurements).
+        device: where the model lives.
+        model_kwargs: passed to ``timm.create_model`` for a timm name.
+
+    >>> teacher = load_teacher("fmnist_vit_tiny")
+    >>> teacher.num_classes, teacher.input_size
+    (10, (1, 28, 28))
+    """
+    import smi.models.teachers as shipped  # registers the shipped teachers with timm
+
+    path = Path(spec)
+    if spec.endswith((".safetensors", ".json")) or path.exists():
+        return _load_checkpoint(path, device)
+    if spec in shipped.SHIPPED_TEACHERS:
+        weights = shipped.WEIGHTS_DIR / f"{spec}.safetensors"
+        if not weights.is_file():
+            raise SmiError(f"shipped teacher {spec!r} has no weights at {weights}; train it with "
+                           f"`smi train-teacher --arch {spec}`")
+        return _load_checkpoint(weights, device, spec=spec)
+    if not timm.is_model(spec):
+        raise SmiError(f"unknown model {spec!r}{_suggest(spec)}")
+    try:
+        model = timm.create_model(spec, pretrained=pretrained, **model_kwargs)
+    except (RuntimeError, OSError, ValueError) as e:  # hub errors surface as several types
+        raise SmiError(f"cannot create {spec!r}: {str(e).splitlines()[0]}") from None
+    cfg = _data_cfg(model)
+    label_names = getattr(model, "pretrained_cfg", {}).get("label_names")
+    return Teacher(
+        model=_freeze(model, device), spec=spec, arch=spec, num_classes=model.num_classes,
+        input_size=tuple(cfg["input_size"]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+        class_names=list(label_names) if label_names else None,
+        fingerprint=f"{'timm-pretrained' if pretrained else 'random-init'}:{spec}",
+    )
+
+
+def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = None) -> Teacher:
+    weights = path.with_suffix(".safetensors")
+    meta_path = path.with_suffix(".json")
+    if path.is_dir():
+        raise SmiError(f"{path} is a folder; give the checkpoint's .safetensors file")
+    for p in (weights, meta_path):
+        if not p.is_file():
+            raise SmiError(f"checkpoint file {p} not found (a checkpoint is NAME.safetensors + NAME.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SmiError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != TEACHER_FORMAT:
+        raise SmiError(f"{meta_path}: not an smi teacher checkpoint (expected format {TEACHER_FORMAT!r})")
+    try:
+        arch, kwargs = meta["architecture"], dict(meta.get("model_kwargs", {}))
+        num_classes = int(meta["num_classes"])
+        input_size = tuple(int(v) for v in meta["input_size"])
+        mean, std = tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SmiError(f"{meta_path}: missing or malformed field {e}") from None
+    import smi.models.teachers  # noqa: F401  (registers shipped architectures)
+
+    if not timm.is_model(arch):
+        raise SmiError(f"{meta_path}: unknown architecture {arch!r}{_suggest(arch)}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise SmiError(f"{weights}: unreadable safetensors file ({e})") from None
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}")
+        raise SmiError(f"{weights}: weights do not match the metadata's {arch}: {detail}")
+    model.load_state_dict(state)
+    return Teacher(
+        model=_freeze(model, device), spec=spec or str(path), arch=arch, num_classes=num_classes,
+        input_size=input_size, mean=mean, std=std, class_names=meta.get("class_names"),
+        fingerprint=f"sha256:{sha256_file(weights)}", extra={"metadata": meta},
+    )
+
+
+def save_teacher(
+    model: nn.Module, path: str | Path, *, arch: str, model_kwargs: dict[str, Any] | None = None,
+    class_names: list[str] | None = None, extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``path`` (.safetensors) and its .json metadata, atomically. Returns the weights path."""
+    path = Path(path).with_suffix(".safetensors")
+    cfg = _data_cfg(model)
+    meta = {
+        "format": TEACHER_FORMAT, "architecture": arch, "model_kwargs": model_kwargs or {},
+        "num_classes": model.num_classes, "input_size": list(cfg["input_size"]),
+        "mean": list(cfg["mean"]), "std": list(cfg["std"]), "class_names": class_names,
+        "timm_version": timm.__version__, "torch_version": torch.__version__, **(extra or {}),
+    }
+    atomic_save_tensors(path, model.state_dict())
+    atomic_write_json(path.with_suffix(".json"), meta)
+    return path

@@ -1,0 +1,91 @@
+"""Teachers that smi trains on Fashion-MNIST and ships, registered with timm.
+
+They are plain timm ``VisionTransformer`` instances (class token, pre-LayerNorm blocks, GELU
+MLP); the only difference from DeiT is the patch embedding, a two-layer convolutional stem
+applied to each 4x4 patch on its own, so every token still sees only its own patch. Once
+``smi`` is imported they load like any timm model::
+
+    >>> import smi, timm
+    >>> model = timm.create_model("fmnist_vit_tiny", pretrained=True)  # weights ship in the wheel
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from smi.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
+
+__all__ = ["PatchStem", "SHIPPED_TEACHERS", "WEIGHTS_DIR"]
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+class PatchStem(PatchEmbed):
+    """Patch embedding by a small conv network that never looks across patch borders.
+
+    ``proj`` is conv(k=p/2, stride p/2) -> GELU -> conv(k=2, stride 2): kernel and stride are
+    equal in both layers, so output token (i, j) is a function of input patch (i, j) only. That
+    keeps token-sparse embedding exact: ``proj`` applied to a lone p x p patch gives its token.
+    """
+
+    def __init__(self, img_size: Any = 28, patch_size: int = 4, in_chans: int = 1, embed_dim: int = 128,
+                 bias: bool = True, **kwargs: Any) -> None:
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                         bias=bias, **kwargs)
+        p = self.patch_size[0]
+        if p % 2 or self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"PatchStem needs an even, square patch size, got {self.patch_size}")
+        hidden = embed_dim // 2
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, hidden, kernel_size=p // 2, stride=p // 2),
+            nn.GELU(),
+            nn.Conv2d(hidden, embed_dim, kernel_size=2, stride=2, bias=bias),
+        )
+
+
+def _cfg(name: str, **kwargs: Any) -> dict[str, Any]:
+    return {
+        "file": str(WEIGHTS_DIR / f"{name}.safetensors"),  # local file: pretrained=True never downloads
+        "num_classes": 10,
+        "input_size": (1, 28, 28),
+        "mean": FMNIST_MEAN,
+        "std": FMNIST_STD,
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "interpolation": "bilinear",
+        "first_conv": "patch_embed.proj.0",
+        "classifier": "head",
+        "label_names": FMNIST_CLASSES,
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({"fmnist_vit_tiny": _cfg("fmnist_vit_tiny")})
+
+# architecture kwargs of each shipped teacher; also written into its metadata JSON
+SHIPPED_TEACHERS: dict[str, dict[str, Any]] = {
+    "fmnist_vit_tiny": dict(
+        img_size=28, patch_size=4, in_chans=1, num_classes=10,
+        embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0,
+    ),
+}  # fmt: skip
+
+
+def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
+    model_args = {**SHIPPED_TEACHERS[variant], "embed_layer": PatchStem, **kwargs}
+    return build_model_with_cfg(
+        VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **model_args
+    )
+
+
+@register_model
+def fmnist_vit_tiny(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-style ViT for 28x28 Fashion-MNIST: 49 patches of 4x4, 4 blocks, width 128, 4 heads."""
+    return _create("fmnist_vit_tiny", pretrained, **kwargs)
