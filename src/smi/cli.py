@@ -39,7 +39,63 @@ def _add_train_teacher(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train_teacher)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train_teacher]
+def _cmd_invert(args: argparse.Namespace) -> int:
+    from smi.inversion.config import InversionConfig, SparsityConfig
+    from smi.inversion.synthesize import synthesize
+    from smi.models.loading import load_teacher
+
+    cfg = InversionConfig(
+        method=args.method, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+        tv_l2=args.tv_l2, tv_l1=args.tv_l1, l2=args.l2, jitter=args.jitter, jitter_unit=args.jitter_unit,
+        flip=not args.no_flip, sparsity=SparsityConfig.parse(args.sparsity),
+    )
+    if args.num_images < 1:
+        raise SmiError(f"--num-images must be positive, got {args.num_images}")
+    teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
+    result = synthesize(teacher, cfg, args.num_images, args.out, seed=args.seed, device=args.device,
+                        overwrite=args.overwrite, grid=not args.no_grid)
+    print(f"pool: {result.folder} ({result.num_images} images, {result.seconds:.1f} s of inversion)")
+    if result.grid is not None:
+        print(f"grid: {result.grid}")
+    return 0
+
+
+def _add_invert(sub: argparse._SubParsersAction) -> None:
+    from smi.inversion.config import METHODS
+
+    methods = "\n".join(f"  {name:<14} {text}" for name, text in METHODS.items())
+    p = sub.add_parser(
+        "invert", help="synthesize images from a teacher into a pool folder", formatter_class=_Formatter,
+        description=f"Synthesize images by model inversion, dense or sparse.\n\nmethods:\n{methods}\n\n"
+        "Rerunning the same command on the same --out resumes; a folder made with other settings is refused.",
+    )
+    p.add_argument("--model", default="fmnist_vit_tiny",
+                   help="timm model name, shipped teacher name, or path to a checkpoint .safetensors")
+    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs internet)")
+    p.add_argument("--method", default="deepinversion", help="synthesis method (see above)")
+    p.add_argument("--num-images", type=int, default=32, help="images to synthesize")
+    p.add_argument("--batch-size", type=int, default=32, help="images optimized together")
+    p.add_argument("--iterations", type=int, default=4000, help="optimisation steps per batch")
+    p.add_argument("--sparsity", default="default",
+                   help="'default' (50:0.3,100:0.3,200:0.3,300:0.3), 'dense', or ITER:RATIO,... "
+                        "(each ratio: fraction of the still-optimized patches to stop)")
+    p.add_argument("--lr", type=float, default=0.25, help="Adam learning rate (betas 0.5, 0.99)")
+    p.add_argument("--tv-l2", type=float, default=1e-4, help="weight of the l2 total-variation prior")
+    p.add_argument("--tv-l1", type=float, default=0.0, help="weight of the l1 total-variation prior")
+    p.add_argument("--l2", type=float, default=0.0, help="weight of the image L2-norm prior")
+    p.add_argument("--jitter", type=float, default=0.125, help="largest random shift, fraction of the side")
+    p.add_argument("--jitter-unit", choices=["patch", "pixel"], default="patch",
+                   help="round shifts to whole patches (needed for sparse) or use pixels (dense only)")
+    p.add_argument("--no-flip", action="store_true", help="disable the random horizontal flip")
+    p.add_argument("--seed", type=int, default=0, help="seed of targets, initial noise and jitter")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--out", required=True, help="pool folder to write (or resume)")
+    p.add_argument("--overwrite", action="store_true", help="replace a pool made with other settings")
+    p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
+    p.set_defaults(func=_cmd_invert)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_invert, _add_train_teacher]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,53 @@
+"""Jitter (wrap-around roll) and horizontal flip, for images and for patch indices alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Jitter", "sample_jitter", "apply_jitter", "jitter_indices", "pixel_mask_from_indices"]
+
+
+@dataclass(frozen=True)
+class Jitter:
+    dy: int  # shift down, in pixels (a multiple of the patch size in patch mode)
+    dx: int  # shift right, in pixels
+    flip: bool  # horizontal flip after the shift
+
+
+def sample_jitter(limit: int, unit: int, flip: bool, generator: torch.Generator) -> Jitter:
+    """Draw a shift in [-limit, limit] units (of ``unit`` pixels each) and a coin for the flip."""
+    dy, dx = (torch.randint(-limit, limit + 1, (2,), generator=generator) * unit).tolist()
+    do_flip = bool(torch.rand((), generator=generator) < 0.5) if flip else False
+    return Jitter(dy, dx, do_flip)
+
+
+def apply_jitter(x: torch.Tensor, j: Jitter) -> torch.Tensor:
+    """(B, C, H, W) -> rolled (with wrap-around) then optionally flipped left-right."""
+    if j.dy or j.dx:
+        x = torch.roll(x, shifts=(j.dy, j.dx), dims=(2, 3))
+    return x.flip(3) if j.flip else x
+
+
+def jitter_indices(idx: torch.Tensor, grid: tuple[int, int], patch: int, j: Jitter) -> torch.Tensor:
+    """Where each patch index lands after :func:`apply_jitter` (shifts must be whole patches)."""
+    if j.dy % patch or j.dx % patch:
+        raise ValueError(f"shift ({j.dy}, {j.dx}) is not a whole number of {patch}-pixel patches")
+    gh, gw = grid
+    r = torch.div(idx, gw, rounding_mode="floor")
+    c = idx % gw
+    r = (r + j.dy // patch) % gh
+    c = (c + j.dx // patch) % gw
+    if j.flip:
+        c = gw - 1 - c
+    return r * gw + c
+
+
+def pixel_mask_from_indices(idx: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """Kept indices (B, K) -> float pixel mask (B, 1, H, W) with 1 on kept patches."""
+    gh, gw = grid
+    m = torch.zeros(idx.shape[0], gh * gw, device=idx.device)
+    m.scatter_(1, idx, 1.0)
+    m = m.view(-1, 1, gh, 1, gw, 1).expand(-1, -1, -1, patch, -1, patch)
+    return m.reshape(idx.shape[0], 1, gh * patch, gw * patch)

@@ -1,0 +1,164 @@
+"""The inversion loop: dense or token-sparse, one batch at a time."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from smi.errors import SmiError
+from smi.inversion.augment import apply_jitter, jitter_indices, pixel_mask_from_indices, sample_jitter
+from smi.inversion.config import InversionConfig
+from smi.inversion.priors import image_l2, total_variation
+from smi.models.loading import Teacher
+from smi.models.sparse import SparseOutput, check_sparse_capable, sparse_forward
+
+__all__ = ["Batch", "StepInfo", "invert", "valid_range"]
+
+
+@dataclass
+class Batch:
+    """What one inversion returns. The images are the last iterate (not a 'best' snapshot)."""
+
+    images: torch.Tensor  # (B, C, H, W) normalized model inputs; stopped patches set to 0 (= the mean colour)
+    mask: torch.Tensor  # (B, N) bool: the patches optimized to the end
+    targets: torch.Tensor  # (B,) target classes
+    loss: torch.Tensor  # (B,) final cross-entropy of each image on its kept patches, un-jittered
+    seconds: float  # wall time of the optimisation loop
+
+
+@dataclass
+class StepInfo:
+    iteration: int
+    loss: float
+    kept: int  # patches per image still being optimized
+    images: torch.Tensor  # (B, C, H, W) the live iterate (detached; copy it to keep it)
+    keep: torch.Tensor  # (B, K) canonical indices of the patches still being optimized
+
+
+def valid_range(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str):
+    """Per-channel bounds of a [0, 1] image after normalization: two (1, C, 1, 1) tensors."""
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return (0 - m) / s, (1 - m) / s
+
+
+def _patch_size(model: torch.nn.Module) -> int:
+    """Token patch size of a ViT; 1 for models without patches (jitter then moves whole pixels)."""
+    pe = getattr(model, "patch_embed", None)
+    return int(pe.patch_size[0]) if pe is not None else 1
+
+
+def _jitter_limit(cfg: InversionConfig, side: int, patch: int) -> tuple[int, int]:
+    """(limit in units, unit in pixels)."""
+    if cfg.jitter == 0:
+        return 0, 1
+    if cfg.jitter_unit == "pixel":
+        return int(cfg.jitter * side), 1
+    return max(1, round(cfg.jitter * side / patch)), patch
+
+
+def invert(
+    teacher: Teacher,
+    config: InversionConfig,
+    targets: torch.Tensor,
+    *,
+    init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> Batch:
+    """Synthesize one batch of images that ``teacher`` classifies as ``targets``.
+
+    Args:
+        teacher: a frozen teacher from :func:`smi.load_teacher`.
+        config: the inversion recipe, including the sparsity schedule (dense if it has no stops).
+        targets: (B,) class indices.
+        init: (B, C, H, W) starting images in normalized space; default standard normal noise.
+        generator: CPU generator for the initial noise and the jitter/flip draws.
+        device: where to optimize; default the teacher's device.
+        callback: called after every step with a :class:`StepInfo`.
+
+    Returns:
+        A :class:`Batch`; ``mask`` is exactly the set of patches optimized to the last step.
+
+    >>> teacher = load_teacher("fmnist_vit_tiny")
+    >>> batch = invert(teacher, InversionConfig(iterations=200, sparsity=SparsityConfig(((50, 0.3),))),
+    ...                torch.arange(10), generator=torch.Generator().manual_seed(0))
+    """
+    model = teacher.model
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    sparse = not config.sparsity.dense
+    vit = check_sparse_capable(model) if sparse else model
+    C, H, W = teacher.input_size
+    B = targets.shape[0]
+    targets = targets.to(device)
+
+    x0 = init if init is not None else torch.randn(B, C, H, W, generator=generator)
+    x = x0.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
+    lo, hi = valid_range(teacher.mean, teacher.std, device)
+
+    patch = _patch_size(model)
+    grid = (H // patch, W // patch)
+    N = grid[0] * grid[1]
+    keep = torch.arange(N, device=device).expand(B, N)  # canonical kept indices (B, K), sorted
+    pixel_mask: torch.Tensor | None = None  # (B, 1, H, W) once a stop happened
+    frozen: torch.Tensor | None = None  # pixel values at the last stop (stopped pixels stay at these)
+    stops = dict(config.sparsity.stops)
+    counts = iter(config.sparsity.kept_counts(N)[1:])
+    limit, unit = _jitter_limit(config, min(H, W), patch)
+
+    t0 = time.perf_counter()
+    for it in range(1, config.iterations + 1):
+        j = sample_jitter(limit, unit, config.flip, generator)
+        xj = apply_jitter(x, j)
+        rank_now = it in stops
+        if sparse:
+            idx_t = jitter_indices(keep, grid, patch, j)  # (B, K), token j of image b is patch keep[b, j]
+            out = sparse_forward(vit, xj, idx_t, importance_block=config.importance_block,
+                                 return_importance=rank_now)
+        else:
+            out = SparseOutput(model(xj), None)  # dense: timm's own forward, fused attention everywhere
+        ce = F.cross_entropy(out.logits, targets)
+        loss = config.ce_weight * ce
+        if config.tv_l2 or config.tv_l1:
+            tv_l1, tv_l2 = total_variation(x, pixel_mask)
+            loss = loss + config.tv_l2 * tv_l2 + config.tv_l1 * tv_l1
+        if config.l2:
+            loss = loss + config.l2 * image_l2(x, pixel_mask)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise SmiError(f"inversion loss became {loss_value} at iteration {it}; the learning rate "
+                           f"({config.lr}) is probably too high, lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            x.clamp_(lo, hi)
+            if frozen is not None:
+                x.copy_(torch.where(pixel_mask.bool(), x, frozen))  # Adam momentum must not move stopped pixels
+            if rank_now:
+                k_new = next(counts)
+                top = out.importance.topk(k_new, dim=1).indices  # (B, k_new) positions within keep
+                keep = keep.gather(1, top).sort(dim=1).values
+                pixel_mask = pixel_mask_from_indices(keep, grid, patch)
+                frozen = x.detach().clone()
+        if callback is not None:
+            callback(StepInfo(it, loss_value, keep.shape[1], x.detach(), keep))
+    seconds = time.perf_counter() - t0
+
+    with torch.no_grad():
+        final = x.detach() * pixel_mask if pixel_mask is not None else x.detach().clone()
+        if sparse:
+            logits = sparse_forward(vit, final, keep).logits
+        else:
+            logits = model(final)
+        per_image = F.cross_entropy(logits, targets, reduction="none")
+    mask = torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(1, keep, True)
+    return Batch(final.cpu(), mask.cpu(), targets.cpu(), per_image.cpu(), seconds)

@@ -1,0 +1,55 @@
+"""Pictures a person can open: grids of synthetic images with their kept-patch masks."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from smi.utils.io import atomic_write_bytes
+
+__all__ = ["denormalize", "save_grid"]
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x * s + m).clamp(0, 1)
+
+
+def save_grid(
+    images: torch.Tensor, masks: torch.Tensor | None, patch: int, path: str | Path, mean: Sequence[float],
+    std: Sequence[float], titles: Sequence[str] | None = None, max_images: int = 64, columns: int = 8,
+) -> Path:
+    """Write a PNG grid; stopped patches are drawn in a flat dark blue so the mask is visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    n = min(len(images), max_images)
+    px = denormalize(images[:n].float().cpu(), mean, std)  # (n, C, H, W) in [0, 1]
+    if px.shape[1] == 1:
+        px = px.expand(-1, 3, -1, -1)
+    if masks is not None:
+        gh, gw = px.shape[2] // patch, px.shape[3] // patch
+        m = masks[:n].view(n, 1, gh, 1, gw, 1).expand(-1, 1, -1, patch, -1, patch).reshape(n, 1, *px.shape[2:])
+        stopped = torch.tensor([0.05, 0.1, 0.3]).view(1, 3, 1, 1)
+        px = torch.where(m.bool(), px, stopped)
+    cols = min(columns, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(px[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

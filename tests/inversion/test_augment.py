@@ -1,0 +1,42 @@
+import itertools
+
+import pytest
+import torch
+
+from smi.inversion.augment import Jitter, apply_jitter, jitter_indices, pixel_mask_from_indices
+
+
+def _brute_force(idx: torch.Tensor, grid, patch, j: Jitter) -> torch.Tensor:
+    """Paint each patch with its index, move the picture, read each patch's index back."""
+    gh, gw = grid
+    ids = torch.arange(gh * gw, dtype=torch.float32).view(1, 1, gh, 1, gw, 1)
+    img = ids.expand(1, 1, gh, patch, gw, patch).reshape(1, 1, gh * patch, gw * patch)
+    moved = apply_jitter(img, j)[0, 0]
+    where = {}
+    for r, c in itertools.product(range(gh), range(gw)):
+        cell = moved[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+        assert torch.all(cell == cell[0, 0]), "a shifted patch must stay one grid cell"
+        where[int(cell[0, 0])] = r * gw + c
+    return torch.tensor([[where[int(i)] for i in row] for row in idx])
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
+@pytest.mark.parametrize("dy,dx,flip", [(0, 0, False), (1, 0, False), (0, -2, False), (2, 3, True), (-1, -1, True),
+                                        (0, 0, True), (5, -7, True)])
+def test_jitter_indices_match_brute_force(grid, dy, dx, flip):
+    patch = 3
+    n = grid[0] * grid[1]
+    idx = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s))[:7] for s in range(3)])
+    j = Jitter(dy * patch, dx * patch, flip)
+    assert torch.equal(jitter_indices(idx, grid, patch, j), _brute_force(idx, grid, patch, j))
+
+
+def test_jitter_rejects_sub_patch_shift():
+    with pytest.raises(ValueError):
+        jitter_indices(torch.zeros(1, 1, dtype=torch.long), (4, 4), 4, Jitter(2, 0, False))
+
+
+def test_pixel_mask():
+    m = pixel_mask_from_indices(torch.tensor([[0, 3]]), (2, 2), 2)
+    assert m.shape == (1, 1, 4, 4)
+    assert m[0, 0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from smi.errors import SmiError
+from smi.inversion.augment import pixel_mask_from_indices
+from smi.inversion.config import InversionConfig, SparsityConfig
+from smi.inversion.engine import invert, valid_range
+
+SPARSE = InversionConfig(iterations=10, batch_size=3, sparsity=SparsityConfig.parse("3:0.5,6:0.5"))
+TARGETS = torch.tensor([0, 1, 2])
+
+
+def _run(teacher, cfg=SPARSE, seed=0, **kwargs):
+    steps = []
+
+    def record(info):
+        steps.append((info.iteration, info.images.clone(), info.keep.clone()))
+
+    batch = invert(teacher, cfg, TARGETS, generator=torch.Generator().manual_seed(seed), callback=record, **kwargs)
+    return batch, steps
+
+
+def _patch_values(x, patch=8):
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, -1, C * patch * patch)  # (B, N, C*p*p)
+
+
+def test_stopped_patches_never_change_and_mask_is_what_was_optimized(tiny_teacher):
+    batch, steps = _run(tiny_teacher)
+    final_iter, final_x, final_keep = steps[-1]
+    assert batch.mask.sum(1).tolist() == [4, 4, 4]
+    for b in range(3):
+        assert set(final_keep[b].tolist()) == set(batch.mask[b].nonzero().flatten().tolist())
+    for b in range(3):
+        for n in range(16):
+            # the first step after which patch n is no longer optimized
+            stop = next((it for it, _, keep in steps if n not in keep[b].tolist()), None)
+            traj = [_patch_values(x)[b, n] for _, x, _ in steps]
+            if stop is None:  # kept to the end: it was still being updated at the last step
+                assert batch.mask[b, n]
+                assert not torch.equal(traj[-1], traj[-2])
+            else:
+                assert not batch.mask[b, n]
+                for later in traj[stop:]:
+                    assert torch.equal(later, traj[stop - 1]), f"patch {n} of image {b} moved after iteration {stop}"
+
+
+def test_returned_images_zero_stopped_patches(tiny_teacher):
+    batch, steps = _run(tiny_teacher)
+    x = steps[-1][1]
+    m = pixel_mask_from_indices(steps[-1][2], (4, 4), 8)
+    torch.testing.assert_close(batch.images, x * m)
+
+
+def test_stopped_patches_leave_the_forward_pass(tiny_teacher):
+    tokens = []
+    hook = tiny_teacher.model.blocks[0].register_forward_pre_hook(lambda m, a: tokens.append(a[0].shape[1]))
+    try:
+        _run(tiny_teacher)
+    finally:
+        hook.remove()
+    # 1 class token + kept patches; last entry is the final (un-jittered) evaluation
+    assert tokens[:3] == [17] * 3 and tokens[3:6] == [9] * 3 and tokens[6:10] == [5] * 4
+
+
+def test_teacher_weights_get_no_gradient(tiny_teacher):
+    _run(tiny_teacher)
+    assert all(p.grad is None and not p.requires_grad for p in tiny_teacher.model.parameters())
+
+
+def test_deterministic_for_a_seed(tiny_teacher):
+    a, _ = _run(tiny_teacher, seed=3)
+    b, _ = _run(tiny_teacher, seed=3)
+    c, _ = _run(tiny_teacher, seed=4)
+    assert torch.equal(a.images, b.images) and torch.equal(a.mask, b.mask)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_pixels_stay_in_valid_range(tiny_teacher):
+    batch, steps = _run(tiny_teacher)
+    lo, hi = valid_range(tiny_teacher.mean, tiny_teacher.std, "cpu")
+    for _, x, _ in steps:
+        assert torch.all(x >= lo - 1e-6) and torch.all(x <= hi + 1e-6)
+
+
+def test_dense_keeps_everything(tiny_teacher):
+    cfg = InversionConfig(iterations=5, batch_size=3, sparsity=SparsityConfig.parse("dense"))
+    batch, steps = _run(tiny_teacher, cfg)
+    assert batch.mask.all()
+    torch.testing.assert_close(batch.images, steps[-1][1])
+
+
+def test_inversion_lowers_the_loss(tiny_teacher):
+    cfg = InversionConfig(iterations=60, batch_size=3, sparsity=SparsityConfig.parse("20:0.3"))
+    losses = []
+    invert(tiny_teacher, cfg, TARGETS, callback=lambda i: losses.append(i.loss))
+    # a random-init teacher has nearly flat logits (CE starts near ln 5), so only ask for a clear decrease
+    assert sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5
+
+
+def test_nan_loss_stops_with_a_message_naming_the_learning_rate(tiny_teacher):
+    init = torch.full((3, 3, 32, 32), float("nan"))
+    with pytest.raises(SmiError, match="learning rate"):
+        invert(tiny_teacher, SPARSE, TARGETS, init=init)
