@@ -134,8 +134,8 @@ def invert(
             loss = loss + config.l2 * image_l2(x, pixel_mask)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise SmiError(f"inversion loss became {loss_value} at iteration {it}; the learning rate "
-                           f"({config.lr}) is probably too high, lower --lr")
+            raise SmiError(f"inversion loss became {loss_value} at iteration {it}; lower the learning rate "
+                           f"(--lr, now {config.lr}) and check that the teacher gives finite outputs")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -60,7 +60,12 @@ def _freeze(model: nn.Module, device: torch.device | str) -> nn.Module:
 
 
 def _data_cfg(model: nn.Module) -> dict[str, Any]:
-    return timm.data.resolve_model_data_config(model)
+    """timm's data config, with the input size the model was built for (``img_size=`` overrides)."""
+    cfg = dict(timm.data.resolve_model_data_config(model))
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        cfg["input_size"] = (cfg["input_size"][0], *pe.img_size)
+    return cfg
 
 
 def load_teacher(

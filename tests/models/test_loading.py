@@ -1,0 +1,74 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from smi.errors import SmiError
+from smi.models.loading import load_teacher
+from tests.helpers import write_tiny_checkpoint
+
+
+def test_checkpoint_round_trip(tmp_path):
+    path = write_tiny_checkpoint(tmp_path)
+    t = load_teacher(str(path))
+    assert (t.num_classes, t.input_size, t.class_names) == (5, (3, 32, 32), ["a", "b", "c", "d", "e"])
+    assert t.fingerprint.startswith("sha256:")
+    assert not any(p.requires_grad for p in t.model.parameters()) and not t.model.training
+    state = load_file(str(path))
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_timm_name_random_init():
+    t = load_teacher("test_vit")
+    assert t.input_size == (3, 160, 160) and t.fingerprint == "random-init:test_vit"
+
+
+def test_unknown_name_suggests_close_names():
+    with pytest.raises(SmiError, match="did you mean deit_tiny_patch16_224"):
+        load_teacher("deit_tiny_patch16_22")
+
+
+def test_shape_mismatch_is_one_clear_error(tmp_path):
+    path = write_tiny_checkpoint(tmp_path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["model_kwargs"]["embed_dim"] = 48
+    meta["model_kwargs"]["num_heads"] = 3
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(SmiError, match="do not match"):
+        load_teacher(str(path))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bad_json", "no_json", "wrong_format"])
+def test_damaged_checkpoints(tmp_path, damage):
+    path = write_tiny_checkpoint(tmp_path)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "bad_json":
+        path.with_suffix(".json").write_text("{not json")
+    elif damage == "no_json":
+        path.with_suffix(".json").unlink()
+    else:
+        path.with_suffix(".json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(SmiError):
+        load_teacher(str(path))
+
+
+def test_extra_tensor_is_refused(tmp_path):
+    path = write_tiny_checkpoint(tmp_path)
+    state = load_file(str(path))
+    state["surprise"] = torch.zeros(1)
+    save_file(state, str(path))
+    with pytest.raises(SmiError, match="unexpected"):
+        load_teacher(str(path))
+
+
+def test_import_has_no_side_effects():
+    code = ("import sys, smi, torch; "
+            "assert not torch.cuda.is_initialized(); "
+            "assert 'matplotlib' not in sys.modules; print('ok', end='')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "ok" and out.stderr == ""

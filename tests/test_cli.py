@@ -1,0 +1,101 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from smi.cli import main
+from smi.data.pool import load_pool
+from tests.helpers import write_tiny_checkpoint
+
+FAST = ["--num-images", "4", "--batch-size", "2", "--iterations", "6"]
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return str(write_tiny_checkpoint(tmp_path))
+
+
+def test_invert_smoke(ckpt, tmp_path, capsys):
+    out = tmp_path / "pool"
+    assert main(["invert", "--model", ckpt, *FAST, "--sparsity", "2:0.5,4:0.5", "--out", str(out)]) == 0
+    assert "pool:" in capsys.readouterr().out
+    pool = load_pool(out)
+    assert len(pool) == 4 and pool.masks.sum(1).tolist() == [4] * 4
+    assert (out / "grid.png").is_file()
+    assert json.loads((out / "config.json").read_text())["sparsity"] == "2:0.5,4:0.5"
+    # the same command again resumes (nothing to do) and succeeds
+    assert main(["invert", "--model", ckpt, *FAST, "--sparsity", "2:0.5,4:0.5", "--out", str(out)]) == 0
+
+
+def test_help_lists_every_option_with_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["invert", "--help"])
+    text = capsys.readouterr().out
+    for opt in ("--model", "--num-images", "--batch-size", "--iterations", "--sparsity", "--seed", "--device",
+                "--out", "--overwrite", "deepinversion"):
+        assert opt in text
+    assert "(default: 4000)" in text and "(default: default)" in text
+
+
+def _nan_checkpoint(tmp_path):
+    path = write_tiny_checkpoint(tmp_path, name="nan")
+    state = load_file(str(path))
+    state["head.weight"] = torch.full_like(state["head.weight"], float("nan"))
+    save_file(state, str(path))
+    return str(path)
+
+
+BAD = {
+    "unknown model": (["--model", "deit_tiny_patch16_22"], "did you mean deit_tiny_patch16_224"),
+    "ratio out of range": (["--sparsity", "2:1.5"], "[0, 1)"),
+    "unsorted stops": (["--sparsity", "4:0.3,2:0.3"], "increasing"),
+    "stop beyond iterations": (["--sparsity", "2:0.3,9:0.3"], "smaller than iterations"),
+    "zero images": (["--num-images", "0"], "--num-images must be positive"),
+    "negative images": (["--num-images", "-3"], "--num-images must be positive"),
+    "missing checkpoint": (["--model", "/nonexistent/x.safetensors"], "not found"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_and_nonzero(case, ckpt, tmp_path, capsys):
+    extra, needle = BAD[case]
+    args = ["invert", "--model", ckpt, *FAST, "--sparsity", "2:0.5", "--out", str(tmp_path / "o")]
+    # later flags win in argparse
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("smi: error:") and needle in err and "\n" not in err
+
+
+def test_shape_mismatch_in_cli(ckpt, tmp_path, capsys):
+    meta_path = tmp_path / "tiny.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_kwargs"]["depth"] = 3
+    meta_path.write_text(json.dumps(meta))
+    assert main(["invert", "--model", ckpt, *FAST, "--sparsity", "2:0.5", "--out", str(tmp_path / "o")]) == 2
+    assert "do not match" in capsys.readouterr().err
+
+
+def test_nan_loss_names_the_learning_rate(tmp_path, capsys):
+    nan = _nan_checkpoint(tmp_path)
+    assert main(["invert", "--model", nan, *FAST, "--sparsity", "2:0.5", "--out", str(tmp_path / "o")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("smi: error:") and "learning rate" in last
+
+
+def test_other_config_folder_is_refused_and_kept(ckpt, tmp_path, capsys):
+    out = str(tmp_path / "pool")
+    assert main(["invert", "--model", ckpt, *FAST, "--sparsity", "2:0.5", "--out", out]) == 0
+    shards = sorted(p.read_bytes() for p in (tmp_path / "pool").glob("shard-*"))
+    assert main(["invert", "--model", ckpt, *FAST, "--sparsity", "dense", "--out", out]) == 2
+    assert "another config" in capsys.readouterr().err
+    assert sorted(p.read_bytes() for p in (tmp_path / "pool").glob("shard-*")) == shards
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "smi", "invert", "--model", "vit_tiny_patch16_2244", "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
