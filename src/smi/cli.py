@@ -95,11 +95,36 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_invert)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_invert, _add_train_teacher]
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from smi.demo import run_demo
+
+    run_demo(args.out, model=args.model, num_images=args.num_images, iterations=args.iterations, device=args.device)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="dense vs sparse inversion of the shipped teacher (what `make demo` runs)",
+                       formatter_class=_Formatter)
+    p.add_argument("--model", default="fmnist_vit_tiny", help="teacher to invert")
+    p.add_argument("--num-images", type=int, default=32, help="images (one batch)")
+    p.add_argument("--iterations", type=int, default=4000, help="optimisation steps")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--out", default="demo_out", help="output folder")
+    p.set_defaults(func=_cmd_demo)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_invert, _add_demo, _add_train_teacher]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smi", description=__doc__, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(
+        prog="smi", formatter_class=_Formatter,
+        description="Compress pretrained Vision Transformers without their training data: synthesize images "
+        "from the model by (sparse) model inversion. `smi COMMAND --help` explains each command.",
+    )
+    from smi import __version__
+
+    parser.add_argument("--version", action="version", version=f"smi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _SUBCOMMANDS:
         add(sub)

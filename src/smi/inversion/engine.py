@@ -68,6 +68,7 @@ def invert(
     targets: torch.Tensor,
     *,
     init: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     callback: Callable[[StepInfo], None] | None = None,
@@ -79,6 +80,7 @@ def invert(
         config: the inversion recipe, including the sparsity schedule (dense if it has no stops).
         targets: (B,) class indices.
         init: (B, C, H, W) starting images in normalized space; default standard normal noise.
+        keep: (B, K) patches to optimize from the start (the others are stopped at once); default all.
         generator: CPU generator for the initial noise and the jitter/flip draws.
         device: where to optimize; default the teacher's device.
         callback: called after every step with a :class:`StepInfo`.
@@ -93,7 +95,7 @@ def invert(
     model = teacher.model
     device = torch.device(device) if device is not None else next(model.parameters()).device
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    sparse = not config.sparsity.dense
+    sparse = not config.sparsity.dense or keep is not None
     vit = check_sparse_capable(model) if sparse else model
     C, H, W = teacher.input_size
     B = targets.shape[0]
@@ -107,9 +109,14 @@ def invert(
     patch = _patch_size(model)
     grid = (H // patch, W // patch)
     N = grid[0] * grid[1]
-    keep = torch.arange(N, device=device).expand(B, N)  # canonical kept indices (B, K), sorted
     pixel_mask: torch.Tensor | None = None  # (B, 1, H, W) once a stop happened
     frozen: torch.Tensor | None = None  # pixel values at the last stop (stopped pixels stay at these)
+    if keep is None:
+        keep = torch.arange(N, device=device).expand(B, N)  # canonical kept indices (B, K), sorted
+    else:
+        keep = keep.to(device).sort(dim=1).values
+        pixel_mask = pixel_mask_from_indices(keep, grid, patch)
+        frozen = x.detach().clone()
     stops = dict(config.sparsity.stops)
     counts = iter(config.sparsity.kept_counts(N)[1:])
     limit, unit = _jitter_limit(config, min(H, W), patch)

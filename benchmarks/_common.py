@@ -1,0 +1,44 @@
+"""Helpers shared by the benchmark scripts: result files and markdown tables."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smi.utils.io import atomic_write_bytes, atomic_write_json
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def write_results(name: str, payload: dict[str, Any], table: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(exist_ok=True)
+    jpath, mpath = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+    atomic_write_json(jpath, payload)
+    atomic_write_bytes(mpath, table.encode())
+    return jpath, mpath
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj)
