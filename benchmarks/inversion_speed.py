@@ -153,7 +153,7 @@ def main() -> None:
         final = _run_child(model, "final-phase", args, args.final_phase_iterations)
         flops = count_flops(model, args.batch_size)
         d_s, s_s = median([x["seconds"] for x in runs["dense"]]), median([x["seconds"] for x in runs["sparse"]])
-        speedups = [d["seconds"] / s["seconds"] for d, s in zip(runs["dense"], runs["sparse"])]
+        speedups = [d["seconds"] / s["seconds"] for d, s in zip(runs["dense"], runs["sparse"], strict=True)]
         d_m = median([x["peak_rise"] for x in runs["dense"]])
         s_m = median([x["peak_rise"] for x in runs["sparse"]])
         row = {
@@ -162,7 +162,8 @@ def main() -> None:
                       [(50, 0.3), (100, 0.3), (200, 0.3), (300, 0.3)]],
             "dense_s": round(d_s, 2), "sparse_s": round(s_s, 2), "speedup": round(d_s / s_s, 2),
             "speedup_per_repeat": [round(x, 2) for x in speedups],
-            "dense_tflops_4000": round(flops["dense_tflops"], 2), "sparse_tflops_4000": round(flops["sparse_tflops"], 2),
+            "dense_tflops_4000": round(flops["dense_tflops"], 2),
+            "sparse_tflops_4000": round(flops["sparse_tflops"], 2),
             "flops_reduction": round(1 - flops["sparse_tflops"] / flops["dense_tflops"], 4),
             "kept_counts": flops["kept_counts"],
             "dense_peak_mib": round(d_m / 2**20, 1), "sparse_peak_mib": round(s_m / 2**20, 1),
@@ -174,7 +175,8 @@ def main() -> None:
         rows.append(row)
         table_rows.append([
             model, f"{row['dense_s']:.1f}", f"{row['sparse_s']:.1f}", f"**{row['speedup']:.2f}x**",
-            f"{row['dense_tflops_4000']:.0f} / {row['sparse_tflops_4000']:.0f}", f"{100 * row['flops_reduction']:.1f} %",
+            f"{row['dense_tflops_4000']:.0f} / {row['sparse_tflops_4000']:.0f}",
+            f"{100 * row['flops_reduction']:.1f} %",
             f"{row['dense_peak_mib']:.0f} / {row['sparse_peak_mib']:.0f} ({100 * row['memory_reduction']:.0f} %)",
             f"{row['final_phase_peak_mib']:.0f} ({100 * row['memory_reduction_final_phase']:.0f} %)",
         ])
