@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from smi.errors import SmiError
-from smi.utils.io import atomic_save_tensors, atomic_write_json, sha256_file
+from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
 
 __all__ = ["POOL_FORMAT", "PoolWriter", "SyntheticPool", "load_pool", "read_manifest"]
 
@@ -59,13 +59,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise SmiError(f"{folder} is a file, not a pool folder")
     if not path.is_file():
         raise SmiError(f"{folder} holds no pool ({MANIFEST} missing)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SmiError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != POOL_FORMAT:
-        raise SmiError(f"{path}: not an smi pool manifest (expected format {POOL_FORMAT!r})")
-    return manifest
+    return read_format_json(path, POOL_FORMAT, "pool manifest")
 
 
 class PoolWriter:

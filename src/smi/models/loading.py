@@ -7,7 +7,6 @@ A checkpoint is two files side by side: ``NAME.safetensors`` (the state dict) an
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from smi.errors import SmiError
-from smi.utils.io import atomic_save_tensors, atomic_write_json, sha256_file
+from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
 
 __all__ = ["Teacher", "load_teacher", "save_teacher", "TEACHER_FORMAT"]
 
@@ -120,12 +119,7 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
     for p in (weights, meta_path):
         if not p.is_file():
             raise SmiError(f"checkpoint file {p} not found (a checkpoint is NAME.safetensors + NAME.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SmiError(f"{meta_path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != TEACHER_FORMAT:
-        raise SmiError(f"{meta_path}: not an smi teacher checkpoint (expected format {TEACHER_FORMAT!r})")
+    meta = read_format_json(meta_path, TEACHER_FORMAT, "teacher checkpoint")
     try:
         arch, kwargs = meta["architecture"], dict(meta.get("model_kwargs", {}))
         num_classes = int(meta["num_classes"])

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_tensors", "sha256_file"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_tensors", "read_format_json", "sha256_file"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -50,3 +50,18 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_format_json(path: Path, fmt: str, what: str) -> dict[str, Any]:
+    """Read a JSON object whose ``format`` field must be ``fmt``; one clear SmiError otherwise."""
+    from smi.errors import SmiError
+
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SmiError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise SmiError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise SmiError(f"{path}: not an smi {what} (expected format {fmt!r})")
+    return obj
