@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from smi.data.fashion_mnist import FMNIST_CLASSES, load_fashion_mnist
 from smi.errors import SmiError
 from smi.models.loading import save_teacher
-from smi.utils.io import atomic_save_tensors, atomic_write_json
+from smi.utils.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json
 from smi.utils.state import optimizer_from_tensors, optimizer_to_tensors
 
 __all__ = ["TeacherTrainConfig", "train_teacher", "evaluate_top1"]
@@ -41,6 +41,8 @@ class TeacherTrainConfig:
     crop_padding: int = 2
     hflip: bool = True
     seed: int = 0
+    train_images: int | None = None  # first N training images only (tests); None = all 60,000
+    test_images: int | None = None  # first N test images for the per-epoch evaluation; None = all 10,000
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -112,11 +114,12 @@ def train_teacher(
     out.mkdir(parents=True, exist_ok=True)
     cfg_path, ckpt_path, log_path = out / "config.json", out / "checkpoint.safetensors", out / "train_log.jsonl"
     if cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
+        saved = {**asdict(TeacherTrainConfig()), **json.loads(cfg_path.read_text())}  # fields added later: defaults
         if saved != asdict(cfg):
             raise SmiError(f"{out} holds a training run with another config; use a new --out folder")
     atomic_write_json(cfg_path, asdict(cfg))
 
+    torch.manual_seed(cfg.seed)  # weight init
     model = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate).to(device)
     data_cfg = timm.data.resolve_model_data_config(model)
     mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
@@ -139,9 +142,11 @@ def train_teacher(
         optimizer_from_tensors(opt, tensors, meta["param_groups"])
         start_epoch = int(meta["epoch"])
         log = [json.loads(line) for line in log_path.read_text().splitlines()][:start_epoch]
+        if start_epoch and progress:
+            tqdm.write(f"resuming after epoch {start_epoch} from {ckpt_path}")
 
-    x_train, y_train = load_fashion_mnist("train")
-    x_test, y_test = load_fashion_mnist("test")
+    x_train, y_train = (t[: cfg.train_images] for t in load_fashion_mnist("train"))
+    x_test, y_test = (t[: cfg.test_images] for t in load_fashion_mnist("test"))
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
     steps_per_epoch = len(x_train) // cfg.batch_size  # drop the last partial batch
@@ -179,8 +184,6 @@ def train_teacher(
         tensors, groups = optimizer_to_tensors(opt)
         tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
         atomic_save_tensors(ckpt_path, tensors, metadata={"epoch": str(epoch + 1), "param_groups": groups})
-        from smi.utils.io import atomic_write_bytes
-
         atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in log).encode())
         if progress:
             tqdm.write(f"epoch {epoch + 1}: train loss {log[-1]['train_loss']}, test top-1 {test_acc:.2f}%")
