@@ -131,13 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(spec: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise SmiError(f"--device {spec!r} is not a torch device (try cpu, cuda or cuda:0)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SmiError(f"--device {spec} requested but CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SmiError(f"--device {spec} requested but MPS is not available on this machine")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "device", "cpu") != "cpu":
-            import torch
-
-            torch.device(args.device)  # reject a malformed device string early
+            _check_device(args.device)
         return args.func(args)
     except SmiError as e:
         print(f"smi: error: {e}", file=sys.stderr)

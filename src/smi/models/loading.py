@@ -99,7 +99,7 @@ def load_teacher(
         raise SmiError(f"unknown model {spec!r}{_suggest(spec)}")
     try:
         model = timm.create_model(spec, pretrained=pretrained, **model_kwargs)
-    except (RuntimeError, OSError, ValueError) as e:  # hub errors surface as several types
+    except Exception as e:  # bad kwargs, hub and network errors surface as many types; this is the boundary
         raise SmiError(f"cannot create {spec!r}: {str(e).splitlines()[0]}") from None
     cfg = _data_cfg(model)
     label_names = getattr(model, "pretrained_cfg", {}).get("label_names")

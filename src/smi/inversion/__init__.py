@@ -1,0 +1,8 @@
+"""Model inversion: configs, the dense/sparse loop, and pool synthesis."""
+
+from smi.inversion.config import METHODS, InversionConfig, SparsityConfig
+from smi.inversion.engine import Batch, StepInfo, invert
+from smi.inversion.synthesize import SynthesisResult, synthesize
+
+__all__ = ["METHODS", "Batch", "InversionConfig", "SparsityConfig", "StepInfo", "SynthesisResult", "invert",
+           "synthesize"]
