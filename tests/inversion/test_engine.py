@@ -103,3 +103,16 @@ def test_nan_loss_stops_with_a_message_naming_the_learning_rate(tiny_teacher):
     init = torch.full((3, 3, 32, 32), float("nan"))
     with pytest.raises(SmiError, match="learning rate"):
         invert(tiny_teacher, SPARSE, TARGETS, init=init)
+
+
+@pytest.mark.parametrize("targets", [torch.tensor([0, 7]), torch.tensor([-1]), torch.zeros(0, dtype=torch.long)])
+def test_bad_targets(tiny_teacher, targets):
+    with pytest.raises(SmiError, match="targets"):
+        invert(tiny_teacher, SPARSE, targets)
+
+
+def test_initial_keep_is_honoured(tiny_teacher):
+    keep = torch.tensor([[0, 5, 10, 15]] * 3)
+    cfg = InversionConfig(iterations=4, batch_size=3, sparsity=SparsityConfig(()))
+    batch = invert(tiny_teacher, cfg, TARGETS, keep=keep)
+    assert batch.mask.nonzero()[:, 1].view(3, 4).tolist() == keep.tolist()

@@ -99,6 +99,10 @@ def invert(
     vit = check_sparse_capable(model) if sparse else model
     C, H, W = teacher.input_size
     B = targets.shape[0]
+    if targets.ndim != 1 or B == 0 or targets.min() < 0 or targets.max() >= teacher.num_classes:
+        raise SmiError(f"targets must be a non-empty 1-D tensor of classes in [0, {teacher.num_classes})")
+    if init is not None and tuple(init.shape) != (B, C, H, W):
+        raise SmiError(f"init has shape {tuple(init.shape)}, expected {(B, C, H, W)}")
     targets = targets.to(device)
 
     x0 = init if init is not None else torch.randn(B, C, H, W, generator=generator)

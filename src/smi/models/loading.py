@@ -100,7 +100,7 @@ def load_teacher(
     try:
         model = timm.create_model(spec, pretrained=pretrained, **model_kwargs)
     except Exception as e:  # bad kwargs, hub and network errors surface as many types; this is the boundary
-        raise SmiError(f"cannot create {spec!r}: {str(e).splitlines()[0]}") from None
+        raise SmiError(f"cannot create {spec!r}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     cfg = _data_cfg(model)
     label_names = getattr(model, "pretrained_cfg", {}).get("label_names")
     return Teacher(
