@@ -38,9 +38,14 @@ def check_sparse_capable(model: nn.Module) -> VisionTransformer:
             "is not one; use --sparsity dense for this model"
         )
     for i, blk in enumerate(model.blocks):
-        if not isinstance(getattr(blk, "attn", None), Attention):
+        if not _is_timm_attention(getattr(blk, "attn", None)):
             raise SmiError(f"block {i} of {type(model).__name__} has no timm Attention module; use --sparsity dense")
     return model
+
+
+def _is_timm_attention(m: nn.Module | None) -> bool:
+    """timm's Attention, or a wrapper with its interface (qkv, heads, attn_drop, fused_attn flag)."""
+    return isinstance(m, Attention) or all(hasattr(m, a) for a in ("qkv", "num_heads", "attn_drop", "fused_attn"))
 
 
 def grid_size(model: nn.Module) -> tuple[int, int]:

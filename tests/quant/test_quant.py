@@ -1,0 +1,91 @@
+import copy
+
+import pytest
+import torch
+from timm.layers import Attention
+
+from smi.errors import SmiError
+from smi.models.sparse import sparse_forward
+from smi.quant import QuantConfig, convert, prepare, quantize_
+from smi.quant.modules import QuantAttention, QuantLinear
+from smi.quant.quantizers import ActQuantizer, fake_quantize, quantize_weight
+from tests.conftest import tiny_vit
+
+
+def _x(n=4, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_prepared_model_computes_the_float_function():
+    model = tiny_vit()
+    ref = model(_x())
+    prepare(model, QuantConfig(4, 4))
+    assert isinstance(model.blocks[0].attn, QuantAttention) and isinstance(model.blocks[0].mlp.fc1, QuantLinear)
+    assert isinstance(model.head, QuantLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_x()), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_quant_attention_equals_timm_attention_before_rounding():
+    attn = Attention(32, num_heads=4, qkv_bias=True).eval()
+    q = QuantAttention(copy.deepcopy(attn), QuantConfig())
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), attn(x), atol=1e-6, rtol=1e-5)
+
+
+def test_weight_quantizer_is_symmetric_per_channel():
+    w = torch.tensor([[1.0, -0.5, 0.25], [0.09, 0.05, -0.2]])
+    q = quantize_weight(w, 3)  # qmax = 3 -> channel 0 step 1/3, channel 1 step 0.2/3
+    torch.testing.assert_close(q[0], torch.tensor([1.0, -2 / 3, 1 / 3]))
+    torch.testing.assert_close(q[1], torch.tensor([0.2 / 3, 0.2 / 3, -0.2]))
+
+
+def test_act_quantizer_running_min_max():
+    aq = ActQuantizer(8)
+    aq.mode = "observe"
+    aq(torch.tensor([0.5, 1.0]))
+    aq(torch.tensor([-1.0, 0.2]))
+    aq.freeze()
+    assert aq.min_val.item() == -1.0 and aq.max_val.item() == 1.0
+    torch.testing.assert_close(aq.scale, torch.tensor(2.0 / 255))
+    assert aq(torch.tensor([0.0])).item() == 0.0  # zero is exactly representable
+    assert aq(torch.tensor([5.0])).item() == pytest.approx(1.0, abs=aq.scale.item())  # clipped to the range
+
+
+def test_fake_quantize_grid():
+    x = torch.linspace(-1, 1, 101)
+    y = fake_quantize(x, torch.tensor(0.25), torch.tensor(4.0), 0, 7)
+    assert set(torch.round(y / 0.25).tolist()) <= set(range(-4, 4))
+
+
+def test_w8a8_is_close_to_float_and_low_bits_are_not():
+    model = tiny_vit()
+    x = _x(16)
+    with torch.no_grad():
+        ref = model(x)
+        errs = {}
+        for bits in (8, 3):
+            m = quantize_(copy.deepcopy(model), QuantConfig(bits, bits), [_x(8, seed=1), _x(8, seed=2)])
+            errs[bits] = ((m(x) - ref).norm() / ref.norm()).item()
+    assert errs[8] < 0.05 and errs[3] > 2 * errs[8]
+
+
+def test_quantized_model_runs_token_sparse():
+    model = quantize_(tiny_vit(), QuantConfig(8, 8), [_x(4)])
+    idx = torch.tensor([[0, 3, 5, 9]] * 2)
+    with torch.no_grad():
+        out = sparse_forward(model, _x(2), idx)
+    assert out.logits.shape == (2, 5)
+
+
+def test_convert_without_calibration_is_a_clear_error():
+    model = prepare(tiny_vit(), QuantConfig())
+    with pytest.raises(RuntimeError, match="calibration"):
+        convert(model)
+
+
+@pytest.mark.parametrize("kwargs", [dict(w_bits=1), dict(a_bits=9), dict(quantizer="nope")])
+def test_bad_config(kwargs):
+    with pytest.raises(SmiError):
+        QuantConfig(**kwargs)
