@@ -15,6 +15,13 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the problem and where to read more), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
     from smi.models.training import TeacherTrainConfig, train_teacher
 
@@ -113,11 +120,97 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_invert, _add_demo, _add_train_teacher]
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+
+    from smi.models.loading import load_teacher
+    from smi.quant import QuantConfig, calibrate, convert, prepare
+    from smi.quant.calibration import calibration_forward, calibration_set
+    from smi.quant.io import save_quantized
+
+    cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, quantizer=args.quantizer)
+    teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
+    calib = calibration_set(teacher, args.calib, args.calib_images, seed=args.seed)
+    model = prepare(teacher.model, cfg)
+    batches = tqdm(list(calib.batches(args.batch_size)), desc="calibrate", unit="batch", leave=False)
+    seen = calibrate(model, batches, forward=calibration_forward)
+    convert(model)
+    extra = {"calibration": {"source": calib.source, "images": seen, "seed": args.seed,
+                             "sparse": calib.masks is not None}}
+    folder = save_quantized(model, args.out, teacher, extra=extra)
+    summary = {"out": str(folder), **cfg.to_dict(), **extra["calibration"]}
+    print(json.dumps(summary) if args.json else
+          f"quantized {teacher.spec} to W{cfg.w_bits}A{cfg.a_bits} ({cfg.quantizer}) on {seen} "
+          f"{'sparse ' if calib.masks is not None else ''}{calib.source} images -> {folder}")
+    return 0
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from smi.quant import QUANTIZERS
+
+    text = "\n".join(f"  {k:<10} {v}" for k, v in QUANTIZERS.items())
+    p = sub.add_parser("quantize", help="post-training quantization calibrated on a pool, real images or noise",
+                       formatter_class=_Formatter,
+                       description=f"Fake-quantize a ViT (prepare -> calibrate -> convert).\n\nquantizers:\n{text}")
+    p.add_argument("--model", default="fmnist_vit_tiny", help="teacher spec (timm name, shipped name, checkpoint)")
+    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs internet)")
+    p.add_argument("--calib", required=True, help="POOL_DIR (synthetic pool), 'real' (training images) or 'noise'")
+    p.add_argument("--calib-images", type=int, default=32, help="calibration images")
+    p.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8")
+    p.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8")
+    p.add_argument("--quantizer", default="baseline", help="quantizer preset (see above)")
+    p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the real/noise calibration draw")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--out", required=True, help="folder for quantized.safetensors and quantized.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from smi.data.eval_data import eval_dataset, evaluate
+    from smi.models.loading import load_teacher
+
+    teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
+    model = teacher.model
+    if args.quantized:
+        from smi.quant.io import load_quantized
+
+        model, _ = load_quantized(args.quantized, teacher)
+    ds = eval_dataset(args.data, teacher, args.limit)
+    res = evaluate(model, ds, batch_size=args.batch_size, device=args.device)
+    text = f"top-1 {res['top1']:.2f} %  top-5 {res['top5']:.2f} %  ({res['n']} images)"
+    print(json.dumps(res) if args.json else text)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from smi.data.eval_data import DATA_HELP
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a model (or its quantized copy) on real data",
+                       formatter_class=_Formatter)
+    p.add_argument("--model", default="fmnist_vit_tiny", help="teacher spec (timm name, shipped name, checkpoint)")
+    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs internet)")
+    p.add_argument("--quantized", help="folder written by `smi quantize` for this model")
+    p.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--batch-size", type=int, default=250, help="evaluation batch size")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--json", action="store_true", help="print one JSON object with top1, top5, n")
+    p.set_defaults(func=_cmd_eval)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_invert, _add_quantize, _add_eval, _add_demo, _add_train_teacher,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="smi", formatter_class=_Formatter,
         description="Compress pretrained Vision Transformers without their training data: synthesize images "
         "from the model by (sparse) model inversion. `smi COMMAND --help` explains each command.",
@@ -125,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     from smi import __version__
 
     parser.add_argument("--version", action="version", version=f"smi {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for add in _SUBCOMMANDS:
         add(sub)
     return parser

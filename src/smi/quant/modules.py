@@ -34,14 +34,16 @@ class WeightQuantMixin(nn.Module):
         self.register_buffer("weight_scale", scale)
 
     def convert_weight(self) -> None:
+        """Freeze the weight scales and cache the fake-quantized weight (weights are static after this)."""
         self.weight_scale, self.w_qmin, self.w_qmax = weight_qparams_per_channel(self.weight, self.w_bits)
+        with torch.no_grad():
+            zero = torch.zeros_like(self.weight_scale)
+            self.register_buffer("weight_fq", fake_quantize(self.weight, self.weight_scale, zero, self.w_qmin,
+                                                            self.w_qmax), persistent=False)
         self.w_quant = True
 
     def qweight(self) -> torch.Tensor:
-        if not self.w_quant:
-            return self.weight
-        return fake_quantize(self.weight, self.weight_scale, torch.zeros_like(self.weight_scale), self.w_qmin,
-                             self.w_qmax)
+        return self.weight_fq if self.w_quant else self.weight
 
     def int_weight(self) -> torch.Tensor:
         """The integer weight codes (int8 storage for any width 2..8)."""

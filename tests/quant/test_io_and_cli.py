@@ -1,0 +1,141 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smi.cli import main
+from smi.data.eval_data import eval_dataset, evaluate
+from smi.errors import SmiError
+from smi.inversion import InversionConfig, SparsityConfig, synthesize
+from smi.models.loading import load_teacher
+from smi.quant import QuantConfig, calibrate, convert, prepare
+from smi.quant.calibration import calibration_forward, calibration_set
+from smi.quant.io import load_quantized, save_quantized
+from tests.helpers import write_tiny_checkpoint
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return str(write_tiny_checkpoint(tmp_path))
+
+
+@pytest.fixture
+def sparse_pool(ckpt, tmp_path):
+    teacher = load_teacher(ckpt)
+    cfg = InversionConfig(iterations=4, batch_size=4, sparsity=SparsityConfig.parse("2:0.5"))
+    return synthesize(teacher, cfg, 8, tmp_path / "pool", progress=False, grid=False).folder
+
+
+def _quantize(ckpt, source, n=8):
+    teacher = load_teacher(ckpt)
+    calib = calibration_set(teacher, source, n)
+    model = prepare(teacher.model, QuantConfig(4, 4))
+    calibrate(model, calib.batches(4), forward=calibration_forward)
+    return teacher, convert(model), calib
+
+
+def test_save_load_round_trip_gives_the_same_outputs(ckpt, sparse_pool, tmp_path):
+    teacher, model, calib = _quantize(ckpt, str(sparse_pool))
+    assert calib.masks is not None and calib.masks.sum(1).tolist() == [8] * 8
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    save_quantized(model, tmp_path / "q", teacher)
+    again, meta = load_quantized(tmp_path / "q", load_teacher(ckpt))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), ref, rtol=0, atol=0)
+    assert meta["config"] == {"w_bits": 4, "a_bits": 4, "quantizer": "baseline"}
+
+
+def test_sparse_calibration_sees_only_kept_patches(ckpt, sparse_pool):
+    """Observers calibrated on a sparse pool ignore what the stopped patches hold."""
+    teacher = load_teacher(ckpt)
+    calib = calibration_set(teacher, str(sparse_pool), 8)
+    maxes = []
+    for fill in (0.0, 1e3):
+        images = calib.images.clone()
+        stopped = ~calib.masks  # (N, 16)
+        px = stopped.view(8, 1, 4, 1, 4, 1).expand(-1, 3, -1, 8, -1, 8).reshape(8, 3, 32, 32)
+        images[px] = fill
+        model = prepare(load_teacher(ckpt).model, QuantConfig())
+        calibrate(model, [(images, calib.masks)], forward=calibration_forward)
+        maxes.append(model.patch_embed.proj.input_quant.max_val.item())
+    assert maxes[0] == maxes[1]
+
+
+def test_pool_from_another_teacher_is_refused(ckpt, sparse_pool, tmp_path):
+    other = write_tiny_checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(SmiError, match="another teacher"):
+        calibration_set(load_teacher(str(other)), str(sparse_pool), 4)
+
+
+def test_more_calibration_images_than_the_pool(ckpt, sparse_pool):
+    with pytest.raises(SmiError, match="larger than the pool"):
+        calibration_set(load_teacher(ckpt), str(sparse_pool), 9)
+
+
+def test_quantized_folder_for_another_model_is_refused(ckpt, tmp_path):
+    teacher, model, _ = _quantize(ckpt, "noise")
+    save_quantized(model, tmp_path / "q", teacher)
+    other = write_tiny_checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(SmiError, match="quantized from"):
+        load_quantized(tmp_path / "q", load_teacher(str(other)))
+
+
+def test_imagefolder_evaluation_uses_the_timm_transform(ckpt, tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b", "c"):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        for i in range(3):
+            arr = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "val" / cls / f"{i}.png")
+    teacher = load_teacher(ckpt)
+    ds = eval_dataset(f"imagefolder:{tmp_path / 'val'}", teacher)
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and len(ds) == 9
+    res = evaluate(teacher.model, ds, progress=False)
+    assert res["n"] == 9 and 0 <= res["top1"] <= res["top5"] <= 100
+
+
+def test_cli_quantize_then_eval(ckpt, tmp_path, capsys):
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "val" / "a" / "0.png")
+    out = str(tmp_path / "q")
+    assert main(["quantize", "--model", ckpt, "--calib", "noise", "--calib-images", "4", "--w-bits", "6",
+                 "--a-bits", "6", "--out", out, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["w_bits"] == 6
+    assert main(["eval", "--model", ckpt, "--quantized", out, "--data", f"imagefolder:{tmp_path / 'val'}",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res) >= {"top1", "top5", "n"} and res["n"] == 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--w-bits", "1"], "w-bits must be an integer from 2 to 8"),
+    (["--a-bits", "9"], "a-bits must be an integer from 2 to 8"),
+    (["--quantizer", "fancy"], "unknown quantizer"),
+    (["--calib", "/nonexistent/pool"], "does not exist"),
+    (["--calib-images", "0"], "--calib-images must be positive"),
+])
+def test_cli_quantize_bad_input(ckpt, tmp_path, capsys, args, needle):
+    base = ["quantize", "--model", ckpt, "--calib", "noise", "--out", str(tmp_path / "q")]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("smi: error:") and needle in err
+
+
+def test_cli_empty_pool(ckpt, tmp_path, capsys):
+    pool = tmp_path / "empty"
+    pool.mkdir()
+    (pool / "manifest.json").write_text(json.dumps({"format": "smi-pool/1", "identity": {}, "shards": []}))
+    assert main(["quantize", "--model", ckpt, "--calib", str(pool), "--out", str(tmp_path / "q")]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("data,needle", [("mnist", "unknown --data"), ("imagefolder", "needs a path"),
+                                         ("imagefolder:/nonexistent", "does not exist")])
+def test_cli_eval_bad_data(ckpt, capsys, data, needle):
+    assert main(["eval", "--model", ckpt, "--data", data]) == 2
+    assert needle in capsys.readouterr().err
