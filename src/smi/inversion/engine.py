@@ -71,6 +71,7 @@ def invert(
     keep: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> Batch:
     """Synthesize one batch of images that ``teacher`` classifies as ``targets``.
@@ -83,6 +84,7 @@ def invert(
         keep: (B, K) patches to optimize from the start (the others are stopped at once); default all.
         generator: CPU generator for the initial noise and the jitter/flip draws.
         device: where to optimize; default the teacher's device.
+        dtype: dtype of the optimized images (the teacher must accept it).
         callback: called after every step with a :class:`StepInfo`.
 
     Returns:
@@ -106,9 +108,9 @@ def invert(
     targets = targets.to(device)
 
     x0 = init if init is not None else torch.randn(B, C, H, W, generator=generator)
-    x = x0.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
+    x = x0.to(device=device, dtype=dtype).clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
-    lo, hi = valid_range(teacher.mean, teacher.std, device)
+    lo, hi = (t.to(dtype) for t in valid_range(teacher.mean, teacher.std, device))
 
     patch = _patch_size(model)
     grid = (H // patch, W // patch)
