@@ -12,6 +12,9 @@ __all__ = ["QuantConfig", "QUANTIZERS"]
 QUANTIZERS: dict[str, str] = {
     "baseline": "weights symmetric per output channel (min-max); activations asymmetric per tensor (running "
     "min-max over the calibration set); LayerNorm, softmax and GELU in float (the SMI/PSAQ-ViT reference)",
+    "repq": "after RepQ-ViT: per-channel scales for post-LayerNorm activations folded into the LayerNorm affine "
+    "and the next Linear (inference stays per-tensor), log-sqrt(2) softmax quantizer, per-head scales for the "
+    "attention operands, MSE scale search for weights and activations",
 }
 
 
@@ -25,7 +28,7 @@ class QuantConfig:
 
     w_bits: int = 8
     a_bits: int = 8
-    quantizer: Literal["baseline"] = "baseline"
+    quantizer: Literal["baseline", "repq"] = "baseline"
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from smi.errors import SmiError
 from smi.models.loading import Teacher
-from smi.quant.api import convert, prepare
+from smi.quant.api import _ln_linear_pairs, prepare
 from smi.quant.config import QuantConfig
 from smi.quant.modules import WeightQuantMixin
-from smi.quant.quantizers import ActQuantizer
+from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json
 
 __all__ = ["QUANT_FORMAT", "save_quantized", "load_quantized"]
@@ -26,19 +26,17 @@ WEIGHTS, META = "quantized.safetensors", "quantized.json"
 
 
 def _quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = {}
+    """Everything that defines the quantized model: its state dict (reparameterized weights, scales,
+    zero points, observed ranges) plus the integer weight codes."""
+    state = dict(model.state_dict())
     for name, m in model.named_modules():
-        if isinstance(m, ActQuantizer):
-            for b in ("scale", "zero_point", "min_val", "max_val"):
-                state[f"{name}.{b}"] = getattr(m, b)
-        elif isinstance(m, WeightQuantMixin):
-            state[f"{name}.weight_scale"] = m.weight_scale
+        if isinstance(m, WeightQuantMixin):
             state[f"{name}.weight_int"] = m.int_weight()
     return state
 
 
 def save_quantized(model: nn.Module, folder: str | Path, teacher: Teacher, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``quantized.safetensors`` (scales, zero points, integer weight codes) and ``quantized.json``."""
+    """Write ``quantized.safetensors`` (state, scales, zero points, integer weight codes) and ``quantized.json``."""
     config: QuantConfig = model.smi_quant_config
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -49,6 +47,17 @@ def save_quantized(model: nn.Module, folder: str | Path, teacher: Teacher, extra
     return folder
 
 
+def _rebuild(teacher: Teacher, config: QuantConfig) -> nn.Module:
+    """The converted model's structure: prepared, with reparameterized quantizers already per tensor."""
+    model = prepare(teacher.model, config)
+    if config.quantizer == "repq":
+        for _, lin in _ln_linear_pairs(model):
+            lin.input_quant = ActQuantizer(config.a_bits, granularity="tensor", search="mse")
+            lin.role = "ln_out_reparameterized"
+    return model
+
+
+@torch.no_grad()
 def load_quantized(folder: str | Path, teacher: Teacher) -> tuple[nn.Module, dict[str, Any]]:
     """Quantize ``teacher.model`` in place with the state saved in ``folder``; returns (model, metadata)."""
     folder = Path(folder)
@@ -56,20 +65,38 @@ def load_quantized(folder: str | Path, teacher: Teacher) -> tuple[nn.Module, dic
         raise SmiError(f"quantized folder {folder} does not exist" if not folder.exists()
                        else f"{folder} is a file; give the folder `smi quantize --out` wrote")
     meta = read_format_json(folder / META, QUANT_FORMAT, "quantized model")
-    if meta["teacher"].get("fingerprint") != teacher.fingerprint:
-        raise SmiError(f"{folder} was quantized from {meta['teacher'].get('spec')}, not from {teacher.spec} "
-                       "(teacher fingerprints differ)")
+    if meta.get("teacher", {}).get("fingerprint") != teacher.fingerprint:
+        raise SmiError(f"{folder} was quantized from {meta.get('teacher', {}).get('spec')}, not from "
+                       f"{teacher.spec} (teacher fingerprints differ)")
     try:
         state = load_file(str(folder / WEIGHTS))
+        config = QuantConfig.from_dict(meta["config"])
     except (SafetensorError, OSError) as e:
         raise SmiError(f"{folder / WEIGHTS}: unreadable ({e})") from None
-    model = prepare(teacher.model, QuantConfig.from_dict(meta["config"]))
+    except (KeyError, TypeError) as e:
+        raise SmiError(f"{folder / META}: malformed config ({e})") from None
+    model = _rebuild(teacher, config)
+    modules = dict(model.named_modules())
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise SmiError(f"{folder / WEIGHTS}: missing {missing[0]} (made by another smi version or model?)")
+    for key in expected:
+        mod_name, _, attr = key.rpartition(".")
+        mod = modules[mod_name]
+        if attr in mod._parameters:
+            if mod._parameters[attr].shape != state[key].shape:
+                raise SmiError(f"{folder / WEIGHTS}: {key} has shape {tuple(state[key].shape)}, expected "
+                               f"{tuple(mod._parameters[attr].shape)}")
+            mod._parameters[attr].copy_(state[key])
+        else:
+            setattr(mod, attr, state[key].to(getattr(mod, attr).device))
     for name, m in model.named_modules():
-        if isinstance(m, ActQuantizer):
-            for b in ("min_val", "max_val"):
-                setattr(m, b, state[f"{name}.{b}"])
-    convert(model)
-    for name, m in model.named_modules():
-        if isinstance(m, WeightQuantMixin) and not torch.equal(m.int_weight(), state[f"{name}.weight_int"]):
-            raise SmiError(f"{folder}: weight codes of {name} do not match the teacher's weights")
+        if isinstance(m, (ActQuantizer, LogSqrt2Quantizer)):
+            m.mode = "quant"
+        elif isinstance(m, WeightQuantMixin):
+            m.cache_weight()
+            m.w_quant = True
+            if not torch.equal(m.int_weight(), state.get(f"{name}.weight_int", torch.empty(0))):
+                raise SmiError(f"{folder}: integer weight codes of {name} do not match the saved scales")
     return model, json.loads(json.dumps(meta))

@@ -15,9 +15,27 @@ from timm.layers import Attention
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
 from smi.quant.config import QuantConfig
-from smi.quant.quantizers import ActQuantizer, fake_quantize, weight_qparams_per_channel
+from smi.quant.quantizers import (
+    ActQuantizer,
+    LogSqrt2Quantizer,
+    fake_quantize,
+    mse_weight_scale,
+    weight_qparams_per_channel,
+)
 
-__all__ = ["QuantLinear", "QuantConv2d", "QuantAttention", "WeightQuantMixin"]
+__all__ = ["QuantLinear", "QuantConv2d", "QuantAttention", "WeightQuantMixin", "act_quantizer"]
+
+Role = str  # "input" | "ln_out" | "qk" | "v" | "softmax"
+
+
+def act_quantizer(config: QuantConfig, role: Role) -> nn.Module:
+    """The activation quantizer a preset uses at each place in the network."""
+    if config.quantizer == "baseline":
+        return ActQuantizer(config.a_bits)  # per tensor, running min-max everywhere
+    if role == "softmax":
+        return LogSqrt2Quantizer(config.a_bits)
+    granularity = {"ln_out": "channel", "qk": "head", "v": "head"}.get(role, "tensor")
+    return ActQuantizer(config.a_bits, granularity=granularity, search="mse")
 
 
 class WeightQuantMixin(nn.Module):
@@ -27,15 +45,23 @@ class WeightQuantMixin(nn.Module):
     w_bits: int
     w_quant: bool
 
-    def _init_weight_quant(self, bits: int) -> None:
+    def _init_weight_quant(self, bits: int, search: str = "minmax") -> None:
         self.w_bits = bits
+        self.w_search = search
         self.w_quant = False
         scale, self.w_qmin, self.w_qmax = weight_qparams_per_channel(self.weight, bits)
         self.register_buffer("weight_scale", scale)
 
     def convert_weight(self) -> None:
-        """Freeze the weight scales and cache the fake-quantized weight (weights are static after this)."""
-        self.weight_scale, self.w_qmin, self.w_qmax = weight_qparams_per_channel(self.weight, self.w_bits)
+        """Choose the weight scales (min-max or MSE search) and cache the fake-quantized weight."""
+        find = mse_weight_scale if self.w_search == "mse" else weight_qparams_per_channel
+        self.weight_scale, self.w_qmin, self.w_qmax = find(self.weight, self.w_bits)
+        self.cache_weight()
+
+    def cache_weight(self) -> None:
+        """Cache the fake-quantized weight for the frozen ``weight_scale`` (weights are static after this)."""
+        self.w_qmax = 2 ** (self.w_bits - 1) - 1
+        self.w_qmin = -self.w_qmax
         with torch.no_grad():
             zero = torch.zeros_like(self.weight_scale)
             self.register_buffer("weight_fq", fake_quantize(self.weight, self.weight_scale, zero, self.w_qmin,
@@ -50,13 +76,18 @@ class WeightQuantMixin(nn.Module):
         return torch.clamp(torch.round(self.weight / self.weight_scale), self.w_qmin, self.w_qmax).to(torch.int8)
 
 
+def _weight_search(config: QuantConfig) -> str:
+    return "mse" if config.quantizer == "repq" else "minmax"
+
+
 class QuantLinear(WeightQuantMixin):
-    def __init__(self, linear: nn.Linear, config: QuantConfig) -> None:
+    def __init__(self, linear: nn.Linear, config: QuantConfig, role: Role = "input") -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.input_quant = ActQuantizer(config.a_bits)
-        self._init_weight_quant(config.w_bits)
+        self.role = role
+        self.input_quant = act_quantizer(config, role)
+        self._init_weight_quant(config.w_bits, _weight_search(config))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quant(x), self.qweight(), self.bias)
@@ -68,13 +99,16 @@ class QuantLinear(WeightQuantMixin):
 class QuantConv2d(WeightQuantMixin):
     def __init__(self, conv: nn.Conv2d, config: QuantConfig) -> None:
         super().__init__()
-        self.conv = conv  # keeps stride/padding/groups; its weight is the one quantized
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"QuantConv2d supports zero padding only, got {conv.padding_mode!r}")
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.weight, self.bias = conv.weight, conv.bias
-        self.input_quant = ActQuantizer(config.a_bits)
-        self._init_weight_quant(config.w_bits)
+        self.input_quant = act_quantizer(config, "input")
+        self._init_weight_quant(config.w_bits, _weight_search(config))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv._conv_forward(self.input_quant(x), self.qweight(), self.bias)
+        return F.conv2d(self.input_quant(x), self.qweight(), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
 
 
 class QuantAttention(nn.Module):
@@ -85,13 +119,13 @@ class QuantAttention(nn.Module):
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
         self.fused_attn = False  # read by AttentionCapture; this module always takes the explicit path
-        self.qkv = QuantLinear(attn.qkv, config)
+        self.qkv = QuantLinear(attn.qkv, config, role="ln_out")  # its input is norm1's output
         self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, attn.norm
         self.gate = getattr(attn, "gate", None)
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
         self.proj = QuantLinear(attn.proj, config)
-        self.q_quant, self.k_quant = ActQuantizer(config.a_bits), ActQuantizer(config.a_bits)
-        self.attn_quant, self.v_quant = ActQuantizer(config.a_bits), ActQuantizer(config.a_bits)
+        self.q_quant, self.k_quant = act_quantizer(config, "qk"), act_quantizer(config, "qk")
+        self.attn_quant, self.v_quant = act_quantizer(config, "softmax"), act_quantizer(config, "v")
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape

@@ -1,8 +1,9 @@
-"""Uniform fake quantization: weight quantizers and activation observers/quantizers.
+"""Uniform and log-sqrt(2) fake quantizers, with observers built in.
 
-An :class:`ActQuantizer` is a module with a lifecycle: in ``observe`` mode its forward records
-the running min and max of what passes through and returns the input unchanged; after
-:meth:`ActQuantizer.freeze` (convert) it fake-quantizes with the frozen scale and zero point.
+An activation quantizer is a module with a lifecycle: in ``observe`` mode its forward records
+statistics of what passes through (running min/max per granularity, plus a bounded random
+sample for the scale search) and returns the input unchanged; :meth:`freeze` (convert) picks
+the scale and zero point, after which forward fake-quantizes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-__all__ = ["fake_quantize", "weight_qparams_per_channel", "quantize_weight", "ActQuantizer"]
+__all__ = [
+    "ActQuantizer", "LogSqrt2Quantizer", "fake_quantize", "mse_weight_scale", "quantize_weight",
+    "weight_qparams_per_channel",
+]  # fmt: skip
+
+Granularity = Literal["tensor", "channel", "head"]
+Search = Literal["minmax", "mse"]
+_CLIP_RATIOS = torch.linspace(0.3, 1.0, 36)  # candidate fractions of the observed range for the MSE search
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -29,47 +37,135 @@ def weight_qparams_per_channel(w: torch.Tensor, bits: int) -> tuple[torch.Tensor
     return scale, -qmax, qmax
 
 
+def mse_weight_scale(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, int, int]:
+    """Per-output-channel symmetric scale whose clipping minimizes the weight's squared error."""
+    scale, qmin, qmax = weight_qparams_per_channel(w, bits)
+    w = w.detach()
+    best, best_err = scale, torch.full_like(scale, float("inf"))
+    for r in _CLIP_RATIOS:
+        s = scale * r
+        err = (fake_quantize(w, s, torch.zeros_like(s), qmin, qmax) - w).pow(2).flatten(1).sum(1)
+        err = err.view_as(scale)
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best, qmin, qmax
+
+
 def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     scale, qmin, qmax = weight_qparams_per_channel(w, bits)
     return fake_quantize(w, scale, torch.zeros_like(scale), qmin, qmax)
 
 
 class ActQuantizer(nn.Module):
-    """Asymmetric per-tensor activation quantizer calibrated by running min/max."""
+    """Asymmetric activation quantizer, per tensor, per channel (last dim) or per head (dim 1)."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, granularity: Granularity = "tensor", search: Search = "minmax",
+                 sample_size: int = 65536) -> None:
         super().__init__()
-        self.bits = bits
+        self.bits, self.granularity, self.search, self.sample_size = bits, granularity, search, sample_size
         self.mode: Literal["off", "observe", "quant"] = "off"
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0.0))
+        self._samples: list[torch.Tensor] = []
 
     @property
     def qmax(self) -> int:
         return 2**self.bits - 1
 
+    def _groups(self, x: torch.Tensor) -> torch.Tensor:
+        """x reshaped to (rows, groups): the statistics are taken per column."""
+        if self.granularity == "channel":
+            return x.reshape(-1, x.shape[-1])
+        if self.granularity == "head":  # (B, H, N, d)
+            return x.transpose(0, 1).reshape(x.shape[1], -1).t()
+        return x.reshape(-1, 1)
+
+    def _shape(self, stat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if self.granularity == "channel":
+            return stat.view(*([1] * (like.ndim - 1)), -1)
+        if self.granularity == "head":
+            return stat.view(1, -1, *([1] * (like.ndim - 2)))
+        return stat.reshape(())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
-            self.min_val = torch.minimum(self.min_val, x.detach().min())
-            self.max_val = torch.maximum(self.max_val, x.detach().max())
+            g = self._groups(x.detach().float())
+            lo, hi = g.amin(0), g.amax(0)  # (groups,)
+            if self.granularity == "tensor":
+                lo, hi = lo[0], hi[0]
+            if self.min_val.ndim == 0 and self.granularity != "tensor":
+                self.min_val, self.max_val = lo, hi
+            else:
+                self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+            if self.search == "mse":
+                rows = torch.randperm(g.shape[0], generator=torch.Generator().manual_seed(g.shape[0]))
+                self._samples.append(g[rows[: max(1, self.sample_size // g.shape[1])]].cpu())
             return x
         if self.mode == "quant":
-            return fake_quantize(x, self.scale, self.zero_point, 0, self.qmax)
+            return fake_quantize(x, self._shape(self.scale, x), self._shape(self.zero_point, x), 0, self.qmax)
         return x
 
-    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not torch.isfinite(self.min_val) or not torch.isfinite(self.max_val):
-            raise RuntimeError("activation quantizer saw no data; run calibration images through the model first")
-        lo = torch.clamp(self.min_val, max=0.0)  # the range always contains 0 so that zero padding stays exact
-        hi = torch.clamp(self.max_val, min=0.0)
+    def _qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # keep 0 exactly representable
         scale = ((hi - lo) / self.qmax).clamp_min(1e-8)
-        zero_point = torch.clamp(torch.round(-lo / scale), 0, self.qmax)
-        return scale, zero_point
+        return scale, torch.clamp(torch.round(-lo / scale), 0, self.qmax)
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not torch.all(torch.isfinite(self.min_val)) or not torch.all(torch.isfinite(self.max_val)):
+            raise RuntimeError("activation quantizer saw no data; run calibration images through the model first")
+        if self.search == "minmax" or not self._samples:
+            return self._qparams(self.min_val, self.max_val)
+        sample = torch.cat(self._samples).to(self.min_val.device)  # (rows, groups)
+        best = self._qparams(self.min_val, self.max_val)
+        best_err = torch.full_like(best[0], float("inf"))
+        for r in _CLIP_RATIOS:
+            s, z = self._qparams(self.min_val * r, self.max_val * r)
+            err = (fake_quantize(sample, s, z, 0, self.qmax) - sample).pow(2).sum(0).reshape(s.shape)
+            better = err < best_err
+            best = (torch.where(better, s, best[0]), torch.where(better, z, best[1]))
+            best_err = torch.where(better, err, best_err)
+        return best[0].reshape(self.min_val.shape), best[1].reshape(self.min_val.shape)
 
     def freeze(self) -> None:
         self.scale, self.zero_point = self.calculate_qparams()
+        self._samples = []
+        self.mode = "quant"
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, granularity={self.granularity}, search={self.search}, mode={self.mode}"
+
+
+class LogSqrt2Quantizer(nn.Module):
+    """log-sqrt(2) quantizer for softmax outputs in [0, 1] (RepQ-ViT): levels s * 2^(-k/2).
+
+    Level k = round(-2 log2(x / s)) in [0, 2^bits - 1]; values below the smallest level become 0.
+    The scale s is the largest attention probability seen during calibration.
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.mode: Literal["off", "observe", "quant"] = "off"
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.max_val = torch.maximum(self.max_val, x.detach().max())
+            return x
+        if self.mode == "quant":
+            levels = 2**self.bits - 1
+            k = torch.round(-2 * torch.log2((x / self.scale).clamp_min(1e-30)))
+            out = self.scale * torch.pow(2.0, -k.clamp(0, levels) / 2)
+            return torch.where(k > levels, torch.zeros_like(out), out)
+        return x
+
+    def freeze(self) -> None:
+        if not torch.isfinite(self.max_val):
+            raise RuntimeError("softmax quantizer saw no data; run calibration images through the model first")
+        self.scale = self.max_val.clamp(1e-8, 1.0)
         self.mode = "quant"
 
     def extra_repr(self) -> str:

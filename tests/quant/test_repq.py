@@ -1,0 +1,109 @@
+import copy
+
+import torch
+
+from smi.models.loading import load_teacher
+from smi.quant import QuantConfig, calibrate, convert, prepare
+from smi.quant.api import _ln_linear_pairs, reparameterize_
+from smi.quant.io import load_quantized, save_quantized
+from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer, mse_weight_scale, quantize_weight
+from tests.conftest import tiny_vit
+from tests.helpers import write_tiny_checkpoint
+
+REPQ = QuantConfig(4, 4, "repq")
+
+
+def _x(n=8, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _calibrated(model=None):
+    model = prepare(model or tiny_vit(), REPQ)
+    with torch.no_grad():
+        model(_x(8, 1))
+    return model
+
+
+def _set_modes(model, mode):
+    for m in model.modules():
+        if isinstance(m, (ActQuantizer, LogSqrt2Quantizer)):
+            m.mode = mode
+
+
+def test_reparameterized_model_computes_the_same_function_before_rounding():
+    ref_model = tiny_vit()
+    with torch.no_grad():
+        ref = ref_model(_x())
+    model = _calibrated()
+    # give the LayerNorms a non-trivial affine so the fold has something to do
+    for norm, _ in _ln_linear_pairs(model):
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-0.3, 0.3)
+    unrep = copy.deepcopy(model)
+    reparameterize_(model)
+    _set_modes(model, "off")
+    _set_modes(unrep, "off")
+    with torch.no_grad():
+        torch.testing.assert_close(model(_x()), unrep(_x()), atol=1e-4, rtol=1e-4)
+    assert ref.shape == (8, 5)
+
+
+def test_per_tensor_after_reparam_equals_per_channel_before():
+    """With only the post-LayerNorm quantizers on, the folded per-tensor quantizer gives the per-channel result."""
+    model = _calibrated()
+    per_channel = copy.deepcopy(model)
+    _set_modes(per_channel, "off")
+    for _, lin in _ln_linear_pairs(per_channel):
+        lin.input_quant.freeze()  # per-channel, quant mode
+    reparameterize_(model)
+    _set_modes(model, "off")
+    assert len(_ln_linear_pairs(model)) == 4  # 2 blocks x (norm1 -> qkv, norm2 -> fc1)
+    for _, lin in _ln_linear_pairs(model):
+        assert lin.input_quant.granularity == "tensor"
+        lin.input_quant.mode = "quant"
+    with torch.no_grad():
+        a, b = model(_x()), per_channel(_x())
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_log_sqrt2_levels():
+    q = LogSqrt2Quantizer(4)
+    q.mode = "observe"
+    q(torch.tensor([0.2, 1.0]))
+    q.freeze()
+    out = q(torch.tensor([1.0, 0.5, 0.7071, 0.6, 1e-6]))
+    torch.testing.assert_close(out[:3], torch.tensor([1.0, 0.5, 2 ** -0.5]), atol=1e-4, rtol=0)
+    assert min(abs(out[3].item() - 0.5), abs(out[3].item() - 2**-0.5)) < 1e-6  # nearest level in log domain
+    assert out[4].item() == 0.0  # below the smallest of the 16 levels (2^-7.5)
+
+
+def test_per_head_quantizer_has_one_scale_per_head():
+    aq = ActQuantizer(8, granularity="head")
+    aq.mode = "observe"
+    x = torch.randn(2, 3, 5, 4) * torch.tensor([1.0, 10.0, 100.0]).view(1, 3, 1, 1)
+    aq(x)
+    aq.freeze()
+    assert aq.scale.shape == (3,) and aq.scale[0] < aq.scale[1] < aq.scale[2]
+
+
+def test_mse_weight_scale_is_never_worse_than_min_max():
+    w = torch.randn(16, 64)
+    w[0, 0] = 12.0  # an outlier makes min-max waste levels
+    s, qmin, qmax = mse_weight_scale(w, 4)
+    mse = (torch.clamp(torch.round(w / s), qmin, qmax) * s - w).pow(2).sum(1)
+    minmax = (quantize_weight(w, 4) - w).pow(2).sum(1)
+    assert torch.all(mse <= minmax + 1e-6) and mse[0] < minmax[0]
+
+
+def test_repq_save_load_round_trip(tmp_path):
+    path = write_tiny_checkpoint(tmp_path)
+    teacher = load_teacher(str(path))
+    model = prepare(teacher.model, REPQ)
+    calibrate(model, [_x(8, 2)])
+    convert(model)
+    with torch.no_grad():
+        ref = model(_x())
+    save_quantized(model, tmp_path / "q", teacher)
+    again, _ = load_quantized(tmp_path / "q", load_teacher(str(path)))
+    with torch.no_grad():
+        torch.testing.assert_close(again(_x()), ref, rtol=0, atol=0)
