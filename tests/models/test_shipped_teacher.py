@@ -1,0 +1,55 @@
+"""The shipped teacher, measured on real Fashion-MNIST test images (no download: Debian's package)."""
+
+import json
+
+import timm
+import torch
+
+from smi.data import load_pool
+from smi.data.fashion_mnist import load_fashion_mnist
+from smi.demo import teacher_accuracy_on_pool
+from smi.inversion import InversionConfig, SparsityConfig, synthesize
+from smi.models.loading import load_teacher
+from smi.models.teachers import WEIGHTS_DIR
+from smi.models.training import evaluate_top1
+
+
+def test_accuracy_on_all_10000_test_images():
+    teacher = load_teacher("fmnist_vit_tiny")
+    x, y = load_fashion_mnist("test")
+    top1 = evaluate_top1(teacher.model, x, y, teacher.mean, teacher.std)
+    meta = json.loads((WEIGHTS_DIR / "fmnist_vit_tiny.json").read_text())
+    assert top1 >= 88.0
+    assert abs(top1 - meta["test_top1"]) < 0.05  # the metadata's figure is what the weights give
+
+
+def test_loads_by_name_through_timm_like_any_model():
+    model = timm.create_model("fmnist_vit_tiny", pretrained=True).eval()
+    ref = load_teacher("fmnist_vit_tiny").model
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x))
+    cfg = timm.data.resolve_model_data_config(model)
+    assert cfg["input_size"] == (1, 28, 28) and model.patch_embed.num_patches >= 49
+
+
+def test_teacher_recognizes_its_own_sparse_synthetic_images(tmp_path):
+    teacher = load_teacher("fmnist_vit_tiny")
+    cfg = InversionConfig(iterations=200, batch_size=10, sparsity=SparsityConfig.parse("25:0.3,50:0.3"))
+    synthesize(teacher, cfg, 10, tmp_path / "pool", progress=False, grid=False)
+    pool = load_pool(tmp_path / "pool")
+    assert pool.masks.sum(1).tolist() == [23] * 10
+    assert teacher_accuracy_on_pool(teacher, pool) >= 90.0
+
+
+def test_w8a8_is_within_half_a_point_of_fp32_on_real_data():
+    from smi.data.eval_data import eval_dataset, evaluate
+    from smi.quant import QuantConfig
+    from smi.quant.pipeline import quantize_and_evaluate
+
+    teacher = load_teacher("fmnist_vit_tiny")
+    data = eval_dataset("fashion-mnist", teacher, limit=2000)
+    fp32 = evaluate(teacher.model, data, progress=False)["top1"]
+    for quantizer in ("baseline", "repq"):
+        q = quantize_and_evaluate(teacher, QuantConfig(8, 8, quantizer), "real", data, calib_images=32)
+        assert abs(q["top1"] - fp32) <= 0.5, (quantizer, q["top1"], fp32)
