@@ -48,7 +48,7 @@ def _add_train_teacher(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_invert(args: argparse.Namespace) -> int:
     from smi.inversion.config import InversionConfig, SparsityConfig
-    from smi.inversion.synthesize import synthesize
+    from smi.inversion.synthesis import synthesize
     from smi.models.loading import load_teacher
 
     cfg = InversionConfig(

@@ -11,7 +11,7 @@ import torch
 from smi.data.fashion_mnist import load_fashion_mnist
 from smi.data.pool import SyntheticPool, load_pool
 from smi.inversion.config import InversionConfig, SparsityConfig
-from smi.inversion.synthesize import synthesize
+from smi.inversion.synthesis import synthesize
 from smi.models.loading import Teacher, load_teacher
 from smi.models.sparse import mask_to_indices, sparse_forward
 from smi.models.training import evaluate_top1

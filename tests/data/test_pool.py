@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-import smi.inversion.synthesize as synth_mod
+import smi.inversion.synthesis as synth_mod
 from smi.data.pool import load_pool
 from smi.errors import SmiError
 from smi.inversion.config import InversionConfig, SparsityConfig
-from smi.inversion.synthesize import plan_targets, synthesize
+from smi.inversion.synthesis import plan_targets, synthesize
 
 CFG = InversionConfig(iterations=6, batch_size=2, sparsity=SparsityConfig.parse("2:0.5,4:0.5"))
 

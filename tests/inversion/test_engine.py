@@ -116,3 +116,16 @@ def test_initial_keep_is_honoured(tiny_teacher):
     cfg = InversionConfig(iterations=4, batch_size=3, sparsity=SparsityConfig(()))
     batch = invert(tiny_teacher, cfg, TARGETS, keep=keep)
     assert batch.mask.nonzero()[:, 1].view(3, 4).tolist() == keep.tolist()
+
+
+def test_cnn_teachers_invert_dense_and_refuse_sparse():
+    import timm
+
+    from tests.conftest import as_teacher
+
+    cnn = as_teacher(timm.create_model("resnet10t", num_classes=5), spec="resnet10t")
+    cfg = InversionConfig(iterations=3, batch_size=3, sparsity=SparsityConfig(()))
+    batch = invert(cnn, cfg, TARGETS)
+    assert batch.images.shape == (3, 3, 32, 32) and torch.isfinite(batch.loss).all()
+    with pytest.raises(SmiError, match="use --sparsity dense"):
+        invert(cnn, SPARSE, TARGETS)
