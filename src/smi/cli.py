@@ -124,20 +124,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import json
 
-    from tqdm.auto import tqdm
-
     from smi.models.loading import load_teacher
-    from smi.quant import QuantConfig, calibrate, convert, prepare
-    from smi.quant.calibration import calibration_forward, calibration_set
+    from smi.quant import QuantConfig
+    from smi.quant.calibration import calibration_set
     from smi.quant.io import save_quantized
+    from smi.quant.pipeline import quantize_from
 
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, quantizer=args.quantizer)
     teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
     calib = calibration_set(teacher, args.calib, args.calib_images, seed=args.seed)
-    model = prepare(teacher.model, cfg)
-    batches = tqdm(list(calib.batches(args.batch_size)), desc="calibrate", unit="batch", leave=False)
-    seen = calibrate(model, batches, forward=calibration_forward)
-    convert(model)
+    model, seen = quantize_from(teacher.model, cfg, calib, batch_size=args.batch_size, progress=True)
     extra = {"calibration": {"source": calib.source, "images": seen, "seed": args.seed,
                              "sparse": calib.masks is not None}}
     folder = save_quantized(model, args.out, teacher, extra=extra)

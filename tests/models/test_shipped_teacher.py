@@ -23,7 +23,13 @@ def test_accuracy_on_all_10000_test_images():
     assert abs(top1 - meta["test_top1"]) < 0.05  # the metadata's figure is what the weights give
 
 
-def test_loads_by_name_through_timm_like_any_model():
+def test_loads_by_name_through_timm_like_any_model(monkeypatch):
+    # the pretrained config names a file inside the package, never a hub: with the hub switched off
+    # (and no hub id to resolve) this must still load
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = timm.models.get_pretrained_cfg("fmnist_vit_tiny")
+    assert cfg.hf_hub_id is None and cfg.url is None
+    assert (WEIGHTS_DIR / "fmnist_vit_tiny.safetensors").samefile(cfg.file)
     model = timm.create_model("fmnist_vit_tiny", pretrained=True).eval()
     ref = load_teacher("fmnist_vit_tiny").model
     x = torch.randn(2, 1, 28, 28)

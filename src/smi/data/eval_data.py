@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from smi.data.fashion_mnist import load_fashion_mnist
+from smi.data.fashion_mnist import load_fashion_mnist, normalize_uint8
 from smi.errors import SmiError
 from smi.models.loading import Teacher
 
@@ -33,9 +33,7 @@ def eval_dataset(spec: str, teacher: Teacher, limit: int | None = None) -> Datas
         if teacher.input_size != (1, 28, 28):
             raise SmiError(f"fashion-mnist is 1x28x28 but {teacher.spec} expects {teacher.input_size}")
         x, y = load_fashion_mnist("test")
-        mean = torch.tensor(teacher.mean).view(1, -1, 1, 1)
-        std = torch.tensor(teacher.std).view(1, -1, 1, 1)
-        ds: Dataset = TensorDataset((x.float() / 255.0 - mean) / std, y)
+        ds: Dataset = TensorDataset(normalize_uint8(x, teacher.mean, teacher.std), y)
     elif kind in ("imagefolder", "cifar10", "cifar100"):
         if not path:
             raise SmiError(f"--data {kind} needs a path: {kind}:PATH")

@@ -18,7 +18,7 @@ import torch
 
 from smi.errors import SmiError
 
-__all__ = ["FMNIST_CLASSES", "FMNIST_MEAN", "FMNIST_STD", "find_fashion_mnist", "load_fashion_mnist"]
+__all__ = ["FMNIST_CLASSES", "FMNIST_MEAN", "FMNIST_STD", "find_fashion_mnist", "load_fashion_mnist", "normalize_uint8"]
 
 FMNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -78,6 +78,13 @@ def _read_idx(path: Path) -> np.ndarray:
         raise SmiError(f"{path}: not an unsigned-byte IDX file")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def normalize_uint8(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> normalized float model inputs."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - m) / s
 
 
 def load_fashion_mnist(

@@ -75,7 +75,7 @@ class PoolWriter:
             raise SmiError(f"--out {self.folder} is a file, not a folder")
         self.identity = json.loads(json.dumps(identity))  # normalize tuples -> lists for comparison
         self.shards: dict[int, dict[str, Any]] = {}
-        self.seconds_before = 0.0
+        self.seconds_total = 0.0
         if (self.folder / MANIFEST).exists():
             old = read_manifest(self.folder)
             if old.get("identity") != self.identity:
@@ -86,7 +86,7 @@ class PoolWriter:
                                    f"{', '.join(diff)}); use another --out or pass --overwrite")
                 self._clear()
             else:
-                self.seconds_before = float(old.get("seconds_total", 0.0))
+                self.seconds_total = float(old.get("seconds_total", 0.0))
                 for s in old.get("shards", []):
                     if (self.folder / s["file"]).is_file() and sha256_file(self.folder / s["file"]) == s["sha256"]:
                         self.shards[int(s["index"])] = s
@@ -111,13 +111,13 @@ class PoolWriter:
         self._write_manifest(seconds)
 
     def _write_manifest(self, seconds: float = 0.0) -> None:
-        self.seconds_before += seconds
+        self.seconds_total += seconds
         shards = [self.shards[i] for i in sorted(self.shards)]
         atomic_write_json(self.folder / MANIFEST, {
             "format": POOL_FORMAT,
             "identity": self.identity,
             "num_images_done": sum(s["count"] for s in shards),
-            "seconds_total": round(self.seconds_before, 3),
+            "seconds_total": round(self.seconds_total, 3),
             "versions": _versions(),
             "shards": shards,
         })

@@ -114,4 +114,4 @@ def synthesize(
         grid_path = save_grid(pool.images, pool.masks if not config.sparsity.dense else None, patch,
                               writer.folder / "grid.png", teacher.mean, teacher.std,
                               titles=[names[int(t)] for t in pool.labels])
-    return SynthesisResult(writer.folder, num_images, writer.seconds_before, grid_path)
+    return SynthesisResult(writer.folder, num_images, writer.seconds_total, grid_path)

@@ -12,11 +12,11 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from smi.data.fashion_mnist import FMNIST_CLASSES, load_fashion_mnist
+from smi.data.fashion_mnist import FMNIST_CLASSES, load_fashion_mnist, normalize_uint8
 from smi.errors import SmiError
 from smi.models.loading import save_teacher
 from smi.utils.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json
@@ -77,10 +77,6 @@ def _augment(x: torch.Tensor, cfg: TeacherTrainConfig, gen: torch.Generator) -> 
     return x
 
 
-def _normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x_uint8.float() / 255.0 - mean) / std
-
-
 @torch.no_grad()
 def evaluate_top1(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...],
@@ -89,11 +85,9 @@ def evaluate_top1(
     """Top-1 accuracy (percent) of ``model`` on uint8 images (N, C, H, W)."""
     was_training = model.training
     model.eval()
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
     correct = 0
     for i in tqdm(range(0, len(images), batch_size), desc="eval", disable=not progress, leave=False):
-        x = _normalize(images[i:i + batch_size].to(device), m, s)
+        x = normalize_uint8(images[i:i + batch_size].to(device), mean, std)
         correct += (model(x).argmax(-1).cpu() == labels[i:i + batch_size]).sum().item()
     model.train(was_training)
     return 100.0 * correct / len(images)
@@ -133,10 +127,10 @@ def train_teacher(
     if ckpt_path.exists():
         try:
             tensors = load_file(str(ckpt_path))
-            with open(ckpt_path, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                meta = json.loads(f.read(header_len))["__metadata__"]
-        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+            with safe_open(str(ckpt_path), framework="pt") as f:
+                meta = f.metadata()
+            meta["epoch"], meta["param_groups"]  # noqa: B018  (both must be present)
+        except (SafetensorError, OSError, KeyError, TypeError) as e:
             raise SmiError(f"{ckpt_path}: unreadable checkpoint ({e}); delete it to restart") from None
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         optimizer_from_tensors(opt, tensors, meta["param_groups"])

@@ -54,15 +54,13 @@ def calibration_set(teacher: Teacher, source: str, num_images: int = 32, seed: i
 
 
 def _real_images(teacher: Teacher, n: int, gen: torch.Generator) -> torch.Tensor:
-    from smi.data.fashion_mnist import load_fashion_mnist
+    from smi.data.fashion_mnist import load_fashion_mnist, normalize_uint8
 
     if teacher.input_size != (1, 28, 28):
         raise SmiError("--calib real is available for the Fashion-MNIST teachers; for other models use a pool")
     x, _ = load_fashion_mnist("train")
     idx = torch.randperm(len(x), generator=gen)[:n]
-    mean = torch.tensor(teacher.mean).view(1, -1, 1, 1)
-    std = torch.tensor(teacher.std).view(1, -1, 1, 1)
-    return (x[idx].float() / 255.0 - mean) / std
+    return normalize_uint8(x[idx], teacher.mean, teacher.std)
 
 
 @torch.no_grad()

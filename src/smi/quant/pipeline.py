@@ -10,10 +10,24 @@ from torch.utils.data import Dataset
 from smi.data.eval_data import evaluate
 from smi.models.loading import Teacher
 from smi.quant.api import calibrate, convert, prepare
-from smi.quant.calibration import calibration_forward, calibration_set
+from smi.quant.calibration import CalibrationSet, calibration_forward, calibration_set
 from smi.quant.config import QuantConfig
 
-__all__ = ["quantize_and_evaluate"]
+__all__ = ["quantize_from", "quantize_and_evaluate"]
+
+
+def quantize_from(model, config: QuantConfig, calib: CalibrationSet, batch_size: int = 32, progress: bool = False):
+    """prepare -> calibrate on ``calib`` (sparse images as kept patches only) -> convert, in place.
+
+    Returns (model, number of calibration images seen).
+    """
+    from tqdm.auto import tqdm
+
+    prepare(model, config)
+    batches = tqdm(list(calib.batches(batch_size)), desc="calibrate", unit="batch", leave=False,
+                   disable=not progress)
+    seen = calibrate(model, batches, forward=calibration_forward)
+    return convert(model), seen
 
 
 def quantize_and_evaluate(
@@ -22,8 +36,6 @@ def quantize_and_evaluate(
 ) -> dict[str, Any]:
     """Quantize a copy of ``teacher.model`` calibrated on ``source`` and evaluate it on ``data``."""
     calib = calibration_set(teacher, source, calib_images, seed=seed)
-    model = prepare(copy.deepcopy(teacher.model), config)
-    calibrate(model, calib.batches(32), forward=calibration_forward)
-    convert(model)
+    model, _ = quantize_from(copy.deepcopy(teacher.model), config, calib)
     res = evaluate(model, data, device=device, progress=progress)
     return {**res, "calib": calib.source, "calib_images": len(calib.images), "sparse_calib": calib.masks is not None}
