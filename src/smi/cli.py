@@ -46,24 +46,57 @@ def _add_train_teacher(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train_teacher)
 
 
-def _cmd_invert(args: argparse.Namespace) -> int:
+def _inversion_config(args: argparse.Namespace):
     from smi.inversion.config import InversionConfig, SparsityConfig
-    from smi.inversion.synthesis import synthesize
-    from smi.models.loading import load_teacher
 
-    cfg = InversionConfig(
-        method=args.method, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+    return InversionConfig(
+        method=args.method, iterations=args.iterations, batch_size=args.synth_batch_size, lr=args.synth_lr,
         tv_l2=args.tv_l2, tv_l1=args.tv_l1, l2=args.l2, jitter=args.jitter, jitter_unit=args.jitter_unit,
         flip=not args.no_flip, sparsity=SparsityConfig.parse(args.sparsity),
     )
+
+
+def _add_inversion_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Synthesis options, shared by `smi invert` and `smi distill --online` (there with ``--synth-`` names)."""
+    p.add_argument("--method", default="deepinversion", help="synthesis method (see `smi invert --help`)")
+    p.add_argument(f"--{prefix}batch-size", dest="synth_batch_size", type=int, default=32,
+                   help="images optimized together")
+    p.add_argument("--iterations", type=int, default=4000, help="optimisation steps per batch")
+    p.add_argument("--sparsity", default="default",
+                   help="'default' (50:0.3,100:0.3,200:0.3,300:0.3), 'dense', or ITER:RATIO,... "
+                        "(each ratio: fraction of the still-optimized patches to stop)")
+    p.add_argument(f"--{prefix}lr", dest="synth_lr", type=float, default=0.25,
+                   help="Adam learning rate of the images (betas 0.5, 0.99)")
+    p.add_argument("--tv-l2", type=float, default=1e-4, help="weight of the l2 total-variation prior")
+    p.add_argument("--tv-l1", type=float, default=0.0, help="weight of the l1 total-variation prior")
+    p.add_argument("--l2", type=float, default=0.0, help="weight of the image L2-norm prior")
+    p.add_argument("--jitter", type=float, default=0.125, help="largest random shift, fraction of the side")
+    p.add_argument("--jitter-unit", choices=["patch", "pixel"], default="patch",
+                   help="round shifts to whole patches (needed for sparse) or use pixels (dense only)")
+    p.add_argument("--no-flip", action="store_true", help="disable the random horizontal flip")
+
+
+def _cmd_invert(args: argparse.Namespace) -> int:
+    from smi.distributed import from_env
+    from smi.inversion.synthesis import synthesize
+    from smi.models.loading import load_teacher
+
+    cfg = _inversion_config(args)
     if args.num_images < 1:
         raise SmiError(f"--num-images must be positive, got {args.num_images}")
-    teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
-    result = synthesize(teacher, cfg, args.num_images, args.out, seed=args.seed, device=args.device,
-                        overwrite=args.overwrite, grid=not args.no_grid)
-    print(f"pool: {result.folder} ({result.num_images} images, {result.seconds:.1f} s of inversion)")
-    if result.grid is not None:
-        print(f"grid: {result.grid}")
+    dist = from_env(args.device)  # torchrun: one process per rank, gloo on CPU, nccl on CUDA
+    device = f"cuda:{dist.local_rank}" if dist.active and args.device == "cuda" else args.device
+    try:
+        teacher = load_teacher(args.model, pretrained=args.pretrained, device=device)
+        result = synthesize(teacher, cfg, args.num_images, args.out, seed=args.seed, device=device,
+                            overwrite=args.overwrite, grid=not args.no_grid, dist=dist)
+    finally:
+        dist.close()
+    if dist.rank == 0:
+        print(f"pool: {result.folder} ({result.num_images} images, {result.seconds:.1f} s of inversion"
+              + (f", {dist.world} processes" if dist.active else "") + ")")
+        if result.grid is not None:
+            print(f"grid: {result.grid}")
     return 0
 
 
@@ -79,27 +112,95 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="fmnist_vit_tiny",
                    help="timm model name, shipped teacher name, or path to a checkpoint .safetensors")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs internet)")
-    p.add_argument("--method", default="deepinversion", help="synthesis method (see above)")
     p.add_argument("--num-images", type=int, default=32, help="images to synthesize")
-    p.add_argument("--batch-size", type=int, default=32, help="images optimized together")
-    p.add_argument("--iterations", type=int, default=4000, help="optimisation steps per batch")
-    p.add_argument("--sparsity", default="default",
-                   help="'default' (50:0.3,100:0.3,200:0.3,300:0.3), 'dense', or ITER:RATIO,... "
-                        "(each ratio: fraction of the still-optimized patches to stop)")
-    p.add_argument("--lr", type=float, default=0.25, help="Adam learning rate (betas 0.5, 0.99)")
-    p.add_argument("--tv-l2", type=float, default=1e-4, help="weight of the l2 total-variation prior")
-    p.add_argument("--tv-l1", type=float, default=0.0, help="weight of the l1 total-variation prior")
-    p.add_argument("--l2", type=float, default=0.0, help="weight of the image L2-norm prior")
-    p.add_argument("--jitter", type=float, default=0.125, help="largest random shift, fraction of the side")
-    p.add_argument("--jitter-unit", choices=["patch", "pixel"], default="patch",
-                   help="round shifts to whole patches (needed for sparse) or use pixels (dense only)")
-    p.add_argument("--no-flip", action="store_true", help="disable the random horizontal flip")
+    _add_inversion_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of targets, initial noise and jitter")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--out", required=True, help="pool folder to write (or resume)")
     p.add_argument("--overwrite", action="store_true", help="replace a pool made with other settings")
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     p.set_defaults(func=_cmd_invert)
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import json
+
+    from smi.models.loading import load_teacher
+    from smi.transfer import DistillConfig, build_student, distill
+
+    cfg = DistillConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+        temperature=args.temperature, ce_weight=args.ce_weight, steps_per_epoch=args.steps_per_epoch,
+        online_steps=args.online_steps, augment=not args.no_augment, linear_probe=args.linear_probe,
+        time_budget_s=args.time_budget, eval_images=args.eval_images, seed=args.seed,
+    )
+    synthesis = _inversion_config(args) if args.online else None
+    data = "online" if args.online else "real" if args.real else "noise" if args.noise else args.pool
+    teacher = load_teacher(args.teacher, pretrained=args.pretrained, device=args.device)
+    arch = args.student or (None if args.student_checkpoint else "fmnist_vit_mini")
+    student = build_student(arch, teacher, checkpoint=args.student_checkpoint, linear_probe=args.linear_probe,
+                            seed=args.seed, device=args.device)
+    result = distill(teacher, student, data, args.out, cfg, synthesis=synthesis,
+                     eval_data=None if args.eval_data == "none" else args.eval_data, device=args.device,
+                     overwrite=args.overwrite)
+    summary = {"out": str(result.out), "top1": result.top1, "wall_s": result.wall_s, "epochs": result.epochs,
+               "student": str(result.weights), "plot": str(result.plot) if result.plot else None}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        acc = f"test top-1 {result.top1:.2f} %, " if result.top1 is not None else ""
+        print(f"{acc}{result.epochs} epochs, {result.wall_s:.0f} s of synthesis + training; student: "
+              f"{result.weights}" + (f"; plot: {result.plot}" if result.plot else ""))
+    return 0
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    from smi.data.eval_data import DATA_HELP
+
+    p = sub.add_parser(
+        "distill", help="train a student on the teacher's outputs over synthetic images", formatter_class=_Formatter,
+        description="Data-free knowledge transfer: KL divergence between teacher and student at a temperature, on "
+        "a synthetic pool (offline), on images synthesized while training (--online), or on real images or noise "
+        "for comparison. Images of a sparse pool reach both models as their kept patches only. Evaluates on real "
+        "test data after each epoch, checkpoints each epoch, and resumes when rerun with the same --out.",
+    )
+    p.add_argument("--teacher", default="fmnist_vit_tiny", help="teacher spec (timm name, shipped name, checkpoint)")
+    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights for the teacher (internet)")
+    p.add_argument("--student", help="timm architecture of the student, built for the teacher's classes and input "
+                                     "size (default: fmnist_vit_mini, or the checkpoint's)")
+    p.add_argument("--student-checkpoint", help="start from this smi checkpoint (NAME.safetensors + NAME.json)")
+    p.add_argument("--linear-probe", action="store_true",
+                   help="freeze the checkpoint's backbone and train a new head (needs --student-checkpoint)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pool", help="train on this synthetic pool (offline)")
+    src.add_argument("--online", action="store_true",
+                     help="synthesize --synth-batch-size images per epoch into OUT/pool and train on the whole pool")
+    src.add_argument("--real", action="store_true", help="train on the real training images (an upper bound)")
+    src.add_argument("--noise", action="store_true", help="train on fresh Gaussian noise (a lower bound)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (weight decay 0.05)")
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                   help="after one warm-up epoch: cosine to 1e-5, or constant")
+    p.add_argument("--temperature", type=float, default=20.0, help="softmax temperature of the KL term")
+    p.add_argument("--ce-weight", type=float, default=0.0, help="weight of cross-entropy on the teacher's argmax")
+    p.add_argument("--steps-per-epoch", type=int,
+                   help="training steps per epoch (default: one pass over a pool or real images; --online-steps "
+                        "for online and noise)")
+    p.add_argument("--online-steps", type=int, default=50, help="training steps per epoch with --online or --noise")
+    p.add_argument("--no-augment", action="store_true", help="no random whole-patch shift and flip")
+    p.add_argument("--time-budget", type=float, help="stop after the epoch at which synthesis + training pass this "
+                                                     "many seconds")
+    p.add_argument("--eval-data", default="fashion-mnist", help=f"{DATA_HELP} | none")
+    p.add_argument("--eval-images", type=int, help="evaluate on the first N test images (default: all)")
+    group = p.add_argument_group("synthesis (with --online)")
+    _add_inversion_args(group, prefix="synth-")
+    p.add_argument("--seed", type=int, default=0, help="seed of the student's init, batches, augmentation, synthesis")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, log, plot, student; resumable)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run made with other settings")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_distill)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -201,8 +302,56 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+def _cmd_pool_verify(args: argparse.Namespace) -> int:
+    from smi.data.pool import verify_pool
+
+    problems = verify_pool(args.folder)
+    for name, problem in problems:
+        print(f"BAD {name}: {problem}")
+    if problems:
+        print(f"smi: error: {len(problems)} bad shard(s) in {args.folder}", file=sys.stderr)
+        return 1
+    print(f"ok: every shard of {args.folder} matches its checksum")
+    return 0
+
+
+def _cmd_pool_info(args: argparse.Namespace) -> int:
+    import json
+
+    from smi.data.pool import pool_info
+
+    info = pool_info(args.folder)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    t = info["teacher"]
+    print(f"pool      {info['folder']}")
+    print(f"teacher   {t.get('spec')} ({t.get('arch')}, {t.get('fingerprint')})")
+    print(f"method    {info['method']}, sparsity {info['sparsity']}, {info['iterations']} iterations, "
+          f"batch {info['batch_size']}, seed {info['seed']}")
+    print(f"images    {info['images_done']} of {info['images_requested']} in {info['shards']} shard(s); "
+          f"kept patches {info['kept_patches']}")
+    print(f"per class {info['per_class']}")
+    print(f"time      {info['seconds_total']:.1f} s of inversion")
+    return 0
+
+
+def _add_pool(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pool", help="inspect a synthetic pool: info, verify", formatter_class=_Formatter)
+    inner = p.add_subparsers(dest="pool_command", required=True, metavar="ACTION", parser_class=_Parser)
+    v = inner.add_parser("verify", help="check every shard against the manifest's sha256; exit 1 if any is bad",
+                         formatter_class=_Formatter)
+    v.add_argument("folder", help="pool folder")
+    v.set_defaults(func=_cmd_pool_verify)
+    i = inner.add_parser("info", help="teacher, method, schedule, counts per class, time spent",
+                         formatter_class=_Formatter)
+    i.add_argument("folder", help="pool folder")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=_cmd_pool_info)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_invert, _add_quantize, _add_eval, _add_demo, _add_train_teacher,
+    _add_invert, _add_quantize, _add_eval, _add_distill, _add_pool, _add_demo, _add_train_teacher,
 ]
 
 

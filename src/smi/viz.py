@@ -10,7 +10,7 @@ import torch
 
 from smi.utils.io import atomic_write_bytes
 
-__all__ = ["denormalize", "save_grid"]
+__all__ = ["denormalize", "save_grid", "save_curves"]
 
 
 def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -19,16 +19,53 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (x * s + m).clamp(0, 1)
 
 
-def save_grid(
-    images: torch.Tensor, masks: torch.Tensor | None, patch: int, path: str | Path, mean: Sequence[float],
-    std: Sequence[float], titles: Sequence[str] | None = None, max_images: int = 64, columns: int = 8,
-) -> Path:
-    """Write a PNG grid; stopped patches are drawn in a flat dark blue so the mask is visible."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    """Render ``fig`` to PNG bytes, write them atomically, close the figure."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def save_curves(
+    path: str | Path, series: dict[str, Sequence[tuple[float, float | None]]], *, xlabel: str, ylabel: str,
+    title: str = "", hlines: dict[str, float] | None = None,
+) -> Path:
+    """Write a PNG line plot: one line with markers per series, dashed horizontal reference lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        pts = [(x, y) for x, y in points if y is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=label)
+    for i, (label, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, linestyle="--", linewidth=1, color=f"C{len(series) + i}", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_figure(fig, path)
+
+
+def save_grid(
+    images: torch.Tensor, masks: torch.Tensor | None, patch: int, path: str | Path, mean: Sequence[float],
+    std: Sequence[float], titles: Sequence[str] | None = None, max_images: int = 64, columns: int = 8,
+) -> Path:
+    """Write a PNG grid; stopped patches are drawn in a flat dark blue so the mask is visible."""
+    plt = _pyplot()
     n = min(len(images), max_images)
     px = denormalize(images[:n].float().cpu(), mean, std)  # (n, C, H, W) in [0, 1]
     if px.shape[1] == 1:
@@ -47,9 +84,4 @@ def save_grid(
             ax.imshow(px[i].permute(1, 2, 0).numpy(), interpolation="nearest")
             if titles is not None:
                 ax.set_title(titles[i], fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return _save_figure(fig, path)

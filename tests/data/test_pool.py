@@ -84,3 +84,46 @@ def test_plan_targets_is_balanced():
     t = plan_targets(103, 10, seed=0)
     counts = torch.bincount(t, minlength=10)
     assert counts.max() - counts.min() <= 1 and counts.sum() == 103
+
+
+def test_pool_verify_names_each_bad_shard_and_info_reports_contents(tiny_teacher, tmp_path, capsys):
+    from smi.cli import main
+
+    synthesize(tiny_teacher, CFG, 5, tmp_path / "p", progress=False, grid=False)  # shards of 2, 2, 1
+    assert main(["pool", "verify", str(tmp_path / "p")]) == 0
+    assert capsys.readouterr().out.startswith("ok:")
+    assert main(["pool", "info", str(tmp_path / "p"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["images_done"] == 5 and sum(info["per_class"]) == 5 and info["shards"] == 3
+    assert info["teacher"]["fingerprint"] == "test:tiny" and info["method"] == "deepinversion"
+    assert info["per_class"] == torch.bincount(plan_targets(5, 5, 0), minlength=5).tolist()
+
+    first = tmp_path / "p" / "shard-00000.safetensors"
+    first.write_bytes(first.read_bytes()[:100])  # truncated
+    (tmp_path / "p" / "shard-00002.safetensors").unlink()
+    assert main(["pool", "verify", str(tmp_path / "p")]) == 1
+    out = capsys.readouterr()
+    assert out.out.splitlines() == ["BAD shard-00000.safetensors: checksum mismatch (corrupt or changed)",
+                                    "BAD shard-00002.safetensors: missing"]
+    assert out.err.strip() == f"smi: error: 2 bad shard(s) in {tmp_path / 'p'}"
+
+
+def test_nan_in_a_later_batch_stops_the_run_and_keeps_finished_shards(tiny_teacher, tmp_path):
+    from smi.data.pool import verify_pool
+
+    calls = {"n": 0}
+
+    def poison(_m, _inp, out):  # finite for the first batch (6 iterations), NaN afterwards
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] > 6 else out
+
+    handle = tiny_teacher.model.head.register_forward_hook(poison)
+    try:
+        with pytest.raises(SmiError, match="loss became nan at iteration 1; lower the learning rate"):
+            synthesize(tiny_teacher, CFG, 5, tmp_path / "p", progress=False)
+    finally:
+        handle.remove()
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert [s["index"] for s in manifest["shards"]] == [0] and verify_pool(tmp_path / "p") == []
+    synthesize(tiny_teacher, CFG, 5, tmp_path / "p", progress=False)  # fixed teacher: the rerun completes
+    assert len(load_pool(tmp_path / "p")) == 5

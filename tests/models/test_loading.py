@@ -72,3 +72,42 @@ def test_import_has_no_side_effects():
             "assert 'matplotlib' not in sys.modules; print('ok', end='')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout == "ok" and out.stderr == ""
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_pickle_that_would_run_code_is_refused_and_nothing_runs(writer, tmp_path, capsys):
+    import pickle
+
+    from smi.cli import main
+
+    ckpt = write_tiny_checkpoint(tmp_path)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "tiny.pt"
+    payload = {"head.weight": _RunsCode(marker)}
+    if writer == "pickle":
+        evil.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, evil)
+    assert ckpt.with_suffix(".json").is_file()
+    assert main(["eval", "--model", str(evil), "--data", "fashion-mnist", "--limit", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("smi: error:") and "refused" in err and "\n" not in err
+    assert not marker.exists()
+
+
+def test_plain_torch_state_dict_loads_with_weights_only(tmp_path):
+    ckpt = write_tiny_checkpoint(tmp_path)
+    state = load_teacher(str(ckpt)).model.state_dict()
+    torch.save(state, tmp_path / "tiny.pt")
+    t = load_teacher(str(tmp_path / "tiny.pt"))
+    assert all(torch.equal(t.model.state_dict()[k], v) for k, v in state.items())

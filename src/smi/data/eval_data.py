@@ -11,7 +11,7 @@ from smi.data.fashion_mnist import load_fashion_mnist, normalize_uint8
 from smi.errors import SmiError
 from smi.models.loading import Teacher
 
-__all__ = ["DATA_HELP", "eval_dataset", "evaluate"]
+__all__ = ["DATA_HELP", "eval_dataset", "evaluate", "real_training_images"]
 
 DATA_HELP = "fashion-mnist | imagefolder:PATH | cifar10:PATH | cifar100:PATH"
 
@@ -22,6 +22,14 @@ def _timm_transform(teacher: Teacher):
     cfg = timm.data.resolve_model_data_config(teacher.model)
     cfg.update(input_size=teacher.input_size, mean=teacher.mean, std=teacher.std)
     return timm.data.create_transform(**cfg, is_training=False)
+
+
+def real_training_images(teacher: Teacher) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Fashion-MNIST training split as uint8 images and labels, for a Fashion-MNIST teacher."""
+    if teacher.input_size != (1, 28, 28):
+        raise SmiError(f"real training images are Fashion-MNIST's (1x28x28); {teacher.spec} reads "
+                       f"{teacher.input_size}, so use a synthetic pool")
+    return load_fashion_mnist("train")
 
 
 def eval_dataset(spec: str, teacher: Teacher, limit: int | None = None) -> Dataset:

@@ -32,7 +32,10 @@ from torch.utils.data import Dataset
 from smi.errors import SmiError
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
 
-__all__ = ["POOL_FORMAT", "PoolWriter", "SyntheticPool", "load_pool", "read_manifest"]
+__all__ = [
+    "POOL_FORMAT", "PoolWriter", "SyntheticPool", "check_pool_teacher", "load_pool", "pool_info", "read_manifest",
+    "verify_pool",
+]
 
 POOL_FORMAT = "smi-pool/1"
 MANIFEST = "manifest.json"
@@ -66,14 +69,21 @@ class PoolWriter:
     """Writes shards into a pool folder and keeps its manifest true after every shard.
 
     Opening a folder that already holds a pool resumes it if ``identity`` (the config, teacher,
-    seed and size) is the same, and refuses otherwise unless ``overwrite`` is set.
+    seed and size) is the same, and refuses otherwise unless ``overwrite`` is set. Shards found
+    on disk count as done only if their sha256 matches a manifest's record.
+
+    With ``part`` set (one writer per process of a distributed run), shards are recorded in
+    ``manifest.PART.json`` instead, so that processes never write the same file; :meth:`merge`
+    (on one process, after the others finished) folds the parts into ``manifest.json``.
     """
 
-    def __init__(self, folder: str | Path, identity: dict[str, Any], overwrite: bool = False) -> None:
+    def __init__(self, folder: str | Path, identity: dict[str, Any], overwrite: bool = False,
+                 part: str | None = None) -> None:
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise SmiError(f"--out {self.folder} is a file, not a folder")
         self.identity = json.loads(json.dumps(identity))  # normalize tuples -> lists for comparison
+        self.part = part
         self.shards: dict[int, dict[str, Any]] = {}
         self.seconds_total = 0.0
         if (self.folder / MANIFEST).exists():
@@ -86,19 +96,43 @@ class PoolWriter:
                                    f"{', '.join(diff)}); use another --out or pass --overwrite")
                 self._clear()
             else:
-                self.seconds_total = float(old.get("seconds_total", 0.0))
-                for s in old.get("shards", []):
-                    if (self.folder / s["file"]).is_file() and sha256_file(self.folder / s["file"]) == s["sha256"]:
-                        self.shards[int(s["index"])] = s
+                self._adopt(old.get("shards", []))
         elif overwrite and self.folder.exists():
             self._clear()
+        for extra in self._part_manifests():  # shards of an interrupted distributed run
+            self._adopt(extra.get("shards", []))
+        self.seconds_total = sum(float(s.get("seconds", 0.0)) for s in self.shards.values())
         self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _adopt(self, shards: list[dict[str, Any]]) -> None:
+        for s in shards:
+            path = self.folder / s["file"]
+            if int(s["index"]) not in self.shards and path.is_file() and sha256_file(path) == s["sha256"]:
+                self.shards[int(s["index"])] = s
+
+    def _part_manifests(self) -> list[dict[str, Any]]:
+        parts = []
+        for path in sorted(self.folder.glob("manifest.*.json")):
+            try:
+                obj = read_format_json(path, POOL_FORMAT, "pool manifest part")
+            except SmiError:
+                continue  # a part is only a cache of shard records; the shards are checked anyway
+            if obj.get("identity") == self.identity:
+                parts.append(obj)
+        return parts
 
     def _clear(self) -> None:
         for p in self.folder.glob("shard-*.safetensors"):
             p.unlink()
+        for p in self.folder.glob("manifest.*.json"):
+            p.unlink()
         for name in (MANIFEST, "config.json", "grid.png"):
             (self.folder / name).unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete temporary files a killed process left; only safe while no other process writes here."""
+        for p in self.folder.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
 
     def done(self, index: int) -> bool:
         return index in self.shards
@@ -108,12 +142,13 @@ class PoolWriter:
         digest = atomic_save_tensors(self.folder / name, tensors)
         self.shards[index] = {"index": index, "file": name, "count": int(tensors["targets"].numel()),
                               "sha256": digest, "seconds": round(seconds, 3), **extra}
-        self._write_manifest(seconds)
-
-    def _write_manifest(self, seconds: float = 0.0) -> None:
         self.seconds_total += seconds
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
         shards = [self.shards[i] for i in sorted(self.shards)]
-        atomic_write_json(self.folder / MANIFEST, {
+        name = MANIFEST if self.part is None else f"manifest.{self.part}.json"
+        atomic_write_json(self.folder / name, {
             "format": POOL_FORMAT,
             "identity": self.identity,
             "num_images_done": sum(s["count"] for s in shards),
@@ -121,6 +156,16 @@ class PoolWriter:
             "versions": _versions(),
             "shards": shards,
         })
+
+    def merge(self) -> None:
+        """Fold every part manifest into ``manifest.json`` and delete the parts (one process only)."""
+        for extra in self._part_manifests():
+            self._adopt(extra.get("shards", []))
+        self.seconds_total = sum(float(s.get("seconds", 0.0)) for s in self.shards.values())
+        self.part = None
+        self._write_manifest()
+        for p in self.folder.glob("manifest.*.json"):
+            p.unlink()
 
     def finish(self) -> None:
         self._write_manifest()
@@ -174,3 +219,59 @@ def load_pool(folder: str | Path, verify: bool = True) -> SyntheticPool:
                          torch.cat(parts["loss"]), manifest)
 
 
+
+
+def check_pool_teacher(pool: SyntheticPool, fingerprint: str, spec: str, source: str | Path) -> None:
+    """Refuse a pool that another teacher (other weights) made."""
+    ident = pool.teacher
+    if ident.get("fingerprint") != fingerprint:
+        raise SmiError(f"pool {source} was made from another teacher ({ident.get('spec')}, "
+                       f"{str(ident.get('fingerprint', '?'))[:20]}...), not {spec}")
+
+
+def verify_pool(folder: str | Path) -> list[tuple[str, str]]:
+    """Check every shard the manifest lists: present, checksum, readable, the stated image count.
+
+    Returns ``(file, problem)`` pairs; empty when the pool is sound.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    problems: list[tuple[str, str]] = []
+    for s in manifest.get("shards", []):
+        path = folder / s["file"]
+        if not path.is_file():
+            problems.append((s["file"], "missing"))
+            continue
+        if sha256_file(path) != s["sha256"]:
+            problems.append((s["file"], "checksum mismatch (corrupt or changed)"))
+            continue
+        try:
+            t = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            problems.append((s["file"], f"unreadable ({e})"))
+            continue
+        n = {k: int(v.shape[0]) for k, v in t.items()}
+        if set(n) < {"images", "mask", "targets"} or len(set(n.values())) != 1 or n["targets"] != s["count"]:
+            problems.append((s["file"], f"holds {n}, manifest says {s['count']} images"))
+    return problems
+
+
+def pool_info(folder: str | Path) -> dict[str, Any]:
+    """What a pool holds, from its manifest: teacher, method, schedule, counts per class, time spent."""
+    manifest = read_manifest(folder)
+    ident = manifest.get("identity", {})
+    shards = manifest.get("shards", [])
+    classes: list[int] = []
+    for s in shards:
+        for i, c in enumerate(s.get("classes", [])):
+            classes.extend([0] * (i + 1 - len(classes)))
+            classes[i] += int(c)
+    cfg = ident.get("config", {})
+    return {
+        "folder": str(folder), "teacher": ident.get("teacher", {}), "method": ident.get("method"),
+        "sparsity": ident.get("sparsity"), "iterations": cfg.get("iterations"), "batch_size": cfg.get("batch_size"),
+        "seed": ident.get("seed"), "images_requested": ident.get("num_images"),
+        "images_done": manifest.get("num_images_done", 0), "shards": len(shards), "per_class": classes,
+        "kept_patches": sorted({s.get("kept") for s in shards if s.get("kept") is not None}),
+        "seconds_total": manifest.get("seconds_total", 0.0), "versions": manifest.get("versions", {}),
+    }

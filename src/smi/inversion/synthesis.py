@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smi.data.pool import PoolWriter, load_pool
+from smi.distributed import Dist
 from smi.errors import SmiError
 from smi.inversion.config import InversionConfig
 from smi.inversion.engine import StepInfo, invert
@@ -19,7 +21,7 @@ from smi.models.loading import Teacher
 from smi.utils.io import atomic_write_json
 from smi.viz import save_grid
 
-__all__ = ["SynthesisResult", "synthesize", "plan_targets", "image_seed"]
+__all__ = ["PoolSynthesis", "SynthesisResult", "synthesize", "plan_targets", "image_seed", "progress_callback"]
 
 
 @dataclass
@@ -46,6 +48,69 @@ def _init_noise(seed: int, indices: range, shape: tuple[int, int, int]) -> torch
                         for i in indices])
 
 
+class PoolSynthesis:
+    """A pool folder being filled batch by batch; :func:`synthesize` runs it to the end.
+
+    Batch ``b`` holds images ``[b * batch_size, (b + 1) * batch_size)``; its targets, initial
+    noise and jitter draws depend only on ``seed`` and the image/batch index, so a resumed run
+    writes exactly what an uninterrupted one would have, and batches may be run in any order
+    (online distillation runs them one epoch at a time).
+    """
+
+    def __init__(self, teacher: Teacher, config: InversionConfig, num_images: int, out: str | Path, *,
+                 seed: int = 0, device: torch.device | str = "cpu", overwrite: bool = False,
+                 part: str | None = None) -> None:
+        if num_images < 1:
+            raise SmiError(f"--num-images must be positive, got {num_images}")
+        self.teacher, self.config, self.num_images, self.seed, self.device = teacher, config, num_images, seed, device
+        self.identity: dict[str, Any] = {"method": config.method, "config": config.to_dict(), "seed": seed,
+                                         "num_images": num_images, "teacher": teacher.identity(),
+                                         "sparsity": config.sparsity.spec()}
+        self.writer = PoolWriter(out, self.identity, overwrite=overwrite, part=part)
+        self.folder = self.writer.folder
+        atomic_write_json(self.folder / "config.json", self.identity)
+        self.targets = plan_targets(num_images, teacher.num_classes, seed)
+        B = config.batch_size
+        self.batches = [range(s, min(s + B, num_images)) for s in range(0, num_images, B)]
+
+    def done(self, b: int) -> bool:
+        return self.writer.done(b)
+
+    @property
+    def images_done(self) -> int:
+        return sum(len(self.batches[b]) for b in range(len(self.batches)) if self.done(b))
+
+    @property
+    def seconds(self) -> float:
+        """Optimisation time of every shard written so far, earlier (resumed) runs included."""
+        return self.writer.seconds_total
+
+    def run(self, b: int, callback: Callable[[StepInfo], None] | None = None) -> dict[str, torch.Tensor]:
+        """Invert batch ``b`` and write its shard; returns the shard's tensors."""
+        idx = self.batches[b]
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, b, 1]).generate_state(1)[0]))
+        init = _init_noise(self.seed, idx, self.teacher.input_size)
+        result = invert(self.teacher, self.config, self.targets[idx.start:idx.stop], init=init, generator=gen,
+                        device=self.device, callback=callback)
+        tensors = {"images": result.images, "mask": result.mask, "targets": result.targets,
+                   "loss": result.loss.float(), "index": torch.arange(idx.start, idx.stop)}
+        classes = torch.bincount(result.targets, minlength=self.teacher.num_classes).tolist()
+        self.writer.write(b, tensors, result.seconds, {"classes": classes, "kept": int(result.mask[0].sum())})
+        return tensors
+
+    def finish(self, grid: bool = True) -> SynthesisResult:
+        self.writer.finish()
+        grid_path = None
+        if grid:
+            pool = load_pool(self.folder)
+            t = self.teacher
+            names = t.class_names or [str(i) for i in range(t.num_classes)]
+            patch = getattr(getattr(t.model, "patch_embed", None), "patch_size", (1,))[0]
+            grid_path = save_grid(pool.images, pool.masks if not self.config.sparsity.dense else None, patch,
+                                  self.folder / "grid.png", t.mean, t.std, titles=[names[int(i)] for i in pool.labels])
+        return SynthesisResult(self.folder, self.num_images, self.seconds, grid_path)
+
+
 def synthesize(
     teacher: Teacher,
     config: InversionConfig,
@@ -57,61 +122,58 @@ def synthesize(
     overwrite: bool = False,
     progress: bool = True,
     grid: bool = True,
+    dist: Dist | None = None,
 ) -> SynthesisResult:
     """Invert ``num_images`` images into the pool folder ``out``; rerunning resumes.
 
-    Batch ``b`` holds images ``[b * batch_size, (b + 1) * batch_size)``; its targets, initial
-    noise and jitter draws depend only on ``seed`` and the image/batch index, so a resumed run
-    writes exactly what an uninterrupted one would have.
+    Under ``torchrun`` (``dist`` from :func:`smi.distributed.from_env`), process ``r`` of ``K``
+    inverts the batches ``b`` with ``b % K == r``; since a batch's targets and seeds depend only
+    on ``seed`` and ``b``, the pool holds the same images whatever ``K`` is. Each process records
+    its shards in its own part manifest; process 0 merges them after a barrier.
 
     >>> synthesize(load_teacher("fmnist_vit_tiny"), InversionConfig(iterations=400), 64, "out/pool")
     """
-    if num_images < 1:
-        raise SmiError(f"--num-images must be positive, got {num_images}")
-    identity: dict[str, Any] = {"method": config.method, "config": config.to_dict(), "seed": seed,
-                                "num_images": num_images, "teacher": teacher.identity(),
-                                "sparsity": config.sparsity.spec()}
-    writer = PoolWriter(out, identity, overwrite=overwrite)
-    atomic_write_json(writer.folder / "config.json", identity)
-    targets = plan_targets(num_images, teacher.num_classes, seed)
-    B = config.batch_size
-    batches = [range(s, min(s + B, num_images)) for s in range(0, num_images, B)]
-    todo = [b for b in range(len(batches)) if not writer.done(b)]
-    done_images = sum(len(batches[b]) for b in range(len(batches)) if writer.done(b))
+    dist = dist or Dist()
+    ok, error = True, None
+    if dist.rank == 0:  # clears the folder (--overwrite) or refuses it, before anyone writes
+        try:
+            PoolSynthesis(teacher, config, num_images, out, seed=seed, device=device,
+                          overwrite=overwrite).writer.remove_stale_temporaries()
+        except SmiError as e:
+            ok, error = False, e
+    if not dist.all_ok(ok):
+        raise error or SmiError(f"process 0 refused the pool folder {out}; see its message")
+    part = f"rank{dist.rank}" if dist.active else None
+    job = PoolSynthesis(teacher, config, num_images, out, seed=seed, device=device, part=part)
+    todo = [b for b in range(len(job.batches)) if b % dist.world == dist.rank and not job.done(b)]
+    bar = tqdm(total=len(todo) * config.iterations, unit="it", disable=not progress or dist.rank != 0,
+               dynamic_ncols=True, desc=f"{config.method} {'dense' if config.sparsity.dense else 'sparse'}")
+    try:
+        for b in todo:
+            job.run(b, progress_callback(bar, config.iterations, f"images {job.images_done}/{num_images}"))
+    finally:
+        bar.close()
+    if not dist.active:
+        job.writer.merge()  # also folds in the parts of an earlier distributed run, if any
+        return job.finish(grid)
+    job.writer.finish()
+    dist.barrier()
+    if dist.rank != 0:
+        return SynthesisResult(job.folder, num_images, job.seconds, None)
+    job = PoolSynthesis(teacher, config, num_images, out, seed=seed, device=device)  # sees every part
+    job.writer.merge()
+    return job.finish(grid)
 
-    bar = tqdm(total=len(todo) * config.iterations, unit="it", disable=not progress, dynamic_ncols=True,
-               desc=f"{config.method} {'dense' if config.sparsity.dense else 'sparse'}")
+
+def progress_callback(bar: tqdm, iterations: int, prefix: str) -> Callable[[StepInfo], None]:
+    """A step callback that advances ``bar`` and shows loss and kept patches (at most twice a second)."""
     state = {"last": time.perf_counter()}
 
     def on_step(info: StepInfo) -> None:
         bar.update(1)
         now = time.perf_counter()
-        if now - state["last"] > 0.5 or info.iteration == config.iterations:
+        if now - state["last"] > 0.5 or info.iteration == iterations:
             state["last"] = now
-            bar.set_postfix_str(f"images {done_images}/{num_images}, loss {info.loss:.3f}, "
-                                f"kept {info.kept} patches", refresh=False)
+            bar.set_postfix_str(f"{prefix}, loss {info.loss:.3f}, kept {info.kept} patches", refresh=False)
 
-    try:
-        for b in todo:
-            idx = batches[b]
-            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, b, 1]).generate_state(1)[0]))
-            init = _init_noise(seed, idx, teacher.input_size)
-            result = invert(teacher, config, targets[idx.start:idx.stop], init=init, generator=gen,
-                            device=device, callback=on_step)
-            tensors = {"images": result.images, "mask": result.mask, "targets": result.targets,
-                       "loss": result.loss.float(), "index": torch.arange(idx.start, idx.stop)}
-            classes = torch.bincount(result.targets, minlength=teacher.num_classes).tolist()
-            writer.write(b, tensors, result.seconds, {"classes": classes, "kept": int(result.mask[0].sum())})
-            done_images += len(idx)
-    finally:
-        bar.close()
-    writer.finish()
-    grid_path = None
-    if grid:
-        pool = load_pool(writer.folder)
-        names = teacher.class_names or [str(i) for i in range(teacher.num_classes)]
-        patch = getattr(getattr(teacher.model, "patch_embed", None), "patch_size", (1,))[0]
-        grid_path = save_grid(pool.images, pool.masks if not config.sparsity.dense else None, patch,
-                              writer.folder / "grid.png", teacher.mean, teacher.std,
-                              titles=[names[int(t)] for t in pool.labels])
-    return SynthesisResult(writer.folder, num_images, writer.seconds_total, grid_path)
+    return on_step

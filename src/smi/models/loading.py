@@ -2,6 +2,8 @@
 
 A checkpoint is two files side by side: ``NAME.safetensors`` (the state dict) and ``NAME.json``
 (metadata: timm architecture and kwargs, number of classes, mean/std, input size, class names).
+A ``NAME.pt``/``.pth``/``.bin`` state dict is accepted in place of the safetensors file; it is read
+with ``torch.load(weights_only=True)``, so a file that would run code when unpickled is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_jso
 __all__ = ["Teacher", "load_teacher", "save_teacher", "TEACHER_FORMAT"]
 
 TEACHER_FORMAT = "smi-teacher/1"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")  # read with torch.load(weights_only=True), never plain unpickling
 
 
 @dataclass
@@ -46,7 +49,7 @@ class Teacher:
                 "num_classes": self.num_classes, "input_size": list(self.input_size)}
 
 
-def _suggest(name: str) -> str:
+def did_you_mean(name: str) -> str:
     names = timm.list_models()
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     return f" (did you mean {', '.join(close)}?)" if close else ""
@@ -87,7 +90,7 @@ def load_teacher(
     import smi.models.teachers as shipped  # registers the shipped teachers with timm
 
     path = Path(spec)
-    if spec.endswith((".safetensors", ".json")) or path.exists():
+    if spec.endswith((".safetensors", ".json", *TORCH_SUFFIXES)) or path.exists():
         return _load_checkpoint(path, device)
     if spec in shipped.SHIPPED_TEACHERS:
         weights = shipped.WEIGHTS_DIR / f"{spec}.safetensors"
@@ -96,7 +99,7 @@ def load_teacher(
                            f"`smi train-teacher --arch {spec}`")
         return _load_checkpoint(weights, device, spec=spec)
     if not timm.is_model(spec):
-        raise SmiError(f"unknown model {spec!r}{_suggest(spec)}")
+        raise SmiError(f"unknown model {spec!r}{did_you_mean(spec)}")
     try:
         model = timm.create_model(spec, pretrained=pretrained, **model_kwargs)
     except Exception as e:  # bad kwargs, hub and network errors surface as many types; this is the boundary
@@ -111,8 +114,27 @@ def load_teacher(
     )
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a .pt/.pth/.bin file without running any pickled code."""
+    if path.suffix in TORCH_SUFFIXES:
+        import pickle
+
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            raise SmiError(f"{path}: refused: not a plain tensor file, and smi never unpickles code "
+                           f"({(str(e).splitlines() or ['?'])[0][:120]}); convert it to safetensors") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise SmiError(f"{path}: expected a state dict of tensors")
+        return state
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise SmiError(f"{path}: unreadable safetensors file ({e})") from None
+
+
 def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = None) -> Teacher:
-    weights = path.with_suffix(".safetensors")
+    weights = path if path.suffix in TORCH_SUFFIXES else path.with_suffix(".safetensors")
     meta_path = path.with_suffix(".json")
     if path.is_dir():
         raise SmiError(f"{path} is a folder; give the checkpoint's .safetensors file")
@@ -122,6 +144,7 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
     meta = read_format_json(meta_path, TEACHER_FORMAT, "teacher checkpoint")
     try:
         arch, kwargs = meta["architecture"], dict(meta.get("model_kwargs", {}))
+        kwargs.pop("num_classes", None)  # the metadata's own field says it
         num_classes = int(meta["num_classes"])
         input_size = tuple(int(v) for v in meta["input_size"])
         mean, std = tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"])
@@ -130,11 +153,8 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
     import smi.models.teachers  # noqa: F401  (registers shipped architectures)
 
     if not timm.is_model(arch):
-        raise SmiError(f"{meta_path}: unknown architecture {arch!r}{_suggest(arch)}")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise SmiError(f"{weights}: unreadable safetensors file ({e})") from None
+        raise SmiError(f"{meta_path}: unknown architecture {arch!r}{did_you_mean(arch)}")
+    state = _read_weights(weights)
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -155,10 +175,17 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
 def save_teacher(
     model: nn.Module, path: str | Path, *, arch: str, model_kwargs: dict[str, Any] | None = None,
     class_names: list[str] | None = None, extra: dict[str, Any] | None = None,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> Path:
-    """Write ``path`` (.safetensors) and its .json metadata, atomically. Returns the weights path."""
+    """Write ``path`` (.safetensors) and its .json metadata, atomically. Returns the weights path.
+
+    ``normalization`` (mean, std) overrides timm's config, e.g. for a student trained on its
+    teacher's inputs.
+    """
     path = Path(path).with_suffix(".safetensors")
     cfg = _data_cfg(model)
+    if normalization is not None:
+        cfg["mean"], cfg["std"] = normalization
     meta = {
         "format": TEACHER_FORMAT, "architecture": arch, "model_kwargs": model_kwargs or {},
         "num_classes": model.num_classes, "input_size": list(cfg["input_size"]),

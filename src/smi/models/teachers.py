@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from smi.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 
-__all__ = ["PatchStem", "SHIPPED_TEACHERS", "WEIGHTS_DIR"]
+__all__ = ["PatchStem", "SHIPPED_TEACHERS", "STUDENT_ARCHS", "WEIGHTS_DIR"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -67,7 +67,10 @@ def _cfg(name: str, **kwargs: Any) -> dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({"fmnist_vit_tiny": _cfg("fmnist_vit_tiny")})
+default_cfgs = generate_default_cfgs({
+    "fmnist_vit_tiny": _cfg("fmnist_vit_tiny"),
+    "fmnist_vit_mini": _cfg("fmnist_vit_mini", file=None),  # a student architecture: no shipped weights
+})
 
 # architecture kwargs of each shipped teacher; also written into its metadata JSON
 SHIPPED_TEACHERS: dict[str, dict[str, Any]] = {
@@ -77,9 +80,17 @@ SHIPPED_TEACHERS: dict[str, dict[str, Any]] = {
     ),
 }  # fmt: skip
 
+# student architectures (same input, patches and stem; no shipped weights)
+STUDENT_ARCHS: dict[str, dict[str, Any]] = {
+    "fmnist_vit_mini": dict(
+        img_size=28, patch_size=4, in_chans=1, num_classes=10,
+        embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0,
+    ),
+}  # fmt: skip
+
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
-    model_args = {**SHIPPED_TEACHERS[variant], "embed_layer": PatchStem, **kwargs}
+    model_args = {**{**SHIPPED_TEACHERS, **STUDENT_ARCHS}[variant], "embed_layer": PatchStem, **kwargs}
     return build_model_with_cfg(
         VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **model_args
     )
@@ -89,3 +100,9 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
 def fmnist_vit_tiny(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-style ViT for 28x28 Fashion-MNIST: 49 patches of 4x4, 4 blocks, width 128, 4 heads."""
     return _create("fmnist_vit_tiny", pretrained, **kwargs)
+
+
+@register_model
+def fmnist_vit_mini(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Student for the Fashion-MNIST teachers: 4 blocks of width 64, 2 heads (0.21 M parameters, 4x fewer)."""
+    return _create("fmnist_vit_mini", pretrained, **kwargs)

@@ -12,17 +12,15 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from smi.data.fashion_mnist import FMNIST_CLASSES, load_fashion_mnist, normalize_uint8
 from smi.errors import SmiError
 from smi.models.loading import save_teacher
-from smi.utils.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json
-from smi.utils.state import optimizer_from_tensors, optimizer_to_tensors
+from smi.utils.io import atomic_write_bytes, atomic_write_json
+from smi.utils.state import load_checkpoint, save_checkpoint
 
-__all__ = ["TeacherTrainConfig", "train_teacher", "evaluate_top1"]
+__all__ = ["TeacherTrainConfig", "train_teacher", "evaluate_top1", "warmup_cosine", "adamw"]
 
 
 @dataclass
@@ -55,11 +53,21 @@ class TeacherTrainConfig:
             raise SmiError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
-def _lr_at(cfg: TeacherTrainConfig, step: int, total: int, warmup: int) -> float:
+def warmup_cosine(step: int, total: int, warmup: int, lr: float, min_lr: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``lr`` down to ``min_lr`` at ``total``."""
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def adamw(params: list[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases, norms, position embeddings and tokens."""
+    decayed = [p for n, p in params if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
+    ids = {id(p) for p in decayed}
+    rest = [p for _, p in params if id(p) not in ids]
+    return torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr)
 
 
 def _augment(x: torch.Tensor, cfg: TeacherTrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -117,24 +125,11 @@ def train_teacher(
     model = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate).to(device)
     data_cfg = timm.data.resolve_model_data_config(model)
     mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n
-                                                                and "token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = adamw(list(model.named_parameters()), cfg.lr, cfg.weight_decay)
 
     start_epoch, log = 0, []
     if ckpt_path.exists():
-        try:
-            tensors = load_file(str(ckpt_path))
-            with safe_open(str(ckpt_path), framework="pt") as f:
-                meta = f.metadata()
-            meta["epoch"], meta["param_groups"]  # noqa: B018  (both must be present)
-        except (SafetensorError, OSError, KeyError, TypeError) as e:
-            raise SmiError(f"{ckpt_path}: unreadable checkpoint ({e}); delete it to restart") from None
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        optimizer_from_tensors(opt, tensors, meta["param_groups"])
-        start_epoch = int(meta["epoch"])
+        start_epoch = int(load_checkpoint(ckpt_path, model, opt)["epoch"])
         log = [json.loads(line) for line in log_path.read_text().splitlines()][:start_epoch]
         if start_epoch and progress:
             tqdm.write(f"resuming after epoch {start_epoch} from {ckpt_path}")
@@ -158,7 +153,7 @@ def train_teacher(
         for i in bar:
             step = epoch * steps_per_epoch + i
             for g in opt.param_groups:
-                g["lr"] = _lr_at(cfg, step, total, warmup)
+                g["lr"] = warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             x = _augment(x_train[idx].float() / 255.0, cfg, gen).to(device)
             y = y_train[idx].to(device)
@@ -175,9 +170,7 @@ def train_teacher(
         log.append({"epoch": epoch + 1, "train_loss": round(loss_sum / seen, 4),
                     "train_acc": round(100 * correct / seen, 2), "test_top1": round(test_acc, 2),
                     "lr_end": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 1)})
-        tensors, groups = optimizer_to_tensors(opt)
-        tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
-        atomic_save_tensors(ckpt_path, tensors, metadata={"epoch": str(epoch + 1), "param_groups": groups})
+        save_checkpoint(ckpt_path, model, opt, {"epoch": epoch + 1})
         atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in log).encode())
         if progress:
             tqdm.write(f"epoch {epoch + 1}: train loss {log[-1]['train_loss']}, test top-1 {test_acc:.2f}%")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from smi.data.pool import load_pool
+from smi.data.pool import check_pool_teacher, load_pool
 from smi.errors import SmiError
 from smi.models.loading import Teacher
 from smi.models.sparse import mask_to_indices, sparse_forward
@@ -43,10 +43,7 @@ def calibration_set(teacher: Teacher, source: str, num_images: int = 32, seed: i
     if source == "real":
         return CalibrationSet("real", _real_images(teacher, num_images, gen), None)
     pool = load_pool(Path(source))
-    ident = pool.manifest["identity"]["teacher"]
-    if ident.get("fingerprint") != teacher.fingerprint:
-        raise SmiError(f"pool {source} was made from another teacher ({ident.get('spec')}, "
-                       f"{ident.get('fingerprint', '?')[:20]}...), not {teacher.spec}")
+    check_pool_teacher(pool, teacher.fingerprint, teacher.spec, source)
     if num_images > len(pool):
         raise SmiError(f"--calib-images {num_images} is larger than the pool ({len(pool)} images in {source})")
     masks = pool.masks[:num_images]
@@ -54,11 +51,10 @@ def calibration_set(teacher: Teacher, source: str, num_images: int = 32, seed: i
 
 
 def _real_images(teacher: Teacher, n: int, gen: torch.Generator) -> torch.Tensor:
-    from smi.data.fashion_mnist import load_fashion_mnist, normalize_uint8
+    from smi.data.eval_data import real_training_images
+    from smi.data.fashion_mnist import normalize_uint8
 
-    if teacher.input_size != (1, 28, 28):
-        raise SmiError("--calib real is available for the Fashion-MNIST teachers; for other models use a pool")
-    x, _ = load_fashion_mnist("train")
+    x, _ = real_training_images(teacher)
     idx = torch.randperm(len(x), generator=gen)[:n]
     return normalize_uint8(x[idx], teacher.mean, teacher.std)
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
-__all__ = ["optimizer_to_tensors", "optimizer_from_tensors"]
+from smi.utils.io import atomic_save_tensors
+
+__all__ = ["optimizer_to_tensors", "optimizer_from_tensors", "save_checkpoint", "load_checkpoint"]
 
 _PREFIX = "optim."
 
@@ -33,3 +38,27 @@ def optimizer_from_tensors(
         idx, key = name[len(_PREFIX):].split(".", 1)
         state.setdefault(int(idx), {})[key] = t
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(param_groups)})
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    meta: dict[str, Any]) -> None:
+    """Model + optimizer + JSON-able ``meta`` in one safetensors file, written atomically."""
+    tensors, groups = optimizer_to_tensors(optimizer)
+    tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
+    atomic_save_tensors(path, tensors, metadata={"meta": json.dumps(meta), "param_groups": groups})
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote into ``model`` and ``optimizer``; returns ``meta``."""
+    from smi.errors import SmiError
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        meta = json.loads(header["meta"])
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        optimizer_from_tensors(optimizer, tensors, header["param_groups"])
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
+        raise SmiError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]}); delete it to restart") from None
+    return meta

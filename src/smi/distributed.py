@@ -1,0 +1,55 @@
+"""torchrun support: which process this is, and the two collectives smi needs (barrier, a flag)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Dist", "from_env"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def all_ok(self, ok: bool) -> bool:
+        """True on every process if ``ok`` is true on every process (a tensor all-reduce, no pickling)."""
+        if not self.active:
+            return ok
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        if torch.distributed.get_backend() == "nccl":
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag)
+        return int(flag.item()) == 0
+
+    def close(self) -> None:
+        if self.active and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def from_env(device: str = "cpu") -> Dist:
+    """Join the process group ``torchrun`` describes in the environment (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        torch.distributed.init_process_group(backend=backend)
+    return Dist(rank, world, local)

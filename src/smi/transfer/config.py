@@ -1,0 +1,64 @@
+"""Distillation settings: a dataclass validated on construction, round-tripped to JSON."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from smi.errors import SmiError
+
+__all__ = ["DistillConfig"]
+
+
+@dataclass
+class DistillConfig:
+    """How a student learns from the teacher's outputs (defaults: the SMI reference's KL at T=20).
+
+    ``steps_per_epoch=None`` means one pass over the training images (offline pools, real
+    images); online runs and noise have no natural epoch, so they take ``online_steps``.
+    Wall time counts synthesis and training, not the per-epoch evaluation.
+    """
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    temperature: float = 20.0
+    ce_weight: float = 0.0  # cross-entropy on the teacher's argmax, added to the KL term
+    steps_per_epoch: int | None = None
+    online_steps: int = 50
+    online_images: int = 32  # images synthesized per epoch in online mode
+    augment: bool = True  # random whole-patch shift (up to 1/8 of the side) and horizontal flip
+    linear_probe: bool = False  # freeze the student's backbone, train a new head
+    time_budget_s: float | None = None  # stop after the epoch at which synthesis + training exceed this
+    eval_images: int | None = None  # first N test images for the per-epoch evaluation (None: all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise SmiError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise SmiError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not (0 < self.lr < 1) or not (0 <= self.min_lr <= self.lr):
+            raise SmiError(f"--lr must be in (0, 1) and above min_lr, got {self.lr}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise SmiError(f"--lr-schedule must be cosine or constant, got {self.lr_schedule!r}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise SmiError(f"--temperature must be positive, got {self.temperature}")
+        if self.ce_weight < 0:
+            raise SmiError(f"--ce-weight must be >= 0, got {self.ce_weight}")
+        for name in ("steps_per_epoch", "eval_images"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise SmiError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if self.online_steps < 1 or self.online_images < 1:
+            raise SmiError("--online-steps and --online-images must be positive")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise SmiError(f"--time-budget must be positive seconds, got {self.time_budget_s}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,112 @@
+"""The student: a timm architecture built for the teacher's classes and input, or a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+
+from smi.errors import SmiError
+from smi.models.loading import Teacher, did_you_mean, load_teacher
+from smi.models.sparse import check_sparse_capable
+
+__all__ = ["Student", "build_student"]
+
+
+@dataclass
+class Student:
+    model: nn.Module
+    arch: str
+    model_kwargs: dict[str, Any]  # what timm.create_model got besides the name (for the saved checkpoint)
+    origin: str  # 'scratch' or the checkpoint's fingerprint
+    tokens: bool  # True when kept patches can reach it as tokens (a timm ViT on the teacher's patch grid)
+
+    def identity(self) -> dict[str, Any]:
+        return {"arch": self.arch, "model_kwargs": self.model_kwargs, "origin": self.origin}
+
+
+def _create(arch: str, teacher: Teacher) -> tuple[nn.Module, dict[str, Any]]:
+    import smi.models.teachers  # noqa: F401  (registers the Fashion-MNIST architectures)
+
+    if not timm.is_model(arch):
+        raise SmiError(f"unknown student architecture {arch!r}{did_you_mean(arch)}")
+    C, H, W = teacher.input_size
+    kwargs: dict[str, Any] = {"num_classes": teacher.num_classes, "in_chans": C, "img_size": (H, W)}
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs), kwargs
+    except TypeError:  # architectures without an img_size argument (CNNs) take any size
+        kwargs.pop("img_size")
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs), kwargs
+    except Exception as e:  # timm raises many types for bad kwargs; this is the boundary
+        raise SmiError(f"cannot create student {arch!r}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+
+
+def _check_fits(model: nn.Module, arch: str, teacher: Teacher) -> None:
+    """The student must read the teacher's input and predict the teacher's classes."""
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, *teacher.input_size, device=next(model.parameters()).device))
+    except Exception as e:  # a shape error inside any timm model: this is the boundary
+        raise SmiError(f"student {arch} cannot read the teacher's input {tuple(teacher.input_size)}: "
+                       f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    if out.ndim != 2 or out.shape[1] != teacher.num_classes:
+        raise SmiError(f"student {arch} predicts {out.shape[-1]} classes but the teacher has {teacher.num_classes}")
+
+
+def _token_compatible(model: nn.Module, teacher: Teacher) -> bool:
+    try:
+        check_sparse_capable(model)
+        check_sparse_capable(teacher.model)
+    except SmiError:
+        return False
+    s, t = model.patch_embed, teacher.model.patch_embed
+    return tuple(s.patch_size) == tuple(t.patch_size) and tuple(s.grid_size) == tuple(t.grid_size)
+
+
+def build_student(
+    arch: str | None, teacher: Teacher, *, checkpoint: str | None = None, linear_probe: bool = False,
+    seed: int = 0, device: torch.device | str = "cpu",
+) -> Student:
+    """A trainable student for ``teacher``.
+
+    ``arch`` alone: a fresh timm model with the teacher's classes, channels and image size.
+    ``checkpoint`` (an smi checkpoint, ``NAME.safetensors`` + ``NAME.json``): its weights; with
+    ``linear_probe`` its head is replaced by a new one for the teacher's classes and everything
+    else is frozen.
+    """
+    if checkpoint is not None:
+        loaded = load_teacher(checkpoint, device=device)
+        if arch is not None and arch != loaded.arch:
+            raise SmiError(f"--student {arch} but the checkpoint {checkpoint} holds a {loaded.arch}")
+        model, arch = loaded.model, loaded.arch
+        kwargs = dict(loaded.extra.get("metadata", {}).get("model_kwargs", {}))
+        origin = loaded.fingerprint
+        if tuple(loaded.input_size) != tuple(teacher.input_size):
+            raise SmiError(f"student checkpoint {checkpoint} reads {tuple(loaded.input_size)} inputs but the "
+                           f"teacher reads {tuple(teacher.input_size)}")
+        if linear_probe:
+            torch.manual_seed(seed)
+            model.reset_classifier(teacher.num_classes)
+            kwargs["num_classes"] = teacher.num_classes
+        elif loaded.num_classes != teacher.num_classes:
+            raise SmiError(f"student checkpoint {checkpoint} has {loaded.num_classes} classes but the teacher has "
+                           f"{teacher.num_classes} (use --linear-probe to train a new head)")
+    else:
+        if arch is None:
+            raise SmiError("give a student architecture (--student ARCH) or --student-checkpoint")
+        if linear_probe:
+            raise SmiError("--linear-probe needs a trained backbone: give --student-checkpoint")
+        torch.manual_seed(seed)
+        model, kwargs = _create(arch, teacher)
+        origin = "scratch"
+    model.to(device)
+    model.requires_grad_(True)
+    _check_fits(model, arch, teacher)
+    if linear_probe:
+        model.requires_grad_(False)
+        model.get_classifier().requires_grad_(True)
+    return Student(model, arch, kwargs, origin, _token_compatible(model, teacher))

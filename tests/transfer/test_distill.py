@@ -1,0 +1,222 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import smi.transfer.loop as loop_mod
+from smi.cli import main
+from smi.data.pool import load_pool
+from smi.errors import SmiError
+from smi.inversion.config import InversionConfig, SparsityConfig
+from smi.inversion.synthesis import synthesize
+from smi.models.loading import load_teacher
+from smi.transfer import DistillConfig, Student, build_student, distill, kd_loss
+from tests.conftest import as_teacher, tiny_vit
+from tests.helpers import write_tiny_checkpoint
+
+SPARSE = InversionConfig(iterations=6, batch_size=4, sparsity=SparsityConfig.parse("2:0.5,4:0.5"))
+
+
+def _student(seed: int = 1) -> Student:
+    torch.manual_seed(seed)
+    return Student(tiny_vit(embed_dim=16).train(), "vit_tiny_test", {}, "scratch", tokens=True)
+
+
+@pytest.fixture
+def sparse_pool(tiny_teacher, tmp_path):
+    return synthesize(tiny_teacher, SPARSE, 8, tmp_path / "pool", progress=False, grid=False).folder
+
+
+def test_kd_loss_is_temperature_scaled_kl():
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    T = 4.0
+    p = F.softmax(t / T, 1)
+    expected = (p * (p.log() - F.log_softmax(s / T, 1))).sum(1).mean() * T * T
+    torch.testing.assert_close(kd_loss(s, t, T), expected)
+    assert kd_loss(t, t, T).abs() < 1e-6
+    ce = F.cross_entropy(s, t.argmax(1))
+    torch.testing.assert_close(kd_loss(s, t, T, ce_weight=0.5), expected + 0.5 * ce)
+
+
+def test_sparse_pool_reaches_teacher_and_student_as_kept_patches_only(tiny_teacher, sparse_pool, tmp_path):
+    student = _student()
+    kept = int(load_pool(sparse_pool).masks[0].sum())  # 16 patches -> 8 -> 4
+    seen = {"teacher": [], "student": []}
+    hooks = [m.blocks[0].register_forward_hook(lambda _m, i, _o, who=who: seen[who].append(i[0].shape[1]))
+             for who, m in (("teacher", tiny_teacher.model), ("student", student.model))]
+    try:
+        distill(tiny_teacher, student, str(sparse_pool), tmp_path / "kd", DistillConfig(epochs=1, batch_size=4),
+                eval_data=None, progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert kept == 4
+    assert seen["teacher"] == seen["student"] == [1 + kept] * 2  # class token + kept patches, 2 steps
+
+
+def test_non_vit_student_gets_the_masked_image(tiny_teacher, sparse_pool, tmp_path):
+    """A student that cannot take tokens sees the whole image, stopped patches zero (the pool's fill)."""
+    cnn = build_student("resnet10t", tiny_teacher)
+    assert not cnn.tokens
+    inputs = []
+    cnn.model.register_forward_pre_hook(lambda _m, i: inputs.append(i[0].detach().clone()))
+    distill(tiny_teacher, cnn, str(sparse_pool), tmp_path / "kd", DistillConfig(epochs=1, batch_size=8, augment=False),
+            eval_data=None, progress=False)
+    pool = load_pool(sparse_pool)
+    assert inputs[0].shape == (8, 3, 32, 32)
+    by_content = sorted(inputs[0].flatten(1).tolist())
+    assert by_content == sorted(pool.images.flatten(1).tolist())  # the pool's images, unchanged
+
+
+def test_resume_equals_uninterrupted_run(tiny_teacher, sparse_pool, tmp_path, monkeypatch):
+    cfg = DistillConfig(epochs=3, batch_size=4)
+    full = distill(tiny_teacher, _student(), str(sparse_pool), tmp_path / "full", cfg, eval_data=None,
+                   progress=False)
+
+    real_save = loop_mod.save_checkpoint
+    calls = {"n": 0}
+
+    def dies_after_first_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed while saving epoch 2
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", dies_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        distill(tiny_teacher, _student(), str(sparse_pool), tmp_path / "resumed", cfg, eval_data=None, progress=False)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
+    resumed = distill(tiny_teacher, _student(), str(sparse_pool), tmp_path / "resumed", cfg, eval_data=None,
+                      progress=False)
+    a, b = load_file(str(full.weights)), load_file(str(resumed.weights))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in full.log] == [r["loss"] for r in resumed.log]
+    assert len((tmp_path / "resumed" / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_other_settings_are_refused_unless_overwrite(tiny_teacher, sparse_pool, tmp_path):
+    out = tmp_path / "kd"
+    distill(tiny_teacher, _student(), str(sparse_pool), out, DistillConfig(epochs=1, batch_size=4), eval_data=None,
+            progress=False)
+    before = (out / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(SmiError, match=r"other settings \(differs in: config\)"):
+        distill(tiny_teacher, _student(), str(sparse_pool), out, DistillConfig(epochs=1, batch_size=4, lr=2e-3),
+                eval_data=None, progress=False)
+    assert (out / "checkpoint.safetensors").read_bytes() == before  # nothing lost
+    distill(tiny_teacher, _student(), str(sparse_pool), out, DistillConfig(epochs=1, batch_size=4, lr=2e-3),
+            eval_data=None, progress=False, overwrite=True)
+    assert json.loads((out / "config.json").read_text())["config"]["lr"] == 2e-3
+
+
+def test_pool_of_another_teacher_is_refused(sparse_pool, tmp_path):
+    other = as_teacher(tiny_vit(), spec="other")
+    with pytest.raises(SmiError, match="made from another teacher"):
+        distill(other, _student(), str(sparse_pool), tmp_path / "kd", DistillConfig(epochs=1), eval_data=None,
+                progress=False)
+
+
+def test_online_grows_the_pool_one_batch_per_epoch_and_resumes(tiny_teacher, tmp_path):
+    cfg = DistillConfig(epochs=2, batch_size=4, online_steps=3)
+    res = distill(tiny_teacher, _student(), "online", tmp_path / "kd", cfg, synthesis=SPARSE, eval_data=None,
+                  progress=False)
+    assert [r["images"] for r in res.log] == [4, 8]
+    assert res.log[1]["synthesis_s"] > res.log[0]["synthesis_s"] > 0
+    pool = load_pool(tmp_path / "kd" / "pool")
+    assert len(pool) == 8 and pool.masks.sum(1).tolist() == [4] * 8
+    # the same pool as an offline synthesis with the same seed and settings
+    offline = load_pool(synthesize(tiny_teacher, SPARSE, 8, tmp_path / "offline", progress=False, grid=False).folder)
+    assert torch.equal(pool.images, offline.images)
+    again = distill(tiny_teacher, _student(), "online", tmp_path / "kd", cfg, synthesis=SPARSE, eval_data=None,
+                    progress=False)
+    assert again.log == res.log  # finished run: nothing redone
+
+
+def test_time_budget_stops_early(tiny_teacher, sparse_pool, tmp_path):
+    res = distill(tiny_teacher, _student(), str(sparse_pool), tmp_path / "kd",
+                  DistillConfig(epochs=5, batch_size=4, time_budget_s=1e-3), eval_data=None, progress=False)
+    assert res.epochs == 1
+
+
+def test_linear_probe_trains_only_the_new_head(tmp_path):
+    ckpt = write_tiny_checkpoint(tmp_path, name="backbone")
+    teacher = as_teacher(tiny_vit(num_classes=3))
+    s = build_student(None, teacher, checkpoint=str(ckpt), linear_probe=True)
+    assert s.model.num_classes == 3
+    trainable = {n for n, p in s.model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"}
+
+
+@pytest.mark.parametrize("case", ["classes", "input", "arch"])
+def test_student_that_does_not_fit_is_refused(case, tmp_path):
+    teacher = as_teacher(tiny_vit(num_classes=3 if case == "classes" else 5))
+    if case == "input":
+        teacher.input_size = (3, 48, 48)
+    ckpt = write_tiny_checkpoint(tmp_path)
+    arch = "resnet18" if case == "arch" else None
+    needle = {"classes": "classes but the teacher has 3", "input": "reads (3, 32, 32) inputs",
+              "arch": "holds a vit_tiny_patch16_224"}[case]
+    with pytest.raises(SmiError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        build_student(arch, teacher, checkpoint=str(ckpt))
+
+
+def test_fresh_student_is_built_for_the_teacher():
+    teacher = load_teacher("fmnist_vit_tiny")
+    s = build_student("fmnist_vit_mini", teacher)
+    assert s.tokens and s.model.num_classes == 10 and s.origin == "scratch"
+    cnn = build_student("resnet10t", teacher)
+    assert not cnn.tokens and cnn.model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(SmiError, match="unknown student architecture"):
+        build_student("fmnist_vit_mimi", teacher)
+
+
+def test_student_beats_chance_on_real_test_data(tmp_path):
+    """The shipped teacher teaches a fresh fmnist_vit_mini for a few steps; the student learns the real classes.
+
+    Trained on real training images (seconds); that synthetic pools transfer too is what
+    benchmarks/distill.py measures, at a budget no unit test can afford.
+    """
+    teacher = load_teacher("fmnist_vit_tiny")
+    res = distill(teacher, build_student("fmnist_vit_mini", teacher), "real", tmp_path / "kd",
+                  DistillConfig(epochs=2, batch_size=64, steps_per_epoch=40, eval_images=1000), progress=False)
+    assert res.top1 is not None and res.top1 > 20.0, res.log  # chance is 10 %
+    assert (tmp_path / "kd" / "accuracy.png").stat().st_size > 0
+    # the saved student is an smi checkpoint that loads with the teacher's normalization
+    back = load_teacher(str(res.weights))
+    assert back.mean == teacher.mean and back.num_classes == 10
+
+
+def test_cli_distill_and_bad_input(tmp_path, capsys):
+    ckpt = str(write_tiny_checkpoint(tmp_path))
+    pool = tmp_path / "pool"
+    assert main(["invert", "--model", ckpt, "--num-images", "4", "--batch-size", "4", "--iterations", "6",
+                 "--sparsity", "2:0.5", "--out", str(pool), "--no-grid"]) == 0
+    base = ["distill", "--teacher", ckpt, "--student", "vit_tiny_patch16_224", "--pool", str(pool), "--epochs", "1",
+            "--batch-size", "4", "--eval-data", "none", "--out", str(tmp_path / "kd")]
+    capsys.readouterr()
+    assert main(base + ["--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["epochs"] == 1 and summary["top1"] is None
+    for extra, needle in ((["--lr", "0.002"], "other settings"), (["--temperature", "0"], "--temperature"),
+                          (["--student", "vit_tiny_patch16_2244"], "unknown student"),
+                          (["--linear-probe"], "needs a trained backbone")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("smi: error:") and needle in err and "\n" not in err, err
+
+
+def test_nan_loss_stops_distillation_and_keeps_finished_epochs(tiny_teacher, sparse_pool, tmp_path):
+    student = _student()
+    calls = {"n": 0}
+
+    def poison(_m, _inp, out):  # two steps per epoch: epoch 1 is finite, epoch 2 is not
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] > 2 else out
+
+    student.model.head.register_forward_hook(poison)
+    with pytest.raises(SmiError, match="loss became nan at epoch 2, step 1; the learning rate"):
+        distill(tiny_teacher, student, str(sparse_pool), tmp_path / "kd", DistillConfig(epochs=3, batch_size=4),
+                eval_data=None, progress=False)
+    assert len((tmp_path / "kd" / "log.jsonl").read_text().splitlines()) == 1
+    assert (tmp_path / "kd" / "checkpoint.safetensors").is_file()
