@@ -4,8 +4,9 @@ The shipped teacher teaches a student (default fmnist_vit_mini, 0.21 M parameter
 scratch) for the same budget of wall time, synthesis included:
 
 - dense / sparse: online distillation as in the SMI reference, each epoch synthesizes one batch
-  (dense or with the default stopping schedule) into the run's pool and then trains
-  ``--online-steps`` steps on batches drawn from the whole pool;
+  (dense, or sparse with the paper's stopping schedule scaled to ``--iterations``: 400 iterations
+  stop 30 % at 5, 10, 20, 30) into the run's pool and then trains ``--online-steps`` steps on
+  batches drawn from the whole pool;
 - real: the 60,000 real training images (an upper bound: their cost is zero);
 - noise: fresh Gaussian noise (a lower bound).
 
@@ -36,8 +37,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="fmnist_vit_tiny")
     p.add_argument("--student", default="fmnist_vit_mini")
-    p.add_argument("--budget", type=float, default=480.0, help="seconds of synthesis + training per contender")
-    p.add_argument("--iterations", type=int, default=500, help="inversion iterations per synthesized batch")
+    p.add_argument("--budget", type=float, default=600.0, help="seconds of synthesis + training per contender")
+    p.add_argument("--iterations", type=int, default=400,
+                   help="inversion iterations per synthesized batch (sparse: the default schedule scaled to them)")
     p.add_argument("--synth-batch", type=int, default=32, help="images synthesized per epoch (online)")
     p.add_argument("--online-steps", type=int, default=50, help="training steps per online epoch")
     p.add_argument("--real-steps", type=int, default=200, help="training steps per epoch on real images / noise")
@@ -60,7 +62,8 @@ def main() -> None:
         synthesis = None
         if online:
             synthesis = InversionConfig(iterations=args.iterations, batch_size=args.synth_batch,
-                                        sparsity=SparsityConfig(()) if kind == "dense" else SparsityConfig())
+                                        sparsity=SparsityConfig(()) if kind == "dense" else
+                                        SparsityConfig().scaled(args.iterations / 4000))
         student = build_student(args.student, teacher)
         res = distill(teacher, student, "online" if online else kind, Path(args.work) / kind, cfg,
                       synthesis=synthesis)
@@ -85,7 +88,8 @@ def main() -> None:
     note = (f"\nStudent {args.student} (from scratch) distilled from {args.teacher} ({teacher_top1:.2f} % top-1) "
             f"with KL at T=20, AdamW lr {args.lr} constant after warm-up, batch {args.batch_size}; budget "
             f"{args.budget:.0f} s of synthesis + training per contender (each stops after the epoch that passes "
-            f"it). Online synthesis: {args.synth_batch} images per epoch, {args.iterations} iterations, then "
+            f"it). Online synthesis: {args.synth_batch} images per epoch, {args.iterations} iterations (sparse: "
+            f"stops {SparsityConfig().scaled(args.iterations / 4000).spec()}), then "
             f"{args.online_steps} training steps. Top-1 on all 10,000 test images.\n")
     if "dense" in by and "sparse" in by:
         reach = by["sparse"].get("reaches_dense_final_at_s")
