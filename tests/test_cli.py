@@ -37,7 +37,9 @@ def test_help_lists_every_option_with_default(capsys):
     for opt in ("--model", "--num-images", "--batch-size", "--iterations", "--sparsity", "--seed", "--device",
                 "--out", "--overwrite", "deepinversion"):
         assert opt in text
-    assert "(default: 4000)" in text and "(default: default)" in text
+    assert "(default: 4000; psaq" in text and "(default: default)" in text and "(default: None)" not in text
+    for method in ("psaq", "sardfq", "mimiq", "ris", "qimera-mix", "e2h"):
+        assert f"\n  {method} " in text  # one line per method
 
 
 def _nan_checkpoint(tmp_path):

@@ -12,7 +12,12 @@ __all__ = ["main"]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows each option's default, except options whose default depends on others (default None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,34 +51,65 @@ def _add_train_teacher(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train_teacher)
 
 
-def _inversion_config(args: argparse.Namespace):
-    from smi.inversion.config import InversionConfig, SparsityConfig
+def _pairs(items: list[str] | None, flag: str) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise SmiError(f"{flag} takes NAME=NUMBER, got {item!r}")
+    return out
 
-    return InversionConfig(
-        method=args.method, iterations=args.iterations, batch_size=args.synth_batch_size, lr=args.synth_lr,
-        tv_l2=args.tv_l2, tv_l1=args.tv_l1, l2=args.l2, jitter=args.jitter, jitter_unit=args.jitter_unit,
-        flip=not args.no_flip, sparsity=SparsityConfig.parse(args.sparsity),
+
+def _inversion_config(args: argparse.Namespace):
+    from smi.inversion.config import METHOD_DEFAULTS, METHODS, InversionConfig, SparsityConfig
+
+    if args.method not in METHODS:
+        raise SmiError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
+    given = {"iterations": args.iterations, "batch_size": args.synth_batch_size, "lr": args.synth_lr,
+             "tv_l2": args.tv_l2, "tv_l1": args.tv_l1, "l2": args.l2, "jitter": args.jitter,
+             "labels": args.labels, "curriculum": args.curriculum}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    terms = {**METHOD_DEFAULTS[args.method].get("terms", {}), **_pairs(args.term, "--term")}
+    return InversionConfig.for_method(
+        args.method, **overrides, terms=terms, options=_pairs(args.option, "--option"),
+        jitter_unit=args.jitter_unit, flip=not args.no_flip, sparsity=SparsityConfig.parse(args.sparsity),
     )
 
 
 def _add_inversion_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """Synthesis options, shared by `smi invert` and `smi distill --online` (there with ``--synth-`` names)."""
+    """Synthesis options, shared by `smi invert` and `smi distill --online` (there with ``--synth-`` names).
+
+    Options left unset take the method's default (`smi invert --help` lists the methods).
+    """
     p.add_argument("--method", default="deepinversion", help="synthesis method (see `smi invert --help`)")
     p.add_argument(f"--{prefix}batch-size", dest="synth_batch_size", type=int, default=32,
                    help="images optimized together")
-    p.add_argument("--iterations", type=int, default=4000, help="optimisation steps per batch")
+    p.add_argument("--iterations", type=int, help="optimisation steps per batch (default: 4000; psaq 2 x 500)")
     p.add_argument("--sparsity", default="default",
                    help="'default' (50:0.3,100:0.3,200:0.3,300:0.3), 'dense', or ITER:RATIO,... "
                         "(each ratio: fraction of the still-optimized patches to stop)")
-    p.add_argument(f"--{prefix}lr", dest="synth_lr", type=float, default=0.25,
-                   help="Adam learning rate of the images (betas 0.5, 0.99)")
-    p.add_argument("--tv-l2", type=float, default=1e-4, help="weight of the l2 total-variation prior")
-    p.add_argument("--tv-l1", type=float, default=0.0, help="weight of the l1 total-variation prior")
-    p.add_argument("--l2", type=float, default=0.0, help="weight of the image L2-norm prior")
-    p.add_argument("--jitter", type=float, default=0.125, help="largest random shift, fraction of the side")
+    p.add_argument(f"--{prefix}lr", dest="synth_lr", type=float,
+                   help="Adam learning rate of the images (default: 0.25, betas 0.5, 0.99; psaq 0.2, 0.5, 0.9)")
+    p.add_argument("--tv-l2", type=float, help="weight of the l2 total-variation prior (default: 1e-4; "
+                                                 "psaq 0, mimiq 2.5e-5, sardfq 0)")
+    p.add_argument("--tv-l1", type=float, help="weight of the l1 total-variation prior (default: 0; sardfq 0.05)")
+    p.add_argument("--l2", type=float, help="weight of the image L2-norm prior (default: 0)")
+    p.add_argument("--jitter", type=float, help="largest random shift, fraction of the side (default: 0.125)")
     p.add_argument("--jitter-unit", choices=["patch", "pixel"], default="patch",
                    help="round shifts to whole patches (needed for sparse) or use pixels (dense only)")
     p.add_argument("--no-flip", action="store_true", help="disable the random horizontal flip")
+    p.add_argument("--labels", help="label sampler: hard, sardfq, ris, qimera (default: the method's)")
+    p.add_argument("--curriculum", help="none or e2h (default: the method's)")
+    p.add_argument("--term", action="append", metavar="NAME=WEIGHT",
+                   help="add or reweigh a loss term (repeatable): psaq, tv_target, sardfq, mimiq, ris_input, "
+                        "ris_weight; e.g. --term ris_input=1 adds RIS's input robustness to any method")
+    p.add_argument("--option", action="append", metavar="NAME=VALUE",
+                   help="a knob of a term or sampler (repeatable), e.g. --option p_mix=0.5; see "
+                        "smi.inversion.config.OPTIONS")
 
 
 def _cmd_invert(args: argparse.Namespace) -> int:
@@ -104,6 +140,8 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
     from smi.inversion.config import METHODS
 
     methods = "\n".join(f"  {name:<14} {text}" for name, text in METHODS.items())
+    methods += ("\n\nEvery method runs dense or sparse (--sparsity); psaq, sardfq and mimiq read attention, so "
+                "they need a ViT; on a CNN teacher with BatchNorm every method adds DeepInversion's batch-norm prior.")
     p = sub.add_parser(
         "invert", help="synthesize images from a teacher into a pool folder", formatter_class=_Formatter,
         description=f"Synthesize images by model inversion, dense or sparse.\n\nmethods:\n{methods}\n\n"
@@ -206,7 +244,8 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from smi.demo import run_demo
 
-    run_demo(args.out, model=args.model, num_images=args.num_images, iterations=args.iterations, device=args.device)
+    run_demo(args.out, model=args.model, num_images=args.num_images, iterations=args.iterations, device=args.device,
+             distill_seconds=args.distill_seconds)
     return 0
 
 
@@ -218,6 +257,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, default=1000,
                    help="optimisation steps (the paper uses 4000; the demo keeps its stopping schedule)")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--distill-seconds", type=float, default=120.0,
+                   help="wall-time budget of the short distillation run at the end")
     p.add_argument("--out", default="demo_out", help="output folder")
     p.set_defaults(func=_cmd_demo)
 

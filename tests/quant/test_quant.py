@@ -89,3 +89,21 @@ def test_convert_without_calibration_is_a_clear_error():
 def test_bad_config(kwargs):
     with pytest.raises(SmiError):
         QuantConfig(**kwargs)
+
+
+def test_cnn_gets_every_conv_and_linear_quantized():
+    import timm
+
+    from smi.quant.modules import QuantConv2d
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=5).eval()
+    x = torch.randn(8, 3, 32, 32)
+    ref = model(x)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    q = quantize_(copy.deepcopy(model), QuantConfig(8, 8), [x])
+    assert sum(isinstance(m, QuantConv2d) for m in q.modules()) == convs
+    assert isinstance(q.fc, QuantLinear)
+    out = q(x)
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    assert not torch.equal(out, ref)

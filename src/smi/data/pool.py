@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,9 @@ class PoolWriter:
     """
 
     def __init__(self, folder: str | Path, identity: dict[str, Any], overwrite: bool = False,
-                 part: str | None = None) -> None:
+                 part: str | None = None, normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.folder = Path(folder)
+        self._normalize = normalize or (lambda ident: ident)  # e.g. fill fields added since the pool was made
         if self.folder.exists() and not self.folder.is_dir():
             raise SmiError(f"--out {self.folder} is a file, not a folder")
         self.identity = json.loads(json.dumps(identity))  # normalize tuples -> lists for comparison
@@ -88,6 +90,7 @@ class PoolWriter:
         self.seconds_total = 0.0
         if (self.folder / MANIFEST).exists():
             old = read_manifest(self.folder)
+            old["identity"] = self._normalize(old.get("identity", {}))
             if old.get("identity") != self.identity:
                 if not overwrite:
                     diff = sorted(k for k in set(old.get("identity", {})) | set(self.identity)
@@ -117,7 +120,7 @@ class PoolWriter:
                 obj = read_format_json(path, POOL_FORMAT, "pool manifest part")
             except SmiError:
                 continue  # a part is only a cache of shard records; the shards are checked anyway
-            if obj.get("identity") == self.identity:
+            if self._normalize(obj.get("identity", {})) == self.identity:
                 parts.append(obj)
         return parts
 

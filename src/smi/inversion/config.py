@@ -8,11 +8,54 @@ from typing import Any, Literal
 
 from smi.errors import SmiError
 
-__all__ = ["SparsityConfig", "InversionConfig", "METHODS"]
+__all__ = ["SparsityConfig", "InversionConfig", "METHODS", "METHOD_DEFAULTS", "TERMS", "OPTIONS"]
 
 METHODS: dict[str, str] = {
-    "deepinversion": "cross-entropy on sampled classes + total variation, jitter and flip (Yin et al. 2020)",
+    "deepinversion": "cross-entropy on the planned classes + total variation, jitter and flip (CVPR 2020)",
+    "psaq": "PSAQ-ViT: maximize the KDE entropy of patch similarities in every block + CE + |TV - v|; "
+            "two rounds (jitter 15/224 then 30/224 of the side), cosine lr (ECCV 2022)",
+    "sardfq": "SARDFQ: align deeper blocks' class-token attention to random Gaussian-mixture maps; "
+              "soft labels with the target logit in U(5, 10); TV (ICCV 2025)",
+    "mimiq": "MimiQ: make the attention maps of different heads agree (1 - SSIM^2) + CE + TV (AAAI 2025)",
+    "ris": "RIS: deepinversion + robustness to input and weight perturbations + diversity-aware soft labels "
+           "(AAAI 2024)",
+    "qimera-mix": "Qimera: deepinversion with boundary-supporting samples, mixtures of 2 classes with "
+                  "probability 0.4 (NeurIPS 2021)",
+    "e2h": "DFQ-ViT's easy-to-hard curriculum on deepinversion: later batches ask for less confident "
+           "targets, near a boundary with a second class (2025)",
 }
+
+# what each method changes in InversionConfig's defaults (any field can still be set explicitly)
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepinversion": {},
+    "psaq": dict(lr=0.2, betas=(0.5, 0.9), iterations=1000, tv_l2=0.0, rounds=(15 / 224, 30 / 224),
+                 lr_schedule="cosine", warmup=100, terms={"psaq": 1.0, "tv_target": 0.05}),
+    "sardfq": dict(labels="sardfq", tv_l2=0.0, tv_l1=0.05, terms={"sardfq": 50.0}),
+    "mimiq": dict(tv_l2=2.5e-5, terms={"mimiq": 1.0}),
+    "ris": dict(labels="ris", terms={"ris_input": 1.0, "ris_weight": 1.0}),
+    "qimera-mix": dict(labels="qimera"),
+    "e2h": dict(curriculum="e2h"),
+}
+
+TERMS: dict[str, str] = {
+    "psaq": "minus the KDE entropy of patch-to-patch cosine similarities of each block's attention output",
+    "tv_target": "|TV_l2(x) - v|, v ~ U(tv_target_low, tv_target_high) scaled to the batch and image size",
+    "sardfq": "depth-weighted MSE of the class token's attention (deeper half) to Gaussian-mixture maps",
+    "mimiq": "1 - SSIM^2 between the min-max-normalized attention rows of head pairs, every block",
+    "ris_input": "cosine distance of the teacher's features under a second jitter and Gaussian noise",
+    "ris_weight": "L1 distance of the teacher's predictions under Gaussian weight noise",
+}
+
+OPTIONS: dict[str, float] = {
+    "kde_bandwidth": 0.01, "kde_points": 10,
+    "tv_target_low": 2500.0, "tv_target_high": 3000.0,  # PSAQ-ViT's, for batch 32 at 3x224x224
+    "sardfq_components": 3, "sardfq_sigma_low": 0.5, "sardfq_sigma_high": 2.0,  # in patches
+    "sardfq_logit_low": 5.0, "sardfq_logit_high": 10.0,
+    "ris_input_noise": 0.1, "ris_weight_noise": 0.05, "ris_label_noise": 0.5,
+    "p_mix": 0.4, "mix_k": 2,
+    "e2h_min_confidence": 0.55,
+    "bn_first_weight": 10.0,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -104,13 +147,57 @@ class InversionConfig:
     flip: bool = True
     importance_block: int = -1
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    labels: str = "hard"  # label sampler, see smi.inversion.labels.LABEL_SAMPLERS
+    curriculum: str = "none"  # or "e2h": batch b of n asks for targets of difficulty b / (n - 1)
+    terms: dict[str, float] = field(default_factory=dict)  # extra loss terms and their weights (TERMS)
+    options: dict[str, float] = field(default_factory=dict)  # the terms' and samplers' knobs (OPTIONS)
+    rounds: tuple[float, ...] = ()  # jitter per round; iterations split evenly; () = one round at `jitter`
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine restarts each round
+    warmup: int = 0  # linear warm-up steps at the start of each round
+    bn_weight: float = 0.01  # batch-norm statistics prior, used when the teacher has BatchNorm layers
+
+    @classmethod
+    def for_method(cls, method: str = "deepinversion", **overrides: Any) -> InversionConfig:
+        """The method's defaults (METHOD_DEFAULTS), with ``overrides`` on top."""
+        if method not in METHODS:
+            raise SmiError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        return cls(method=method, **{**METHOD_DEFAULTS[method], **overrides})
+
+    def option(self, name: str) -> float:
+        return self.options.get(name, OPTIONS[name])
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, dict):
             self.sparsity = SparsityConfig(stops=tuple((int(a), float(b)) for a, b in self.sparsity["stops"]))
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        self.rounds = tuple(float(r) for r in self.rounds)  # type: ignore[assignment]
+        self.terms, self.options = dict(self.terms), dict(self.options)
         if self.method not in METHODS:
             raise SmiError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        from smi.inversion.labels import LABEL_SAMPLERS
+
+        if self.labels not in LABEL_SAMPLERS:
+            raise SmiError(f"unknown label sampler {self.labels!r}; choose from {', '.join(LABEL_SAMPLERS)}")
+        if self.curriculum not in ("none", "e2h"):
+            raise SmiError(f"unknown curriculum {self.curriculum!r}; use none or e2h")
+        for name, w in self.terms.items():
+            if name not in TERMS:
+                raise SmiError(f"unknown loss term {name!r}; choose from {', '.join(TERMS)}")
+            if not (w >= 0 and math.isfinite(w)):
+                raise SmiError(f"weight of {name} must be >= 0, got {w}")
+        for name, v in self.options.items():
+            if name not in OPTIONS:
+                raise SmiError(f"unknown option {name!r}; choose from {', '.join(OPTIONS)}")
+            if not math.isfinite(v):
+                raise SmiError(f"option {name} must be finite, got {v}")
+        if not 0 < self.option("p_mix") <= 1 or self.option("mix_k") < 2:
+            raise SmiError("p_mix must be in (0, 1] and mix_k >= 2")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise SmiError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.warmup < 0 or self.bn_weight < 0:
+            raise SmiError("warmup and bn_weight must be >= 0")
+        if self.rounds and (self.iterations % len(self.rounds) or not all(0 <= r < 1 for r in self.rounds)):
+            raise SmiError(f"{len(self.rounds)} rounds need iterations divisible by it and jitters in [0, 1)")
         if self.iterations < 1:
             raise SmiError(f"iterations must be >= 1, got {self.iterations}")
         if self.batch_size < 1:
@@ -134,6 +221,7 @@ class InversionConfig:
         d = asdict(self)
         d["betas"] = list(self.betas)
         d["sparsity"] = {"stops": [list(s) for s in self.sparsity.stops]}
+        d["rounds"] = list(self.rounds)
         return d
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from smi.errors import SmiError
 from smi.inversion.augment import apply_jitter, jitter_indices, pixel_mask_from_indices, sample_jitter
 from smi.inversion.config import InversionConfig
-from smi.inversion.priors import image_l2, total_variation
+from smi.inversion.recipe import Recipe
 from smi.models.loading import Teacher
 from smi.models.sparse import SparseOutput, check_sparse_capable, sparse_forward
 
@@ -29,6 +30,7 @@ class Batch:
     targets: torch.Tensor  # (B,) target classes
     loss: torch.Tensor  # (B,) final cross-entropy of each image on its kept patches, un-jittered
     seconds: float  # wall time of the optimisation loop
+    soft: torch.Tensor | None = None  # (B, num_classes) the target distributions, for soft-label methods
 
 
 @dataclass
@@ -53,13 +55,23 @@ def _patch_size(model: torch.nn.Module) -> int:
     return int(pe.patch_size[0]) if pe is not None else 1
 
 
-def _jitter_limit(cfg: InversionConfig, side: int, patch: int) -> tuple[int, int]:
-    """(limit in units, unit in pixels)."""
-    if cfg.jitter == 0:
+def _jitter_limit(cfg: InversionConfig, jitter: float, side: int, patch: int) -> tuple[int, int]:
+    """(limit in units, unit in pixels) for a largest shift of ``jitter`` x the side."""
+    if jitter == 0:
         return 0, 1
     if cfg.jitter_unit == "pixel":
-        return int(cfg.jitter * side), 1
-    return max(1, round(cfg.jitter * side / patch)), patch
+        return int(jitter * side), 1
+    return max(1, round(jitter * side / patch)), patch
+
+
+def _lr(cfg: InversionConfig, step: int, steps: int) -> float:
+    """Learning rate at ``step`` of a round of ``steps``: linear warm-up, then constant or cosine to 0."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    t = (step - cfg.warmup) / max(1, steps - cfg.warmup)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
 
 
 def invert(
@@ -73,6 +85,7 @@ def invert(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     callback: Callable[[StepInfo], None] | None = None,
+    difficulty: float = 0.0,
 ) -> Batch:
     """Synthesize one batch of images that ``teacher`` classifies as ``targets``.
 
@@ -86,6 +99,7 @@ def invert(
         device: where to optimize; default the teacher's device.
         dtype: dtype of the optimized images (the teacher must accept it).
         callback: called after every step with a :class:`StepInfo`.
+        difficulty: in [0, 1], for the e2h curriculum (the batch's place in the pool).
 
     Returns:
         A :class:`Batch`; ``mask`` is exactly the set of patches optimized to the last step.
@@ -111,6 +125,7 @@ def invert(
     x = x0.to(device=device, dtype=dtype).clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
     lo, hi = (t.to(dtype) for t in valid_range(teacher.mean, teacher.std, device))
+    recipe = Recipe(config, model, targets.cpu(), teacher.num_classes, generator, difficulty)
 
     patch = _patch_size(model)
     grid = (H // patch, W // patch)
@@ -125,45 +140,48 @@ def invert(
         frozen = x.detach().clone()
     stops = dict(config.sparsity.stops)
     counts = iter(config.sparsity.kept_counts(N)[1:])
-    limit, unit = _jitter_limit(config, min(H, W), patch)
+    rounds = config.rounds or (config.jitter,)
+    per_round = config.iterations // len(rounds)
+
+    def forward(view: torch.Tensor, idx: torch.Tensor | None, rank: bool = False) -> SparseOutput:
+        if sparse:
+            return sparse_forward(vit, view, idx, importance_block=config.importance_block, return_importance=rank)
+        return SparseOutput(model(view), None)  # dense: timm's own forward, fused attention where nothing reads it
 
     t0 = time.perf_counter()
-    for it in range(1, config.iterations + 1):
-        j = sample_jitter(limit, unit, config.flip, generator)
-        xj = apply_jitter(x, j)
-        rank_now = it in stops
-        if sparse:
-            idx_t = jitter_indices(keep, grid, patch, j)  # (B, K), token j of image b is patch keep[b, j]
-            out = sparse_forward(vit, xj, idx_t, importance_block=config.importance_block,
-                                 return_importance=rank_now)
-        else:
-            out = SparseOutput(model(xj), None)  # dense: timm's own forward, fused attention everywhere
-        ce = F.cross_entropy(out.logits, targets)
-        loss = config.ce_weight * ce
-        if config.tv_l2 or config.tv_l1:
-            tv_l1, tv_l2 = total_variation(x, pixel_mask)
-            loss = loss + config.tv_l2 * tv_l2 + config.tv_l1 * tv_l1
-        if config.l2:
-            loss = loss + config.l2 * image_l2(x, pixel_mask)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise SmiError(f"inversion loss became {loss_value} at iteration {it}; lower the learning rate "
-                           f"(--lr, now {config.lr}) and check that the teacher gives finite outputs")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            x.clamp_(lo, hi)
-            if frozen is not None:
-                x.copy_(torch.where(pixel_mask.bool(), x, frozen))  # Adam momentum must not move stopped pixels
-            if rank_now:
-                k_new = next(counts)
-                top = out.importance.topk(k_new, dim=1).indices  # (B, k_new) positions within keep
-                keep = keep.gather(1, top).sort(dim=1).values
-                pixel_mask = pixel_mask_from_indices(keep, grid, patch)
-                frozen = x.detach().clone()
-        if callback is not None:
-            callback(StepInfo(it, loss_value, keep.shape[1], x.detach(), keep))
+    with ExitStack() as hooks:
+        recipe.install(hooks)
+        for it in range(1, config.iterations + 1):
+            r, step_in_round = divmod(it - 1, per_round)
+            limit, unit = _jitter_limit(config, rounds[min(r, len(rounds) - 1)], min(H, W), patch)
+            for g in opt.param_groups:
+                g["lr"] = _lr(config, step_in_round, per_round)
+            j = sample_jitter(limit, unit, config.flip, generator)
+            xj = apply_jitter(x, j)
+            rank_now = it in stops
+            idx_t = jitter_indices(keep, grid, patch, j) if sparse else None  # token j of image b: patch keep[b, j]
+            out = forward(xj, idx_t, rank_now)
+            loss = recipe.loss(out.logits, x, pixel_mask, idx_t, lambda v, i: forward(v, i).logits, j, limit, unit,
+                               grid, generator)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise SmiError(f"inversion loss became {loss_value} at iteration {it}; lower the learning rate "
+                               f"(--lr, now {config.lr}) and check that the teacher gives finite outputs")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.clamp_(lo, hi)
+                if frozen is not None:
+                    x.copy_(torch.where(pixel_mask.bool(), x, frozen))  # Adam momentum must not move stopped pixels
+                if rank_now:
+                    k_new = next(counts)
+                    top = out.importance.topk(k_new, dim=1).indices  # (B, k_new) positions within keep
+                    keep = keep.gather(1, top).sort(dim=1).values
+                    pixel_mask = pixel_mask_from_indices(keep, grid, patch)
+                    frozen = x.detach().clone()
+            if callback is not None:
+                callback(StepInfo(it, loss_value, keep.shape[1], x.detach(), keep))
     seconds = time.perf_counter() - t0
 
     with torch.no_grad():
@@ -172,6 +190,9 @@ def invert(
             logits = sparse_forward(vit, final, keep).logits
         else:
             logits = model(final)
-        per_image = F.cross_entropy(logits, targets, reduction="none")
+        soft = recipe.soft
+        per_image = (F.cross_entropy(logits, targets, reduction="none") if soft is None
+                     else -(soft.to(logits.device) * F.log_softmax(logits, 1)).sum(1))
     mask = torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(1, keep, True)
-    return Batch(final.cpu(), mask.cpu(), targets.cpu(), per_image.cpu(), seconds)
+    return Batch(final.cpu(), mask.cpu(), recipe.labels.hard.cpu(), per_image.cpu(), seconds,
+                 None if recipe.soft is None else recipe.soft.cpu())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,15 @@ def plan_targets(num_images: int, num_classes: int, seed: int) -> torch.Tensor:
     return base[torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))]
 
 
+def _normalize_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """An older pool's identity with the config fields added since filled with their defaults."""
+    try:
+        cfg = InversionConfig.from_dict(identity["config"]).to_dict()
+    except (KeyError, TypeError, SmiError):
+        return identity  # not comparable: the caller reports the difference
+    return json.loads(json.dumps({**identity, "config": cfg}))
+
+
 def _init_noise(seed: int, indices: range, shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(seed, i)))
                         for i in indices])
@@ -66,7 +76,7 @@ class PoolSynthesis:
         self.identity: dict[str, Any] = {"method": config.method, "config": config.to_dict(), "seed": seed,
                                          "num_images": num_images, "teacher": teacher.identity(),
                                          "sparsity": config.sparsity.spec()}
-        self.writer = PoolWriter(out, self.identity, overwrite=overwrite, part=part)
+        self.writer = PoolWriter(out, self.identity, overwrite=overwrite, part=part, normalize=_normalize_identity)
         self.folder = self.writer.folder
         atomic_write_json(self.folder / "config.json", self.identity)
         self.targets = plan_targets(num_images, teacher.num_classes, seed)
@@ -90,10 +100,13 @@ class PoolSynthesis:
         idx = self.batches[b]
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, b, 1]).generate_state(1)[0]))
         init = _init_noise(self.seed, idx, self.teacher.input_size)
+        difficulty = b / max(1, len(self.batches) - 1)  # the e2h curriculum's place of this batch in the pool
         result = invert(self.teacher, self.config, self.targets[idx.start:idx.stop], init=init, generator=gen,
-                        device=self.device, callback=callback)
+                        device=self.device, callback=callback, difficulty=difficulty)
         tensors = {"images": result.images, "mask": result.mask, "targets": result.targets,
                    "loss": result.loss.float(), "index": torch.arange(idx.start, idx.stop)}
+        if result.soft is not None:
+            tensors["soft"] = result.soft.float()  # the target distributions of soft-label methods
         classes = torch.bincount(result.targets, minlength=self.teacher.num_classes).tolist()
         self.writer.write(b, tensors, result.seconds, {"classes": classes, "kept": int(result.mask[0].sum())})
         return tensors

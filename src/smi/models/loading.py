@@ -92,7 +92,7 @@ def load_teacher(
     path = Path(spec)
     if spec.endswith((".safetensors", ".json", *TORCH_SUFFIXES)) or path.exists():
         return _load_checkpoint(path, device)
-    if spec in shipped.SHIPPED_TEACHERS:
+    if spec in shipped.SHIPPED_TEACHERS or spec in shipped.SHIPPED_CNN_TEACHERS:
         weights = shipped.WEIGHTS_DIR / f"{spec}.safetensors"
         if not weights.is_file():
             raise SmiError(f"shipped teacher {spec!r} has no weights at {weights}; train it with "

@@ -17,11 +17,12 @@ from typing import Any
 import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from smi.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 
-__all__ = ["PatchStem", "SHIPPED_TEACHERS", "STUDENT_ARCHS", "WEIGHTS_DIR"]
+__all__ = ["PatchStem", "SHIPPED_CNN_TEACHERS", "SHIPPED_TEACHERS", "STUDENT_ARCHS", "WEIGHTS_DIR"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -70,6 +71,7 @@ def _cfg(name: str, **kwargs: Any) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({
     "fmnist_vit_tiny": _cfg("fmnist_vit_tiny"),
     "fmnist_vit_mini": _cfg("fmnist_vit_mini", file=None),  # a student architecture: no shipped weights
+    "fmnist_resnet_tiny": _cfg("fmnist_resnet_tiny", first_conv="conv1", classifier="fc"),
 })
 
 # architecture kwargs of each shipped teacher; also written into its metadata JSON
@@ -77,6 +79,13 @@ SHIPPED_TEACHERS: dict[str, dict[str, Any]] = {
     "fmnist_vit_tiny": dict(
         img_size=28, patch_size=4, in_chans=1, num_classes=10,
         embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0,
+    ),
+}  # fmt: skip
+
+# the CNN teacher (BatchNorm, so inversion adds DeepInversion's batch-norm prior); timm ResNet kwargs
+SHIPPED_CNN_TEACHERS: dict[str, dict[str, Any]] = {
+    "fmnist_resnet_tiny": dict(
+        layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=32, in_chans=1, num_classes=10,
     ),
 }  # fmt: skip
 
@@ -106,3 +115,10 @@ def fmnist_vit_tiny(pretrained: bool = False, **kwargs: Any) -> VisionTransforme
 def fmnist_vit_mini(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """Student for the Fashion-MNIST teachers: 4 blocks of width 64, 2 heads (0.21 M parameters, 4x fewer)."""
     return _create("fmnist_vit_mini", pretrained, **kwargs)
+
+
+@register_model
+def fmnist_resnet_tiny(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet for 28x28 Fashion-MNIST: one BasicBlock per stage, widths 32-256, BatchNorm (1.2 M parameters)."""
+    args = {**SHIPPED_CNN_TEACHERS["fmnist_resnet_tiny"], "block": BasicBlock, **kwargs}
+    return build_model_with_cfg(ResNet, "fmnist_resnet_tiny", pretrained, **args)

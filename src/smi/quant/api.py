@@ -12,7 +12,7 @@ from smi.quant.config import QuantConfig
 from smi.quant.modules import QuantAttention, QuantConv2d, QuantLinear, WeightQuantMixin
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
 
-__all__ = ["prepare", "calibrate", "convert", "quantize_", "default_filter", "reparameterize_"]
+__all__ = ["prepare", "calibrate", "convert", "quantize_", "default_filter", "cnn_filter", "reparameterize_"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -26,6 +26,15 @@ def default_filter(module: nn.Module, name: str) -> bool:
     if isinstance(module, nn.Conv2d):
         return name.startswith("patch_embed.")
     return False
+
+
+def cnn_filter(module: nn.Module, name: str) -> bool:
+    """For models without transformer blocks (timm CNNs): every convolution and Linear layer.
+
+    BatchNorm is not folded into the preceding convolution first (a simplification: the weights
+    are quantized as trained, BN stays in float).
+    """
+    return isinstance(module, (nn.Conv2d, nn.Linear))
 
 
 def _swap(model: nn.Module, filter_fn: FilterFn, config: QuantConfig) -> None:
@@ -43,8 +52,13 @@ def _swap(model: nn.Module, filter_fn: FilterFn, config: QuantConfig) -> None:
                 setattr(child, cname, QuantConv2d(grandchild, config))
 
 
-def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn = default_filter) -> nn.Module:
-    """Swap the selected modules for quantized wrappers; observers start in ``observe`` mode."""
+def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None) -> nn.Module:
+    """Swap the selected modules for quantized wrappers; observers start in ``observe`` mode.
+
+    Without ``filter_fn``: :func:`default_filter` for ViTs, :func:`cnn_filter` for models without blocks.
+    """
+    if filter_fn is None:
+        filter_fn = default_filter if hasattr(model, "blocks") else cnn_filter
     _swap(model, filter_fn, config)
     for m in model.modules():
         if isinstance(m, (ActQuantizer, LogSqrt2Quantizer)):
@@ -133,7 +147,7 @@ def convert(model: nn.Module) -> nn.Module:
 
 def quantize_(
     model: nn.Module, config: QuantConfig, calibration: Iterable[torch.Tensor | tuple],
-    *, forward: Callable | None = None, filter_fn: FilterFn = default_filter,
+    *, forward: Callable | None = None, filter_fn: FilterFn | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place: prepare, calibrate on ``calibration``, convert.
 

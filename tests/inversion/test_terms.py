@@ -1,0 +1,171 @@
+"""Each loss term against an answer worked out independently on a tiny input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smi.inversion import terms as T
+from smi.inversion.augment import Jitter, jitter_indices
+from smi.inversion.labels import easy_to_hard, sample_labels
+from smi.inversion.recipe import _rejitter, with_weight_noise
+from tests.conftest import tiny_vit
+
+OPTS = {"sardfq_logit_low": 5.0, "sardfq_logit_high": 10.0, "ris_label_noise": 0.5, "p_mix": 0.4, "mix_k": 2}
+
+
+def _phi(z: float) -> float:
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def test_kde_entropy_of_a_uniform_sample_matches_the_closed_form():
+    # for many samples evenly filling [0, 1], the Gaussian KDE is the uniform density smoothed by the
+    # kernel: p(t) = Phi((1 - t) / h) - Phi(-t / h); integrate -p log(p + 1e-4) by the trapezoid rule
+    h, P = 0.01, 10
+    samples = torch.linspace(0, 1, 200_001, dtype=torch.float64)[None]
+    ts = [k / (P - 1) for k in range(P)]
+    f = [-(p := _phi((1 - t) / h) - _phi(-t / h)) * math.log(p + 1e-4) for t in ts]
+    expected = sum((f[k] + f[k + 1]) / 2 * (ts[k + 1] - ts[k]) for k in range(P - 1))
+    got = T.kde_entropy(samples, bandwidth=h, points=P)
+    assert got.shape == (1,)
+    assert got.item() == pytest.approx(expected, rel=1e-3)
+    assert expected == pytest.approx(2 * (1 / 18) * (-0.5 * math.log(0.5 + 1e-4)), rel=0.01)  # edges dominate
+
+
+def test_kde_entropy_is_higher_for_spread_samples():
+    g = torch.Generator().manual_seed(0)
+    narrow = 0.5 + 0.001 * torch.randn(1, 500, generator=g)
+    wide = torch.rand(1, 500, generator=g)
+    assert T.kde_entropy(wide) > T.kde_entropy(narrow)
+
+
+def test_patch_similarity_entropy_uses_the_head_mean_and_off_diagonal_cosines():
+    g = torch.Generator().manual_seed(1)
+    attn_out = torch.randn(2, 1 + 5, 3, 4, generator=g)  # (B, T, heads, d); 1 class token, 5 patches
+    got = T.patch_similarity_entropy(attn_out, num_prefix=1)
+    for b in range(2):
+        v = attn_out[b, 1:].mean(1).double().numpy()  # (5, 4), heads averaged
+        v = v / np.linalg.norm(v, axis=1, keepdims=True)
+        sims = [float(v[i] @ v[j]) for i in range(5) for j in range(5) if i != j]
+        expected = T.kde_entropy(torch.tensor([sims], dtype=torch.float64))
+        assert got[b].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_ssim_of_identical_maps_is_one_and_matches_the_formula():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(7, generator=g, dtype=torch.float64), torch.rand(7, generator=g, dtype=torch.float64)
+    assert T.ssim_global(x, x).item() == pytest.approx(1.0)
+    xs, ys = x.numpy(), y.numpy()
+    c1, c2 = 0.01**2, 0.03**2
+    cov = ((xs - xs.mean()) * (ys - ys.mean())).mean()
+    expected = ((2 * xs.mean() * ys.mean() + c1) * (2 * cov + c2)) / (
+        (xs.mean() ** 2 + ys.mean() ** 2 + c1) * (xs.var() + ys.var() + c2))
+    assert T.ssim_global(x, y).item() == pytest.approx(expected)
+
+
+def test_head_agreement_is_zero_for_identical_heads_and_one_minus_ssim_squared_otherwise():
+    g = torch.Generator().manual_seed(3)
+    one = torch.softmax(torch.randn(1, 1, 4, 4, generator=g), -1)
+    assert T.head_agreement(one.expand(1, 3, 4, 4)).item() == pytest.approx(0.0, abs=1e-6)
+    two = torch.softmax(torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64), -1)
+    norm = [(r - r.min()) / (r.max() - r.min()) for r in (two[0, 0], two[0, 1])]  # row-wise below
+    rows = []
+    for q in range(4):
+        a, b = two[0, 0, q], two[0, 1, q]
+        a, b = (a - a.min()) / (a.max() - a.min()), (b - b.min()) / (b.max() - b.min())
+        rows.append(1 - T.ssim_global(a, b).item() ** 2)
+    assert norm and T.head_agreement(two).item() == pytest.approx(sum(rows) / 4)
+
+
+def test_sardfq_alignment_is_zero_on_the_prior_and_depth_weighted():
+    g = torch.Generator().manual_seed(4)
+    prior = T.gaussian_mixture_attention((3, 3), heads=2, components=2, sigma=(0.5, 1.0), generator=g, batch=1)
+    assert prior.shape == (1, 2, 9) and torch.allclose(prior.sum(-1), torch.ones(1, 2))
+    assert T.sardfq_attention_alignment([prior, prior], prior, None, depth=4).item() == pytest.approx(0.0)
+    # block 2 of 4 off by d1, block 3 of 4 off by d2: weights 3/4 and 4/4
+    a1 = torch.full((1, 2, 9), 1 / 9)
+    m1 = F.mse_loss(a1, prior).item()
+    got = T.sardfq_attention_alignment([a1, prior], prior, None, depth=4).item()
+    assert got == pytest.approx((0.75 * m1 + 1.0 * 0.0) / 1.75)
+    # sparse: only the kept patches, both sides renormalized over them
+    keep = torch.tensor([[0, 4, 8]])
+    sub = prior[:, :, [0, 4, 8]]
+    assert T.sardfq_attention_alignment([sub], prior, keep, depth=1).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_single_narrow_gaussian_peaks_at_the_patch_nearest_its_centre():
+    m = T.gaussian_mixture_attention((5, 5), heads=1, components=1, sigma=(0.3, 0.3),
+                                     generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the centre: row then column, uniform over the grid
+    cy, cx = (torch.rand(1, 1, 1, 1, generator=g).item() * 4 for _ in range(2))
+    assert m.argmax().item() == round(cy) * 5 + round(cx)
+    d2 = torch.tensor([(r - cy) ** 2 + (c - cx) ** 2 for r in range(5) for c in range(5)])
+    w = torch.exp(-d2 / (2 * 0.3**2))
+    torch.testing.assert_close(m.flatten(), w / w.sum())
+
+
+def test_bn_statistics():
+    x = torch.randn(64, 3, 4, 4, dtype=torch.float64)
+    mean = x.mean(dim=(0, 2, 3))
+    var = x.permute(1, 0, 2, 3).flatten(1).var(1, unbiased=False)
+    assert T.bn_statistics([x], [(mean, var)]).item() == pytest.approx(0.0, abs=1e-12)
+    # running mean off by 1 in every channel: ||(1, 1, 1)|| = sqrt(3); first layer x10, second x1
+    off = T.bn_statistics([x, x], [(mean + 1, var), (mean, var + 2)], first_weight=10.0).item()
+    assert off == pytest.approx(10 * math.sqrt(3) + 2 * math.sqrt(3))
+
+
+def test_soft_cross_entropy_equals_torch_with_probabilities():
+    logits = torch.randn(5, 4)
+    p = torch.softmax(torch.randn(5, 4), 1)
+    torch.testing.assert_close(T.soft_cross_entropy(logits, p), F.cross_entropy(logits, p))
+    y = torch.tensor([0, 1, 2, 3, 0])
+    torch.testing.assert_close(T.soft_cross_entropy(logits, F.one_hot(y, 4).float()), F.cross_entropy(logits, y))
+    assert T.tv_target(torch.tensor(7.0), 10.0).item() == 3.0
+
+
+def test_label_samplers():
+    g = torch.Generator().manual_seed(6)
+    targets = torch.arange(10).repeat(100)
+    sard = sample_labels("sardfq", targets, 10, g, OPTS)
+    peak = sard.soft[torch.arange(1000), targets]
+    lo, hi = math.exp(5) / (math.exp(5) + 9), math.exp(10) / (math.exp(10) + 9)  # softmax with other logits 0
+    assert ((peak >= lo - 1e-6) & (peak <= hi + 1e-6)).all() and torch.equal(sard.hard, targets)
+    ris = sample_labels("ris", targets, 10, g, OPTS)
+    assert torch.allclose(ris.soft.sum(1), torch.ones(1000)) and (ris.soft.argmax(1) == targets).all()
+    q = sample_labels("qimera", targets, 10, g, OPTS)
+    mixed = (q.soft > 0).sum(1) == 2
+    assert 0.3 < mixed.float().mean() < 0.5  # p_mix 0.4
+    assert (q.soft[torch.arange(1000), targets] > 0).all()  # the planned class is always in the mixture
+    assert torch.equal(q.hard[~mixed], targets[~mixed]) and torch.equal(q.hard, q.soft.argmax(1))
+    assert torch.allclose(q.soft.sum(1), torch.ones(1000))
+
+
+def test_easy_to_hard():
+    g = torch.Generator().manual_seed(7)
+    base = sample_labels("hard", torch.tensor([3, 1]), 5, g, OPTS)
+    easy = easy_to_hard(base, 5, 0.0, 0.55, g)
+    assert torch.equal(easy.soft, F.one_hot(torch.tensor([3, 1]), 5).float())
+    hard = easy_to_hard(base, 5, 1.0, 0.55, g)
+    assert hard.soft[0, 3].item() == pytest.approx(0.55) and hard.soft[1, 1].item() == pytest.approx(0.55)
+    assert sorted(hard.soft[0].tolist())[-2] == pytest.approx(0.45)  # the rest on one other class
+
+
+def test_rejitter_maps_kept_patches_between_views():
+    grid, patch = (4, 4), 2
+    keep = torch.tensor([[0, 5, 7, 10]])
+    j1, j2 = Jitter(2, -4, True), Jitter(-2, 2, False)
+    view1 = jitter_indices(keep, grid, patch, j1)
+    assert torch.equal(_rejitter(view1, j1, j2, grid, patch), jitter_indices(keep, grid, patch, j2))
+
+
+def test_weight_noise_changes_the_output_but_not_the_model():
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    clean = model(x)
+    noisy = with_weight_noise(model, lambda v, _k: model(v), 0.1, torch.Generator().manual_seed(0), x, None)
+    assert not torch.allclose(noisy, clean)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(x), clean)
