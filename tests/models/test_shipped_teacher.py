@@ -59,3 +59,22 @@ def test_w8a8_is_within_half_a_point_of_fp32_on_real_data():
     for quantizer in ("baseline", "repq"):
         q = quantize_and_evaluate(teacher, QuantConfig(8, 8, quantizer), "real", data, calib_images=32)
         assert abs(q["top1"] - fp32) <= 0.5, (quantizer, q["top1"], fp32)
+
+
+def test_shipped_cnn_teacher_accuracy_timm_loading_and_bn_inversion(monkeypatch):
+    """fmnist_resnet_tiny: 89.66 % on all 10,000 test images, loads through timm offline, inverts with the BN prior."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    teacher = load_teacher("fmnist_resnet_tiny")
+    x, y = load_fashion_mnist("test")
+    top1 = evaluate_top1(teacher.model, x, y, teacher.mean, teacher.std)
+    meta = json.loads((WEIGHTS_DIR / "fmnist_resnet_tiny.json").read_text())
+    assert top1 >= 89.0 and abs(top1 - meta["test_top1"]) < 0.05
+    model = timm.create_model("fmnist_resnet_tiny", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:4].float()), teacher.model(x[:4].float()))
+    from smi.inversion import invert
+
+    cfg = InversionConfig(iterations=60, batch_size=10, sparsity=SparsityConfig(()), jitter_unit="pixel")
+    batch = invert(teacher, cfg, torch.arange(10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (teacher.model(batch.images).argmax(1) == torch.arange(10)).float().mean() >= 0.8
