@@ -250,7 +250,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="dense vs sparse inversion of the shipped teacher (what `make demo` runs)",
+    p = sub.add_parser("demo", help="invert (dense, sparse), quantize and distil the shipped teacher: `make demo`",
                        formatter_class=_Formatter)
     p.add_argument("--model", default="fmnist_vit_tiny", help="teacher to invert")
     p.add_argument("--num-images", type=int, default=32, help="images (one batch)")
