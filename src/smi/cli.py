@@ -121,7 +121,7 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     if args.num_images < 1:
         raise SmiError(f"--num-images must be positive, got {args.num_images}")
     dist = from_env(args.device)  # torchrun: one process per rank, gloo on CPU, nccl on CUDA
-    device = f"cuda:{dist.local_rank}" if dist.active and args.device == "cuda" else args.device
+    device = dist.device
     try:
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=device)
         result = synthesize(teacher, cfg, args.num_images, args.out, seed=args.seed, device=device,

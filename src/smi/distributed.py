@@ -17,6 +17,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # this process's device: the one asked for, or cuda:LOCAL_RANK under nccl
 
     @property
     def active(self) -> bool:
@@ -30,9 +31,7 @@ class Dist:
         """True on every process if ``ok`` is true on every process (a tensor all-reduce, no pickling)."""
         if not self.active:
             return ok
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        if torch.distributed.get_backend() == "nccl":
-            flag = flag.cuda()
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(flag)
         return int(flag.item()) == 0
 
@@ -45,11 +44,11 @@ def from_env(device: str = "cpu") -> Dist:
     """Join the process group ``torchrun`` describes in the environment (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Dist(device=device)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if not torch.distributed.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(local)
         torch.distributed.init_process_group(backend=backend)
-    return Dist(rank, world, local)
+    return Dist(rank, world, local, f"cuda:{local}" if backend == "nccl" else device)

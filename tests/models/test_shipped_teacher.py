@@ -69,6 +69,9 @@ def test_shipped_cnn_teacher_accuracy_timm_loading_and_bn_inversion(monkeypatch)
     top1 = evaluate_top1(teacher.model, x, y, teacher.mean, teacher.std)
     meta = json.loads((WEIGHTS_DIR / "fmnist_resnet_tiny.json").read_text())
     assert top1 >= 89.0 and abs(top1 - meta["test_top1"]) < 0.05
+    cfg = timm.models.get_pretrained_cfg("fmnist_resnet_tiny")
+    assert cfg.hf_hub_id is None and cfg.url is None  # a file in the package: pretrained=True cannot download
+    assert (WEIGHTS_DIR / "fmnist_resnet_tiny.safetensors").samefile(cfg.file)
     model = timm.create_model("fmnist_resnet_tiny", pretrained=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x[:4].float()), teacher.model(x[:4].float()))

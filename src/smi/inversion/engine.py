@@ -17,6 +17,7 @@ from smi.inversion.config import InversionConfig
 from smi.inversion.recipe import Recipe
 from smi.models.loading import Teacher
 from smi.models.sparse import SparseOutput, check_sparse_capable, sparse_forward
+from smi.models.training import warmup_cosine
 
 __all__ = ["Batch", "StepInfo", "invert", "valid_range"]
 
@@ -66,12 +67,9 @@ def _jitter_limit(cfg: InversionConfig, jitter: float, side: int, patch: int) ->
 
 def _lr(cfg: InversionConfig, step: int, steps: int) -> float:
     """Learning rate at ``step`` of a round of ``steps``: linear warm-up, then constant or cosine to 0."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.lr_schedule == "constant":
+    if cfg.lr_schedule == "constant" and step >= cfg.warmup:
         return cfg.lr
-    t = (step - cfg.warmup) / max(1, steps - cfg.warmup)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
+    return warmup_cosine(step, steps, cfg.warmup, cfg.lr)
 
 
 def invert(
