@@ -34,6 +34,26 @@ def _assert_consistent(folder):
         assert verify_pool(folder) == []
 
 
+def _shards(folder):
+    return len(list(folder.glob("shard-*.safetensors"))) if folder.exists() else 0
+
+
+def _kill_after(p, folder, n_shards, delay, timeout=120.0):
+    """SIGKILL ``p`` ``delay`` seconds after ``folder`` holds ``n_shards`` shards (0: after start).
+
+    Moments are tied to progress, not wall time, so a fast machine cannot finish the pool before
+    any kill lands (CI once did, with sleeps of 2-7 s). Returns whether the kill happened.
+    """
+    deadline = time.monotonic() + timeout
+    while p.poll() is None and _shards(folder) < n_shards and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    if p.poll() is not None:
+        return False
+    p.send_signal(signal.SIGKILL)
+    return True
+
+
 def test_sigkill_at_random_moments_then_rerun(tmp_path):
     ckpt = str(write_tiny_checkpoint(tmp_path))
     cmd = [sys.executable, "-m", "smi", "invert", "--model", ckpt, *ARGS]
@@ -42,15 +62,17 @@ def test_sigkill_at_random_moments_then_rerun(tmp_path):
     rng = random.Random(1234)
     out = tmp_path / "killed"
     kills, shards_at_kill = 0, []
-    for _ in range(6):
+    # first trial: a kill during start-up (imports, model load, before any shard); then each trial
+    # lets 1-2 more shards land and kills at a random moment of the next batch (mid-optimisation or mid-write)
+    plan = [(0, rng.uniform(0.5, 3.0))] + [(None, rng.uniform(0.0, 0.6)) for _ in range(5)]
+    for n_shards, delay in plan:
+        before = _shards(out)
+        target = n_shards if n_shards is not None else min(before + rng.randint(1, 2), 5)
         p = _start(cmd + ["--out", str(out)])
-        time.sleep(rng.uniform(2.0, 7.0))
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            kills += 1
+        kills += _kill_after(p, out, target, delay)
         p.wait()
         _assert_consistent(out)
-        shards_at_kill.append(len(list(out.glob("shard-*.safetensors"))))
+        shards_at_kill.append(_shards(out))
     assert kills >= 3, "the runs finished before being killed; make them longer"
     assert any(0 < n < 6 for n in shards_at_kill), f"no kill landed mid-pool: {shards_at_kill}"
     done = subprocess.run(cmd + ["--out", str(out)], env=ENV, capture_output=True, text=True)
@@ -68,7 +90,13 @@ def test_sigkill_one_rank_of_a_distributed_run_then_rerun(tmp_path):
     kills = 0
     for _ in range(3):
         agent = _start(cmd)
-        time.sleep(rng.uniform(6.0, 10.0))
+        folder = tmp_path / "p"
+        target = min(_shards(folder) + rng.randint(1, 2), 5)
+        deadline = time.monotonic() + 120
+        while agent.poll() is None and _shards(folder) < target \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.6))
         ranks = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
         if agent.poll() is None and ranks:
             os.kill(int(rng.choice(ranks)), signal.SIGKILL)
