@@ -41,15 +41,46 @@ def test_kde_entropy_is_higher_for_spread_samples():
     assert T.kde_entropy(wide) > T.kde_entropy(narrow)
 
 
+def _entropy_on_grid(row: np.ndarray, lo: float, hi: float, h: float, points: int = 10) -> float:
+    """Independent numpy version: Gaussian KDE on a fixed grid, -p log(p + 1e-4), trapezoid rule."""
+    t = np.linspace(lo, hi, points)
+    p = np.exp(-0.5 * ((t[:, None] - row[None, :]) / h) ** 2).mean(1) / (h * math.sqrt(2 * math.pi))
+    f = -p * np.log(p + 1e-4)
+    return float(((f[1:] + f[:-1]) / 2 * np.diff(t)).sum())
+
+
+def test_kde_entropy_evaluation_points_are_constants():
+    # PSAQ-ViT evaluates the densities of a batch on one grid from the batch's min to its max, fixed
+    # for the step: values and gradients must match a fixed-grid estimate (finite differences)
+    g = torch.Generator().manual_seed(4)
+    x = (0.2 * torch.randn(2, 30, generator=g, dtype=torch.float64)).requires_grad_()
+    xs = x.detach().numpy().copy()
+    lo, hi, h = xs.min(), xs.max(), 0.05
+    got = T.kde_entropy(x, bandwidth=h)
+    for r in range(2):
+        assert got[r].item() == pytest.approx(_entropy_on_grid(xs[r], lo, hi, h), rel=1e-9)
+    got.sum().backward()
+    e = 1e-6
+    for r, i in [(0, 3), (1, 7), (0, int(xs[0].argmax())), (1, int(xs[1].argmin()))]:
+        up, down = xs[r].copy(), xs[r].copy()
+        up[i] += e
+        down[i] -= e
+        fd = (_entropy_on_grid(up, lo, hi, h) - _entropy_on_grid(down, lo, hi, h)) / (2 * e)
+        assert x.grad[r, i].item() == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
 def test_patch_similarity_entropy_uses_the_head_mean_and_off_diagonal_cosines():
     g = torch.Generator().manual_seed(1)
     attn_out = torch.randn(2, 1 + 5, 3, 4, generator=g)  # (B, T, heads, d); 1 class token, 5 patches
     got = T.patch_similarity_entropy(attn_out, num_prefix=1)
+    sims = []
     for b in range(2):
         v = attn_out[b, 1:].mean(1).double().numpy()  # (5, 4), heads averaged
         v = v / np.linalg.norm(v, axis=1, keepdims=True)
-        sims = [float(v[i] @ v[j]) for i in range(5) for j in range(5) if i != j]
-        expected = T.kde_entropy(torch.tensor([sims], dtype=torch.float64))
+        sims.append([float(v[i] @ v[j]) for i in range(5) for j in range(5) if i != j])
+    span = (min(map(min, sims)), max(map(max, sims)))  # one grid for the batch
+    for b in range(2):
+        expected = T.kde_entropy(torch.tensor([sims[b]], dtype=torch.float64), span=span)
         assert got[b].item() == pytest.approx(expected.item(), rel=1e-4)
 
 

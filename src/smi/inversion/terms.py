@@ -23,18 +23,20 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-def kde_entropy(samples: torch.Tensor, bandwidth: float = 0.01, points: int = 10, eps: float = 1e-4) -> torch.Tensor:
+def kde_entropy(samples: torch.Tensor, bandwidth: float = 0.01, points: int = 10, eps: float = 1e-4,
+                span: tuple[float, float] | None = None) -> torch.Tensor:
     """Differential entropy of each row of ``samples`` (R, n) from a Gaussian kernel density.
 
-    The density is evaluated at ``points`` evenly spaced values between the row's min and max;
-    the entropy -∫ p log(p + eps) is integrated with the trapezoid rule (PSAQ-ViT's estimator).
-    Returns (R,).
+    The density is evaluated at ``points`` evenly spaced values over ``span`` (default: the
+    smallest and largest value of all rows); the entropy -∫ p log(p + eps) is integrated with the
+    trapezoid rule (PSAQ-ViT's estimator). The evaluation points are constants: no gradient flows
+    through the span, so the entropy can only rise by spreading the samples inside it, not by
+    moving its ends. Returns (R,).
     """
-    lo = samples.min(dim=1, keepdim=True).values
-    hi = samples.max(dim=1, keepdim=True).values
-    steps = torch.linspace(0, 1, points, device=samples.device, dtype=samples.dtype)
-    t = lo + (hi - lo) * steps  # (R, P)
-    z = (t[:, :, None] - samples[:, None, :]) / bandwidth  # (R, P, n)
+    if span is None:
+        span = (samples.min().item(), samples.max().item())
+    t = torch.linspace(span[0], span[1], points, device=samples.device, dtype=samples.dtype)  # (P,)
+    z = (t[None, :, None] - samples[:, None, :]) / bandwidth  # (R, P, n)
     p = torch.exp(-0.5 * z * z).mean(2) / (bandwidth * math.sqrt(2 * math.pi))  # (R, P)
     f = -p * torch.log(p + eps)
     return torch.trapezoid(f, t, dim=1)
@@ -45,7 +47,8 @@ def patch_similarity_entropy(attn_out: torch.Tensor, num_prefix: int, **kde: flo
 
     ``attn_out`` is the attention output before the projection, (B, T, heads, head_dim). It is
     averaged over heads, the prefix tokens are dropped, and the cosine similarity of every pair
-    of patch tokens (diagonal excluded) forms each image's sample. Returns (B,) entropies.
+    of patch tokens (diagonal excluded) forms each image's sample; the densities of the batch are
+    evaluated on one grid between the batch's smallest and largest similarity. Returns (B,).
     """
     x = attn_out.mean(2)[:, num_prefix:]  # (B, N, d)
     x = F.normalize(x, dim=-1)
