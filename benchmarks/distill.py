@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, markdown_table, write_results  # noqa: E402
 from smi.data.eval_data import eval_dataset, evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
+from smi.inversion.config import METHODS  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.transfer import DistillConfig, build_student, distill  # noqa: E402
 from smi.viz import save_curves  # noqa: E402
@@ -40,6 +41,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=600.0, help="seconds of synthesis + training per contender")
     p.add_argument("--iterations", type=int, default=400,
                    help="inversion iterations per synthesized batch (sparse: the default schedule scaled to them)")
+    p.add_argument("--method", default="deepinversion", choices=list(METHODS),
+                   help="synthesis method of the online contenders (its defaults, with --iterations)")
     p.add_argument("--synth-batch", type=int, default=32, help="images synthesized per epoch (online)")
     p.add_argument("--online-steps", type=int, default=50, help="training steps per online epoch")
     p.add_argument("--real-steps", type=int, default=200, help="training steps per epoch on real images / noise")
@@ -61,9 +64,9 @@ def main() -> None:
                             steps_per_epoch=steps, time_budget_s=args.budget)
         synthesis = None
         if online:
-            synthesis = InversionConfig(iterations=args.iterations, batch_size=args.synth_batch,
-                                        sparsity=SparsityConfig(()) if kind == "dense" else
-                                        SparsityConfig().scaled(args.iterations / 4000))
+            stops = SparsityConfig(()) if kind == "dense" else SparsityConfig().scaled(args.iterations / 4000)
+            synthesis = InversionConfig.for_method(args.method, iterations=args.iterations,
+                                                   batch_size=args.synth_batch, sparsity=stops)
         student = build_student(args.student, teacher)
         res = distill(teacher, student, "online" if online else kind, Path(args.work) / kind, cfg,
                       synthesis=synthesis)
@@ -88,7 +91,8 @@ def main() -> None:
     note = (f"\nStudent {args.student} (from scratch) distilled from {args.teacher} ({teacher_top1:.2f} % top-1) "
             f"with KL at T=20, AdamW lr {args.lr} constant after warm-up, batch {args.batch_size}; budget "
             f"{args.budget:.0f} s of synthesis + training per contender (each stops after the epoch that passes "
-            f"it). Online synthesis: {args.synth_batch} images per epoch, {args.iterations} iterations (sparse: "
+            f"it). Online synthesis ({args.method}): {args.synth_batch} images per epoch, {args.iterations} "
+            f"iterations (sparse: "
             f"stops {SparsityConfig().scaled(args.iterations / 4000).spec()}), then "
             f"{args.online_steps} training steps. Top-1 on all 10,000 test images.\n")
     if "dense" in by and "sparse" in by:
