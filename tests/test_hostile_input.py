@@ -104,6 +104,8 @@ def _cases():
         "unknown subcommand": (lambda w: ["compress"], "invalid choice"),
         "pool: unknown action": (lambda w: ["pool", "fix", "{d}/pool"], "invalid choice"),
         "demo: unknown device": (lambda w: ["demo", "--device", "tpu:0", "--out", "{d}/demo"], "not a torch device"),
+        "demo: iterations within the schedule": (lambda w: ["demo", "--iterations", "200", "--out", "{d}/demo"],
+                                                 "must be smaller than iterations"),
     }
 
 

@@ -255,7 +255,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="fmnist_vit_tiny", help="teacher to invert")
     p.add_argument("--num-images", type=int, default=32, help="images (one batch)")
     p.add_argument("--iterations", type=int, default=1000,
-                   help="optimisation steps (the paper uses 4000; the demo keeps its stopping schedule)")
+                   help="optimisation steps, more than 300 (the paper uses 4000; the demo keeps its stopping "
+                        "schedule, whose last stop is at 300)")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--distill-seconds", type=float, default=120.0,
                    help="wall-time budget of the short distillation run at the end")

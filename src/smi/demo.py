@@ -41,6 +41,9 @@ def run_demo(out: str | Path = "demo_out", model: str = "fmnist_vit_tiny", num_i
     4000 iterations by default so that the whole demo stays within a few minutes on 2 CPU cores.
     """
     out = Path(out)
+    # built first so that a bad --iterations fails before any work (the last stop is at 300)
+    configs = {name: InversionConfig(iterations=iterations, batch_size=num_images, sparsity=sparsity)
+               for name, sparsity in (("dense", SparsityConfig(())), ("sparse", SparsityConfig()))}
     teacher = load_teacher(model, device=device)
     report: dict[str, Any] = {}
     if teacher.num_classes == 10 and teacher.input_size == (1, 28, 28):  # a Fashion-MNIST teacher
@@ -48,8 +51,7 @@ def run_demo(out: str | Path = "demo_out", model: str = "fmnist_vit_tiny", num_i
         report["teacher_test_top1"] = evaluate_top1(teacher.model, x, y, teacher.mean, teacher.std, device=device)
         print(f"teacher {model}: {sum(p.numel() for p in teacher.model.parameters()) / 1e6:.2f} M parameters, "
               f"{report['teacher_test_top1']:.2f} % top-1 on the 10,000 Fashion-MNIST test images")
-    for name, sparsity in (("dense", SparsityConfig(())), ("sparse", SparsityConfig())):
-        cfg = InversionConfig(iterations=iterations, batch_size=num_images, sparsity=sparsity)
+    for name, cfg in configs.items():
         t0 = time.perf_counter()
         res = synthesize(teacher, cfg, num_images, out / f"pool_{name}", device=device, overwrite=True)
         pool = load_pool(res.folder)
