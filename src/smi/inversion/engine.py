@@ -9,7 +9,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from smi.errors import SmiError
 from smi.inversion.augment import apply_jitter, jitter_indices, pixel_mask_from_indices, sample_jitter
@@ -117,13 +116,13 @@ def invert(
         raise SmiError(f"targets must be a non-empty 1-D tensor of classes in [0, {teacher.num_classes})")
     if init is not None and tuple(init.shape) != (B, C, H, W):
         raise SmiError(f"init has shape {tuple(init.shape)}, expected {(B, C, H, W)}")
-    targets = targets.to(device)
+    targets = targets.cpu()
 
     x0 = init if init is not None else torch.randn(B, C, H, W, generator=generator)
     x = x0.to(device=device, dtype=dtype).clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
     lo, hi = (t.to(dtype) for t in valid_range(teacher.mean, teacher.std, device))
-    recipe = Recipe(config, model, targets.cpu(), teacher.num_classes, generator, difficulty)
+    recipe = Recipe(config, model, targets, teacher.num_classes, generator, difficulty)
 
     patch = _patch_size(model)
     grid = (H // patch, W // patch)
@@ -188,9 +187,7 @@ def invert(
             logits = sparse_forward(vit, final, keep).logits
         else:
             logits = model(final)
-        soft = recipe.soft
-        per_image = (F.cross_entropy(logits, targets, reduction="none") if soft is None
-                     else -(soft.to(logits.device) * F.log_softmax(logits, 1)).sum(1))
+        per_image = recipe.classification(logits, reduction="none")
     mask = torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(1, keep, True)
     return Batch(final.cpu(), mask.cpu(), recipe.labels.hard.cpu(), per_image.cpu(), seconds,
                  None if recipe.soft is None else recipe.soft.cpu())

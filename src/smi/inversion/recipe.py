@@ -106,10 +106,11 @@ class Recipe:
         attn.fused_attn = False  # timm's explicit path runs the softmax through attn_drop, where the hook reads it
         stack.callback(setattr, attn, "fused_attn", old)
 
-    def classification(self, logits: torch.Tensor) -> torch.Tensor:
+    def classification(self, logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy against the batch's labels: hard classes, or the soft target distributions."""
         if self.labels.soft is None:
-            return F.cross_entropy(logits, self.labels.hard.to(logits.device))
-        return T.soft_cross_entropy(logits, self.labels.soft.to(logits.device))
+            return F.cross_entropy(logits, self.labels.hard.to(logits.device), reduction=reduction)
+        return T.soft_cross_entropy(logits, self.labels.soft.to(logits.device), reduction=reduction)
 
     def loss(self, logits: torch.Tensor, x: torch.Tensor, pixel_mask: torch.Tensor | None,
              keep_view: torch.Tensor | None, forward: Forward, view: Jitter, limit: int, unit: int,

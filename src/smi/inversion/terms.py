@@ -18,9 +18,11 @@ __all__ = [
 ]  # fmt: skip
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -sum_c target_c log softmax(logits)_c; ``target`` rows sum to 1."""
-    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """-sum_c target_c log softmax(logits)_c per image, averaged over the batch unless ``reduction="none"``;
+    ``target`` rows sum to 1."""
+    per_image = -(target * F.log_softmax(logits, dim=1)).sum(1)
+    return per_image if reduction == "none" else per_image.mean()
 
 
 def kde_entropy(samples: torch.Tensor, bandwidth: float = 0.01, points: int = 10, eps: float = 1e-4,
