@@ -34,6 +34,18 @@ def write_results(name: str, payload: dict[str, Any], table: str) -> tuple[Path,
     return jpath, mpath
 
 
+def publish(name: str, benchmark: str, args: dict[str, Any], header: list[str], table: list[list[Any]], note: str,
+            rows: list[dict[str, Any]], also: tuple[Path, ...] = (), **extra: Any) -> None:
+    """Write ``results/NAME.json`` (benchmark, machine, args, ``extra``, rows) and ``results/NAME.md``
+    (the table and its note), print the table and every file written (``also``: e.g. a plot)."""
+    text = markdown_table(header, table) + note
+    j, m = write_results(name, {"benchmark": benchmark, "machine": machine(), "args": args, **extra, "rows": rows},
+                         text)
+    print(text)
+    files = [str(f) for f in (j, m, *also)]
+    print(f"wrote {', '.join(files[:-1])} and {files[-1]}")
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, markdown_table, write_results  # noqa: E402
+from _common import RESULTS, publish  # noqa: E402
 from smi.data.eval_data import eval_dataset, evaluate  # noqa: E402
 from smi.data.pool import read_manifest  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig, synthesize  # noqa: E402
@@ -118,11 +118,7 @@ def main() -> None:
             f"synthetic pools: {args.iterations} iterations, batch {min(32, args.calib_images)}, one pool per seed; "
             f"synthesis wall time per pool (mean): {syn_note}. 'within spread': |sparse − dense| is smaller than "
             "the larger seed-to-seed standard deviation of the two.\n")
-    text = markdown_table(header, table) + note
-    payload = {"benchmark": "dfq_accuracy", "machine": machine(), "args": vars(args), "rows": rows}
-    j, m = write_results(args.name, payload, text)
-    print(text)
-    print(f"wrote {j} and {m}")
+    publish(args.name, "dfq_accuracy", vars(args), header, table, note, rows)
 
 
 if __name__ == "__main__":

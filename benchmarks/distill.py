@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, markdown_table, write_results  # noqa: E402
+from _common import RESULTS, publish  # noqa: E402
 from smi.data.eval_data import eval_dataset, evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
 from smi.inversion.config import METHODS  # noqa: E402
@@ -100,12 +100,8 @@ def main() -> None:
         note += (f"Sparse reaches dense's final {by['dense']['top1']:.2f} % at "
                  + (f"{reach:.0f} s (dense: {by['dense']['wall_s']:.0f} s).\n" if reach is not None
                     else "no point of its run.\n"))
-    text = markdown_table(header, table) + note
-    payload = {"benchmark": "distill", "machine": machine(), "args": vars(args), "teacher_top1": teacher_top1,
-               "rows": rows, "plot": str(plot.relative_to(RESULTS.parent))}
-    j, m = write_results(args.name, payload, text)
-    print(text)
-    print(f"wrote {j}, {m} and {plot}")
+    publish(args.name, "distill", vars(args), header, table, note, rows, also=(plot,), teacher_top1=teacher_top1,
+            plot=str(plot.relative_to(RESULTS.parent)))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, median, write_results  # noqa: E402
+from _common import median, publish  # noqa: E402
 
 MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 PAPER_ITERATIONS = 4000
@@ -186,13 +186,8 @@ def main() -> None:
             f"{', '.join(str(s[0]) for s in rows[0]['stops'])} (the paper's 4000 with 50/100/200/300, scaled), "
             f"default ratios 0.3; medians of {args.repeats} alternating runs, each in its own process; CPU, "
             f"{args.threads} threads; random-init weights. FLOPs counted for the full 4000-iteration schedule.\n")
-    table = markdown_table(header, table_rows) + note
-    payload = {"benchmark": "inversion_speed", "machine": machine(), "args": {k: v for k, v in vars(args).items()
-                                                                              if k not in ("child", "model", "mode")},
-               "rows": rows}
-    j, m = write_results(args.name, payload, table)
-    print(table)
-    print(f"wrote {j} and {m}")
+    args_kept = {k: v for k, v in vars(args).items() if k not in ("child", "model", "mode")}
+    publish(args.name, "inversion_speed", args_kept, header, table_rows, note, rows)
 
 
 if __name__ == "__main__":

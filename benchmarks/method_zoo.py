@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, markdown_table, write_results  # noqa: E402
+from _common import RESULTS, publish  # noqa: E402
 from smi.data.eval_data import eval_dataset  # noqa: E402
 from smi.data.pool import load_pool, read_manifest  # noqa: E402
 from smi.demo import teacher_accuracy_on_pool  # noqa: E402
@@ -137,11 +137,7 @@ def main() -> None:
             f"synthetic images, mean ± std over seeds {args.seeds}; {args.iterations} iterations per method, batch "
             f"{args.images}; sparse: the paper's schedule (50/100/200/300, 0.3 each). Grids: "
             "`results/method_zoo/MODEL_METHOD.png` (dense above sparse).\n")
-    text = markdown_table(header, table) + note
-    payload = {"benchmark": "method_zoo", "machine": machine(), "args": vars(args), "rows": rows}
-    j, m = write_results(args.name, payload, text)
-    print(text)
-    print(f"wrote {j} and {m}")
+    publish(args.name, "method_zoo", vars(args), header, table, note, rows)
 
 
 if __name__ == "__main__":

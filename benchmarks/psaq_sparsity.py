@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, write_results  # noqa: E402
+from _common import publish  # noqa: E402
 from smi.data.eval_data import eval_dataset  # noqa: E402
 from smi.data.pool import load_pool, read_manifest  # noqa: E402
 from smi.demo import teacher_accuracy_on_pool  # noqa: E402
@@ -74,14 +74,11 @@ def main() -> None:
                      "top1_per_seed": w4a4, "seeds": args.seeds})
         table.append([name, f"{statistics.mean(kept):.0f} / {pool.masks.shape[1]}", f"{statistics.mean(secs):.2f}",
                       _ms(recog), _ms(w4a4)])
-    text = markdown_table(["schedule", "kept patches at the end", "synthesis s / image",
-                           "teacher top-1 on own images (%)", "W4A4 repq top-1 (%)"], table)
-    text += (f"\npsaq on {args.model}, {args.images} images, {args.iterations} iterations, mean ± std over seeds "
-             f"{args.seeds}; only the stopping schedule differs.\n")
-    j, m = write_results("psaq_sparsity", {"benchmark": "psaq_sparsity", "machine": machine(), "args": vars(args),
-                                           "rows": rows}, text)
-    print(text)
-    print(f"wrote {j} and {m}")
+    header = ["schedule", "kept patches at the end", "synthesis s / image", "teacher top-1 on own images (%)",
+              "W4A4 repq top-1 (%)"]
+    note = (f"\npsaq on {args.model}, {args.images} images, {args.iterations} iterations, mean ± std over seeds "
+            f"{args.seeds}; only the stopping schedule differs.\n")
+    publish("psaq_sparsity", "psaq_sparsity", vars(args), header, table, note, rows)
 
 
 if __name__ == "__main__":
