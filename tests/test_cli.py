@@ -54,7 +54,7 @@ BAD = {
     "unknown model": (["--model", "deit_tiny_patch16_22"], "did you mean deit_tiny_patch16_224"),
     "ratio out of range": (["--sparsity", "2:1.5"], "[0, 1)"),
     "unsorted stops": (["--sparsity", "4:0.3,2:0.3"], "increasing"),
-    "stop beyond iterations": (["--sparsity", "2:0.3,9:0.3"], "smaller than iterations"),
+    "stop beyond iterations": (["--sparsity", "2:0.3,9:0.3"], "--iterations must exceed the last stop iteration (9)"),
     "zero images": (["--num-images", "0"], "--num-images must be positive"),
     "negative images": (["--num-images", "-3"], "--num-images must be positive"),
     "missing checkpoint": (["--model", "/nonexistent/x.safetensors"], "not found"),

@@ -76,7 +76,7 @@ def _cases():
         "invert: zero iterations": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--iterations", "0",
                                                "--out", "{d}/o"], "iterations"),
         "invert: zero batch": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--batch-size", "0",
-                                          "--out", "{d}/o"], "batch size"),
+                                          "--out", "{d}/o"], "--batch-size must be >= 1, got 0"),
         "quantize: 9-bit weights": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise", "--w-bits", "9",
                                                "--out", "{d}/q"], "w-bits"),
         "quantize: 1-bit activations": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise",
@@ -105,7 +105,7 @@ def _cases():
         "pool: unknown action": (lambda w: ["pool", "fix", "{d}/pool"], "invalid choice"),
         "demo: unknown device": (lambda w: ["demo", "--device", "tpu:0", "--out", "{d}/demo"], "not a torch device"),
         "demo: iterations within the schedule": (lambda w: ["demo", "--iterations", "200", "--out", "{d}/demo"],
-                                                 "must be smaller than iterations"),
+                                                 "--iterations must exceed the last stop iteration (300)"),
     }
 
 

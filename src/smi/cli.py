@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from smi.errors import SmiError
 
@@ -48,7 +49,7 @@ def _add_train_teacher(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling, augmentation and init")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log, final weights)")
-    p.set_defaults(func=_cmd_train_teacher)
+    p.set_defaults(func=_cmd_train_teacher, parser=p)
 
 
 def _pairs(items: list[str] | None, flag: str) -> dict[str, float]:
@@ -65,19 +66,18 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, float]:
 
 
 def _inversion_config(args: argparse.Namespace):
-    from smi.inversion.config import METHOD_DEFAULTS, METHODS, InversionConfig, SparsityConfig
+    from smi.inversion import METHODS, InversionConfig, SparsityConfig
 
-    if args.method not in METHODS:
-        raise SmiError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
     given = {"iterations": args.iterations, "batch_size": args.synth_batch_size, "lr": args.synth_lr,
              "tv_l2": args.tv_l2, "tv_l1": args.tv_l1, "l2": args.l2, "jitter": args.jitter,
              "labels": args.labels, "curriculum": args.curriculum}
     overrides = {k: v for k, v in given.items() if v is not None}
-    terms = {**METHOD_DEFAULTS[args.method].get("terms", {}), **_pairs(args.term, "--term")}
-    return InversionConfig.for_method(
-        args.method, **overrides, terms=terms, options=_pairs(args.option, "--option"),
-        jitter_unit=args.jitter_unit, flip=not args.no_flip, sparsity=SparsityConfig.parse(args.sparsity),
-    )
+    with _flags(args, batch_size="synth_batch_size", lr="synth_lr", terms="term", options="option"):
+        terms = {**METHODS.get(args.method, param="method").defaults.get("terms", {}), **_pairs(args.term, "--term")}
+        return InversionConfig.for_method(
+            args.method, **overrides, terms=terms, options=_pairs(args.option, "--option"),
+            jitter_unit=args.jitter_unit, flip=not args.no_flip, sparsity=SparsityConfig.parse(args.sparsity),
+        )
 
 
 def _add_inversion_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -137,9 +137,9 @@ def _cmd_invert(args: argparse.Namespace) -> int:
 
 
 def _add_invert(sub: argparse._SubParsersAction) -> None:
-    from smi.inversion.config import METHODS
+    from smi.inversion import METHODS
 
-    methods = "\n".join(f"  {name:<14} {text}" for name, text in METHODS.items())
+    methods = METHODS.help_lines()
     methods += ("\n\nEvery method runs dense or sparse (--sparsity); psaq, sardfq and mimiq read attention, so "
                 "they need a ViT; on a CNN teacher with BatchNorm every method adds DeepInversion's batch-norm prior.")
     p = sub.add_parser(
@@ -157,7 +157,7 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="pool folder to write (or resume)")
     p.add_argument("--overwrite", action="store_true", help="replace a pool made with other settings")
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
-    p.set_defaults(func=_cmd_invert)
+    p.set_defaults(func=_cmd_invert, parser=p)
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -238,7 +238,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoint, log, plot, student; resumable)")
     p.add_argument("--overwrite", action="store_true", help="replace a run made with other settings")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_distill)
+    p.set_defaults(func=_cmd_distill, parser=p)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -261,7 +261,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distill-seconds", type=float, default=120.0,
                    help="wall-time budget of the short distillation run at the end")
     p.add_argument("--out", default="demo_out", help="output folder")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, parser=p)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -306,7 +306,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--out", required=True, help="folder for quantized.safetensors and quantized.json")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_quantize)
+    p.set_defaults(func=_cmd_quantize, parser=p)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -341,7 +341,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=250, help="evaluation batch size")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--json", action="store_true", help="print one JSON object with top1, top5, n")
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_cmd_eval, parser=p)
 
 
 def _cmd_pool_verify(args: argparse.Namespace) -> int:
@@ -384,12 +384,12 @@ def _add_pool(sub: argparse._SubParsersAction) -> None:
     v = inner.add_parser("verify", help="check every shard against the manifest's sha256; exit 1 if any is bad",
                          formatter_class=_Formatter)
     v.add_argument("folder", help="pool folder")
-    v.set_defaults(func=_cmd_pool_verify)
+    v.set_defaults(func=_cmd_pool_verify, parser=v)
     i = inner.add_parser("info", help="teacher, method, schedule, counts per class, time spent",
                          formatter_class=_Formatter)
     i.add_argument("folder", help="pool folder")
     i.add_argument("--json", action="store_true", help="print one JSON object")
-    i.set_defaults(func=_cmd_pool_info)
+    i.set_defaults(func=_cmd_pool_info, parser=i)
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -425,12 +425,36 @@ def _check_device(spec: str) -> None:
         raise SmiError(f"--device {spec} requested but MPS is not available on this machine")
 
 
+def _flag_names(parser: argparse.ArgumentParser, aliases: dict[str, str]) -> dict[str, str]:
+    """Library parameter -> the flag that sets it: the option whose dest is the parameter (or its alias)."""
+    by_dest = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    names = {dest: flag for dest, flag in by_dest.items()}
+    names.update({param: by_dest[dest] for param, dest in aliases.items() if dest in by_dest})
+    return names
+
+
+@contextmanager
+def _flags(args: argparse.Namespace, **aliases: str) -> Iterator[None]:
+    """Errors raised inside name the flag the user typed instead of the library parameter.
+
+    ``aliases`` maps parameters to argparse dests where the two differ (``batch_size=synth_batch_size``).
+    """
+    try:
+        yield
+    except SmiError as e:
+        flag = _flag_names(args.parser, aliases).get(e.param or "")
+        if flag is None:
+            raise
+        raise e.with_name(flag) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "device", "cpu") != "cpu":
             _check_device(args.device)
-        return args.func(args)
+        with _flags(args):
+            return args.func(args)
     except SmiError as e:
         print(f"smi: error: {e}", file=sys.stderr)
         return 2

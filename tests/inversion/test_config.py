@@ -35,13 +35,13 @@ def test_bad_sparsity(spec, match):
 
 
 def test_stop_beyond_iterations():
-    with pytest.raises(SmiError, match="smaller than iterations"):
+    with pytest.raises(SmiError, match="iterations must exceed the last stop iteration"):
         InversionConfig(iterations=100)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(method="nope"), "unknown method"), (dict(iterations=0), "iterations"), (dict(lr=-1), "learning rate"),
-    (dict(jitter_unit="pixel"), "sparse inversion needs"), (dict(jitter=1.5), "jitter"),
+    (dict(method="nope"), "unknown method"), (dict(iterations=0), "iterations"), (dict(lr=-1), "lr must be positive"),
+    (dict(jitter_unit="pixel"), "must be .patch. for sparse inversion"), (dict(jitter=1.5), "jitter"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(SmiError, match=match):

@@ -7,9 +7,11 @@ import torch
 from smi.cli import main
 from smi.data.pool import load_pool
 from smi.errors import SmiError
-from smi.inversion import InversionConfig, SparsityConfig, invert
-from smi.inversion.config import METHODS
-from smi.inversion.recipe import Recipe
+from smi.inversion import CURRICULA, LABELS, METHODS, TERMS, InversionConfig, SparsityConfig, invert
+from smi.inversion.augment import Jitter
+from smi.inversion.recipe import Recipe, active_terms
+from smi.inversion.terms import Step
+from smi.models.sparse import sparse_forward
 from tests.conftest import as_teacher, tiny_vit
 from tests.helpers import write_tiny_checkpoint
 
@@ -80,8 +82,8 @@ def test_cnn_teachers_get_the_bn_prior_and_it_decreases():
     teacher.input_size = (3, 32, 32)
     cfg = InversionConfig(iterations=40, batch_size=4, sparsity=SparsityConfig(()), ce_weight=0.0, tv_l2=0.0,
                           bn_weight=1.0, jitter=0.0, flip=False, lr=0.05)
-    recipe = Recipe(cfg, model, torch.arange(4), 5, torch.Generator())
-    assert "bn" in recipe.weights and len(recipe.bns) > 5
+    assert active_terms(cfg, model) == {"bn": 1.0}
+    assert active_terms(InversionConfig(bn_weight=0.0), model) == {}
     losses = []
     invert(teacher, cfg, torch.arange(4), callback=lambda s: losses.append(s.loss))
     assert losses[-1] < 0.5 * losses[0]
@@ -103,3 +105,94 @@ def test_sparsity_on_a_cnn_is_a_clear_error():
     with pytest.raises(SmiError, match="use --sparsity dense"):
         invert(teacher, InversionConfig(iterations=6, batch_size=2, sparsity=SparsityConfig.parse("2:0.5")),
                torch.arange(2))
+
+
+def _one_step(cfg: InversionConfig, model: torch.nn.Module, sparse: bool):
+    """The loss and image gradient of one step through the recipe (no jitter), dense or on half the patches."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    keep = torch.tensor([[0, 2, 5, 7, 8, 10, 13, 15], [1, 2, 4, 6, 9, 11, 12, 14]]) if sparse else None
+
+    def fwd(v, k):
+        return model(v) if k is None else sparse_forward(model, v, k).logits
+
+    recipe = Recipe(cfg, model, torch.tensor([1, 3]), 5, torch.Generator().manual_seed(4), grid=(4, 4), patch=8)
+    with recipe:
+        logits, captured = recipe.captures.record(lambda: fwd(x, keep))
+        step = Step(recipe.ctx, x, x, Jitter(0, 0, False), 1, 8, keep, None, logits, captured,
+                    lambda v, k: recipe.captures.record(lambda: fwd(v, k)))
+        loss = recipe.loss(step)
+    return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("name", TERMS.names())
+def test_every_term_changes_the_loss_and_its_gradient(name, sparse):
+    """Each registered term, added at weight 1 to plain CE + TV, changes both the loss and the image gradient."""
+    needs_bn = "bn_inputs" in TERMS.get(name).captures
+    if needs_bn and sparse:
+        pytest.skip("BatchNorm teachers are CNNs, which invert dense")
+    if needs_bn:
+        model = _tiny_cnn()
+        model.requires_grad_(False)
+    else:
+        model = tiny_vit().requires_grad_(False)
+    base = InversionConfig(iterations=10, batch_size=2, bn_weight=0.0, sparsity=SparsityConfig(()))
+    with_term = InversionConfig(**{**base.to_dict(), "terms": {name: 1.0}})
+    loss0, grad0 = _one_step(base, model, sparse)
+    loss1, grad1 = _one_step(with_term, model, sparse)
+    assert torch.isfinite(loss1) and torch.isfinite(grad1).all()
+    assert not torch.isclose(loss0, loss1, rtol=1e-6, atol=0), f"{name} leaves the loss unchanged"
+    assert not torch.allclose(grad0, grad1, rtol=1e-5, atol=0), f"{name} leaves the gradient unchanged"
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_changes_what_deepinversion_optimizes(method):
+    """A method's preset is a real change: its config differs from deepinversion's, and on the tiny ViT its
+    first step's loss or labels differ too (every name in the registry, nothing hard-coded)."""
+    if method == "deepinversion":
+        return
+    model = tiny_vit().requires_grad_(False)
+    cfg = InversionConfig.for_method(method, iterations=1000, batch_size=2)
+    ref = InversionConfig(iterations=1000, batch_size=2)
+    assert cfg.to_dict() != {**ref.to_dict(), "method": method}
+    loss0, grad0 = _one_step(ref, model, False)
+    loss1, grad1 = _one_step(cfg, model, False)
+    recipe = Recipe(cfg, model, torch.tensor([1, 3]), 5, torch.Generator().manual_seed(4), grid=(4, 4), patch=8,
+                    difficulty=1.0)
+    changed = not torch.isclose(loss0, loss1) or recipe.labels.soft is not None or cfg.lr != ref.lr
+    assert changed
+
+
+@pytest.mark.parametrize("name", LABELS.names())
+def test_every_label_sampler_keeps_the_planned_class_counts(name):
+    targets = torch.arange(5).repeat(20)
+    cfg = InversionConfig(labels=name)
+    labels = LABELS.get(name)(targets, 5, torch.Generator().manual_seed(0), cfg.option)
+    assert labels.hard.shape == targets.shape
+    if labels.soft is not None:
+        assert torch.allclose(labels.soft.sum(1), torch.ones(100)) and (labels.soft >= 0).all()
+    if name == "hard":
+        assert labels.soft is None and torch.equal(labels.hard, targets)
+
+
+@pytest.mark.parametrize("name", CURRICULA.names())
+def test_every_curriculum_leaves_the_easiest_batch_alone(name):
+    targets = torch.tensor([0, 1, 2])
+    base = LABELS.get("hard")(targets, 5, torch.Generator(), InversionConfig().option)
+    out = CURRICULA.get(name)(base, 5, 0.0, torch.Generator().manual_seed(0), InversionConfig().option)
+    target = torch.nn.functional.one_hot(targets, 5).float()
+    assert torch.equal(out.hard, targets)
+    assert out.soft is None or torch.allclose(out.soft, target)
+
+
+def test_registered_options_are_what_the_config_accepts():
+    from smi.inversion.config import known_options
+
+    opts = known_options()
+    assert {"kde_bandwidth", "p_mix", "e2h_min_confidence", "bn_first_weight"} <= set(opts)
+    for name in TERMS.names():
+        assert set(TERMS.options(name)) <= set(opts)
+    with pytest.raises(SmiError, match="unknown option"):
+        InversionConfig(options={"magic": 1.0})
+    with pytest.raises(SmiError, match="unknown label sampler 'hardd' .did you mean hard"):
+        InversionConfig(labels="hardd")

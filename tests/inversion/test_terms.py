@@ -7,10 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smi.inversion import terms as T
-from smi.inversion.augment import Jitter, jitter_indices
-from smi.inversion.labels import easy_to_hard, sample_labels
-from smi.inversion.recipe import _rejitter, with_weight_noise
+from smi.inversion.augment import Jitter, jitter_indices, rejitter
+from smi.inversion.labels import easy_to_hard, sample_labels, soft_cross_entropy
+from smi.inversion.terms.bn import bn_statistics
+from smi.inversion.terms.mimiq import head_agreement, ssim_global
+from smi.inversion.terms.psaq import kde_entropy, patch_similarity_entropy
+from smi.inversion.terms.ris_weight import with_weight_noise
+from smi.inversion.terms.sardfq import gaussian_mixture_attention, sardfq_attention_alignment
+from smi.inversion.terms.tv_target import tv_target
 from tests.conftest import tiny_vit
 
 OPTS = {"sardfq_logit_low": 5.0, "sardfq_logit_high": 10.0, "ris_label_noise": 0.5, "p_mix": 0.4, "mix_k": 2}
@@ -28,7 +32,7 @@ def test_kde_entropy_of_a_uniform_sample_matches_the_closed_form():
     ts = [k / (P - 1) for k in range(P)]
     f = [-(p := _phi((1 - t) / h) - _phi(-t / h)) * math.log(p + 1e-4) for t in ts]
     expected = sum((f[k] + f[k + 1]) / 2 * (ts[k + 1] - ts[k]) for k in range(P - 1))
-    got = T.kde_entropy(samples, bandwidth=h, points=P)
+    got = kde_entropy(samples, bandwidth=h, points=P)
     assert got.shape == (1,)
     assert got.item() == pytest.approx(expected, rel=1e-3)
     assert expected == pytest.approx(2 * (1 / 18) * (-0.5 * math.log(0.5 + 1e-4)), rel=0.01)  # edges dominate
@@ -38,7 +42,7 @@ def test_kde_entropy_is_higher_for_spread_samples():
     g = torch.Generator().manual_seed(0)
     narrow = 0.5 + 0.001 * torch.randn(1, 500, generator=g)
     wide = torch.rand(1, 500, generator=g)
-    assert T.kde_entropy(wide) > T.kde_entropy(narrow)
+    assert kde_entropy(wide) > kde_entropy(narrow)
 
 
 def _entropy_on_grid(row: np.ndarray, lo: float, hi: float, h: float, points: int = 10) -> float:
@@ -56,7 +60,7 @@ def test_kde_entropy_evaluation_points_are_constants():
     x = (0.2 * torch.randn(2, 30, generator=g, dtype=torch.float64)).requires_grad_()
     xs = x.detach().numpy().copy()
     lo, hi, h = xs.min(), xs.max(), 0.05
-    got = T.kde_entropy(x, bandwidth=h)
+    got = kde_entropy(x, bandwidth=h)
     for r in range(2):
         assert got[r].item() == pytest.approx(_entropy_on_grid(xs[r], lo, hi, h), rel=1e-9)
     got.sum().backward()
@@ -72,7 +76,7 @@ def test_kde_entropy_evaluation_points_are_constants():
 def test_patch_similarity_entropy_uses_the_head_mean_and_off_diagonal_cosines():
     g = torch.Generator().manual_seed(1)
     attn_out = torch.randn(2, 1 + 5, 3, 4, generator=g)  # (B, T, heads, d); 1 class token, 5 patches
-    got = T.patch_similarity_entropy(attn_out, num_prefix=1)
+    got = patch_similarity_entropy(attn_out, num_prefix=1)
     sims = []
     for b in range(2):
         v = attn_out[b, 1:].mean(1).double().numpy()  # (5, 4), heads averaged
@@ -80,54 +84,57 @@ def test_patch_similarity_entropy_uses_the_head_mean_and_off_diagonal_cosines():
         sims.append([float(v[i] @ v[j]) for i in range(5) for j in range(5) if i != j])
     span = (min(map(min, sims)), max(map(max, sims)))  # one grid for the batch
     for b in range(2):
-        expected = T.kde_entropy(torch.tensor([sims[b]], dtype=torch.float64), span=span)
+        expected = kde_entropy(torch.tensor([sims[b]], dtype=torch.float64), span=span)
         assert got[b].item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_ssim_of_identical_maps_is_one_and_matches_the_formula():
     g = torch.Generator().manual_seed(2)
     x, y = torch.rand(7, generator=g, dtype=torch.float64), torch.rand(7, generator=g, dtype=torch.float64)
-    assert T.ssim_global(x, x).item() == pytest.approx(1.0)
+    assert ssim_global(x, x).item() == pytest.approx(1.0)
     xs, ys = x.numpy(), y.numpy()
     c1, c2 = 0.01**2, 0.03**2
     cov = ((xs - xs.mean()) * (ys - ys.mean())).mean()
     expected = ((2 * xs.mean() * ys.mean() + c1) * (2 * cov + c2)) / (
         (xs.mean() ** 2 + ys.mean() ** 2 + c1) * (xs.var() + ys.var() + c2))
-    assert T.ssim_global(x, y).item() == pytest.approx(expected)
+    assert ssim_global(x, y).item() == pytest.approx(expected)
 
 
 def test_head_agreement_is_zero_for_identical_heads_and_one_minus_ssim_squared_otherwise():
     g = torch.Generator().manual_seed(3)
     one = torch.softmax(torch.randn(1, 1, 4, 4, generator=g), -1)
-    assert T.head_agreement(one.expand(1, 3, 4, 4)).item() == pytest.approx(0.0, abs=1e-6)
+    assert head_agreement(one.expand(1, 3, 4, 4)).item() == pytest.approx(0.0, abs=1e-6)
     two = torch.softmax(torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64), -1)
-    norm = [(r - r.min()) / (r.max() - r.min()) for r in (two[0, 0], two[0, 1])]  # row-wise below
     rows = []
-    for q in range(4):
-        a, b = two[0, 0, q], two[0, 1, q]
+    for q in range(4):  # numpy: min-max normalize each head's row, global SSIM, 1 - SSIM^2
+        a, b = two[0, 0, q].numpy(), two[0, 1, q].numpy()
         a, b = (a - a.min()) / (a.max() - a.min()), (b - b.min()) / (b.max() - b.min())
-        rows.append(1 - T.ssim_global(a, b).item() ** 2)
-    assert norm and T.head_agreement(two).item() == pytest.approx(sum(rows) / 4)
+        cov = ((a - a.mean()) * (b - b.mean())).mean()
+        ssim = ((2 * a.mean() * b.mean() + 1e-4) * (2 * cov + 9e-4)) / (
+            (a.mean() ** 2 + b.mean() ** 2 + 1e-4) * (a.var() + b.var() + 9e-4))
+        rows.append(1 - ssim**2)
+    assert head_agreement(two).item() == pytest.approx(sum(rows) / 4)
+    assert head_agreement(two).item() > 0.01  # the two heads differ
 
 
 def test_sardfq_alignment_is_zero_on_the_prior_and_depth_weighted():
     g = torch.Generator().manual_seed(4)
-    prior = T.gaussian_mixture_attention((3, 3), heads=2, components=2, sigma=(0.5, 1.0), generator=g, batch=1)
+    prior = gaussian_mixture_attention((3, 3), heads=2, components=2, sigma=(0.5, 1.0), generator=g, batch=1)
     assert prior.shape == (1, 2, 9) and torch.allclose(prior.sum(-1), torch.ones(1, 2))
-    assert T.sardfq_attention_alignment([prior, prior], prior, None, depth=4).item() == pytest.approx(0.0)
+    assert sardfq_attention_alignment([prior, prior], prior, None, depth=4).item() == pytest.approx(0.0)
     # block 2 of 4 off by d1, block 3 of 4 off by d2: weights 3/4 and 4/4
     a1 = torch.full((1, 2, 9), 1 / 9)
     m1 = F.mse_loss(a1, prior).item()
-    got = T.sardfq_attention_alignment([a1, prior], prior, None, depth=4).item()
+    got = sardfq_attention_alignment([a1, prior], prior, None, depth=4).item()
     assert got == pytest.approx((0.75 * m1 + 1.0 * 0.0) / 1.75)
     # sparse: only the kept patches, both sides renormalized over them
     keep = torch.tensor([[0, 4, 8]])
     sub = prior[:, :, [0, 4, 8]]
-    assert T.sardfq_attention_alignment([sub], prior, keep, depth=1).item() == pytest.approx(0.0, abs=1e-12)
+    assert sardfq_attention_alignment([sub], prior, keep, depth=1).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_single_narrow_gaussian_peaks_at_the_patch_nearest_its_centre():
-    m = T.gaussian_mixture_attention((5, 5), heads=1, components=1, sigma=(0.3, 0.3),
+    m = gaussian_mixture_attention((5, 5), heads=1, components=1, sigma=(0.3, 0.3),
                                      generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)  # the centre: row then column, uniform over the grid
     cy, cx = (torch.rand(1, 1, 1, 1, generator=g).item() * 4 for _ in range(2))
@@ -141,19 +148,19 @@ def test_bn_statistics():
     x = torch.randn(64, 3, 4, 4, dtype=torch.float64)
     mean = x.mean(dim=(0, 2, 3))
     var = x.permute(1, 0, 2, 3).flatten(1).var(1, unbiased=False)
-    assert T.bn_statistics([x], [(mean, var)]).item() == pytest.approx(0.0, abs=1e-12)
+    assert bn_statistics([x], [(mean, var)]).item() == pytest.approx(0.0, abs=1e-12)
     # running mean off by 1 in every channel: ||(1, 1, 1)|| = sqrt(3); first layer x10, second x1
-    off = T.bn_statistics([x, x], [(mean + 1, var), (mean, var + 2)], first_weight=10.0).item()
+    off = bn_statistics([x, x], [(mean + 1, var), (mean, var + 2)], first_weight=10.0).item()
     assert off == pytest.approx(10 * math.sqrt(3) + 2 * math.sqrt(3))
 
 
 def test_soft_cross_entropy_equals_torch_with_probabilities():
     logits = torch.randn(5, 4)
     p = torch.softmax(torch.randn(5, 4), 1)
-    torch.testing.assert_close(T.soft_cross_entropy(logits, p), F.cross_entropy(logits, p))
+    torch.testing.assert_close(soft_cross_entropy(logits, p), F.cross_entropy(logits, p))
     y = torch.tensor([0, 1, 2, 3, 0])
-    torch.testing.assert_close(T.soft_cross_entropy(logits, F.one_hot(y, 4).float()), F.cross_entropy(logits, y))
-    assert T.tv_target(torch.tensor(7.0), 10.0).item() == 3.0
+    torch.testing.assert_close(soft_cross_entropy(logits, F.one_hot(y, 4).float()), F.cross_entropy(logits, y))
+    assert tv_target(torch.tensor(7.0), 10.0).item() == 3.0
 
 
 def test_label_samplers():
@@ -188,7 +195,7 @@ def test_rejitter_maps_kept_patches_between_views():
     keep = torch.tensor([[0, 5, 7, 10]])
     j1, j2 = Jitter(2, -4, True), Jitter(-2, 2, False)
     view1 = jitter_indices(keep, grid, patch, j1)
-    assert torch.equal(_rejitter(view1, j1, j2, grid, patch), jitter_indices(keep, grid, patch, j2))
+    assert torch.equal(rejitter(view1, j1, j2, grid, patch), jitter_indices(keep, grid, patch, j2))
 
 
 def test_weight_noise_changes_the_output_but_not_the_model():

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Jitter", "sample_jitter", "apply_jitter", "jitter_indices", "pixel_mask_from_indices"]
+__all__ = ["Jitter", "sample_jitter", "apply_jitter", "jitter_indices", "rejitter", "pixel_mask_from_indices"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,16 @@ def jitter_indices(idx: torch.Tensor, grid: tuple[int, int], patch: int, j: Jitt
     if j.flip:
         c = gw - 1 - c
     return r * gw + c
+
+
+def rejitter(idx: torch.Tensor, old: Jitter, new: Jitter, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """Indices of patches in the ``old`` view -> the same patches in the ``new`` view (via the canonical frame)."""
+    gh, gw = grid
+    r, c = torch.div(idx, gw, rounding_mode="floor"), idx % gw
+    if old.flip:
+        c = gw - 1 - c
+    r, c = (r - old.dy // patch) % gh, (c - old.dx // patch) % gw
+    return jitter_indices(r * gw + c, grid, patch, new)
 
 
 def pixel_mask_from_indices(idx: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:

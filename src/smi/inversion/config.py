@@ -7,55 +7,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from smi.errors import SmiError
+from smi.inversion.labels import CURRICULA, LABELS
+from smi.inversion.methods import METHODS
+from smi.inversion.terms import TERMS
 
-__all__ = ["SparsityConfig", "InversionConfig", "METHODS", "METHOD_DEFAULTS", "TERMS", "OPTIONS"]
+__all__ = ["SparsityConfig", "InversionConfig", "known_options"]
 
-METHODS: dict[str, str] = {
-    "deepinversion": "cross-entropy on the planned classes + total variation, jitter and flip (CVPR 2020)",
-    "psaq": "PSAQ-ViT: maximize the KDE entropy of patch similarities in every block + CE + |TV - v|; "
-            "two rounds (jitter 15/224 then 30/224 of the side), cosine lr (ECCV 2022)",
-    "sardfq": "SARDFQ: align deeper blocks' class-token attention to random Gaussian-mixture maps; "
-              "soft labels with the target logit in U(5, 10); TV (ICCV 2025)",
-    "mimiq": "MimiQ: make the attention maps of different heads agree (1 - SSIM^2) + CE + TV (AAAI 2025)",
-    "ris": "RIS: deepinversion + robustness to input and weight perturbations + diversity-aware soft labels "
-           "(AAAI 2024)",
-    "qimera-mix": "Qimera: deepinversion with boundary-supporting samples, mixtures of 2 classes with "
-                  "probability 0.4 (NeurIPS 2021)",
-    "e2h": "DFQ-ViT's easy-to-hard curriculum on deepinversion: later batches ask for less confident "
-           "targets, near a boundary with a second class (2025)",
-}
 
-# what each method changes in InversionConfig's defaults (any field can still be set explicitly)
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "deepinversion": {},
-    "psaq": dict(lr=0.2, betas=(0.5, 0.9), iterations=1000, tv_l2=0.0, rounds=(15 / 224, 30 / 224),
-                 lr_schedule="cosine", warmup=100, terms={"psaq": 1.0, "tv_target": 0.05}),
-    "sardfq": dict(labels="sardfq", tv_l2=0.0, tv_l1=0.05, terms={"sardfq": 50.0}),
-    "mimiq": dict(tv_l2=2.5e-5, terms={"mimiq": 1.0}),
-    "ris": dict(labels="ris", terms={"ris_input": 1.0, "ris_weight": 1.0}),
-    "qimera-mix": dict(labels="qimera"),
-    "e2h": dict(curriculum="e2h"),
-}
-
-TERMS: dict[str, str] = {
-    "psaq": "minus the KDE entropy of patch-to-patch cosine similarities of each block's attention output",
-    "tv_target": "|TV_l2(x) - v|, v ~ U(tv_target_low, tv_target_high) scaled to the batch and image size",
-    "sardfq": "depth-weighted MSE of the class token's attention (deeper half) to Gaussian-mixture maps",
-    "mimiq": "1 - SSIM^2 between the min-max-normalized attention rows of head pairs, every block",
-    "ris_input": "cosine distance of the teacher's features under a second jitter and Gaussian noise",
-    "ris_weight": "L1 distance of the teacher's predictions under Gaussian weight noise",
-}
-
-OPTIONS: dict[str, float] = {
-    "kde_bandwidth": 0.01, "kde_points": 10,
-    "tv_target_low": 2500.0, "tv_target_high": 3000.0,  # PSAQ-ViT's, for batch 32 at 3x224x224
-    "sardfq_components": 3, "sardfq_sigma_low": 0.5, "sardfq_sigma_high": 2.0,  # in patches
-    "sardfq_logit_low": 5.0, "sardfq_logit_high": 10.0,
-    "ris_input_noise": 0.1, "ris_weight_noise": 0.05, "ris_label_noise": 0.5,
-    "p_mix": 0.4, "mix_k": 2,
-    "e2h_min_confidence": 0.55,
-    "bn_first_weight": 10.0,
-}  # fmt: skip
+def known_options() -> dict[str, float]:
+    """Every knob a registered term, label sampler or curriculum reads, with its default."""
+    return {**TERMS.all_options(), **LABELS.all_options(), **CURRICULA.all_options()}
 
 
 @dataclass(frozen=True)
@@ -76,11 +37,11 @@ class SparsityConfig:
         its = [it for it, _ in self.stops]
         for it, ratio in self.stops:
             if not isinstance(it, int) or it < 1:
-                raise SmiError(f"stop iteration must be a positive integer, got {it!r}")
+                raise SmiError(f"stop iterations must be positive integers, got {it!r}", param="sparsity")
             if not (0.0 <= ratio < 1.0):
-                raise SmiError(f"stop ratio must be in [0, 1), got {ratio} at iteration {it}")
+                raise SmiError(f"stop ratios must be in [0, 1), got {ratio} at iteration {it}", param="sparsity")
         if its != sorted(set(its)):
-            raise SmiError(f"stop iterations must be strictly increasing, got {its}")
+            raise SmiError(f"stop iterations must be strictly increasing, got {its}", param="sparsity")
 
     @classmethod
     def parse(cls, spec: str) -> SparsityConfig:
@@ -96,8 +57,8 @@ class SparsityConfig:
                 it, ratio = part.split(":")
                 stops.append((int(it), float(ratio)))
             except ValueError:
-                raise SmiError(f"bad sparsity {spec!r}: use 'default', 'dense' or 'ITER:RATIO,...' "
-                               "such as '50:0.3,100:0.3'") from None
+                raise SmiError(f"{spec!r} is not a schedule: use 'default', 'dense' or 'ITER:RATIO,...' "
+                               "such as '50:0.3,100:0.3'", param="sparsity") from None
         return cls(stops=tuple(stops))
 
     @property
@@ -106,7 +67,8 @@ class SparsityConfig:
 
     def check_iterations(self, iterations: int) -> None:
         if self.stops and self.stops[-1][0] >= iterations:
-            raise SmiError(f"stop iteration {self.stops[-1][0]} must be smaller than iterations ({iterations})")
+            raise SmiError(f"must exceed the last stop iteration ({self.stops[-1][0]}) of the sparsity schedule, "
+                           f"got {iterations}", param="iterations")
 
     def kept_counts(self, num_patches: int) -> list[int]:
         """Patches optimized in each phase: before the first stop, after each stop."""
@@ -133,7 +95,7 @@ class InversionConfig:
     kept patch is still exactly one token after the shift (required for sparse inversion).
     """
 
-    method: str = "deepinversion"
+    method: str = "deepinversion"  # a name in smi.inversion.methods.METHODS
     iterations: int = 4000
     batch_size: int = 32
     lr: float = 0.25
@@ -147,10 +109,10 @@ class InversionConfig:
     flip: bool = True
     importance_block: int = -1
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
-    labels: str = "hard"  # label sampler, see smi.inversion.labels.LABEL_SAMPLERS
-    curriculum: str = "none"  # or "e2h": batch b of n asks for targets of difficulty b / (n - 1)
-    terms: dict[str, float] = field(default_factory=dict)  # extra loss terms and their weights (TERMS)
-    options: dict[str, float] = field(default_factory=dict)  # the terms' and samplers' knobs (OPTIONS)
+    labels: str = "hard"  # a name in smi.inversion.labels.LABELS
+    curriculum: str = "none"  # a name in smi.inversion.labels.CURRICULA; e2h: batch b of n has difficulty b/(n-1)
+    terms: dict[str, float] = field(default_factory=dict)  # extra loss terms (smi.inversion.terms.TERMS): weights
+    options: dict[str, float] = field(default_factory=dict)  # the terms', samplers' and curricula's knobs
     rounds: tuple[float, ...] = ()  # jitter per round; iterations split evenly; () = one round at `jitter`
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine restarts each round
     warmup: int = 0  # linear warm-up steps at the start of each round
@@ -158,13 +120,17 @@ class InversionConfig:
 
     @classmethod
     def for_method(cls, method: str = "deepinversion", **overrides: Any) -> InversionConfig:
-        """The method's defaults (METHOD_DEFAULTS), with ``overrides`` on top."""
-        if method not in METHODS:
-            raise SmiError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-        return cls(method=method, **{**METHOD_DEFAULTS[method], **overrides})
+        """The method's defaults (``METHODS[method].defaults``), with ``overrides`` on top.
+
+        >>> InversionConfig.for_method("psaq", lr=0.1).terms
+        {'psaq': 1.0, 'tv_target': 0.05}
+        """
+        return cls(method=method, **{**METHODS.get(method, param="method").defaults, **overrides})
 
     def option(self, name: str) -> float:
-        return self.options.get(name, OPTIONS[name])
+        if name in self.options:
+            return self.options[name]
+        return known_options()[name]
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, dict):
@@ -172,49 +138,47 @@ class InversionConfig:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         self.rounds = tuple(float(r) for r in self.rounds)  # type: ignore[assignment]
         self.terms, self.options = dict(self.terms), dict(self.options)
-        if self.method not in METHODS:
-            raise SmiError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        from smi.inversion.labels import LABEL_SAMPLERS
-
-        if self.labels not in LABEL_SAMPLERS:
-            raise SmiError(f"unknown label sampler {self.labels!r}; choose from {', '.join(LABEL_SAMPLERS)}")
-        if self.curriculum not in ("none", "e2h"):
-            raise SmiError(f"unknown curriculum {self.curriculum!r}; use none or e2h")
+        METHODS.get(self.method, param="method")
+        LABELS.get(self.labels, param="labels")
+        CURRICULA.get(self.curriculum, param="curriculum")
         for name, w in self.terms.items():
-            if name not in TERMS:
-                raise SmiError(f"unknown loss term {name!r}; choose from {', '.join(TERMS)}")
+            TERMS.get(name, param="terms")
             if not (w >= 0 and math.isfinite(w)):
-                raise SmiError(f"weight of {name} must be >= 0, got {w}")
+                raise SmiError(f"weight of {name} must be >= 0, got {w}", param="terms")
+        known = known_options()
         for name, v in self.options.items():
-            if name not in OPTIONS:
-                raise SmiError(f"unknown option {name!r}; choose from {', '.join(OPTIONS)}")
+            if name not in known:
+                raise SmiError(f"unknown option {name!r}; choose from {', '.join(known)}", param="options")
             if not math.isfinite(v):
-                raise SmiError(f"option {name} must be finite, got {v}")
+                raise SmiError(f"{name} must be finite, got {v}", param="options")
         if not 0 < self.option("p_mix") <= 1 or self.option("mix_k") < 2:
-            raise SmiError("p_mix must be in (0, 1] and mix_k >= 2")
+            raise SmiError("p_mix must be in (0, 1] and mix_k >= 2", param="options")
         if self.lr_schedule not in ("constant", "cosine"):
-            raise SmiError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
-        if self.warmup < 0 or self.bn_weight < 0:
-            raise SmiError("warmup and bn_weight must be >= 0")
+            raise SmiError(f"must be constant or cosine, got {self.lr_schedule!r}", param="lr_schedule")
+        for name in ("warmup", "bn_weight"):
+            if not getattr(self, name) >= 0:
+                raise SmiError(f"must be >= 0, got {getattr(self, name)}", param=name)
         if self.rounds and (self.iterations % len(self.rounds) or not all(0 <= r < 1 for r in self.rounds)):
-            raise SmiError(f"{len(self.rounds)} rounds need iterations divisible by it and jitters in [0, 1)")
+            raise SmiError(f"{len(self.rounds)} rounds need iterations divisible by it and jitters in [0, 1)",
+                           param="rounds")
         if self.iterations < 1:
-            raise SmiError(f"iterations must be >= 1, got {self.iterations}")
+            raise SmiError(f"must be >= 1, got {self.iterations}", param="iterations")
         if self.batch_size < 1:
-            raise SmiError(f"batch size must be >= 1, got {self.batch_size}")
+            raise SmiError(f"must be >= 1, got {self.batch_size}", param="batch_size")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise SmiError(f"learning rate must be positive, got {self.lr}")
+            raise SmiError(f"must be positive, got {self.lr}", param="lr")
         if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
-            raise SmiError(f"betas must be two numbers in [0, 1), got {self.betas}")
+            raise SmiError(f"must be two numbers in [0, 1), got {self.betas}", param="betas")
         for name in ("ce_weight", "tv_l2", "tv_l1", "l2"):
-            if getattr(self, name) < 0:
-                raise SmiError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not getattr(self, name) >= 0:
+                raise SmiError(f"must be >= 0, got {getattr(self, name)}", param=name)
         if not (0 <= self.jitter < 1):
-            raise SmiError(f"jitter must be a fraction of the side in [0, 1), got {self.jitter}")
+            raise SmiError(f"must be a fraction of the side in [0, 1), got {self.jitter}", param="jitter")
         if self.jitter_unit not in ("patch", "pixel"):
-            raise SmiError(f"jitter_unit must be 'patch' or 'pixel', got {self.jitter_unit!r}")
+            raise SmiError(f"must be 'patch' or 'pixel', got {self.jitter_unit!r}", param="jitter_unit")
         if self.jitter_unit == "pixel" and not self.sparsity.dense and self.jitter > 0:
-            raise SmiError("pixel jitter moves patches off the token grid; sparse inversion needs jitter_unit='patch'")
+            raise SmiError("must be 'patch' for sparse inversion: pixel jitter moves patches off the token grid",
+                           param="jitter_unit")
         self.sparsity.check_iterations(self.iterations)
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -14,9 +13,10 @@ from smi.errors import SmiError
 from smi.inversion.augment import apply_jitter, jitter_indices, pixel_mask_from_indices, sample_jitter
 from smi.inversion.config import InversionConfig
 from smi.inversion.recipe import Recipe
+from smi.inversion.terms import Step
 from smi.models.loading import Teacher
 from smi.models.sparse import SparseOutput, check_sparse_capable, sparse_forward
-from smi.models.training import warmup_cosine
+from smi.utils.schedule import scheduled_lr
 
 __all__ = ["Batch", "StepInfo", "invert", "valid_range"]
 
@@ -64,13 +64,6 @@ def _jitter_limit(cfg: InversionConfig, jitter: float, side: int, patch: int) ->
     return max(1, round(jitter * side / patch)), patch
 
 
-def _lr(cfg: InversionConfig, step: int, steps: int) -> float:
-    """Learning rate at ``step`` of a round of ``steps``: linear warm-up, then constant or cosine to 0."""
-    if cfg.lr_schedule == "constant" and step >= cfg.warmup:
-        return cfg.lr
-    return warmup_cosine(step, steps, cfg.warmup, cfg.lr)
-
-
 def invert(
     teacher: Teacher,
     config: InversionConfig,
@@ -113,19 +106,19 @@ def invert(
     C, H, W = teacher.input_size
     B = targets.shape[0]
     if targets.ndim != 1 or B == 0 or targets.min() < 0 or targets.max() >= teacher.num_classes:
-        raise SmiError(f"targets must be a non-empty 1-D tensor of classes in [0, {teacher.num_classes})")
+        raise SmiError(f"must be a non-empty 1-D tensor of classes in [0, {teacher.num_classes})", param="targets")
     if init is not None and tuple(init.shape) != (B, C, H, W):
-        raise SmiError(f"init has shape {tuple(init.shape)}, expected {(B, C, H, W)}")
+        raise SmiError(f"has shape {tuple(init.shape)}, expected {(B, C, H, W)}", param="init")
     targets = targets.cpu()
 
     x0 = init if init is not None else torch.randn(B, C, H, W, generator=generator)
     x = x0.to(device=device, dtype=dtype).clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
     lo, hi = (t.to(dtype) for t in valid_range(teacher.mean, teacher.std, device))
-    recipe = Recipe(config, model, targets, teacher.num_classes, generator, difficulty)
-
     patch = _patch_size(model)
     grid = (H // patch, W // patch)
+    recipe = Recipe(config, model, targets, teacher.num_classes, generator, grid=grid, patch=patch,
+                    difficulty=difficulty)
     N = grid[0] * grid[1]
     pixel_mask: torch.Tensor | None = None  # (B, 1, H, W) once a stop happened
     frozen: torch.Tensor | None = None  # pixel values at the last stop (stopped pixels stay at these)
@@ -145,25 +138,27 @@ def invert(
             return sparse_forward(vit, view, idx, importance_block=config.importance_block, return_importance=rank)
         return SparseOutput(model(view), None)  # dense: timm's own forward, fused attention where nothing reads it
 
+    def extra_forward(view: torch.Tensor, idx: torch.Tensor | None):
+        return recipe.captures.record(lambda: forward(view, idx).logits)
+
     t0 = time.perf_counter()
-    with ExitStack() as hooks:
-        recipe.install(hooks)
+    with recipe:
         for it in range(1, config.iterations + 1):
             r, step_in_round = divmod(it - 1, per_round)
             limit, unit = _jitter_limit(config, rounds[min(r, len(rounds) - 1)], min(H, W), patch)
             for g in opt.param_groups:
-                g["lr"] = _lr(config, step_in_round, per_round)
+                g["lr"] = scheduled_lr(config.lr_schedule, step_in_round, per_round, config.warmup, config.lr)
             j = sample_jitter(limit, unit, config.flip, generator)
             xj = apply_jitter(x, j)
             rank_now = it in stops
             idx_t = jitter_indices(keep, grid, patch, j) if sparse else None  # token j of image b: patch keep[b, j]
-            out = forward(xj, idx_t, rank_now)
-            loss = recipe.loss(out.logits, x, pixel_mask, idx_t, lambda v, i: forward(v, i).logits, j, limit, unit,
-                               grid, generator)
+            out, captured = recipe.captures.record(lambda: forward(xj, idx_t, rank_now))  # noqa: B023
+            loss = recipe.loss(Step(recipe.ctx, x, xj, j, limit, unit, idx_t, pixel_mask, out.logits,
+                                    captured, extra_forward))
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise SmiError(f"inversion loss became {loss_value} at iteration {it}; lower the learning rate "
-                               f"(--lr, now {config.lr}) and check that the teacher gives finite outputs")
+                raise SmiError(f"became {loss_value} at iteration {it}; lower the learning rate (now {config.lr}) "
+                               "and check that the teacher gives finite outputs", param="loss")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -187,7 +182,8 @@ def invert(
             logits = sparse_forward(vit, final, keep).logits
         else:
             logits = model(final)
-        per_image = recipe.classification(logits, reduction="none")
+        per_image = recipe.labels.cross_entropy(logits, reduction="none")
     mask = torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(1, keep, True)
+    soft = recipe.labels.soft
     return Batch(final.cpu(), mask.cpu(), recipe.labels.hard.cpu(), per_image.cpu(), seconds,
-                 None if recipe.soft is None else recipe.soft.cpu())
+                 None if soft is None else soft.cpu())

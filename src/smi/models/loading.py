@@ -118,9 +118,12 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from a .pt/.pth/.bin file without running any pickled code."""
     if path.suffix in TORCH_SUFFIXES:
         import pickle
+        import warnings
 
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing: one line only
+                warnings.simplefilter("ignore")
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
             raise SmiError(f"{path}: refused: not a plain tensor file, and smi never unpickles code "
                            f"({(str(e).splitlines() or ['?'])[0][:120]}); convert it to safetensors") from None

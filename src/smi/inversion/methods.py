@@ -1,0 +1,85 @@
+"""Named synthesis methods: frozen presets of loss terms, options, label sampler, curriculum and schedule.
+
+A method is one decorated function here that returns what it changes in
+:class:`~smi.inversion.config.InversionConfig`'s defaults; its docstring is its ``--help`` line.
+Any field can still be set explicitly on top (``InversionConfig.for_method(name, lr=0.1)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from smi.registry import Registry
+
+__all__ = ["METHODS", "Method", "register_method"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    defaults: Mapping[str, Any]  # InversionConfig fields the method sets
+
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def register_method(name: str) -> Callable[[Callable[[], dict[str, Any]]], Method]:
+    """Decorator: the function returns the method's config defaults; its docstring says what it is."""
+
+    def add(fn: Callable[[], dict[str, Any]]) -> Method:
+        method = Method(name, MappingProxyType(fn()))
+        METHODS.register(name, help=fn.__doc__ or name)(method)
+        return method
+
+    return add
+
+
+@register_method("deepinversion")
+def deepinversion() -> dict[str, Any]:
+    """Cross-entropy on the planned classes + total variation, jitter and flip (CVPR 2020)."""
+    return {}
+
+
+@register_method("psaq")
+def psaq() -> dict[str, Any]:
+    """PSAQ-ViT: maximize the KDE entropy of patch similarities in every block + CE + |TV - v|; two rounds
+    (jitter 15/224 then 30/224 of the side), cosine lr (ECCV 2022)."""
+    return dict(lr=0.2, betas=(0.5, 0.9), iterations=1000, tv_l2=0.0, rounds=(15 / 224, 30 / 224),
+                lr_schedule="cosine", warmup=100, terms={"psaq": 1.0, "tv_target": 0.05})
+
+
+@register_method("sardfq")
+def sardfq() -> dict[str, Any]:
+    """SARDFQ: align deeper blocks' class-token attention to random Gaussian-mixture maps; soft labels with the
+    target logit in U(5, 10); TV (ICCV 2025)."""
+    return dict(labels="sardfq", tv_l2=0.0, tv_l1=0.05, terms={"sardfq": 50.0})
+
+
+@register_method("mimiq")
+def mimiq() -> dict[str, Any]:
+    """MimiQ: make the attention maps of different heads agree (1 - SSIM^2) + CE + TV (AAAI 2025)."""
+    return dict(tv_l2=2.5e-5, terms={"mimiq": 1.0})
+
+
+@register_method("ris")
+def ris() -> dict[str, Any]:
+    """RIS: deepinversion + robustness to input and weight perturbations + diversity-aware soft labels
+    (AAAI 2024)."""
+    return dict(labels="ris", terms={"ris_input": 1.0, "ris_weight": 1.0})
+
+
+@register_method("qimera-mix")
+def qimera_mix() -> dict[str, Any]:
+    """Qimera: deepinversion with boundary-supporting samples, mixtures of 2 classes with probability 0.4
+    (NeurIPS 2021)."""
+    return dict(labels="qimera")
+
+
+@register_method("e2h")
+def e2h() -> dict[str, Any]:
+    """DFQ-ViT's easy-to-hard curriculum on deepinversion: later batches ask for less confident targets, near a
+    boundary with a second class (2025)."""
+    return dict(curriculum="e2h")
