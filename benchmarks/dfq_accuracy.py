@@ -20,8 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, publish  # noqa: E402
-from smi.data.eval_data import eval_dataset, evaluate  # noqa: E402
+from smi.data.eval_data import eval_dataset  # noqa: E402
 from smi.data.pool import read_manifest  # noqa: E402
+from smi.data.sources import PoolSource, parse_source  # noqa: E402
+from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig, synthesize  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.quant import QuantConfig  # noqa: E402
@@ -87,8 +89,10 @@ def main() -> None:
                     for seed in args.seeds:
                         key = f"{model_name}|{setting}|{quantizer}|{calib}|{seed}|{args.limit}"
                         if key not in done:
-                            source = pools[(calib, seed)] if calib in ("dense", "sparse") else calib
-                            done[key] = quantize_and_evaluate(teacher, QuantConfig(w, a, quantizer), source, data,
+                            source = PoolSource(pools[(calib, seed)]) if calib in ("dense", "sparse") \
+                                else parse_source(calib)
+                            cfg = QuantConfig.create(quantizer, w_bits=w, a_bits=a)
+                            done[key] = quantize_and_evaluate(teacher, cfg, source, data,
                                                               calib_images=args.calib_images, seed=seed)
                             atomic_write_json(partial_path, done)
                             print(f"{setting} {quantizer} {calib} seed {seed}: {done[key]['top1']:.2f}",

@@ -26,9 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, publish  # noqa: E402
-from smi.data.eval_data import eval_dataset, evaluate  # noqa: E402
+from smi.data.eval_data import eval_dataset  # noqa: E402
+from smi.data.sources import NoiseSource, RealSource  # noqa: E402
+from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
-from smi.inversion.config import METHODS  # noqa: E402
+from smi.inversion.methods import METHODS  # noqa: E402
+from smi.inversion.synthesis import OnlineSource  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.transfer import DistillConfig, build_student, distill  # noqa: E402
 from smi.viz import save_curves  # noqa: E402
@@ -41,7 +44,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=600.0, help="seconds of synthesis + training per contender")
     p.add_argument("--iterations", type=int, default=400,
                    help="inversion iterations per synthesized batch (sparse: the default schedule scaled to them)")
-    p.add_argument("--method", default="deepinversion", choices=list(METHODS),
+    p.add_argument("--method", default="deepinversion", choices=METHODS.names(),
                    help="synthesis method of the online contenders (its defaults, with --iterations)")
     p.add_argument("--synth-batch", type=int, default=32, help="images synthesized per epoch (online)")
     p.add_argument("--online-steps", type=int, default=50, help="training steps per online epoch")
@@ -68,8 +71,8 @@ def main() -> None:
             synthesis = InversionConfig.for_method(args.method, iterations=args.iterations,
                                                    batch_size=args.synth_batch, sparsity=stops)
         student = build_student(args.student, teacher)
-        res = distill(teacher, student, "online" if online else kind, Path(args.work) / kind, cfg,
-                      synthesis=synthesis)
+        data = OnlineSource(synthesis) if online else {"real": RealSource(), "noise": NoiseSource()}[kind]
+        res = distill(teacher, student, data, Path(args.work) / kind, cfg)
         last = res.log[-1]
         rows.append({"student": args.student, "data": kind, "top1": round(res.top1, 2), "wall_s": last["wall_s"],
                      "synthesis_s": last["synthesis_s"], "train_s": last["train_s"], "epochs": res.epochs,

@@ -27,10 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, publish  # noqa: E402
 from smi.data.eval_data import eval_dataset  # noqa: E402
 from smi.data.pool import load_pool, read_manifest  # noqa: E402
-from smi.demo import teacher_accuracy_on_pool  # noqa: E402
+from smi.data.sources import PoolSource  # noqa: E402
 from smi.errors import SmiError  # noqa: E402
+from smi.evaluation import teacher_accuracy_on_pool  # noqa: E402
 from smi.inversion import SparsityConfig, synthesize  # noqa: E402
-from smi.inversion.config import METHODS, InversionConfig  # noqa: E402
+from smi.inversion.config import InversionConfig  # noqa: E402
+from smi.inversion.methods import METHODS  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.models.sparse import check_sparse_capable  # noqa: E402
 from smi.quant import QuantConfig  # noqa: E402
@@ -67,7 +69,7 @@ def _side_by_side(dense: Path, sparse: Path | None, out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["fmnist_vit_tiny", "fmnist_resnet_tiny"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=METHODS.names())
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--images", type=int, default=32)
@@ -107,7 +109,8 @@ def main() -> None:
                     for w, a, q in SETTINGS:
                         k = f"{key}|W{w}A{a}|{q}"
                         if k not in done:
-                            done[k] = quantize_and_evaluate(teacher, QuantConfig(w, a, q), str(folder), data,
+                            cfg = QuantConfig.create(q, w_bits=w, a_bits=a)
+                            done[k] = quantize_and_evaluate(teacher, cfg, PoolSource(folder), data,
                                                             calib_images=args.images, seed=seed)["top1"]
                             atomic_write_json(partial_path, done)
                             print(f"{k}: {done[k]:.2f}", file=sys.stderr, flush=True)

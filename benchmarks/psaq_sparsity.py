@@ -22,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import publish  # noqa: E402
 from smi.data.eval_data import eval_dataset  # noqa: E402
 from smi.data.pool import load_pool, read_manifest  # noqa: E402
-from smi.demo import teacher_accuracy_on_pool  # noqa: E402
+from smi.data.sources import PoolSource  # noqa: E402
+from smi.evaluation import teacher_accuracy_on_pool  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig, synthesize  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
-from smi.quant import QuantConfig  # noqa: E402
+from smi.quant import RepQConfig  # noqa: E402
 from smi.quant.pipeline import quantize_and_evaluate  # noqa: E402
 
 SCHEDULES = {
@@ -62,7 +63,7 @@ def main() -> None:
             secs.append(float(read_manifest(folder)["seconds_total"]) / args.images)
             kept.append(pool.masks.sum(1).float().mean().item())
             recog.append(teacher_accuracy_on_pool(teacher, pool))
-            w4a4.append(quantize_and_evaluate(teacher, QuantConfig(4, 4, "repq"), str(folder), data,
+            w4a4.append(quantize_and_evaluate(teacher, RepQConfig(w_bits=4, a_bits=4), PoolSource(folder), data,
                                               calib_images=args.images, seed=seed)["top1"])
             print(f"{name} seed {seed}: kept {kept[-1]:.0f}, teacher {recog[-1]:.1f}, W4A4 {w4a4[-1]:.2f}",
                   file=sys.stderr, flush=True)

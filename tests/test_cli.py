@@ -101,3 +101,19 @@ def test_real_process_prints_no_traceback(tmp_path):
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_help_reads_every_registry(capsys):
+    """Adding a method, term, sampler, curriculum, preset or dataset shows up in --help with no CLI edit."""
+    from smi.data.eval_data import EVAL_DATASETS
+    from smi.inversion import CURRICULA, LABELS, METHODS, TERMS
+    from smi.quant import PRESETS
+
+    for command, registries in (("invert", (METHODS, TERMS, LABELS, CURRICULA)), ("quantize", (PRESETS,)),
+                                ("eval", (EVAL_DATASETS,))):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for registry in registries:
+            for name in registry.names():
+                assert name in text, (command, registry.what, name)

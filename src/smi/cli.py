@@ -28,6 +28,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _add_model(p: argparse.ArgumentParser, flag: str = "--model", what: str = "model") -> None:
+    p.add_argument(flag, default="fmnist_vit_tiny",
+                   help=f"{what}: timm model name, shipped teacher name, or a checkpoint NAME.safetensors")
+    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs the internet)")
+
+
+def _add_run(p: argparse.ArgumentParser, *, out: str | None, seed: str | None = None, overwrite: str | None = None,
+             json: bool = False) -> None:
+    """--seed, --device, --out, --overwrite and --json, as every command that has them spells them."""
+    if seed is not None:
+        p.add_argument("--seed", type=int, default=0, help=seed)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    if out is not None:
+        p.add_argument("--out", required=True, help=out)
+    if overwrite is not None:
+        p.add_argument("--overwrite", action="store_true", help=overwrite)
+    if json:
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
     from smi.models.training import TeacherTrainConfig, train_teacher
 
@@ -46,9 +66,7 @@ def _add_train_teacher(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=24, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed for shuffling, augmentation and init")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, log, final weights)")
+    _add_run(p, out="run folder (checkpoints, log, final weights)", seed="seed for shuffling, augmentation and init")
     p.set_defaults(func=_cmd_train_teacher, parser=p)
 
 
@@ -83,9 +101,14 @@ def _inversion_config(args: argparse.Namespace):
 def _add_inversion_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """Synthesis options, shared by `smi invert` and `smi distill --online` (there with ``--synth-`` names).
 
-    Options left unset take the method's default (`smi invert --help` lists the methods).
+    Options left unset take the method's default (`smi invert --help` lists the methods). Every choice is
+    read from the registries (smi.inversion.METHODS, TERMS, LABELS, CURRICULA).
     """
-    p.add_argument("--method", default="deepinversion", help="synthesis method (see `smi invert --help`)")
+    from smi.inversion import CURRICULA, LABELS, METHODS, TERMS
+    from smi.inversion.config import known_options
+
+    p.add_argument("--method", default="deepinversion",
+                   help=f"synthesis method: {', '.join(METHODS.names())} (see `smi invert --help`)")
     p.add_argument(f"--{prefix}batch-size", dest="synth_batch_size", type=int, default=32,
                    help="images optimized together")
     p.add_argument("--iterations", type=int, help="optimisation steps per batch (default: 4000; psaq 2 x 500)")
@@ -102,14 +125,14 @@ def _add_inversion_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--jitter-unit", choices=["patch", "pixel"], default="patch",
                    help="round shifts to whole patches (needed for sparse) or use pixels (dense only)")
     p.add_argument("--no-flip", action="store_true", help="disable the random horizontal flip")
-    p.add_argument("--labels", help="label sampler: hard, sardfq, ris, qimera (default: the method's)")
-    p.add_argument("--curriculum", help="none or e2h (default: the method's)")
+    p.add_argument("--labels", help=f"label sampler: {', '.join(LABELS.names())} (default: the method's)")
+    p.add_argument("--curriculum", help=f"{', '.join(CURRICULA.names())} (default: the method's)")
     p.add_argument("--term", action="append", metavar="NAME=WEIGHT",
-                   help="add or reweigh a loss term (repeatable): psaq, tv_target, sardfq, mimiq, ris_input, "
-                        "ris_weight; e.g. --term ris_input=1 adds RIS's input robustness to any method")
+                   help=f"add or reweigh a loss term (repeatable): {', '.join(TERMS.names())}; e.g. "
+                        "--term ris_input=1 adds RIS's input robustness to any method")
+    opts = ", ".join(f"{k}={v:g}" for k, v in known_options().items())
     p.add_argument("--option", action="append", metavar="NAME=VALUE",
-                   help="a knob of a term or sampler (repeatable), e.g. --option p_mix=0.5; see "
-                        "smi.inversion.config.OPTIONS")
+                   help=f"a knob of a term, sampler or curriculum (repeatable); defaults: {opts}")
 
 
 def _cmd_invert(args: argparse.Namespace) -> int:
@@ -118,8 +141,6 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     from smi.models.loading import load_teacher
 
     cfg = _inversion_config(args)
-    if args.num_images < 1:
-        raise SmiError(f"--num-images must be positive, got {args.num_images}")
     dist = from_env(args.device)  # torchrun: one process per rank, gloo on CPU, nccl on CUDA
     device = dist.device
     try:
@@ -137,9 +158,12 @@ def _cmd_invert(args: argparse.Namespace) -> int:
 
 
 def _add_invert(sub: argparse._SubParsersAction) -> None:
-    from smi.inversion import METHODS
+    from smi.inversion import CURRICULA, LABELS, METHODS, TERMS
 
     methods = METHODS.help_lines()
+    methods += f"\n\nloss terms (--term NAME=WEIGHT):\n{TERMS.help_lines()}"
+    methods += f"\n\nlabel samplers (--labels):\n{LABELS.help_lines()}"
+    methods += f"\n\ncurricula (--curriculum):\n{CURRICULA.help_lines()}"
     methods += ("\n\nEvery method runs dense or sparse (--sparsity); psaq, sardfq and mimiq read attention, so "
                 "they need a ViT; on a CNN teacher with BatchNorm every method adds DeepInversion's batch-norm prior.")
     p = sub.add_parser(
@@ -147,15 +171,11 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
         description=f"Synthesize images by model inversion, dense or sparse.\n\nmethods:\n{methods}\n\n"
         "Rerunning the same command on the same --out resumes; a folder made with other settings is refused.",
     )
-    p.add_argument("--model", default="fmnist_vit_tiny",
-                   help="timm model name, shipped teacher name, or path to a checkpoint .safetensors")
-    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs internet)")
+    _add_model(p, what="teacher")
     p.add_argument("--num-images", type=int, default=32, help="images to synthesize")
     _add_inversion_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of targets, initial noise and jitter")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    p.add_argument("--out", required=True, help="pool folder to write (or resume)")
-    p.add_argument("--overwrite", action="store_true", help="replace a pool made with other settings")
+    _add_run(p, out="pool folder to write (or resume)", seed="seed of targets, initial noise and jitter",
+             overwrite="replace a pool made with other settings")
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     p.set_defaults(func=_cmd_invert, parser=p)
 
@@ -163,22 +183,25 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
 def _cmd_distill(args: argparse.Namespace) -> int:
     import json
 
+    from smi.data.sources import NoiseSource, PoolSource, RealSource
+    from smi.inversion.synthesis import OnlineSource
     from smi.models.loading import load_teacher
     from smi.transfer import DistillConfig, build_student, distill
 
-    cfg = DistillConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
-        temperature=args.temperature, ce_weight=args.ce_weight, steps_per_epoch=args.steps_per_epoch,
-        online_steps=args.online_steps, augment=not args.no_augment, linear_probe=args.linear_probe,
-        time_budget_s=args.time_budget, eval_images=args.eval_images, seed=args.seed,
-    )
-    synthesis = _inversion_config(args) if args.online else None
-    data = "online" if args.online else "real" if args.real else "noise" if args.noise else args.pool
+    with _flags(args, time_budget_s="time_budget"):
+        cfg = DistillConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+            temperature=args.temperature, ce_weight=args.ce_weight, steps_per_epoch=args.steps_per_epoch,
+            online_steps=args.online_steps, augment=not args.no_augment, linear_probe=args.linear_probe,
+            time_budget_s=args.time_budget, eval_images=args.eval_images, seed=args.seed,
+        )
+    data = (OnlineSource(_inversion_config(args)) if args.online else RealSource() if args.real
+            else NoiseSource() if args.noise else PoolSource(args.pool))
     teacher = load_teacher(args.teacher, pretrained=args.pretrained, device=args.device)
     arch = args.student or (None if args.student_checkpoint else "fmnist_vit_mini")
     student = build_student(arch, teacher, checkpoint=args.student_checkpoint, linear_probe=args.linear_probe,
                             seed=args.seed, device=args.device)
-    result = distill(teacher, student, data, args.out, cfg, synthesis=synthesis,
+    result = distill(teacher, student, data, args.out, cfg,
                      eval_data=None if args.eval_data == "none" else args.eval_data, device=args.device,
                      overwrite=args.overwrite)
     summary = {"out": str(result.out), "top1": result.top1, "wall_s": result.wall_s, "epochs": result.epochs,
@@ -202,8 +225,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
         "for comparison. Images of a sparse pool reach both models as their kept patches only. Evaluates on real "
         "test data after each epoch, checkpoints each epoch, and resumes when rerun with the same --out.",
     )
-    p.add_argument("--teacher", default="fmnist_vit_tiny", help="teacher spec (timm name, shipped name, checkpoint)")
-    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights for the teacher (internet)")
+    _add_model(p, "--teacher", "teacher")
     p.add_argument("--student", help="timm architecture of the student, built for the teacher's classes and input "
                                      "size (default: fmnist_vit_mini, or the checkpoint's)")
     p.add_argument("--student-checkpoint", help="start from this smi checkpoint (NAME.safetensors + NAME.json)")
@@ -233,11 +255,9 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-images", type=int, help="evaluate on the first N test images (default: all)")
     group = p.add_argument_group("synthesis (with --online)")
     _add_inversion_args(group, prefix="synth-")
-    p.add_argument("--seed", type=int, default=0, help="seed of the student's init, batches, augmentation, synthesis")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--out", required=True, help="run folder (checkpoint, log, plot, student; resumable)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run made with other settings")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_run(p, out="run folder (checkpoint, log, plot, student; resumable)",
+             seed="seed of the student's init, batches, augmentation, synthesis",
+             overwrite="replace a run made with other settings", json=True)
     p.set_defaults(func=_cmd_distill, parser=p)
 
 
@@ -257,7 +277,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, default=1000,
                    help="optimisation steps, more than 300 (the paper uses 4000; the demo keeps its stopping "
                         "schedule, whose last stop is at 300)")
-    p.add_argument("--device", default="cpu", help="torch device")
+    _add_run(p, out=None)
     p.add_argument("--distill-seconds", type=float, default=120.0,
                    help="wall-time budget of the short distillation run at the end")
     p.add_argument("--out", default="demo_out", help="output folder")
@@ -267,52 +287,52 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import json
 
+    from smi.data.sources import parse_source
     from smi.models.loading import load_teacher
     from smi.quant import QuantConfig
-    from smi.quant.calibration import calibration_set
-    from smi.quant.io import save_quantized
-    from smi.quant.pipeline import quantize_from
+    from smi.quant.pipeline import quantize_teacher
 
-    cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, quantizer=args.quantizer)
-    teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
-    calib = calibration_set(teacher, args.calib, args.calib_images, seed=args.seed)
-    model, seen = quantize_from(teacher.model, cfg, calib, batch_size=args.batch_size, progress=True)
-    extra = {"calibration": {"source": calib.source, "images": seen, "seed": args.seed,
-                             "sparse": calib.masks is not None}}
-    folder = save_quantized(model, args.out, teacher, extra=extra)
-    summary = {"out": str(folder), **cfg.to_dict(), **extra["calibration"]}
+    with _flags(args, num_images="calib_images", source="calib"):
+        cfg = QuantConfig.create(args.quantizer, w_bits=args.w_bits, a_bits=args.a_bits)
+        source = parse_source(args.calib)
+        teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
+        res = quantize_teacher(teacher, cfg, source, num_images=args.calib_images, seed=args.seed,
+                               batch_size=args.batch_size, out=args.out, progress=True)
+    calib = res.calibration
+    summary = {"out": str(res.folder), **cfg.to_dict(), "source": calib.source, "images": len(calib.images),
+               "seed": args.seed, "sparse": calib.masks is not None}
     print(json.dumps(summary) if args.json else
-          f"quantized {teacher.spec} to W{cfg.w_bits}A{cfg.a_bits} ({cfg.quantizer}) on {seen} "
-          f"{'sparse ' if calib.masks is not None else ''}{calib.source} images -> {folder}")
+          f"quantized {teacher.spec} to W{cfg.w_bits}A{cfg.a_bits} ({cfg.name}) on {len(calib.images)} "
+          f"{'sparse ' if calib.masks is not None else ''}{calib.source} images -> {res.folder}")
     return 0
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
-    from smi.quant import QUANTIZERS
+    from smi.quant import PRESETS
 
-    text = "\n".join(f"  {k:<10} {v}" for k, v in QUANTIZERS.items())
     p = sub.add_parser("quantize", help="post-training quantization calibrated on a pool, real images or noise",
                        formatter_class=_Formatter,
-                       description=f"Fake-quantize a ViT (prepare -> calibrate -> convert).\n\nquantizers:\n{text}")
-    p.add_argument("--model", default="fmnist_vit_tiny", help="teacher spec (timm name, shipped name, checkpoint)")
-    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs internet)")
-    p.add_argument("--calib", required=True, help="POOL_DIR (synthetic pool), 'real' (training images) or 'noise'")
+                       description="Fake-quantize a ViT (prepare -> calibrate -> convert).\n\nquantizer presets:\n"
+                       f"{PRESETS.help_lines(width=10)}")
+    _add_model(p)
+    p.add_argument("--calib", required=True,
+                   help="POOL_DIR (a synthetic pool; pool:PATH if the folder is called real or noise), 'real' "
+                        "(training images) or 'noise'")
     p.add_argument("--calib-images", type=int, default=32, help="calibration images")
     p.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8")
     p.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8")
-    p.add_argument("--quantizer", default="baseline", help="quantizer preset (see above)")
+    p.add_argument("--quantizer", default="baseline", help=f"quantizer preset: {', '.join(PRESETS.names())}")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
-    p.add_argument("--seed", type=int, default=0, help="seed of the real/noise calibration draw")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--out", required=True, help="folder for quantized.safetensors and quantized.json")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_run(p, out="folder for quantized.safetensors and quantized.json", seed="seed of the real/noise draw",
+             json=True)
     p.set_defaults(func=_cmd_quantize, parser=p)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from smi.data.eval_data import eval_dataset, evaluate
+    from smi.data.eval_data import eval_dataset
+    from smi.evaluation import evaluate
     from smi.models.loading import load_teacher
 
     teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
@@ -333,14 +353,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="top-1/top-5 of a model (or its quantized copy) on real data",
                        formatter_class=_Formatter)
-    p.add_argument("--model", default="fmnist_vit_tiny", help="teacher spec (timm name, shipped name, checkpoint)")
-    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs internet)")
+    _add_model(p)
     p.add_argument("--quantized", help="folder written by `smi quantize` for this model")
     p.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--batch-size", type=int, default=250, help="evaluation batch size")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--json", action="store_true", help="print one JSON object with top1, top5, n")
+    _add_run(p, out=None, json=True)
     p.set_defaults(func=_cmd_eval, parser=p)
 
 

@@ -6,31 +6,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from smi.data.fashion_mnist import load_fashion_mnist
-from smi.data.pool import SyntheticPool, load_pool
+from smi.data.eval_data import eval_dataset
+from smi.data.pool import load_pool
+from smi.data.sources import PoolSource, RealSource
+from smi.evaluation import evaluate, teacher_accuracy_on_pool
 from smi.inversion.config import InversionConfig, SparsityConfig
-from smi.inversion.synthesis import synthesize
+from smi.inversion.synthesis import OnlineSource, synthesize
 from smi.models.loading import Teacher, load_teacher
-from smi.models.sparse import mask_to_indices, sparse_forward
-from smi.models.training import evaluate_top1
 
-__all__ = ["teacher_accuracy_on_pool", "run_demo"]
-
-
-@torch.no_grad()
-def teacher_accuracy_on_pool(teacher: Teacher, pool: SyntheticPool, batch_size: int = 256) -> float:
-    """Percent of pool images the teacher classifies as their target, seeing kept patches only."""
-    correct = 0
-    for i in range(0, len(pool), batch_size):
-        x, m, y = pool.images[i:i + batch_size], pool.masks[i:i + batch_size], pool.labels[i:i + batch_size]
-        if m.all():
-            logits = teacher.model(x)
-        else:
-            logits = sparse_forward(teacher.model, x, mask_to_indices(m)).logits
-        correct += (logits.argmax(-1) == y).sum().item()
-    return 100.0 * correct / len(pool)
+__all__ = ["run_demo"]
 
 
 def run_demo(out: str | Path = "demo_out", model: str = "fmnist_vit_tiny", num_images: int = 32,
@@ -47,8 +31,9 @@ def run_demo(out: str | Path = "demo_out", model: str = "fmnist_vit_tiny", num_i
     teacher = load_teacher(model, device=device)
     report: dict[str, Any] = {}
     if teacher.num_classes == 10 and teacher.input_size == (1, 28, 28):  # a Fashion-MNIST teacher
-        x, y = load_fashion_mnist("test")
-        report["teacher_test_top1"] = evaluate_top1(teacher.model, x, y, teacher.mean, teacher.std, device=device)
+        test = eval_dataset("fashion-mnist", teacher)
+        res = evaluate(teacher.model, test, batch_size=500, device=device, progress=False)
+        report["teacher_test_top1"] = res["top1"]
         print(f"teacher {model}: {sum(p.numel() for p in teacher.model.parameters()) / 1e6:.2f} M parameters, "
               f"{report['teacher_test_top1']:.2f} % top-1 on the 10,000 Fashion-MNIST test images")
     for name, cfg in configs.items():
@@ -87,8 +72,8 @@ def _distillation_demo(teacher: Teacher, out: Path, device: str, teacher_top1: f
                                 sparsity=SparsityConfig().scaled(iterations / 4000))
     cfg = DistillConfig(epochs=1000, lr_schedule="constant", steps_per_epoch=50, time_budget_s=budget)
     print(f"\ndata-free distillation into fmnist_vit_mini (online, sparse synthesis, {budget:.0f} s budget)")
-    res = distill(teacher, build_student("fmnist_vit_mini", teacher, device=device), "online", out, cfg,
-                  synthesis=synthesis, device=device, overwrite=True)
+    res = distill(teacher, build_student("fmnist_vit_mini", teacher, device=device), OnlineSource(synthesis), out,
+                  cfg, device=device, overwrite=True)
     print(f"student top-1 {res.top1:.2f} % after {res.wall_s:.0f} s and {res.log[-1]['images']} synthetic images "
           f"(teacher {teacher_top1:.2f} %); plot: {res.plot}")
     return {"top1": res.top1, "wall_s": res.wall_s, "images": res.log[-1]["images"], "plot": str(res.plot)}
@@ -97,8 +82,7 @@ def _distillation_demo(teacher: Teacher, out: Path, device: str, teacher_top1: f
 def _quantization_demo(teacher: Teacher, sparse_pool: str, num_images: int, device: str,
                        fp32_top1: float) -> list[dict[str, Any]]:
     """W8A8 and W4A8 calibrated on the sparse pool, beside real-data calibration and FP32."""
-    from smi.data.eval_data import eval_dataset
-    from smi.quant import QuantConfig
+    from smi.quant import BaselineConfig
     from smi.quant.pipeline import quantize_and_evaluate
 
     data = eval_dataset("fashion-mnist", teacher)
@@ -107,9 +91,10 @@ def _quantization_demo(teacher: Teacher, sparse_pool: str, num_images: int, devi
           "top-1 on the 10,000 test images)")
     print(f"{'':8}{'sparse synthetic':>18}{'real images':>14}")
     for w, a in ((8, 8), (4, 8)):
-        cfg = QuantConfig(w, a)
-        syn = quantize_and_evaluate(teacher, cfg, sparse_pool, data, calib_images=num_images, device=device)
-        real = quantize_and_evaluate(teacher, cfg, "real", data, calib_images=num_images, device=device)
+        cfg = BaselineConfig(w_bits=w, a_bits=a)
+        syn = quantize_and_evaluate(teacher, cfg, PoolSource(sparse_pool), data, calib_images=num_images,
+                                    device=device)
+        real = quantize_and_evaluate(teacher, cfg, RealSource(), data, calib_images=num_images, device=device)
         rows.append({"w_bits": w, "a_bits": a, "sparse_synthetic": syn["top1"], "real": real["top1"]})
         print(f"W{w}A{a}{'':4}{syn['top1']:17.2f}%{real['top1']:13.2f}%")
     print(f"FP32{'':4}{fp32_top1:17.2f}%{fp32_top1:13.2f}%")

@@ -6,18 +6,17 @@ import timm
 import torch
 
 from smi.data import load_pool
+from smi.data.eval_data import eval_dataset
 from smi.data.fashion_mnist import load_fashion_mnist
-from smi.demo import teacher_accuracy_on_pool
+from smi.evaluation import evaluate, teacher_accuracy_on_pool
 from smi.inversion import InversionConfig, SparsityConfig, synthesize
 from smi.models.loading import load_teacher
 from smi.models.teachers import WEIGHTS_DIR
-from smi.models.training import evaluate_top1
 
 
 def test_accuracy_on_all_10000_test_images():
     teacher = load_teacher("fmnist_vit_tiny")
-    x, y = load_fashion_mnist("test")
-    top1 = evaluate_top1(teacher.model, x, y, teacher.mean, teacher.std)
+    top1 = evaluate(teacher.model, eval_dataset("fashion-mnist", teacher), progress=False)["top1"]
     meta = json.loads((WEIGHTS_DIR / "fmnist_vit_tiny.json").read_text())
     assert top1 >= 88.0
     assert abs(top1 - meta["test_top1"]) < 0.05  # the metadata's figure is what the weights give
@@ -49,7 +48,7 @@ def test_teacher_recognizes_its_own_sparse_synthetic_images(tmp_path):
 
 
 def test_w8a8_is_within_half_a_point_of_fp32_on_real_data():
-    from smi.data.eval_data import eval_dataset, evaluate
+    from smi.data.sources import RealSource
     from smi.quant import QuantConfig
     from smi.quant.pipeline import quantize_and_evaluate
 
@@ -57,7 +56,8 @@ def test_w8a8_is_within_half_a_point_of_fp32_on_real_data():
     data = eval_dataset("fashion-mnist", teacher, limit=2000)
     fp32 = evaluate(teacher.model, data, progress=False)["top1"]
     for quantizer in ("baseline", "repq"):
-        q = quantize_and_evaluate(teacher, QuantConfig(8, 8, quantizer), "real", data, calib_images=32)
+        cfg = QuantConfig.create(quantizer, w_bits=8, a_bits=8)
+        q = quantize_and_evaluate(teacher, cfg, RealSource(), data, calib_images=32)
         assert abs(q["top1"] - fp32) <= 0.5, (quantizer, q["top1"], fp32)
 
 
@@ -65,8 +65,8 @@ def test_shipped_cnn_teacher_accuracy_timm_loading_and_bn_inversion(monkeypatch)
     """fmnist_resnet_tiny: 89.66 % on all 10,000 test images, loads through timm offline, inverts with the BN prior."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     teacher = load_teacher("fmnist_resnet_tiny")
-    x, y = load_fashion_mnist("test")
-    top1 = evaluate_top1(teacher.model, x, y, teacher.mean, teacher.std)
+    x, _ = load_fashion_mnist("test")
+    top1 = evaluate(teacher.model, eval_dataset("fashion-mnist", teacher), progress=False)["top1"]
     meta = json.loads((WEIGHTS_DIR / "fmnist_resnet_tiny.json").read_text())
     assert top1 >= 89.0 and abs(top1 - meta["test_top1"]) < 0.05
     cfg = timm.models.get_pretrained_cfg("fmnist_resnet_tiny")

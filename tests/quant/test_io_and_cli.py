@@ -6,12 +6,14 @@ import torch
 from PIL import Image
 
 from smi.cli import main
-from smi.data.eval_data import eval_dataset, evaluate
+from smi.data.eval_data import eval_dataset
 from smi.errors import SmiError
+from smi.evaluation import evaluate
 from smi.inversion import InversionConfig, SparsityConfig, synthesize
 from smi.models.loading import load_teacher
-from smi.quant import QuantConfig, calibrate, convert, prepare
-from smi.quant.calibration import calibration_forward, calibration_set
+from smi.quant import BaselineConfig, calibrate, convert, prepare
+from smi.quant.api import calibration_forward
+from smi.quant.calibration import calibration_set
 from smi.quant.io import load_quantized, save_quantized
 from tests.helpers import write_tiny_checkpoint
 
@@ -31,7 +33,7 @@ def sparse_pool(ckpt, tmp_path):
 def _quantize(ckpt, source, n=8):
     teacher = load_teacher(ckpt)
     calib = calibration_set(teacher, source, n)
-    model = prepare(teacher.model, QuantConfig(4, 4))
+    model = prepare(teacher.model, BaselineConfig(w_bits=4, a_bits=4))
     calibrate(model, calib.batches(4), forward=calibration_forward)
     return teacher, convert(model), calib
 
@@ -46,7 +48,14 @@ def test_save_load_round_trip_gives_the_same_outputs(ckpt, sparse_pool, tmp_path
     again, meta = load_quantized(tmp_path / "q", load_teacher(ckpt))
     with torch.no_grad():
         torch.testing.assert_close(again(x), ref, rtol=0, atol=0)
-    assert meta["config"] == {"w_bits": 4, "a_bits": 4, "quantizer": "baseline"}
+    assert meta["config"] == {"preset": "baseline", "version": 1, "w_bits": 4, "a_bits": 4}
+    # a folder written before presets were types says {"quantizer": NAME}: it still loads, to the same outputs
+    legacy = json.loads((tmp_path / "q" / "quantized.json").read_text())
+    legacy["config"] = {"w_bits": 4, "a_bits": 4, "quantizer": "baseline"}
+    (tmp_path / "q" / "quantized.json").write_text(json.dumps(legacy))
+    old, _ = load_quantized(tmp_path / "q", load_teacher(ckpt))
+    with torch.no_grad():
+        torch.testing.assert_close(old(x), ref, rtol=0, atol=0)
 
 
 def test_sparse_calibration_sees_only_kept_patches(ckpt, sparse_pool):
@@ -59,7 +68,7 @@ def test_sparse_calibration_sees_only_kept_patches(ckpt, sparse_pool):
         stopped = ~calib.masks  # (N, 16)
         px = stopped.view(8, 1, 4, 1, 4, 1).expand(-1, 3, -1, 8, -1, 8).reshape(8, 3, 32, 32)
         images[px] = fill
-        model = prepare(load_teacher(ckpt).model, QuantConfig())
+        model = prepare(load_teacher(ckpt).model, BaselineConfig())
         calibrate(model, [(images, calib.masks)], forward=calibration_forward)
         maxes.append(model.patch_embed.proj.input_quant.max_val.item())
     assert maxes[0] == maxes[1]
@@ -72,7 +81,7 @@ def test_pool_from_another_teacher_is_refused(ckpt, sparse_pool, tmp_path):
 
 
 def test_more_calibration_images_than_the_pool(ckpt, sparse_pool):
-    with pytest.raises(SmiError, match="larger than the pool"):
+    with pytest.raises(SmiError, match="must be at most the 8 images of the pool"):
         calibration_set(load_teacher(ckpt), str(sparse_pool), 9)
 
 
@@ -134,7 +143,7 @@ def test_cli_empty_pool(ckpt, tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("data,needle", [("mnist", "unknown --data"), ("imagefolder", "needs a path"),
+@pytest.mark.parametrize("data,needle", [("mnist", "is not a known dataset"), ("imagefolder", "needs a path"),
                                          ("imagefolder:/nonexistent", "does not exist")])
 def test_cli_eval_bad_data(ckpt, capsys, data, needle):
     assert main(["eval", "--model", ckpt, "--data", data]) == 2

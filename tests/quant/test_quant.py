@@ -6,7 +6,7 @@ from timm.layers import Attention
 
 from smi.errors import SmiError
 from smi.models.sparse import sparse_forward
-from smi.quant import QuantConfig, convert, prepare, quantize_
+from smi.quant import BaselineConfig, QuantConfig, RepQConfig, convert, prepare, quantize_
 from smi.quant.modules import QuantAttention, QuantLinear
 from smi.quant.quantizers import ActQuantizer, fake_quantize, quantize_weight
 from tests.conftest import tiny_vit
@@ -19,7 +19,7 @@ def _x(n=4, seed=0):
 def test_prepared_model_computes_the_float_function():
     model = tiny_vit()
     ref = model(_x())
-    prepare(model, QuantConfig(4, 4))
+    prepare(model, BaselineConfig(w_bits=4, a_bits=4))
     assert isinstance(model.blocks[0].attn, QuantAttention) and isinstance(model.blocks[0].mlp.fc1, QuantLinear)
     assert isinstance(model.head, QuantLinear)
     with torch.no_grad():
@@ -28,7 +28,7 @@ def test_prepared_model_computes_the_float_function():
 
 def test_quant_attention_equals_timm_attention_before_rounding():
     attn = Attention(32, num_heads=4, qkv_bias=True).eval()
-    q = QuantAttention(copy.deepcopy(attn), QuantConfig())
+    q = QuantAttention(copy.deepcopy(attn), BaselineConfig())
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         torch.testing.assert_close(q(x), attn(x), atol=1e-6, rtol=1e-5)
@@ -66,13 +66,14 @@ def test_w8a8_is_close_to_float_and_low_bits_are_not():
         ref = model(x)
         errs = {}
         for bits in (8, 3):
-            m = quantize_(copy.deepcopy(model), QuantConfig(bits, bits), [_x(8, seed=1), _x(8, seed=2)])
+            cfg = BaselineConfig(w_bits=bits, a_bits=bits)
+            m = quantize_(copy.deepcopy(model), cfg, [_x(8, seed=1), _x(8, seed=2)])
             errs[bits] = ((m(x) - ref).norm() / ref.norm()).item()
     assert errs[8] < 0.05 and errs[3] > 2 * errs[8]
 
 
 def test_quantized_model_runs_token_sparse():
-    model = quantize_(tiny_vit(), QuantConfig(8, 8), [_x(4)])
+    model = quantize_(tiny_vit(), BaselineConfig(w_bits=8, a_bits=8), [_x(4)])
     idx = torch.tensor([[0, 3, 5, 9]] * 2)
     with torch.no_grad():
         out = sparse_forward(model, _x(2), idx)
@@ -80,15 +81,46 @@ def test_quantized_model_runs_token_sparse():
 
 
 def test_convert_without_calibration_is_a_clear_error():
-    model = prepare(tiny_vit(), QuantConfig())
+    model = prepare(tiny_vit(), BaselineConfig())
     with pytest.raises(RuntimeError, match="calibration"):
         convert(model)
 
 
-@pytest.mark.parametrize("kwargs", [dict(w_bits=1), dict(a_bits=9), dict(quantizer="nope")])
-def test_bad_config(kwargs):
-    with pytest.raises(SmiError):
-        QuantConfig(**kwargs)
+@pytest.mark.parametrize("kwargs,match", [(dict(w_bits=1), "w_bits must be an integer from 2 to 8"),
+                                          (dict(a_bits=9), "a_bits must be"), (dict(a_bits=True), "a_bits")])
+def test_bad_config(kwargs, match):
+    with pytest.raises(SmiError, match=match):
+        RepQConfig(**kwargs)
+    with pytest.raises(SmiError, match="unknown quantizer preset 'nope'"):
+        QuantConfig.create("nope")
+    with pytest.raises(SmiError, match="abstract"):
+        QuantConfig()
+
+
+@pytest.mark.parametrize("cls", [BaselineConfig, RepQConfig])
+def test_configs_round_trip_through_json_and_old_folders_still_load(cls):
+    import json
+
+    from smi.quant import PRESETS
+
+    cfg = cls(w_bits=4, a_bits=6)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["preset"] == cls.name and d["version"] == 1 and PRESETS.get(cls.name) is cls
+    assert QuantConfig.from_dict(d) == cfg and type(QuantConfig.from_dict(d)) is cls
+    legacy = {"w_bits": 4, "a_bits": 6, "quantizer": cls.name}  # what smi wrote before presets were types
+    assert QuantConfig.from_dict(legacy) == cfg
+    with pytest.raises(SmiError, match="newer"):
+        QuantConfig.from_dict({**d, "version": 99})
+
+
+def test_the_config_lives_in_the_wrapped_modules_not_on_the_model():
+    from smi.quant import config_of
+
+    model = quantize_(tiny_vit(), RepQConfig(w_bits=8, a_bits=8), [_x(4)])
+    assert config_of(model) == RepQConfig(w_bits=8, a_bits=8)
+    assert not hasattr(model, "smi_quant_config")
+    with pytest.raises(SmiError, match="not quantized"):
+        config_of(tiny_vit())
 
 
 def test_cnn_gets_every_conv_and_linear_quantized():
@@ -101,7 +133,7 @@ def test_cnn_gets_every_conv_and_linear_quantized():
     x = torch.randn(8, 3, 32, 32)
     ref = model(x)
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    q = quantize_(copy.deepcopy(model), QuantConfig(8, 8), [x])
+    q = quantize_(copy.deepcopy(model), BaselineConfig(w_bits=8, a_bits=8), [x])
     assert sum(isinstance(m, QuantConv2d) for m in q.modules()) == convs
     assert isinstance(q.fc, QuantLinear)
     out = q(x)

@@ -3,14 +3,14 @@ import copy
 import torch
 
 from smi.models.loading import load_teacher
-from smi.quant import QuantConfig, calibrate, convert, prepare
-from smi.quant.api import _ln_linear_pairs, reparameterize_
+from smi.quant import RepQConfig, calibrate, convert, prepare
 from smi.quant.io import load_quantized, save_quantized
+from smi.quant.presets.repq import ln_linear_pairs, reparameterize_
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer, mse_weight_scale, quantize_weight
 from tests.conftest import tiny_vit
 from tests.helpers import write_tiny_checkpoint
 
-REPQ = QuantConfig(4, 4, "repq")
+REPQ = RepQConfig(w_bits=4, a_bits=4)
 
 
 def _x(n=8, seed=0):
@@ -31,21 +31,26 @@ def _set_modes(model, mode):
 
 
 def test_reparameterized_model_computes_the_same_function_before_rounding():
-    ref_model = tiny_vit()
-    with torch.no_grad():
-        ref = ref_model(_x())
-    model = _calibrated()
-    # give the LayerNorms a non-trivial affine so the fold has something to do
-    for norm, _ in _ln_linear_pairs(model):
-        norm.weight.data.uniform_(0.5, 1.5)
-        norm.bias.data.uniform_(-0.3, 0.3)
-    unrep = copy.deepcopy(model)
+    """With quantizers off, the folded model equals the float timm model it came from (non-trivial LN affine)."""
+    float_model = tiny_vit()
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # give the LayerNorms a non-trivial affine so the fold has something to do
+        for blk in float_model.blocks:
+            for norm in (blk.norm1, blk.norm2):
+                norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=g))
+                norm.bias.copy_(0.6 * torch.rand(norm.bias.shape, generator=g) - 0.3)
+        ref = float_model(_x())
+    model = _calibrated(copy.deepcopy(float_model))
     reparameterize_(model)
+    assert len(ln_linear_pairs(model)) == 4 and all(lin.role == "ln_out_reparameterized"
+                                                     for _, lin in ln_linear_pairs(model))
+    assert not torch.allclose(model.blocks[0].norm1.weight, float_model.blocks[0].norm1.weight)  # it did fold
     _set_modes(model, "off")
-    _set_modes(unrep, "off")
+    for m in model.modules():
+        if hasattr(m, "w_quant"):
+            m.w_quant = False  # float weights (reparameterized)
     with torch.no_grad():
-        torch.testing.assert_close(model(_x()), unrep(_x()), atol=1e-4, rtol=1e-4)
-    assert ref.shape == (8, 5)
+        torch.testing.assert_close(model(_x()), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_per_tensor_after_reparam_equals_per_channel_before():
@@ -53,12 +58,12 @@ def test_per_tensor_after_reparam_equals_per_channel_before():
     model = _calibrated()
     per_channel = copy.deepcopy(model)
     _set_modes(per_channel, "off")
-    for _, lin in _ln_linear_pairs(per_channel):
+    for _, lin in ln_linear_pairs(per_channel):
         lin.input_quant.freeze()  # per-channel, quant mode
     reparameterize_(model)
     _set_modes(model, "off")
-    assert len(_ln_linear_pairs(model)) == 4  # 2 blocks x (norm1 -> qkv, norm2 -> fc1)
-    for _, lin in _ln_linear_pairs(model):
+    assert len(ln_linear_pairs(model)) == 4  # 2 blocks x (norm1 -> qkv, norm2 -> fc1)
+    for _, lin in ln_linear_pairs(model):
         assert lin.input_quant.granularity == "tensor"
         lin.input_quant.mode = "quant"
     with torch.no_grad():

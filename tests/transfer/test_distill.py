@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import smi.transfer.loop as loop_mod
+import smi.runner as runner_mod
 from smi.cli import main
 from smi.data.pool import load_pool
+from smi.data.sources import PoolSource, RealSource
 from smi.errors import SmiError
 from smi.inversion.config import InversionConfig, SparsityConfig
-from smi.inversion.synthesis import synthesize
+from smi.inversion.synthesis import OnlineSource, synthesize
 from smi.models.loading import load_teacher
 from smi.transfer import DistillConfig, Student, build_student, distill, kd_loss
 from tests.conftest import as_teacher, tiny_vit
@@ -47,7 +48,7 @@ def test_sparse_pool_reaches_teacher_and_student_as_kept_patches_only(tiny_teach
     hooks = [m.blocks[0].register_forward_hook(lambda _m, i, _o, who=who: seen[who].append(i[0].shape[1]))
              for who, m in (("teacher", tiny_teacher.model), ("student", student.model))]
     try:
-        distill(tiny_teacher, student, str(sparse_pool), tmp_path / "kd", DistillConfig(epochs=1, batch_size=4),
+        distill(tiny_teacher, student, PoolSource(sparse_pool), tmp_path / "kd", DistillConfig(epochs=1, batch_size=4),
                 eval_data=None, progress=False)
     finally:
         for h in hooks:
@@ -62,7 +63,8 @@ def test_non_vit_student_gets_the_masked_image(tiny_teacher, sparse_pool, tmp_pa
     assert not cnn.tokens
     inputs = []
     cnn.model.register_forward_pre_hook(lambda _m, i: inputs.append(i[0].detach().clone()))
-    distill(tiny_teacher, cnn, str(sparse_pool), tmp_path / "kd", DistillConfig(epochs=1, batch_size=8, augment=False),
+    distill(tiny_teacher, cnn, PoolSource(sparse_pool), tmp_path / "kd",
+            DistillConfig(epochs=1, batch_size=8, augment=False),
             eval_data=None, progress=False)
     pool = load_pool(sparse_pool)
     assert inputs[0].shape == (8, 3, 32, 32)
@@ -72,10 +74,10 @@ def test_non_vit_student_gets_the_masked_image(tiny_teacher, sparse_pool, tmp_pa
 
 def test_resume_equals_uninterrupted_run(tiny_teacher, sparse_pool, tmp_path, monkeypatch):
     cfg = DistillConfig(epochs=3, batch_size=4)
-    full = distill(tiny_teacher, _student(), str(sparse_pool), tmp_path / "full", cfg, eval_data=None,
+    full = distill(tiny_teacher, _student(), PoolSource(sparse_pool), tmp_path / "full", cfg, eval_data=None,
                    progress=False)
 
-    real_save = loop_mod.save_checkpoint
+    real_save = runner_mod.save_checkpoint
     calls = {"n": 0}
 
     def dies_after_first_epoch(*args, **kwargs):
@@ -84,11 +86,12 @@ def test_resume_equals_uninterrupted_run(tiny_teacher, sparse_pool, tmp_path, mo
             raise KeyboardInterrupt  # killed while saving epoch 2
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(loop_mod, "save_checkpoint", dies_after_first_epoch)
+    monkeypatch.setattr(runner_mod, "save_checkpoint", dies_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        distill(tiny_teacher, _student(), str(sparse_pool), tmp_path / "resumed", cfg, eval_data=None, progress=False)
-    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
-    resumed = distill(tiny_teacher, _student(), str(sparse_pool), tmp_path / "resumed", cfg, eval_data=None,
+        distill(tiny_teacher, _student(), PoolSource(sparse_pool), tmp_path / "resumed", cfg, eval_data=None,
+                progress=False)
+    monkeypatch.setattr(runner_mod, "save_checkpoint", real_save)
+    resumed = distill(tiny_teacher, _student(), PoolSource(sparse_pool), tmp_path / "resumed", cfg, eval_data=None,
                       progress=False)
     a, b = load_file(str(full.weights)), load_file(str(resumed.weights))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -98,14 +101,15 @@ def test_resume_equals_uninterrupted_run(tiny_teacher, sparse_pool, tmp_path, mo
 
 def test_other_settings_are_refused_unless_overwrite(tiny_teacher, sparse_pool, tmp_path):
     out = tmp_path / "kd"
-    distill(tiny_teacher, _student(), str(sparse_pool), out, DistillConfig(epochs=1, batch_size=4), eval_data=None,
+    distill(tiny_teacher, _student(), PoolSource(sparse_pool), out, DistillConfig(epochs=1, batch_size=4),
+            eval_data=None,
             progress=False)
     before = (out / "checkpoint.safetensors").read_bytes()
     with pytest.raises(SmiError, match=r"other settings \(differs in: config\)"):
-        distill(tiny_teacher, _student(), str(sparse_pool), out, DistillConfig(epochs=1, batch_size=4, lr=2e-3),
+        distill(tiny_teacher, _student(), PoolSource(sparse_pool), out, DistillConfig(epochs=1, batch_size=4, lr=2e-3),
                 eval_data=None, progress=False)
     assert (out / "checkpoint.safetensors").read_bytes() == before  # nothing lost
-    distill(tiny_teacher, _student(), str(sparse_pool), out, DistillConfig(epochs=1, batch_size=4, lr=2e-3),
+    distill(tiny_teacher, _student(), PoolSource(sparse_pool), out, DistillConfig(epochs=1, batch_size=4, lr=2e-3),
             eval_data=None, progress=False, overwrite=True)
     assert json.loads((out / "config.json").read_text())["config"]["lr"] == 2e-3
 
@@ -113,13 +117,13 @@ def test_other_settings_are_refused_unless_overwrite(tiny_teacher, sparse_pool, 
 def test_pool_of_another_teacher_is_refused(sparse_pool, tmp_path):
     other = as_teacher(tiny_vit(), spec="other")
     with pytest.raises(SmiError, match="made from another teacher"):
-        distill(other, _student(), str(sparse_pool), tmp_path / "kd", DistillConfig(epochs=1), eval_data=None,
+        distill(other, _student(), PoolSource(sparse_pool), tmp_path / "kd", DistillConfig(epochs=1), eval_data=None,
                 progress=False)
 
 
 def test_online_grows_the_pool_one_batch_per_epoch_and_resumes(tiny_teacher, tmp_path):
     cfg = DistillConfig(epochs=2, batch_size=4, online_steps=3)
-    res = distill(tiny_teacher, _student(), "online", tmp_path / "kd", cfg, synthesis=SPARSE, eval_data=None,
+    res = distill(tiny_teacher, _student(), OnlineSource(SPARSE), tmp_path / "kd", cfg, eval_data=None,
                   progress=False)
     assert [r["images"] for r in res.log] == [4, 8]
     assert res.log[1]["synthesis_s"] > res.log[0]["synthesis_s"] > 0
@@ -128,13 +132,13 @@ def test_online_grows_the_pool_one_batch_per_epoch_and_resumes(tiny_teacher, tmp
     # the same pool as an offline synthesis with the same seed and settings
     offline = load_pool(synthesize(tiny_teacher, SPARSE, 8, tmp_path / "offline", progress=False, grid=False).folder)
     assert torch.equal(pool.images, offline.images)
-    again = distill(tiny_teacher, _student(), "online", tmp_path / "kd", cfg, synthesis=SPARSE, eval_data=None,
+    again = distill(tiny_teacher, _student(), OnlineSource(SPARSE), tmp_path / "kd", cfg, eval_data=None,
                     progress=False)
     assert again.log == res.log  # finished run: nothing redone
 
 
 def test_time_budget_stops_early(tiny_teacher, sparse_pool, tmp_path):
-    res = distill(tiny_teacher, _student(), str(sparse_pool), tmp_path / "kd",
+    res = distill(tiny_teacher, _student(), PoolSource(sparse_pool), tmp_path / "kd",
                   DistillConfig(epochs=5, batch_size=4, time_budget_s=1e-3), eval_data=None, progress=False)
     assert res.epochs == 1
 
@@ -178,7 +182,7 @@ def test_student_beats_chance_on_real_test_data(tmp_path):
     benchmarks/distill.py measures, at a budget no unit test can afford.
     """
     teacher = load_teacher("fmnist_vit_tiny")
-    res = distill(teacher, build_student("fmnist_vit_mini", teacher), "real", tmp_path / "kd",
+    res = distill(teacher, build_student("fmnist_vit_mini", teacher), RealSource(), tmp_path / "kd",
                   DistillConfig(epochs=2, batch_size=64, steps_per_epoch=40, eval_images=1000), progress=False)
     assert res.top1 is not None and res.top1 > 20.0, res.log  # chance is 10 %
     assert (tmp_path / "kd" / "accuracy.png").stat().st_size > 0
@@ -216,7 +220,7 @@ def test_nan_loss_stops_distillation_and_keeps_finished_epochs(tiny_teacher, spa
 
     student.model.head.register_forward_hook(poison)
     with pytest.raises(SmiError, match="loss became nan at epoch 2, step 1; the learning rate"):
-        distill(tiny_teacher, student, str(sparse_pool), tmp_path / "kd", DistillConfig(epochs=3, batch_size=4),
+        distill(tiny_teacher, student, PoolSource(sparse_pool), tmp_path / "kd", DistillConfig(epochs=3, batch_size=4),
                 eval_data=None, progress=False)
     assert len((tmp_path / "kd" / "log.jsonl").read_text().splitlines()) == 1
     assert (tmp_path / "kd" / "checkpoint.safetensors").is_file()

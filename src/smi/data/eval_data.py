@@ -1,85 +1,98 @@
-"""Labelled real data for evaluation: Fashion-MNIST, an ImageFolder, CIFAR-10/100 folders."""
+"""Labelled real data for evaluation, as registered datasets: ``--data NAME[:PATH]``.
+
+Each dataset is one decorated function ``(path, model) -> Dataset`` in :data:`EVAL_DATASETS`,
+returning the test split transformed the way the model reads images.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from smi.data.fashion_mnist import load_fashion_mnist, normalize_uint8
+from smi.data.sources import ModelSpec
 from smi.errors import SmiError
-from smi.models.loading import Teacher
+from smi.registry import Registry
 
-__all__ = ["DATA_HELP", "eval_dataset", "evaluate", "real_training_images"]
+__all__ = ["DATA_HELP", "EVAL_DATASETS", "data_help", "eval_dataset"]
 
-DATA_HELP = "fashion-mnist | imagefolder:PATH | cifar10:PATH | cifar100:PATH"
+EVAL_DATASETS: Registry[Any] = Registry("dataset")
 
 
-def _timm_transform(teacher: Teacher):
+def _timm_transform(model: ModelSpec):
     import timm.data
 
-    cfg = timm.data.resolve_model_data_config(teacher.model)
-    cfg.update(input_size=teacher.input_size, mean=teacher.mean, std=teacher.std)
+    cfg = timm.data.resolve_model_data_config(model.model)  # type: ignore[attr-defined]
+    cfg.update(input_size=model.input_size, mean=model.mean, std=model.std)
     return timm.data.create_transform(**cfg, is_training=False)
 
 
-def real_training_images(teacher: Teacher) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Fashion-MNIST training split as uint8 images and labels, for a Fashion-MNIST teacher."""
-    if teacher.input_size != (1, 28, 28):
-        raise SmiError(f"real training images are Fashion-MNIST's (1x28x28); {teacher.spec} reads "
-                       f"{teacher.input_size}, so use a synthetic pool")
-    return load_fashion_mnist("train")
+def _folder(path: str, spec: str) -> Path:
+    if not path:
+        raise SmiError(f"{spec} needs a path: {spec}:PATH", param="data")
+    root = Path(path)
+    if not root.is_dir():
+        raise SmiError(f"{spec}:{path}: folder {root} does not exist" if not root.exists()
+                       else f"{spec}:{path}: {root} is not a folder", param="data")
+    return root
 
 
-def eval_dataset(spec: str, teacher: Teacher, limit: int | None = None) -> Dataset:
-    """The evaluation split named by ``spec``, transformed the way the teacher's timm config says."""
+@EVAL_DATASETS.register("fashion-mnist")
+def fashion_mnist(path: str, model: ModelSpec) -> Dataset:
+    """The 10,000 Fashion-MNIST test images (1x28x28)."""
+    if tuple(model.input_size) != (1, 28, 28):
+        raise SmiError(f"fashion-mnist is 1x28x28 but {model.spec} expects {tuple(model.input_size)}", param="data")
+    x, y = load_fashion_mnist("test")
+    return TensorDataset(normalize_uint8(x, model.mean, model.std), y)
+
+
+@EVAL_DATASETS.register("imagefolder")
+def image_folder(path: str, model: ModelSpec) -> Dataset:
+    """imagefolder:PATH, one sub-folder per class (torchvision ImageFolder), timm's eval transform."""
+    import torchvision.datasets as tvd
+
+    return tvd.ImageFolder(str(_folder(path, "imagefolder")), transform=_timm_transform(model))
+
+
+def _cifar(kind: str, path: str, model: ModelSpec) -> Dataset:
+    import torchvision.datasets as tvd
+
+    cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
+    return cls(str(_folder(path, kind)), train=False, download=False, transform=_timm_transform(model))
+
+
+@EVAL_DATASETS.register("cifar10")
+def cifar10(path: str, model: ModelSpec) -> Dataset:
+    """cifar10:PATH, the test batch of torchvision's CIFAR-10 folder."""
+    return _cifar("cifar10", path, model)
+
+
+@EVAL_DATASETS.register("cifar100")
+def cifar100(path: str, model: ModelSpec) -> Dataset:
+    """cifar100:PATH, the test split of torchvision's CIFAR-100 folder."""
+    return _cifar("cifar100", path, model)
+
+
+def data_help() -> str:
+    return " | ".join(n if n == "fashion-mnist" else f"{n}:PATH" for n in EVAL_DATASETS.names())
+
+
+DATA_HELP = data_help()
+
+
+def eval_dataset(spec: str, model: ModelSpec, limit: int | None = None) -> Dataset:
+    """The evaluation split named by ``spec`` (``NAME`` or ``NAME:PATH``), transformed for ``model``."""
     if limit is not None and limit < 1:
-        raise SmiError(f"--limit must be positive, got {limit}")
+        raise SmiError(f"must be positive, got {limit}", param="limit")
     kind, _, path = spec.partition(":")
-    if kind == "fashion-mnist":
-        if teacher.input_size != (1, 28, 28):
-            raise SmiError(f"fashion-mnist is 1x28x28 but {teacher.spec} expects {teacher.input_size}")
-        x, y = load_fashion_mnist("test")
-        ds: Dataset = TensorDataset(normalize_uint8(x, teacher.mean, teacher.std), y)
-    elif kind in ("imagefolder", "cifar10", "cifar100"):
-        if not path:
-            raise SmiError(f"--data {kind} needs a path: {kind}:PATH")
-        root = Path(path)
-        if not root.is_dir():
-            raise SmiError(f"--data {spec}: folder {root} does not exist" if not root.exists()
-                           else f"--data {spec}: {root} is not a folder")
-        import torchvision.datasets as tvd
-
-        try:
-            if kind == "imagefolder":
-                ds = tvd.ImageFolder(str(root), transform=_timm_transform(teacher))
-            else:
-                cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
-                ds = cls(str(root), train=False, download=False, transform=_timm_transform(teacher))
-        except (FileNotFoundError, RuntimeError) as e:
-            raise SmiError(f"--data {spec}: {e}") from None
-    else:
-        raise SmiError(f"unknown --data {spec!r}; use {DATA_HELP}")
+    if kind not in EVAL_DATASETS:
+        raise SmiError(f"{spec!r} is not a known dataset; use {data_help()}", param="data")
+    try:
+        ds = EVAL_DATASETS.get(kind)(path, model)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SmiError(f"{spec}: {e}", param="data") from None
     if limit is not None:
         ds = Subset(ds, range(min(limit, len(ds))))
     return ds
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, ds: Dataset, batch_size: int = 250, device: str | torch.device = "cpu",
-             progress: bool = True) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) of ``model`` on ``ds``."""
-    from tqdm.auto import tqdm
-
-    model.eval()
-    n = correct1 = correct5 = 0
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
-    for x, y in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
-        logits = model(x.to(device)).cpu()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(1).sum().item()
-        n += len(y)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smi.data.pool import PoolWriter, load_pool
+from smi.data.sources import SOURCES, DataSource, ImageSet
 from smi.distributed import Dist
 from smi.errors import SmiError
 from smi.inversion.config import InversionConfig
@@ -22,7 +23,8 @@ from smi.models.loading import Teacher
 from smi.utils.io import atomic_write_json
 from smi.viz import save_grid
 
-__all__ = ["PoolSynthesis", "SynthesisResult", "synthesize", "plan_targets", "image_seed", "progress_callback"]
+__all__ = ["OnlineSource", "PoolSynthesis", "SynthesisResult", "synthesize", "plan_targets", "image_seed",
+           "progress_callback"]
 
 
 @dataclass
@@ -71,7 +73,7 @@ class PoolSynthesis:
                  seed: int = 0, device: torch.device | str = "cpu", overwrite: bool = False,
                  part: str | None = None) -> None:
         if num_images < 1:
-            raise SmiError(f"--num-images must be positive, got {num_images}")
+            raise SmiError(f"must be positive, got {num_images}", param="num_images")
         self.teacher, self.config, self.num_images, self.seed, self.device = teacher, config, num_images, seed, device
         self.identity: dict[str, Any] = {"method": config.method, "config": config.to_dict(), "seed": seed,
                                          "num_images": num_images, "teacher": teacher.identity(),
@@ -190,3 +192,48 @@ def progress_callback(bar: tqdm, iterations: int, prefix: str) -> Callable[[Step
             bar.set_postfix_str(f"{prefix}, loss {info.loss:.3f}, kept {info.kept} patches", refresh=False)
 
     return on_step
+
+
+@SOURCES.register("online")
+@dataclass(frozen=True)
+class OnlineSource(DataSource):
+    """Images synthesized while a loop trains: one batch per epoch into RUN/pool (resumable), trained on with
+    everything made so far."""
+
+    synthesis: InversionConfig
+    kind = "online"
+
+    def open(self, model: Teacher, *, folder: str | Path, epochs: int, seed: int = 0,  # type: ignore[override]
+             device: torch.device | str = "cpu", progress: bool = True, **context: Any) -> ImageSet:
+        return _OnlineImages(model, self.synthesis, Path(folder), epochs, seed, device, progress)
+
+
+class _OnlineImages(ImageSet):
+    def __init__(self, teacher: Teacher, synthesis: InversionConfig, folder: Path, epochs: int, seed: int,
+                 device: torch.device | str, progress: bool) -> None:
+        super().__init__(identity={"kind": "online", "synthesis": synthesis.to_dict()})
+        self.iterations, self.progress = synthesis.iterations, progress
+        self.job = PoolSynthesis(teacher, synthesis, epochs * synthesis.batch_size, folder, seed=seed, device=device)
+        if self.job.images_done:
+            pool = load_pool(self.job.folder)
+            self.append(pool.images, pool.masks)
+
+    @property
+    def endless(self) -> bool:
+        return True  # it grows every epoch: epochs are counted in steps, not passes
+
+    @property
+    def seconds(self) -> float:
+        return self.job.seconds  # every shard's synthesis time, earlier (resumed) runs included
+
+    def before_epoch(self, epoch: int, progress: bool = True) -> None:
+        if self.job.done(epoch):
+            return
+        bar = tqdm(total=self.iterations, unit="it", disable=not self.progress, leave=False,
+                   desc=f"epoch {epoch + 1}: synthesize")
+        tensors = self.job.run(epoch, progress_callback(bar, self.iterations, f"pool {len(self)}"))
+        bar.close()
+        self.append(tensors["images"], tensors["mask"])
+
+    def finish(self) -> None:
+        self.job.finish(grid=True)

@@ -1,4 +1,4 @@
-"""``quantize_``: prepare -> calibrate -> convert, in place, on a timm ViT."""
+"""``quantize_(model, config, calibration)``: prepare -> calibrate -> convert, in place, on a timm model."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention
 
-from smi.quant.config import QuantConfig
-from smi.quant.modules import QuantAttention, QuantConv2d, QuantLinear, WeightQuantMixin
+from smi.errors import SmiError
+from smi.models.sparse import mask_to_indices, sparse_forward
+from smi.quant.config import QuantConfig, handler_for
+from smi.quant.modules import QuantAttention, QuantConv2d, QuantLinear, QuantModule, WeightQuantMixin
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
 
-__all__ = ["prepare", "calibrate", "convert", "quantize_", "default_filter", "cnn_filter", "reparameterize_"]
+__all__ = ["prepare", "calibrate", "convert", "quantize_", "config_of", "calibration_forward", "default_filter",
+           "cnn_filter"]
 
 FilterFn = Callable[[nn.Module, str], bool]
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]  # images, or (images, kept-patch masks)
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
@@ -41,7 +45,7 @@ def _swap(model: nn.Module, filter_fn: FilterFn, config: QuantConfig) -> None:
     for name, child in list(model.named_modules()):
         for cname, grandchild in list(child.named_children()):
             full = f"{name}.{cname}" if name else cname
-            if isinstance(grandchild, (QuantLinear, QuantConv2d, QuantAttention)) or not filter_fn(grandchild, full):
+            if isinstance(grandchild, QuantModule) or not filter_fn(grandchild, full):
                 continue
             if isinstance(grandchild, Attention):
                 setattr(child, cname, QuantAttention(grandchild, config))
@@ -52,89 +56,59 @@ def _swap(model: nn.Module, filter_fn: FilterFn, config: QuantConfig) -> None:
                 setattr(child, cname, QuantConv2d(grandchild, config))
 
 
+def config_of(model: nn.Module) -> QuantConfig:
+    """The config ``model`` was prepared with (kept in its quantized modules)."""
+    configs = {m.quant_config for m in model.modules() if isinstance(m, QuantModule)}
+    if len(configs) != 1:
+        raise SmiError("the model is not quantized" if not configs else
+                       f"the model mixes quantization configs: {sorted(map(repr, configs))}", param="model")
+    return configs.pop()
+
+
 def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None) -> nn.Module:
     """Swap the selected modules for quantized wrappers; observers start in ``observe`` mode.
 
     Without ``filter_fn``: :func:`default_filter` for ViTs, :func:`cnn_filter` for models without blocks.
     """
+    handler_for(config)  # an unregistered config type fails here, before any module is swapped
     if filter_fn is None:
         filter_fn = default_filter if hasattr(model, "blocks") else cnn_filter
     _swap(model, filter_fn, config)
     for m in model.modules():
         if isinstance(m, (ActQuantizer, LogSqrt2Quantizer)):
             m.mode = "observe"
-    model.smi_quant_config = config  # type: ignore[assignment]
     return model
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor | tuple], forward: Callable | None = None) -> int:
+def calibration_forward(model: nn.Module, batch: Batch) -> int:
+    """Forward one calibration batch; sparse pool images (a batch with masks) feed only their kept patches."""
+    images, masks = batch if isinstance(batch, tuple) else (batch, None)
+    device = next(model.parameters()).device
+    images = images.to(device)
+    if masks is None:
+        model(images)
+    else:
+        sparse_forward(model, images, mask_to_indices(masks).to(device))
+    return images.shape[0]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Batch], forward: Callable[[nn.Module, Batch], int] | None = None
+              ) -> int:
     """Run calibration batches through a prepared model; returns the number of images seen."""
-    seen = 0
-    for batch in batches:
-        if forward is None:
-            model(batch)
-            seen += batch.shape[0]
-        else:
-            seen += forward(model, batch)
-    return seen
-
-
-def _ln_linear_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, QuantLinear]]:
-    """(LayerNorm, the quantized Linear that reads its output) in each timm block."""
-    pairs = []
-    for blk in getattr(model, "blocks", []):
-        for norm, lin in ((getattr(blk, "norm1", None), getattr(getattr(blk, "attn", None), "qkv", None)),
-                          (getattr(blk, "norm2", None), getattr(getattr(blk, "mlp", None), "fc1", None))):
-            if (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None
-                    and isinstance(lin, QuantLinear) and lin.role.startswith("ln_out")):
-                pairs.append((norm, lin))
-    return pairs
-
-
-@torch.no_grad()
-def reparameterize_(model: nn.Module) -> nn.Module:
-    """Fold per-channel post-LayerNorm quantization into per-tensor quantization (RepQ-ViT).
-
-    With per-channel params (s, z) of the LayerNorm output x, per-tensor s~ = mean(s),
-    z~ = round(mean(z)), r1 = s / s~ and r2 = z - z~: the LayerNorm outputs x~ = x / r1 + s~ r2
-    (gamma' = gamma / r1, beta' = beta / r1 + s~ r2) whose per-tensor quantization has the same
-    integers as x's per-channel one, and the Linear undoes the change
-    (W' = W diag(r1), b' = b - W' s~ r2), so the float function is unchanged.
-    """
-    for norm, lin in _ln_linear_pairs(model):
-        aq = lin.input_quant
-        if not (isinstance(aq, ActQuantizer) and aq.granularity == "channel"):
-            continue
-        s, z = aq.calculate_qparams()  # (C,), (C,)
-        s_t = s.mean()
-        z_t = torch.round(z.mean()).clamp(0, aq.qmax)
-        r1, r2 = s / s_t, z - z_t
-        norm.weight.div_(r1)
-        norm.bias.copy_(norm.bias / r1 + s_t * r2)
-        lin.weight.mul_(r1)  # (O, C) * (C,)
-        if lin.bias is None:
-            lin.bias = nn.Parameter(torch.zeros(lin.out_features, device=lin.weight.device))
-        lin.bias.sub_(lin.weight @ (s_t * r2))
-        per_tensor = ActQuantizer(aq.bits, granularity="tensor", search=aq.search).to(s.device)
-        per_tensor.min_val, per_tensor.max_val = aq.min_val.min(), aq.max_val.max()
-        per_tensor.scale, per_tensor.zero_point = s_t, z_t
-        per_tensor.mode = "quant"
-        lin.input_quant = per_tensor
-        lin.role = "ln_out_reparameterized"
-    return model
+    forward = forward or calibration_forward
+    return sum(forward(model, batch) for batch in batches)
 
 
 def convert(model: nn.Module) -> nn.Module:
     """Freeze activation ranges and weight scales: the model now fake-quantizes.
 
-    For the ``repq`` preset the post-LayerNorm quantizers are first folded into the LayerNorm and
-    the next Linear (:func:`reparameterize_`), then the weights (already reparameterized) get
-    their scales.
+    The preset's handler runs first (``repq`` folds its post-LayerNorm scales into the LayerNorm
+    and the next Linear), then the weights (already reparameterized) get their scales.
     """
-    config = getattr(model, "smi_quant_config", None)
-    if config is not None and config.quantizer == "repq":
-        reparameterize_(model)
+    config = config_of(model)
+    handler_for(config).before_convert(model, config)
     for m in model.modules():
         if isinstance(m, (ActQuantizer, LogSqrt2Quantizer)) and m.mode == "observe":
             m.freeze()
@@ -143,16 +117,23 @@ def convert(model: nn.Module) -> nn.Module:
     return model
 
 
-
-
 def quantize_(
-    model: nn.Module, config: QuantConfig, calibration: Iterable[torch.Tensor | tuple],
-    *, forward: Callable | None = None, filter_fn: FilterFn | None = None,
+    model: nn.Module, config: QuantConfig, calibration: Iterable[Batch],
+    *, forward: Callable[[nn.Module, Batch], int] | None = None, filter_fn: FilterFn | None = None,
+    progress: bool = False,
 ) -> nn.Module:
     """Quantize ``model`` in place: prepare, calibrate on ``calibration``, convert.
 
-    >>> quantize_(teacher.model, QuantConfig(w_bits=4, a_bits=8), [calib_images])
+    ``calibration`` yields image batches, or ``(images, masks)`` pairs whose masks (N, patches)
+    say which patches of a sparse pool image reach the model (:class:`~smi.quant.calibration.CalibrationSet`
+    yields those).
+
+    >>> quantize_(teacher.model, RepQConfig(w_bits=4, a_bits=4), calibration_set(teacher, PoolSource("pool/")))
     """
+    from tqdm.auto import tqdm
+
     prepare(model, config, filter_fn)
-    calibrate(model, calibration, forward)
+    batches = tqdm(calibration, desc="calibrate", unit="batch", leave=False, disable=not progress)
+    if calibrate(model, batches, forward) == 0:
+        raise SmiError("no calibration images", param="calibration")
     return convert(model)

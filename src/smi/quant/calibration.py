@@ -1,72 +1,55 @@
-"""Calibration sources: a synthetic pool (kept patches only), real training images, or Gaussian noise."""
+"""Calibration sets: a fixed draw of images from a data source (pool, real images or noise)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-from smi.data.pool import check_pool_teacher, load_pool
+from smi.data.sources import DataSource, ModelSpec, parse_source
 from smi.errors import SmiError
-from smi.models.loading import Teacher
-from smi.models.sparse import mask_to_indices, sparse_forward
 
-__all__ = ["CalibrationSet", "calibration_set", "calibration_forward"]
+__all__ = ["CalibrationSet", "calibration_set"]
 
 
 @dataclass
 class CalibrationSet:
+    """Images to calibrate on; iterating yields ``(images, masks)`` batches that :func:`smi.quant.quantize_` reads."""
+
     source: str  # 'real', 'noise' or the pool folder
     images: torch.Tensor  # (N, C, H, W) normalized model inputs
     masks: torch.Tensor | None  # (N, num_patches) bool for sparse pool images, else None
+    batch_size: int = 32
 
-    def batches(self, batch_size: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        for i in range(0, len(self.images), batch_size):
-            m = None if self.masks is None else self.masks[i:i + batch_size]
-            yield self.images[i:i + batch_size], m
+    def batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        bs = batch_size or self.batch_size
+        for i in range(0, len(self.images), bs):
+            m = None if self.masks is None else self.masks[i:i + bs]
+            yield self.images[i:i + bs], m
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        return self.batches()
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        return -(-len(self.images) // self.batch_size)
 
 
-def calibration_set(teacher: Teacher, source: str, num_images: int = 32, seed: int = 0) -> CalibrationSet:
-    """``source`` is ``real`` (random training images), ``noise`` (N(0, 1) in input space) or a pool folder.
+def calibration_set(model: ModelSpec, source: DataSource | str, num_images: int = 32, seed: int = 0,
+                    batch_size: int = 32) -> CalibrationSet:
+    """``num_images`` images from ``source`` (a :class:`~smi.data.sources.DataSource`, or its CLI spelling).
 
-    From a pool, the first ``num_images`` images are used (a pool's order is already seeded);
-    pool images whose patches were all kept are passed as dense images.
+    From a pool, the first ``num_images`` images (a pool's order is already seeded; images whose
+    patches were all kept come without masks); from real images a seeded random draw; noise is
+    drawn from the seed.
     """
     if num_images < 1:
-        raise SmiError(f"--calib-images must be positive, got {num_images}")
-    gen = torch.Generator().manual_seed(seed)
-    if source == "noise":
-        return CalibrationSet("noise", torch.randn(num_images, *teacher.input_size, generator=gen), None)
-    if source == "real":
-        return CalibrationSet("real", _real_images(teacher, num_images, gen), None)
-    pool = load_pool(Path(source))
-    check_pool_teacher(pool, teacher.fingerprint, teacher.spec, source)
-    if num_images > len(pool):
-        raise SmiError(f"--calib-images {num_images} is larger than the pool ({len(pool)} images in {source})")
-    masks = pool.masks[:num_images]
-    return CalibrationSet(str(source), pool.images[:num_images], None if masks.all() else masks)
-
-
-def _real_images(teacher: Teacher, n: int, gen: torch.Generator) -> torch.Tensor:
-    from smi.data.eval_data import real_training_images
-    from smi.data.fashion_mnist import normalize_uint8
-
-    x, _ = real_training_images(teacher)
-    idx = torch.randperm(len(x), generator=gen)[:n]
-    return normalize_uint8(x[idx], teacher.mean, teacher.std)
-
-
-@torch.no_grad()
-def calibration_forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor | None]) -> int:
-    """Forward one calibration batch: sparse pool images feed only their kept patches."""
-    images, masks = batch
-    device = next(model.parameters()).device
-    images = images.to(device)
-    if masks is None:
-        model(images)
-    else:
-        sparse_forward(model, images, mask_to_indices(masks).to(device))
-    return images.shape[0]
+        raise SmiError(f"must be positive, got {num_images}", param="num_images")
+    if batch_size < 1:
+        raise SmiError(f"must be positive, got {batch_size}", param="batch_size")
+    source = parse_source(source) if isinstance(source, str) else source
+    if source.kind == "online":
+        raise SmiError("online synthesis feeds training loops; calibrate from a pool it wrote", param="source")
+    images, masks = source.open(model).take(num_images, torch.Generator().manual_seed(seed))
+    return CalibrationSet(source.describe(), images, masks, batch_size)

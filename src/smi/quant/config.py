@@ -1,46 +1,104 @@
-"""Quantization config: bit widths and the quantizer preset."""
+"""Quantization configs as types: one frozen dataclass per preset, one handler per config type.
+
+After torchao's ``quantize_(model, config)`` with ``register_quantize_module_handler``: a preset is
+one file in :mod:`smi.quant.presets` holding its config type (registered by name in
+:data:`PRESETS`, for the CLI and saved folders) and its :class:`QuantHandler` (registered for the
+type with :func:`register_handler`), which says which quantizer goes where and what convert does.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from smi.errors import SmiError
+from smi.registry import Registry
 
-__all__ = ["QuantConfig", "QUANTIZERS"]
+if TYPE_CHECKING:
+    import torch.nn as nn
 
-QUANTIZERS: dict[str, str] = {
-    "baseline": "weights symmetric per output channel (min-max); activations asymmetric per tensor (running "
-    "min-max over the calibration set); LayerNorm, softmax and GELU in float (the SMI/PSAQ-ViT reference)",
-    "repq": "after RepQ-ViT: per-channel scales for post-LayerNorm activations folded into the LayerNorm affine "
-    "and the next Linear (inference stays per-tensor), log-sqrt(2) softmax quantizer, per-head scales for the "
-    "attention operands, MSE scale search for weights and activations",
-}
+__all__ = ["PRESETS", "QuantConfig", "QuantHandler", "handler_for", "register_handler"]
+
+PRESETS: Registry[type[QuantConfig]] = Registry("quantizer preset")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What to quantize and how.
+    """Bit widths; a subclass per preset says how (``BaselineConfig``, ``RepQConfig``).
 
-    >>> QuantConfig(w_bits=4, a_bits=8)
-    QuantConfig(w_bits=4, a_bits=8, quantizer='baseline')
+    ``to_dict`` records the preset's name and the format version, so a saved folder reads back
+    as the same type; folders written before presets were types (``{"quantizer": "repq", ...}``)
+    still load.
     """
 
     w_bits: int = 8
     a_bits: int = 8
-    quantizer: Literal["baseline", "repq"] = "baseline"
+
+    name: ClassVar[str] = ""  # the preset's name in PRESETS
+    version: ClassVar[int] = 1  # bump when a preset's saved state changes meaning
 
     def __post_init__(self) -> None:
+        if type(self) is QuantConfig:
+            raise SmiError(f"QuantConfig is abstract; use a preset: {', '.join(PRESETS.names())}", param="quantizer")
         for name in ("w_bits", "a_bits"):
             bits = getattr(self, name)
-            if not isinstance(bits, int) or not 2 <= bits <= 8:
-                raise SmiError(f"{name.replace('_', '-')} must be an integer from 2 to 8, got {bits!r}")
-        if self.quantizer not in QUANTIZERS:
-            raise SmiError(f"unknown quantizer {self.quantizer!r}; choose from {', '.join(QUANTIZERS)}")
+            if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+                raise SmiError(f"must be an integer from 2 to 8, got {bits!r}", param=name)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"preset": self.name, "version": self.version, **asdict(self)}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> QuantConfig:
+        """The config ``to_dict`` wrote (or an older folder's ``{"quantizer": NAME, ...}``)."""
+        d = dict(d)
+        name = d.pop("preset", None) or d.pop("quantizer", "baseline")
+        d.pop("quantizer", None)
+        cls = PRESETS.get(name, param="quantizer")
+        version = d.pop("version", 1)
+        if version > cls.version:
+            raise SmiError(f"{name} config version {version} is newer than this smi's ({cls.version}); upgrade smi")
         return cls(**d)
+
+    @staticmethod
+    def create(name: str, **fields: Any) -> QuantConfig:
+        """The preset called ``name`` with ``fields``: ``QuantConfig.create("repq", w_bits=4, a_bits=4)``."""
+        return PRESETS.get(name, param="quantizer")(**fields)
+
+
+class QuantHandler:
+    """What a preset does to a model: the activation quantizer at each place, the weight scale search,
+    the transform that runs before convert, and how to rebuild a converted model's structure for loading."""
+
+    weight_search: str = "minmax"  # or "mse"
+
+    def act_quantizer(self, config: QuantConfig, role: str) -> nn.Module:
+        """The activation quantizer for ``role``: input, ln_out (after a LayerNorm), qk, v or softmax."""
+        raise NotImplementedError
+
+    def before_convert(self, model: nn.Module, config: QuantConfig) -> None:
+        """Runs on the calibrated model before ranges are frozen (RepQ folds its scales here)."""
+
+    def rebuild(self, model: nn.Module, config: QuantConfig) -> None:
+        """Turns a freshly prepared model into the converted structure, so saved state loads into it."""
+
+
+_HANDLERS: dict[type[QuantConfig], QuantHandler] = {}
+C = TypeVar("C", bound=type[QuantHandler])
+
+
+def register_handler(config_type: type[QuantConfig]):
+    """Decorator: ``handler_cls`` handles configs of ``config_type``."""
+
+    def add(handler_cls: C) -> C:
+        _HANDLERS[config_type] = handler_cls()
+        return handler_cls
+
+    return add
+
+
+def handler_for(config: QuantConfig) -> QuantHandler:
+    try:
+        return _HANDLERS[type(config)]
+    except KeyError:
+        raise SmiError(f"no quantization handler for {type(config).__name__}", param="quantizer") from None

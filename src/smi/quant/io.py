@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from smi.errors import SmiError
 from smi.models.loading import Teacher
-from smi.quant.api import _ln_linear_pairs, prepare
-from smi.quant.config import QuantConfig
+from smi.quant.api import config_of, prepare
+from smi.quant.config import QuantConfig, handler_for
 from smi.quant.modules import WeightQuantMixin
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json
@@ -37,7 +37,7 @@ def _quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_quantized(model: nn.Module, folder: str | Path, teacher: Teacher, extra: dict[str, Any] | None = None) -> Path:
     """Write ``quantized.safetensors`` (state, scales, zero points, integer weight codes) and ``quantized.json``."""
-    config: QuantConfig = model.smi_quant_config
+    config = config_of(model)
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise SmiError(f"--out {folder} is a file, not a folder")
@@ -50,10 +50,7 @@ def save_quantized(model: nn.Module, folder: str | Path, teacher: Teacher, extra
 def _rebuild(teacher: Teacher, config: QuantConfig) -> nn.Module:
     """The converted model's structure: prepared, with reparameterized quantizers already per tensor."""
     model = prepare(teacher.model, config)
-    if config.quantizer == "repq":
-        for _, lin in _ln_linear_pairs(model):
-            lin.input_quant = ActQuantizer(config.a_bits, granularity="tensor", search="mse")
-            lin.role = "ln_out_reparameterized"
+    handler_for(config).rebuild(model, config)
     return model
 
 
@@ -73,7 +70,7 @@ def load_quantized(folder: str | Path, teacher: Teacher) -> tuple[nn.Module, dic
         config = QuantConfig.from_dict(meta["config"])
     except (SafetensorError, OSError) as e:
         raise SmiError(f"{folder / WEIGHTS}: unreadable ({e})") from None
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise SmiError(f"{folder / META}: malformed config ({e})") from None
     model = _rebuild(teacher, config)
     modules = dict(model.named_modules())

@@ -14,28 +14,21 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
-from smi.quant.config import QuantConfig
+from smi.quant.config import QuantConfig, handler_for
 from smi.quant.quantizers import (
-    ActQuantizer,
-    LogSqrt2Quantizer,
     fake_quantize,
     mse_weight_scale,
     weight_qparams_per_channel,
 )
 
-__all__ = ["QuantLinear", "QuantConv2d", "QuantAttention", "WeightQuantMixin", "act_quantizer"]
+__all__ = ["QuantLinear", "QuantConv2d", "QuantAttention", "WeightQuantMixin", "QuantModule", "act_quantizer"]
 
 Role = str  # "input" | "ln_out" | "qk" | "v" | "softmax"
 
 
 def act_quantizer(config: QuantConfig, role: Role) -> nn.Module:
-    """The activation quantizer a preset uses at each place in the network."""
-    if config.quantizer == "baseline":
-        return ActQuantizer(config.a_bits)  # per tensor, running min-max everywhere
-    if role == "softmax":
-        return LogSqrt2Quantizer(config.a_bits)
-    granularity = {"ln_out": "channel", "qk": "head", "v": "head"}.get(role, "tensor")
-    return ActQuantizer(config.a_bits, granularity=granularity, search="mse")
+    """The activation quantizer the config's preset uses at ``role``."""
+    return handler_for(config).act_quantizer(config, role)
 
 
 class WeightQuantMixin(nn.Module):
@@ -77,12 +70,19 @@ class WeightQuantMixin(nn.Module):
 
 
 def _weight_search(config: QuantConfig) -> str:
-    return "mse" if config.quantizer == "repq" else "minmax"
+    return handler_for(config).weight_search
 
 
-class QuantLinear(WeightQuantMixin):
+class QuantModule(nn.Module):
+    """A wrapper that knows the config it was prepared with (``quant_config``; not part of the state dict)."""
+
+    quant_config: QuantConfig
+
+
+class QuantLinear(WeightQuantMixin, QuantModule):
     def __init__(self, linear: nn.Linear, config: QuantConfig, role: Role = "input") -> None:
         super().__init__()
+        self.quant_config = config
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.role = role
@@ -96,9 +96,10 @@ class QuantLinear(WeightQuantMixin):
         return f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}"
 
 
-class QuantConv2d(WeightQuantMixin):
+class QuantConv2d(WeightQuantMixin, QuantModule):
     def __init__(self, conv: nn.Conv2d, config: QuantConfig) -> None:
         super().__init__()
+        self.quant_config = config
         if conv.padding_mode != "zeros":
             raise ValueError(f"QuantConv2d supports zero padding only, got {conv.padding_mode!r}")
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
@@ -111,11 +112,12 @@ class QuantConv2d(WeightQuantMixin):
                         self.groups)
 
 
-class QuantAttention(nn.Module):
+class QuantAttention(QuantModule):
     """timm ``Attention`` with quantized qkv/proj and quantized matmul operands."""
 
     def __init__(self, attn: Attention, config: QuantConfig) -> None:
         super().__init__()
+        self.quant_config = config
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
         self.fused_attn = False  # read by AttentionCapture; this module always takes the explicit path

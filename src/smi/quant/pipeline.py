@@ -1,41 +1,59 @@
-"""One call from a teacher and a calibration source to a quantized model and its accuracy."""
+"""From a teacher and a calibration source to a quantized model: in a folder, or evaluated."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch.nn as nn
 from torch.utils.data import Dataset
 
-from smi.data.eval_data import evaluate
+from smi.data.sources import DataSource
 from smi.models.loading import Teacher
-from smi.quant.api import calibrate, convert, prepare
-from smi.quant.calibration import CalibrationSet, calibration_forward, calibration_set
+from smi.quant.api import quantize_
+from smi.quant.calibration import CalibrationSet, calibration_set
 from smi.quant.config import QuantConfig
+from smi.quant.io import save_quantized
 
-__all__ = ["quantize_from", "quantize_and_evaluate"]
+__all__ = ["QuantizeResult", "quantize_teacher", "quantize_and_evaluate"]
 
 
-def quantize_from(model, config: QuantConfig, calib: CalibrationSet, batch_size: int = 32, progress: bool = False):
-    """prepare -> calibrate on ``calib`` (sparse images as kept patches only) -> convert, in place.
+@dataclass
+class QuantizeResult:
+    model: nn.Module
+    calibration: CalibrationSet
+    folder: Path | None
 
-    Returns (model, number of calibration images seen).
+
+def quantize_teacher(
+    teacher: Teacher, config: QuantConfig, source: DataSource | str, *, num_images: int = 32, seed: int = 0,
+    batch_size: int = 32, out: str | Path | None = None, copy_model: bool = False, progress: bool = False,
+) -> QuantizeResult:
+    """Quantize ``teacher.model`` (or a copy) calibrated on ``num_images`` from ``source``; save it to ``out``.
+
+    >>> quantize_teacher(teacher, RepQConfig(w_bits=4, a_bits=4), PoolSource("pool/"), out="quant/w4a4")
     """
-    from tqdm.auto import tqdm
-
-    prepare(model, config)
-    batches = tqdm(list(calib.batches(batch_size)), desc="calibrate", unit="batch", leave=False,
-                   disable=not progress)
-    seen = calibrate(model, batches, forward=calibration_forward)
-    return convert(model), seen
+    calib = calibration_set(teacher, source, num_images, seed=seed, batch_size=batch_size)
+    model = copy.deepcopy(teacher.model) if copy_model else teacher.model
+    quantize_(model, config, calib, progress=progress)
+    folder = None
+    if out is not None:
+        extra = {"calibration": {"source": calib.source, "images": len(calib.images), "seed": seed,
+                                 "sparse": calib.masks is not None}}
+        folder = save_quantized(model, out, teacher, extra=extra)
+    return QuantizeResult(model, calib, folder)
 
 
 def quantize_and_evaluate(
-    teacher: Teacher, config: QuantConfig, source: str, data: Dataset, *, calib_images: int = 32, seed: int = 0,
-    device: str = "cpu", progress: bool = False,
+    teacher: Teacher, config: QuantConfig, source: DataSource | str, data: Dataset, *, calib_images: int = 32,
+    seed: int = 0, device: str = "cpu", progress: bool = False,
 ) -> dict[str, Any]:
     """Quantize a copy of ``teacher.model`` calibrated on ``source`` and evaluate it on ``data``."""
-    calib = calibration_set(teacher, source, calib_images, seed=seed)
-    model, _ = quantize_from(copy.deepcopy(teacher.model), config, calib)
-    res = evaluate(model, data, device=device, progress=progress)
-    return {**res, "calib": calib.source, "calib_images": len(calib.images), "sparse_calib": calib.masks is not None}
+    from smi.evaluation import evaluate
+
+    res = quantize_teacher(teacher, config, source, num_images=calib_images, seed=seed, copy_model=True)
+    calib = res.calibration
+    return {**evaluate(res.model, data, device=device, progress=progress), "calib": calib.source,
+            "calib_images": len(calib.images), "sparse_calib": calib.masks is not None}

@@ -39,26 +39,23 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise SmiError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise SmiError(f"--batch-size must be >= 1, got {self.batch_size}")
+        for name in ("epochs", "batch_size", "online_steps", "online_images"):
+            if getattr(self, name) < 1:
+                raise SmiError(f"must be >= 1, got {getattr(self, name)}", param=name)
         if not (0 < self.lr < 1) or not (0 <= self.min_lr <= self.lr):
-            raise SmiError(f"--lr must be in (0, 1) and above min_lr, got {self.lr}")
+            raise SmiError(f"must be in (0, 1) and at least min_lr ({self.min_lr}), got {self.lr}", param="lr")
         if self.lr_schedule not in ("cosine", "constant"):
-            raise SmiError(f"--lr-schedule must be cosine or constant, got {self.lr_schedule!r}")
+            raise SmiError(f"must be cosine or constant, got {self.lr_schedule!r}", param="lr_schedule")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise SmiError(f"--temperature must be positive, got {self.temperature}")
-        if self.ce_weight < 0:
-            raise SmiError(f"--ce-weight must be >= 0, got {self.ce_weight}")
+            raise SmiError(f"must be positive, got {self.temperature}", param="temperature")
+        if not self.ce_weight >= 0:
+            raise SmiError(f"must be >= 0, got {self.ce_weight}", param="ce_weight")
         for name in ("steps_per_epoch", "eval_images"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise SmiError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        if self.online_steps < 1 or self.online_images < 1:
-            raise SmiError("--online-steps and --online-images must be positive")
+                raise SmiError(f"must be positive, got {v}", param=name)
         if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise SmiError(f"--time-budget must be positive seconds, got {self.time_budget_s}")
+            raise SmiError(f"must be positive seconds, got {self.time_budget_s}", param="time_budget_s")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,53 @@
+"""Evaluation, in one place: accuracy on a labelled dataset, and a teacher's agreement with its own pool."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from smi.data.pool import SyntheticPool
+from smi.errors import SmiError
+from smi.models.loading import Teacher
+from smi.models.sparse import mask_to_indices, sparse_forward
+
+__all__ = ["evaluate", "teacher_accuracy_on_pool"]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ds: Dataset, batch_size: int = 250, device: str | torch.device = "cpu",
+             progress: bool = True) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) of ``model`` on ``ds``; the model's train/eval mode is restored.
+
+    >>> evaluate(teacher.model, eval_dataset("fashion-mnist", teacher))["top1"]
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise SmiError(f"must be >= 1, got {batch_size}", param="batch_size")
+    was_training = model.training
+    model.eval()
+    n = correct1 = correct5 = 0
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+    for x, y in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+        logits = model(x.to(device)).cpu()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(1).sum().item()
+        n += len(y)
+    model.train(was_training)
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
+
+
+@torch.no_grad()
+def teacher_accuracy_on_pool(teacher: Teacher, pool: SyntheticPool, batch_size: int = 256) -> float:
+    """Percent of pool images the teacher classifies as their target, seeing kept patches only."""
+    correct = 0
+    for i in range(0, len(pool), batch_size):
+        x, m, y = pool.images[i:i + batch_size], pool.masks[i:i + batch_size], pool.labels[i:i + batch_size]
+        if m.all():
+            logits = teacher.model(x)
+        else:
+            logits = sparse_forward(teacher.model, x, mask_to_indices(m)).logits
+        correct += (logits.argmax(-1) == y).sum().item()
+    return 100.0 * correct / len(pool)
