@@ -207,3 +207,12 @@ def test_weight_noise_changes_the_output_but_not_the_model():
     assert not torch.allclose(noisy, clean)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     torch.testing.assert_close(model(x), clean)
+
+
+def test_mean_pairwise_cosine():
+    from smi.inversion.terms.diversity import mean_pairwise_cosine
+
+    f = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    # pairs (0,1): 0, (0,2): 1/sqrt2, (1,2): 1/sqrt2, each counted twice over 6 ordered pairs
+    assert mean_pairwise_cosine(f).item() == pytest.approx(2 * (2 / math.sqrt(2)) / 6)
+    assert mean_pairwise_cosine(torch.ones(4, 3)).item() == pytest.approx(1.0)
