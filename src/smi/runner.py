@@ -177,7 +177,8 @@ def fit(
         run.save_epoch(model, optimizer, log, {"epoch": epoch + 1, "train_s": train_s})
         if progress:
             top1 = f", test top-1 {row['top1']:.2f} %" if row.get("top1") is not None else ""
-            tqdm.write(f"{cfg.desc} {epoch + 1}: loss {row['loss']:.4f}{top1}, wall {row['wall_s']:.0f} s",
+            images = f" ({row['images']} images)" if "images" in row else ""
+            tqdm.write(f"{cfg.desc} {epoch + 1}: loss {row['loss']:.4f}{top1}, wall {row['wall_s']:.0f} s{images}",
                        file=sys.stderr)
         if cfg.time_budget_s is not None and train_s + other >= cfg.time_budget_s:
             break

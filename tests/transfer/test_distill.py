@@ -224,3 +224,13 @@ def test_nan_loss_stops_distillation_and_keeps_finished_epochs(tiny_teacher, spa
                 eval_data=None, progress=False)
     assert len((tmp_path / "kd" / "log.jsonl").read_text().splitlines()) == 1
     assert (tmp_path / "kd" / "checkpoint.safetensors").is_file()
+
+
+def test_the_same_cli_command_resumes_with_a_timm_student(tmp_path, capsys):
+    """img_size is a tuple in memory and a list in config.json: the rerun must resume, not be refused."""
+    ckpt = str(write_tiny_checkpoint(tmp_path))
+    args = ["distill", "--teacher", ckpt, "--student", "vit_tiny_patch16_224", "--noise", "--epochs", "2",
+            "--online-steps", "1", "--batch-size", "4", "--eval-data", "none", "--out", str(tmp_path / "kd")]
+    assert main(args) == 0
+    assert main(args) == 0, capsys.readouterr().err
+    assert len((tmp_path / "kd" / "log.jsonl").read_text().splitlines()) == 2
