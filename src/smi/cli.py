@@ -297,7 +297,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         source = parse_source(args.calib)
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
         res = quantize_teacher(teacher, cfg, source, num_images=args.calib_images, seed=args.seed,
-                               batch_size=args.batch_size, out=args.out, progress=True)
+                               batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, progress=True)
     calib = res.calibration
     summary = {"out": str(res.folder), **cfg.to_dict(), "source": calib.source, "images": len(calib.images),
                "seed": args.seed, "sparse": calib.masks is not None}
@@ -324,7 +324,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantizer", default="baseline", help=f"quantizer preset: {', '.join(PRESETS.names())}")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
     _add_run(p, out="folder for quantized.safetensors and quantized.json", seed="seed of the real/noise draw",
-             json=True)
+             overwrite="replace a quantized model made with other settings", json=True)
     p.set_defaults(func=_cmd_quantize, parser=p)
 
 

@@ -148,3 +148,16 @@ def test_cli_empty_pool(ckpt, tmp_path, capsys):
 def test_cli_eval_bad_data(ckpt, capsys, data, needle):
     assert main(["eval", "--model", ckpt, "--data", data]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_quantize_never_silently_replaces_another_quantized_model(ckpt, tmp_path, capsys):
+    base = ["quantize", "--model", ckpt, "--calib", "noise", "--calib-images", "4", "--out", str(tmp_path / "q")]
+    assert main(base + ["--w-bits", "8"]) == 0
+    before = (tmp_path / "q" / "quantized.safetensors").read_bytes()
+    assert main(base + ["--w-bits", "8"]) == 0  # the same command again: the same model, allowed
+    assert main(base + ["--w-bits", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--out" in err and "other settings (differs in: config)" in err and "overwrite" in err
+    assert (tmp_path / "q" / "quantized.safetensors").read_bytes() == before  # untouched
+    assert main(base + ["--w-bits", "4", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "q" / "quantized.json").read_text())["config"]["w_bits"] == 4

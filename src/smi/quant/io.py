@@ -19,7 +19,7 @@ from smi.quant.modules import WeightQuantMixin
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json
 
-__all__ = ["QUANT_FORMAT", "save_quantized", "load_quantized"]
+__all__ = ["QUANT_FORMAT", "check_quantized_folder", "save_quantized", "load_quantized"]
 
 QUANT_FORMAT = "smi-quantized/1"
 WEIGHTS, META = "quantized.safetensors", "quantized.json"
@@ -35,15 +35,32 @@ def _quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_quantized(model: nn.Module, folder: str | Path, teacher: Teacher, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``quantized.safetensors`` (state, scales, zero points, integer weight codes) and ``quantized.json``."""
-    config = config_of(model)
+def check_quantized_folder(folder: str | Path, meta: dict[str, Any], overwrite: bool = False) -> None:
+    """Refuse to replace a quantized model made with other settings (``overwrite`` allows it), or a non-folder."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise SmiError(f"--out {folder} is a file, not a folder")
+        raise SmiError(f"{folder} is a file, not a folder", param="out")
+    if (folder / META).exists() and not overwrite:
+        old = read_format_json(folder / META, QUANT_FORMAT, "quantized model")
+        new = json.loads(json.dumps(meta))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise SmiError(f"{folder} holds a quantized model made with other settings (differs in: "
+                           f"{', '.join(diff)}); use another folder or overwrite it", param="out")
+
+
+def save_quantized(model: nn.Module, folder: str | Path, teacher: Teacher, extra: dict[str, Any] | None = None,
+                   *, overwrite: bool = False) -> Path:
+    """Write ``quantized.safetensors`` (state, scales, zero points, integer weight codes) and ``quantized.json``.
+
+    A folder already holding a quantized model with other settings is refused unless ``overwrite``.
+    """
+    meta = {"format": QUANT_FORMAT, "config": config_of(model).to_dict(), "teacher": teacher.identity(),
+            **(extra or {})}
+    check_quantized_folder(folder, meta, overwrite)
+    folder = Path(folder)
     atomic_save_tensors(folder / WEIGHTS, _quant_state(model))
-    atomic_write_json(folder / META, {"format": QUANT_FORMAT, "config": config.to_dict(),
-                                      "teacher": teacher.identity(), **(extra or {})})
+    atomic_write_json(folder / META, meta)
     return folder
 
 

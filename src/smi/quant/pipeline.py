@@ -15,7 +15,7 @@ from smi.models.loading import Teacher
 from smi.quant.api import quantize_
 from smi.quant.calibration import CalibrationSet, calibration_set
 from smi.quant.config import QuantConfig
-from smi.quant.io import save_quantized
+from smi.quant.io import QUANT_FORMAT, check_quantized_folder, save_quantized
 
 __all__ = ["QuantizeResult", "quantize_teacher", "quantize_and_evaluate"]
 
@@ -29,20 +29,24 @@ class QuantizeResult:
 
 def quantize_teacher(
     teacher: Teacher, config: QuantConfig, source: DataSource | str, *, num_images: int = 32, seed: int = 0,
-    batch_size: int = 32, out: str | Path | None = None, copy_model: bool = False, progress: bool = False,
+    batch_size: int = 32, out: str | Path | None = None, overwrite: bool = False, copy_model: bool = False,
+    progress: bool = False,
 ) -> QuantizeResult:
     """Quantize ``teacher.model`` (or a copy) calibrated on ``num_images`` from ``source``; save it to ``out``.
 
     >>> quantize_teacher(teacher, RepQConfig(w_bits=4, a_bits=4), PoolSource("pool/"), out="quant/w4a4")
     """
     calib = calibration_set(teacher, source, num_images, seed=seed, batch_size=batch_size)
+    extra = {"calibration": {"source": calib.source, "images": len(calib.images), "seed": seed,
+                             "sparse": calib.masks is not None}}
+    if out is not None:  # refused before any work, not after it
+        check_quantized_folder(out, {"format": QUANT_FORMAT, "config": config.to_dict(),
+                                     "teacher": teacher.identity(), **extra}, overwrite)
     model = copy.deepcopy(teacher.model) if copy_model else teacher.model
     quantize_(model, config, calib, progress=progress)
     folder = None
     if out is not None:
-        extra = {"calibration": {"source": calib.source, "images": len(calib.images), "seed": seed,
-                                 "sparse": calib.masks is not None}}
-        folder = save_quantized(model, out, teacher, extra=extra)
+        folder = save_quantized(model, out, teacher, extra=extra, overwrite=overwrite)
     return QuantizeResult(model, calib, folder)
 
 
