@@ -127,3 +127,15 @@ def test_nan_in_a_later_batch_stops_the_run_and_keeps_finished_shards(tiny_teach
     assert [s["index"] for s in manifest["shards"]] == [0] and verify_pool(tmp_path / "p") == []
     synthesize(tiny_teacher, CFG, 5, tmp_path / "p", progress=False)  # fixed teacher: the rerun completes
     assert len(load_pool(tmp_path / "p")) == 5
+
+
+def test_overwrite_keeps_files_the_pool_did_not_record(tiny_teacher, tmp_path):
+    cfg = InversionConfig(iterations=4, batch_size=2, sparsity=SparsityConfig(()))
+    synthesize(tiny_teacher, cfg, 2, tmp_path / "p", progress=False, grid=False)
+    (tmp_path / "p" / "shard-99999.safetensors").write_text("a user's file with a shard-like name")
+    (tmp_path / "p" / "readme.txt").write_text("mine")
+    other = InversionConfig(iterations=5, batch_size=2, sparsity=SparsityConfig(()))
+    synthesize(tiny_teacher, other, 2, tmp_path / "p", progress=False, grid=False, overwrite=True)
+    assert (tmp_path / "p" / "readme.txt").read_text() == "mine"
+    assert (tmp_path / "p" / "shard-99999.safetensors").read_text().startswith("a user's")
+    assert load_pool(tmp_path / "p").manifest["identity"]["config"]["iterations"] == 5

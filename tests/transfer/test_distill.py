@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 import smi.runner as runner_mod
 from smi.cli import main
 from smi.data.pool import load_pool
-from smi.data.sources import PoolSource, RealSource
+from smi.data.sources import NoiseSource, PoolSource, RealSource
 from smi.errors import SmiError
 from smi.inversion.config import InversionConfig, SparsityConfig
 from smi.inversion.synthesis import OnlineSource, synthesize
@@ -234,3 +234,21 @@ def test_the_same_cli_command_resumes_with_a_timm_student(tmp_path, capsys):
     assert main(args) == 0
     assert main(args) == 0, capsys.readouterr().err
     assert len((tmp_path / "kd" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_overwrite_removes_only_what_smi_made(tiny_teacher, tmp_path):
+    """--overwrite of an online run clears its checkpoint, log and recorded pool shards; a user's own files in
+    the run folder and in its pool folder survive."""
+    cfg = DistillConfig(epochs=1, batch_size=4, online_steps=1)
+    out = tmp_path / "kd"
+    distill(tiny_teacher, _student(), OnlineSource(SPARSE), out, cfg, eval_data=None, progress=False)
+    (out / "my_notes.txt").write_text("mine")
+    (out / "pool" / "shard-mine.safetensors").write_text("mine too")  # looks like a shard, not recorded
+    recorded = sorted(p.name for p in (out / "pool").glob("shard-0*.safetensors"))
+    assert recorded
+    distill(tiny_teacher, _student(), PoolSource(out / "pool"), tmp_path / "other", cfg, eval_data=None,
+            progress=False)
+    distill(tiny_teacher, _student(), NoiseSource(), out, cfg, eval_data=None, progress=False, overwrite=True)
+    assert (out / "my_notes.txt").read_text() == "mine"
+    assert (out / "pool" / "shard-mine.safetensors").read_text() == "mine too"
+    assert not any((out / "pool" / name).exists() for name in [*recorded, "manifest.json", "grid.png"])

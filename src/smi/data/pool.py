@@ -34,8 +34,8 @@ from smi.errors import SmiError
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
 
 __all__ = [
-    "POOL_FORMAT", "PoolWriter", "SyntheticPool", "check_pool_teacher", "load_pool", "pool_info", "read_manifest",
-    "verify_pool",
+    "POOL_FORMAT", "PoolWriter", "SyntheticPool", "check_pool_teacher", "clear_pool", "load_pool", "pool_info",
+    "read_manifest", "verify_pool",
 ]
 
 POOL_FORMAT = "smi-pool/1"
@@ -125,12 +125,7 @@ class PoolWriter:
         return parts
 
     def _clear(self) -> None:
-        for p in self.folder.glob("shard-*.safetensors"):
-            p.unlink()
-        for p in self.folder.glob("manifest.*.json"):
-            p.unlink()
-        for name in (MANIFEST, "config.json", "grid.png"):
-            (self.folder / name).unlink(missing_ok=True)
+        clear_pool(self.folder)
 
     def remove_stale_temporaries(self) -> None:
         """Delete temporary files a killed process left; only safe while no other process writes here."""
@@ -172,6 +167,31 @@ class PoolWriter:
 
     def finish(self) -> None:
         self._write_manifest()
+
+
+def clear_pool(folder: str | Path) -> None:
+    """Delete what smi recorded in a pool folder: the shards its manifests list, the manifests, and the
+    config.json and grid.png beside a manifest. Anything else (a user's own files) stays; so does the
+    folder unless it is left empty."""
+    folder = Path(folder)
+    manifests = [p for p in (folder / MANIFEST, *sorted(folder.glob("manifest.*.json"))) if p.is_file()]
+    if not manifests:
+        return  # nothing here was recorded by smi
+    for path in manifests:
+        try:
+            shards = json.loads(path.read_text()).get("shards", [])
+        except (OSError, ValueError, AttributeError):
+            shards = []
+        for s in shards:
+            name = str(s.get("file", "")) if isinstance(s, dict) else ""
+            if name.startswith("shard-") and "/" not in name:
+                (folder / name).unlink(missing_ok=True)
+    for path in manifests:
+        path.unlink(missing_ok=True)
+    for name in ("config.json", "grid.png"):
+        (folder / name).unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 @dataclass

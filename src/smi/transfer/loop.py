@@ -13,7 +13,6 @@ Rerunning the same command resumes; a folder made with other settings is refused
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smi.data.eval_data import eval_dataset
+from smi.data.pool import clear_pool
 from smi.data.sources import DataSource
 from smi.errors import SmiError
 from smi.evaluation import evaluate
@@ -67,7 +67,7 @@ def _logits(model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) -> tor
 def _remove_online_pool(out: Path):
     def remove(old: dict[str, Any]) -> None:
         if old.get("data", {}).get("kind") == "online" and (out / "pool").is_dir():
-            shutil.rmtree(out / "pool")
+            clear_pool(out / "pool")  # only what the pool's manifests recorded
 
     return remove
 
