@@ -446,9 +446,7 @@ def _check_device(spec: str) -> None:
 def _flag_names(parser: argparse.ArgumentParser, aliases: dict[str, str]) -> dict[str, str]:
     """Library parameter -> the flag that sets it: the option whose dest is the parameter (or its alias)."""
     by_dest = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
-    names = {dest: flag for dest, flag in by_dest.items()}
-    names.update({param: by_dest[dest] for param, dest in aliases.items() if dest in by_dest})
-    return names
+    return {**by_dest, **{param: by_dest[dest] for param, dest in aliases.items() if dest in by_dest}}
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from smi.quant.modules import WeightQuantMixin
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json
 
-__all__ = ["QUANT_FORMAT", "check_quantized_folder", "save_quantized", "load_quantized"]
+__all__ = ["QUANT_FORMAT", "check_quantized_folder", "quantized_meta", "save_quantized", "load_quantized"]
 
 QUANT_FORMAT = "smi-quantized/1"
 WEIGHTS, META = "quantized.safetensors", "quantized.json"
@@ -33,6 +33,11 @@ def _quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(m, WeightQuantMixin):
             state[f"{name}.weight_int"] = m.int_weight()
     return state
+
+
+def quantized_meta(config: QuantConfig, teacher: Teacher, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``quantized.json`` records: format, config, teacher identity, and ``extra`` (the calibration)."""
+    return {"format": QUANT_FORMAT, "config": config.to_dict(), "teacher": teacher.identity(), **(extra or {})}
 
 
 def check_quantized_folder(folder: str | Path, meta: dict[str, Any], overwrite: bool = False) -> None:
@@ -55,8 +60,7 @@ def save_quantized(model: nn.Module, folder: str | Path, teacher: Teacher, extra
 
     A folder already holding a quantized model with other settings is refused unless ``overwrite``.
     """
-    meta = {"format": QUANT_FORMAT, "config": config_of(model).to_dict(), "teacher": teacher.identity(),
-            **(extra or {})}
+    meta = quantized_meta(config_of(model), teacher, extra)
     check_quantized_folder(folder, meta, overwrite)
     folder = Path(folder)
     atomic_save_tensors(folder / WEIGHTS, _quant_state(model))

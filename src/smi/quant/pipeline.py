@@ -15,7 +15,7 @@ from smi.models.loading import Teacher
 from smi.quant.api import quantize_
 from smi.quant.calibration import CalibrationSet, calibration_set
 from smi.quant.config import QuantConfig
-from smi.quant.io import QUANT_FORMAT, check_quantized_folder, save_quantized
+from smi.quant.io import check_quantized_folder, quantized_meta, save_quantized
 
 __all__ = ["QuantizeResult", "quantize_teacher", "quantize_and_evaluate"]
 
@@ -40,8 +40,7 @@ def quantize_teacher(
     extra = {"calibration": {"source": calib.source, "images": len(calib.images), "seed": seed,
                              "sparse": calib.masks is not None}}
     if out is not None:  # refused before any work, not after it
-        check_quantized_folder(out, {"format": QUANT_FORMAT, "config": config.to_dict(),
-                                     "teacher": teacher.identity(), **extra}, overwrite)
+        check_quantized_folder(out, quantized_meta(config, teacher, extra), overwrite)
     model = copy.deepcopy(teacher.model) if copy_model else teacher.model
     quantize_(model, config, calib, progress=progress)
     folder = None
