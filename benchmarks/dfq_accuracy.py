@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, publish  # noqa: E402
-from smi.data.eval_data import eval_dataset  # noqa: E402
+from smi.data.datasets import eval_dataset  # noqa: E402
 from smi.data.pool import read_manifest  # noqa: E402
 from smi.data.sources import PoolSource, parse_source  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402

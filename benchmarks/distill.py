@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, publish  # noqa: E402
-from smi.data.eval_data import eval_dataset  # noqa: E402
+from smi.data.datasets import eval_dataset  # noqa: E402
 from smi.data.sources import NoiseSource, RealSource  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402

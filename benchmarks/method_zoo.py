@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, publish  # noqa: E402
-from smi.data.eval_data import eval_dataset  # noqa: E402
+from smi.data.datasets import eval_dataset  # noqa: E402
 from smi.data.pool import load_pool, read_manifest  # noqa: E402
 from smi.data.sources import PoolSource  # noqa: E402
 from smi.errors import SmiError  # noqa: E402

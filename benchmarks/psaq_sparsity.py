@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import publish  # noqa: E402
-from smi.data.eval_data import eval_dataset  # noqa: E402
+from smi.data.datasets import eval_dataset  # noqa: E402
 from smi.data.pool import load_pool, read_manifest  # noqa: E402
 from smi.data.sources import PoolSource  # noqa: E402
 from smi.evaluation import teacher_accuracy_on_pool  # noqa: E402

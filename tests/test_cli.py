@@ -37,7 +37,8 @@ def test_help_lists_every_option_with_default(capsys):
     for opt in ("--model", "--num-images", "--batch-size", "--iterations", "--sparsity", "--seed", "--device",
                 "--out", "--overwrite", "deepinversion"):
         assert opt in text
-    assert "(default: 4000; psaq" in text and "(default: default)" in text and "(default: None)" not in text
+    assert "(default: 4000; psaq" in text and "(default: default)" not in text and "(default: None)" not in text
+    assert "SYNTH_BATCH_SIZE" not in text and "SYNTH_LR" not in text  # no internal names
     for method in ("psaq", "sardfq", "mimiq", "ris", "qimera-mix", "e2h"):
         assert f"\n  {method} " in text  # one line per method
 
@@ -105,12 +106,12 @@ def test_real_process_prints_no_traceback(tmp_path):
 
 def test_help_reads_every_registry(capsys):
     """Adding a method, term, sampler, curriculum, preset or dataset shows up in --help with no CLI edit."""
-    from smi.data.eval_data import EVAL_DATASETS
+    from smi.data.datasets import DATASETS
     from smi.inversion import CURRICULA, LABELS, METHODS, TERMS
     from smi.quant import PRESETS
 
     for command, registries in (("invert", (METHODS, TERMS, LABELS, CURRICULA)), ("quantize", (PRESETS,)),
-                                ("eval", (EVAL_DATASETS,))):
+                                ("eval", (DATASETS,))):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from smi.errors import SmiError
 
@@ -51,35 +52,60 @@ def _add_run(p: argparse.ArgumentParser, *, out: str | None, seed: str | None = 
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
     from smi.models.training import TeacherTrainConfig, train_teacher
 
-    cfg = TeacherTrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed)
-    result = train_teacher(cfg, args.out, device=args.device)
+    with _flags(args, model_kwargs="model_kwarg"):
+        cfg = TeacherTrainConfig(arch=args.arch, data=args.data, model_kwargs=_pairs(args.model_kwarg, "--model-kwarg",
+                                                                                     parse=_literal),
+                                 img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                 seed=args.seed, hflip=not args.no_flip)
+        result = train_teacher(cfg, args.out, device=args.device)
     print(f"test top-1 {result['test_top1']:.2f}% after {result['epochs']} epochs; weights: {result['weights']}")
     return 0
 
 
 def _add_train_teacher(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-teacher", help="train a shipped teacher on Fashion-MNIST (resumable)",
+    from smi.data.datasets import data_help
+
+    p = sub.add_parser("train-teacher", help="train a teacher (any timm architecture) on a labelled dataset",
                        formatter_class=_Formatter,
-                       description="Train a teacher with smi's recipe; rerun the same command to resume.")
-    p.add_argument("--arch", default="fmnist_vit_tiny", help="registered architecture to train")
+                       description="Train a teacher with smi's recipe (AdamW, warm-up + cosine, label "
+                       "smoothing, random crop and flip) on a dataset's train split, evaluating on its test split "
+                       "after each epoch. The architecture is built for the dataset's channels, classes and image "
+                       "size, and the checkpoint records them, its normalization and the dataset, so every other "
+                       "command reads it with no further flags. Rerun the same command to resume.")
+    p.add_argument("--arch", default="fmnist_vit_tiny", help="timm architecture (or a shipped one) to train")
+    p.add_argument("--data", default="fashion-mnist", help=f"labelled dataset: {data_help()}")
+    p.add_argument("--model-kwarg", action="append", metavar="NAME=VALUE",
+                   help="passed to timm.create_model (repeatable), e.g. --model-kwarg patch_size=4 "
+                        "--model-kwarg embed_dim=96")
+    p.add_argument("--img-size", type=int, help="resize the images to this square side (default: the dataset's size)")
     p.add_argument("--epochs", type=int, default=24, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip (e.g. for digits or text)")
     _add_run(p, out="run folder (checkpoints, log, final weights)", seed="seed for shuffling, augmentation and init")
     p.set_defaults(func=_cmd_train_teacher, parser=p)
 
 
-def _pairs(items: list[str] | None, flag: str) -> dict[str, float]:
+def _literal(text: str) -> Any:
+    """A --model-kwarg value: a JSON number, boolean, list or null, else the text itself."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _pairs(items: list[str] | None, flag: str, parse: Callable[[str], Any] = float) -> dict[str, Any]:
     out = {}
     for item in items or []:
         name, sep, value = item.partition("=")
         try:
-            out[name.strip()] = float(value)
+            out[name.strip()] = parse(value)
         except ValueError:
             sep = ""
-        if not sep:
-            raise SmiError(f"{flag} takes NAME=NUMBER, got {item!r}")
+        if not sep or not name.strip():
+            raise SmiError(f"{flag} takes NAME={'NUMBER' if parse is float else 'VALUE'}, got {item!r}")
     return out
 
 
@@ -94,7 +120,8 @@ def _inversion_config(args: argparse.Namespace):
         terms = {**METHODS.get(args.method, param="method").defaults.get("terms", {}), **_pairs(args.term, "--term")}
         return InversionConfig.for_method(
             args.method, **overrides, terms=terms, options=_pairs(args.option, "--option"),
-            jitter_unit=args.jitter_unit, flip=not args.no_flip, sparsity=SparsityConfig.parse(args.sparsity),
+            jitter_unit=args.jitter_unit, flip=not args.no_flip,
+            sparsity=SparsityConfig.parse(args.sparsity or "default"),
         )
 
 
@@ -109,13 +136,13 @@ def _add_inversion_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
     p.add_argument("--method", default="deepinversion",
                    help=f"synthesis method: {', '.join(METHODS.names())} (see `smi invert --help`)")
-    p.add_argument(f"--{prefix}batch-size", dest="synth_batch_size", type=int, default=32,
+    p.add_argument(f"--{prefix}batch-size", dest="synth_batch_size", type=int, default=32, metavar="N",
                    help="images optimized together")
     p.add_argument("--iterations", type=int, help="optimisation steps per batch (default: 4000; psaq 2 x 500)")
-    p.add_argument("--sparsity", default="default",
-                   help="'default' (50:0.3,100:0.3,200:0.3,300:0.3), 'dense', or ITER:RATIO,... "
+    p.add_argument("--sparsity", metavar="SCHEDULE",
+                   help="'default' (the default: 50:0.3,100:0.3,200:0.3,300:0.3), 'dense', or ITER:RATIO,... "
                         "(each ratio: fraction of the still-optimized patches to stop)")
-    p.add_argument(f"--{prefix}lr", dest="synth_lr", type=float,
+    p.add_argument(f"--{prefix}lr", dest="synth_lr", type=float, metavar="LR",
                    help="Adam learning rate of the images (default: 0.25, betas 0.5, 0.99; psaq 0.2, 0.5, 0.9)")
     p.add_argument("--tv-l2", type=float, help="weight of the l2 total-variation prior (default: 1e-4; "
                                                  "psaq 0, mimiq 2.5e-5, sardfq 0)")
@@ -195,14 +222,17 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             online_steps=args.online_steps, augment=not args.no_augment, linear_probe=args.linear_probe,
             time_budget_s=args.time_budget, eval_images=args.eval_images, seed=args.seed,
         )
-    data = (OnlineSource(_inversion_config(args)) if args.online else RealSource() if args.real
-            else NoiseSource() if args.noise else PoolSource(args.pool))
+    data = (OnlineSource(_inversion_config(args)) if args.online else RealSource(args.real or None)
+            if args.real is not None else NoiseSource() if args.noise else PoolSource(args.pool))
     teacher = load_teacher(args.teacher, pretrained=args.pretrained, device=args.device)
+    eval_data = None if args.eval_data == "none" else args.eval_data or teacher.dataset
+    if eval_data is None and args.eval_data is None:
+        print(f"smi: note: {teacher.spec} records no dataset, so the student is not evaluated "
+              "(give --eval-data to evaluate it)", file=sys.stderr)
     arch = args.student or (None if args.student_checkpoint else "fmnist_vit_mini")
     student = build_student(arch, teacher, checkpoint=args.student_checkpoint, linear_probe=args.linear_probe,
                             seed=args.seed, device=args.device)
-    result = distill(teacher, student, data, args.out, cfg,
-                     eval_data=None if args.eval_data == "none" else args.eval_data, device=args.device,
+    result = distill(teacher, student, data, args.out, cfg, eval_data=eval_data, device=args.device,
                      overwrite=args.overwrite)
     summary = {"out": str(result.out), "top1": result.top1, "wall_s": result.wall_s, "epochs": result.epochs,
                "student": str(result.weights), "plot": str(result.plot) if result.plot else None}
@@ -216,7 +246,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
-    from smi.data.eval_data import DATA_HELP
+    from smi.data.datasets import data_help
 
     p = sub.add_parser(
         "distill", help="train a student on the teacher's outputs over synthetic images", formatter_class=_Formatter,
@@ -235,7 +265,8 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--pool", help="train on this synthetic pool (offline)")
     src.add_argument("--online", action="store_true",
                      help="synthesize --synth-batch-size images per epoch into OUT/pool and train on the whole pool")
-    src.add_argument("--real", action="store_true", help="train on the real training images (an upper bound)")
+    src.add_argument("--real", nargs="?", const="", metavar="DATASET",
+                     help=f"train on real training images, an upper bound: the teacher's dataset, or {data_help()}")
     src.add_argument("--noise", action="store_true", help="train on fresh Gaussian noise (a lower bound)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
@@ -251,7 +282,8 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", action="store_true", help="no random whole-patch shift and flip")
     p.add_argument("--time-budget", type=float, help="stop after the epoch at which synthesis + training pass this "
                                                      "many seconds")
-    p.add_argument("--eval-data", default="fashion-mnist", help=f"{DATA_HELP} | none")
+    p.add_argument("--eval-data", help=f"test data for the per-epoch top-1: {data_help()} | none "
+                                        "(default: the teacher's dataset)")
     p.add_argument("--eval-images", type=int, help="evaluate on the first N test images (default: all)")
     group = p.add_argument_group("synthesis (with --online)")
     _add_inversion_args(group, prefix="synth-")
@@ -265,14 +297,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from smi.demo import run_demo
 
     run_demo(args.out, model=args.model, num_images=args.num_images, iterations=args.iterations, device=args.device,
-             distill_seconds=args.distill_seconds)
+             distill_seconds=args.distill_seconds, data=args.data, student=args.student)
     return 0
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="invert (dense, sparse), quantize and distil the shipped teacher: `make demo`",
                        formatter_class=_Formatter)
-    p.add_argument("--model", default="fmnist_vit_tiny", help="teacher to invert")
+    from smi.data.datasets import data_help
+
+    p.add_argument("--model", default="fmnist_vit_tiny",
+                   help="teacher: timm name, shipped teacher name, or a checkpoint NAME.safetensors")
+    p.add_argument("--data", help=f"real data for the quantization and distillation sections: {data_help()} "
+                                  "(default: the dataset the teacher records)")
+    p.add_argument("--student", default="fmnist_vit_mini", help="student architecture of the distillation section")
     p.add_argument("--num-images", type=int, default=32, help="images (one batch)")
     p.add_argument("--iterations", type=int, default=1000,
                    help="optimisation steps, more than 300 (the paper uses 4000; the demo keeps its stopping "
@@ -308,6 +346,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from smi.data.sources import source_help
     from smi.quant import PRESETS
 
     p = sub.add_parser("quantize", help="post-training quantization calibrated on a pool, real images or noise",
@@ -316,8 +355,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                        f"{PRESETS.help_lines(width=10)}")
     _add_model(p)
     p.add_argument("--calib", required=True,
-                   help="POOL_DIR (a synthetic pool; pool:PATH if the folder is called real or noise), 'real' "
-                        "(training images) or 'noise'")
+                   help=f"calibration images: {source_help()} (a dataset's train split is the real-data upper bound)")
     p.add_argument("--calib-images", type=int, default=32, help="calibration images")
     p.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8")
     p.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8")
@@ -331,7 +369,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from smi.data.eval_data import eval_dataset
+    from smi.data.datasets import eval_dataset, model_dataset
     from smi.evaluation import evaluate
     from smi.models.loading import load_teacher
 
@@ -341,7 +379,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from smi.quant.io import load_quantized
 
         model, _ = load_quantized(args.quantized, teacher)
-    ds = eval_dataset(args.data, teacher, args.limit)
+    ds = eval_dataset(model_dataset(teacher, args.data), teacher, args.limit)
     res = evaluate(model, ds, batch_size=args.batch_size, device=args.device)
     text = f"top-1 {res['top1']:.2f} %  top-5 {res['top5']:.2f} %  ({res['n']} images)"
     print(json.dumps(res) if args.json else text)
@@ -349,13 +387,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    from smi.data.eval_data import DATA_HELP
+    from smi.data.datasets import data_help
 
     p = sub.add_parser("eval", help="top-1/top-5 of a model (or its quantized copy) on real data",
                        formatter_class=_Formatter)
     _add_model(p)
     p.add_argument("--quantized", help="folder written by `smi quantize` for this model")
-    p.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
+    p.add_argument("--data", help=f"test split of {data_help()} (default: the dataset the model records)")
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--batch-size", type=int, default=250, help="evaluation batch size")
     _add_run(p, out=None, json=True)

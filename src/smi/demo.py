@@ -1,4 +1,8 @@
-"""The demo that ``make demo`` runs: invert the shipped teacher dense and sparse, side by side."""
+"""The demo that ``make demo`` runs: invert a teacher dense and sparse, then quantize and distil from its images.
+
+Any teacher whose checkpoint records its dataset (or with ``data=``) gets every section; without a
+dataset the demo inverts only, and says so.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from smi.data.eval_data import eval_dataset
+from smi.data.datasets import eval_dataset, open_dataset
 from smi.data.pool import load_pool
 from smi.data.sources import PoolSource, RealSource
 from smi.evaluation import evaluate, teacher_accuracy_on_pool
@@ -18,7 +22,8 @@ __all__ = ["run_demo"]
 
 
 def run_demo(out: str | Path = "demo_out", model: str = "fmnist_vit_tiny", num_images: int = 32,
-             iterations: int = 1000, device: str = "cpu", distill_seconds: float = 120.0) -> dict[str, Any]:
+             iterations: int = 1000, device: str = "cpu", distill_seconds: float = 120.0,
+             data: str | None = None, student: str = "fmnist_vit_mini") -> dict[str, Any]:
     """Dense and sparse inversion of one batch; prints a short report.
 
     The paper's batch (32) and stopping schedule (50/100/200/300, 0.3 each), with 1000 instead of
@@ -29,13 +34,19 @@ def run_demo(out: str | Path = "demo_out", model: str = "fmnist_vit_tiny", num_i
     configs = {name: InversionConfig(iterations=iterations, batch_size=num_images, sparsity=sparsity)
                for name, sparsity in (("dense", SparsityConfig(())), ("sparse", SparsityConfig()))}
     teacher = load_teacher(model, device=device)
+    data = data or teacher.dataset
+    if data is not None:
+        open_dataset(data)  # a bad --data fails before any work
     report: dict[str, Any] = {}
-    if teacher.num_classes == 10 and teacher.input_size == (1, 28, 28):  # a Fashion-MNIST teacher
-        test = eval_dataset("fashion-mnist", teacher)
+    params = f"{sum(p.numel() for p in teacher.model.parameters()) / 1e6:.2f} M parameters"
+    if data is not None:
+        test = eval_dataset(data, teacher)
         res = evaluate(teacher.model, test, batch_size=500, device=device, progress=False)
         report["teacher_test_top1"] = res["top1"]
-        print(f"teacher {model}: {sum(p.numel() for p in teacher.model.parameters()) / 1e6:.2f} M parameters, "
-              f"{report['teacher_test_top1']:.2f} % top-1 on the 10,000 Fashion-MNIST test images")
+        print(f"teacher {model}: {params}, {res['top1']:.2f} % top-1 on the {res['n']:,} test images of {data}")
+    else:
+        print(f"teacher {model}: {params}; it records no dataset, so the demo inverts only (quantization and "
+              "distillation need real test images: give --data)")
     for name, cfg in configs.items():
         t0 = time.perf_counter()
         res = synthesize(teacher, cfg, num_images, out / f"pool_{name}", device=device, overwrite=True)
@@ -54,47 +65,47 @@ def run_demo(out: str | Path = "demo_out", model: str = "fmnist_vit_tiny", num_i
           f"({num_images} images, {iterations} iterations, batch {num_images}, {device})")
     print(f"grids: {d['grid']}  {s['grid']}")
     print(f"pools: {d['folder']}  {s['folder']}")
-    if "teacher_test_top1" in report:
+    if data is not None:
         report["quantized"] = _quantization_demo(teacher, s["folder"], num_images, device,
-                                                 report["teacher_test_top1"])
+                                                 report["teacher_test_top1"], data)
         report["distilled"] = _distillation_demo(teacher, out / "distill", device, report["teacher_test_top1"],
-                                                 distill_seconds)
+                                                 distill_seconds, data, student)
     return report
 
 
 def _distillation_demo(teacher: Teacher, out: Path, device: str, teacher_top1: float,
-                       budget: float) -> dict[str, Any]:
-    """A short online distillation into fmnist_vit_mini from sparse synthesis, with its accuracy plot."""
+                       budget: float, data: str, student: str) -> dict[str, Any]:
+    """A short online distillation into ``student`` from sparse synthesis, with its accuracy plot."""
     from smi.transfer import DistillConfig, build_student, distill
 
     iterations = 400
     synthesis = InversionConfig(iterations=iterations, batch_size=32,
                                 sparsity=SparsityConfig().scaled(iterations / 4000))
     cfg = DistillConfig(epochs=1000, lr_schedule="constant", steps_per_epoch=50, time_budget_s=budget)
-    print(f"\ndata-free distillation into fmnist_vit_mini (online, sparse synthesis, {budget:.0f} s budget)")
-    res = distill(teacher, build_student("fmnist_vit_mini", teacher, device=device), OnlineSource(synthesis), out,
-                  cfg, device=device, overwrite=True)
+    print(f"\ndata-free distillation into {student} (online, sparse synthesis, {budget:.0f} s budget)")
+    res = distill(teacher, build_student(student, teacher, device=device), OnlineSource(synthesis), out,
+                  cfg, eval_data=data, device=device, overwrite=True)
     print(f"student top-1 {res.top1:.2f} % after {res.wall_s:.0f} s and {res.log[-1]['images']} synthetic images "
           f"(teacher {teacher_top1:.2f} %); plot: {res.plot}")
     return {"top1": res.top1, "wall_s": res.wall_s, "images": res.log[-1]["images"], "plot": str(res.plot)}
 
 
 def _quantization_demo(teacher: Teacher, sparse_pool: str, num_images: int, device: str,
-                       fp32_top1: float) -> list[dict[str, Any]]:
+                       fp32_top1: float, dataset: str) -> list[dict[str, Any]]:
     """W8A8 and W4A8 calibrated on the sparse pool, beside real-data calibration and FP32."""
     from smi.quant import BaselineConfig
     from smi.quant.pipeline import quantize_and_evaluate
 
-    data = eval_dataset("fashion-mnist", teacher)
+    data = eval_dataset(dataset, teacher)
     rows = []
     print(f"\ndata-free quantization ({num_images} calibration images, baseline quantizer, "
-          "top-1 on the 10,000 test images)")
+          f"top-1 on the {len(data):,} test images)")
     print(f"{'':8}{'sparse synthetic':>18}{'real images':>14}")
     for w, a in ((8, 8), (4, 8)):
         cfg = BaselineConfig(w_bits=w, a_bits=a)
         syn = quantize_and_evaluate(teacher, cfg, PoolSource(sparse_pool), data, calib_images=num_images,
                                     device=device)
-        real = quantize_and_evaluate(teacher, cfg, RealSource(), data, calib_images=num_images, device=device)
+        real = quantize_and_evaluate(teacher, cfg, RealSource(dataset), data, calib_images=num_images, device=device)
         rows.append({"w_bits": w, "a_bits": a, "sparse_synthetic": syn["top1"], "real": real["top1"]})
         print(f"W{w}A{a}{'':4}{syn['top1']:17.2f}%{real['top1']:13.2f}%")
     print(f"FP32{'':4}{fp32_top1:17.2f}%{fp32_top1:13.2f}%")

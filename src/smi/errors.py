@@ -27,5 +27,5 @@ class SmiError(ValueError):
         detail = self.detail[len(self.param):].lstrip() if self.param and self.detail.startswith(self.param) \
             else self.detail
         new = type(self)(f"{name} {detail}")
-        new.param = self.param
+        new.param = name  # already named: a second mapping leaves it alone
         return new

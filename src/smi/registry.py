@@ -83,9 +83,15 @@ class Registry(Generic[T]):
         """Every entry's knobs (names are unique across a registry's entries)."""
         return {k: v for opts in self._options.values() for k, v in opts.items()}
 
-    def help_lines(self, width: int = 14, indent: str = "  ") -> str:
-        """One ``name  help`` line per entry, for a ``--help`` description."""
-        return "\n".join(f"{indent}{n:<{width}} {self._help[n]}" for n in self._entries)
+    def help_lines(self, width: int = 14, indent: str = "  ", columns: int | None = None) -> str:
+        """``name  help`` per entry for a ``--help`` description, wrapped to the terminal (or ``columns``)."""
+        import shutil
+        import textwrap
+
+        columns = columns or min(120, shutil.get_terminal_size().columns)
+        hang = " " * (len(indent) + width + 1)
+        return "\n".join(textwrap.fill(f"{indent}{n:<{width}} {self._help[n]}", width=max(columns, len(hang) + 30),
+                                        subsequent_indent=hang) for n in self._entries)
 
     def items(self) -> Iterator[tuple[str, T]]:
         return iter(self._entries.items())

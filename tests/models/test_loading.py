@@ -111,3 +111,31 @@ def test_plain_torch_state_dict_loads_with_weights_only(tmp_path):
     torch.save(state, tmp_path / "tiny.pt")
     t = load_teacher(str(tmp_path / "tiny.pt"))
     assert all(torch.equal(t.model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_checkpoints_record_the_models_own_channels_and_transform(tmp_path):
+    """timm's pretrained config says 3 channels for a resnet18 built with in_chans=1; the checkpoint must not."""
+    from smi.models.loading import create_model, save_teacher
+
+    model, kwargs = create_model("resnet18", (1, 20, 24), 4)
+    path = save_teacher(model, tmp_path / "r.safetensors", arch="resnet18", model_kwargs=kwargs)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["input_size"][0] == 1 and len(meta["mean"]) == len(meta["std"]) == 1
+    teacher = load_teacher(str(path))
+    assert teacher.input_size[0] == 1 and teacher.dataset is None
+    data = {"input_size": [1, 20, 24], "mean": [0.5], "std": [0.2], "crop_pct": 0.9, "interpolation": "bicubic",
+            "dataset": "fashion-mnist"}
+    path = save_teacher(model, tmp_path / "s.safetensors", arch="resnet18", model_kwargs=kwargs, data_config=data)
+    back = load_teacher(str(path))
+    assert back.data_config() == {**data, "input_size": [1, 20, 24]}
+
+
+def test_a_plain_timm_student_records_its_teachers_input(tmp_path):
+    from smi.data.sources import NoiseSource
+    from smi.transfer import DistillConfig, build_student, distill
+
+    teacher = load_teacher("fmnist_vit_tiny")
+    res = distill(teacher, build_student("resnet18", teacher), NoiseSource(), tmp_path / "kd",
+                  DistillConfig(epochs=1, batch_size=4, online_steps=1), eval_data=None, progress=False)
+    student = load_teacher(str(res.weights))
+    assert student.data_config() == teacher.data_config()

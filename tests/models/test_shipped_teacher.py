@@ -6,7 +6,7 @@ import timm
 import torch
 
 from smi.data import load_pool
-from smi.data.eval_data import eval_dataset
+from smi.data.datasets import eval_dataset
 from smi.data.fashion_mnist import load_fashion_mnist
 from smi.evaluation import evaluate, teacher_accuracy_on_pool
 from smi.inversion import InversionConfig, SparsityConfig, synthesize

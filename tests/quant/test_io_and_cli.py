@@ -1,12 +1,10 @@
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from smi.cli import main
-from smi.data.eval_data import eval_dataset
+from smi.data.datasets import eval_dataset
 from smi.errors import SmiError
 from smi.evaluation import evaluate
 from smi.inversion import InversionConfig, SparsityConfig, synthesize
@@ -15,7 +13,7 @@ from smi.quant import BaselineConfig, calibrate, convert, prepare
 from smi.quant.api import calibration_forward
 from smi.quant.calibration import calibration_set
 from smi.quant.io import load_quantized, save_quantized
-from tests.helpers import write_tiny_checkpoint
+from tests.helpers import write_image_folder, write_tiny_checkpoint
 
 
 @pytest.fixture
@@ -93,29 +91,23 @@ def test_quantized_folder_for_another_model_is_refused(ckpt, tmp_path):
         load_quantized(tmp_path / "q", load_teacher(str(other)))
 
 
-def test_imagefolder_evaluation_uses_the_timm_transform(ckpt, tmp_path):
-    rng = np.random.default_rng(0)
-    for cls in ("a", "b", "c"):
-        (tmp_path / "val" / cls).mkdir(parents=True)
-        for i in range(3):
-            arr = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-            Image.fromarray(arr).save(tmp_path / "val" / cls / f"{i}.png")
+def test_imagefolder_evaluation_fits_the_models_input(ckpt, tmp_path):
+    write_image_folder(tmp_path / "d", classes=3, per_class=3, size=(40, 48), split=True)
     teacher = load_teacher(ckpt)
-    ds = eval_dataset(f"imagefolder:{tmp_path / 'val'}", teacher)
+    ds = eval_dataset(f"imagefolder:{tmp_path / 'd'}", teacher)
     x, y = ds[0]
-    assert x.shape == (3, 32, 32) and len(ds) == 9
+    assert x.shape == (3, 32, 32) and len(ds) == 3
     res = evaluate(teacher.model, ds, progress=False)
-    assert res["n"] == 9 and 0 <= res["top1"] <= res["top5"] <= 100
+    assert res["n"] == 3 and 0 <= res["top1"] <= res["top5"] <= 100
 
 
 def test_cli_quantize_then_eval(ckpt, tmp_path, capsys):
-    (tmp_path / "val" / "a").mkdir(parents=True)
-    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "val" / "a" / "0.png")
+    write_image_folder(tmp_path / "d", classes=1, per_class=1, size=(32, 32), split=True)
     out = str(tmp_path / "q")
     assert main(["quantize", "--model", ckpt, "--calib", "noise", "--calib-images", "4", "--w-bits", "6",
                  "--a-bits", "6", "--out", out, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["w_bits"] == 6
-    assert main(["eval", "--model", ckpt, "--quantized", out, "--data", f"imagefolder:{tmp_path / 'val'}",
+    assert main(["eval", "--model", ckpt, "--quantized", out, "--data", f"imagefolder:{tmp_path / 'd'}",
                  "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(res) >= {"top1", "top5", "n"} and res["n"] == 1

@@ -17,27 +17,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 
-from smi.data.fashion_mnist import load_fashion_mnist, normalize_uint8
+from smi.data.datasets import DATASETS, ModelSpec, data_help, fit_images, load_split, model_dataset, open_dataset
+from smi.data.fashion_mnist import normalize_uint8
 from smi.data.pool import check_pool_teacher, load_pool
 from smi.errors import SmiError
 from smi.registry import Registry
 
 __all__ = ["SOURCES", "DataSource", "ImageSet", "ModelSpec", "NoiseSource", "PoolSource", "RealSource",
-           "parse_source", "real_training_images"]
-
-
-class ModelSpec(Protocol):
-    """What a source needs to know about the model it feeds (a :class:`smi.models.Teacher` has it)."""
-
-    spec: str
-    fingerprint: str
-    input_size: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+           "parse_source", "source_help"]
 
 
 class ImageSet:
@@ -146,27 +137,42 @@ class PoolSource(DataSource):
         return str(self.path)
 
 
-def real_training_images(model: ModelSpec, dataset: str = "fashion-mnist") -> tuple[torch.Tensor, torch.Tensor]:
-    """The training split as uint8 images and labels (Fashion-MNIST for now)."""
-    if dataset != "fashion-mnist":
-        raise SmiError(f"real training images come from fashion-mnist only, not {dataset!r}", param="dataset")
-    if tuple(model.input_size) != (1, 28, 28):
-        raise SmiError(f"real training images are Fashion-MNIST's (1x28x28); {model.spec} reads "
-                       f"{tuple(model.input_size)}, so use a synthetic pool")
-    return load_fashion_mnist("train")
-
-
 @SOURCES.register("real")
 @dataclass(frozen=True)
 class RealSource(DataSource):
-    """The real training images (an upper bound for data-free methods)."""
+    """Real training images (an upper bound for data-free methods): a dataset's train split, default the model's own."""
 
-    dataset: str = "fashion-mnist"
+    dataset: str | None = None  # NAME or NAME:PATH from smi.data.DATASETS; None: what the model records
     kind: ClassVar[str] = "real"
 
     def open(self, model: ModelSpec, **context: Any) -> ImageSet:
-        x, _ = real_training_images(model, self.dataset)
-        return ImageSet(x, norm=(model.mean, model.std), identity={"kind": "real", "images": len(x)})
+        spec = model_dataset(model, self.dataset)
+        dataset = open_dataset(spec)
+        if dataset.tensors("train") is None:  # files: read only the images a draw or batch needs
+            images = dataset.images("train")
+            return _ImagesOnDemand(images, model, {"kind": "real", "dataset": spec, "images": len(images)})
+        x, _ = load_split(dataset, "train", model)
+        return ImageSet(x, norm=(model.mean, model.std), identity={"kind": "real", "dataset": spec, "images": len(x)})
+
+    def describe(self) -> str:
+        return self.dataset or "real"
+
+
+class _ImagesOnDemand(ImageSet):
+    """A file dataset's split, each image read and fitted to the model when a draw or a batch takes it."""
+
+    def __init__(self, items: Any, model: ModelSpec, identity: dict[str, Any]) -> None:
+        super().__init__(norm=(model.mean, model.std), identity=identity)
+        self.items, self.model = items, model
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _normalized(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        rows = range(len(self))[idx] if isinstance(idx, slice) else idx.tolist()
+        m = self.model
+        x = torch.stack([fit_images(self.items[i][0], m.input_size, m.crop_pct, m.interpolation) for i in rows])
+        return normalize_uint8(x, *self.norm)
 
 
 @SOURCES.register("noise")
@@ -180,17 +186,24 @@ class NoiseSource(DataSource):
         return ImageSet(noise_shape=tuple(model.input_size), identity={"kind": "noise"})
 
 
+def source_help() -> str:
+    return f"POOL_DIR (pool:PATH), real (the model's own dataset), {data_help()}, or noise"
+
+
 def parse_source(spec: str) -> DataSource:
-    """``real`` | ``noise`` | ``pool:PATH`` | ``PATH`` (a pool folder), as the CLI's ``--calib`` takes them.
+    """How the CLI's ``--calib`` names a source: ``real`` (the model's dataset), ``noise``, a dataset
+    (``fashion-mnist``, ``imagefolder:PATH``, ...; its train split), ``pool:PATH`` or ``PATH`` (a pool folder).
 
     A bare word that names a source and also an existing folder is ambiguous and refused.
     """
     kind, sep, arg = spec.partition(":")
     if sep and kind == "pool":
         return PoolSource(arg)
-    if spec in ("real", "noise"):
+    if sep and kind in DATASETS:
+        return RealSource(spec)
+    if spec in ("real", "noise") or spec in DATASETS:
         if Path(spec).is_dir():
             raise SmiError(f"{spec!r} is both a data source and a folder here; write pool:{spec} (or ./{spec}) "
                            f"for the folder, or move out of it for the {spec} source", param="source")
-        return SOURCES.get(spec)()
+        return RealSource(spec) if spec in DATASETS else SOURCES.get(spec)()
     return PoolSource(spec)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from smi.errors import SmiError
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
 
-__all__ = ["Teacher", "load_teacher", "save_teacher", "TEACHER_FORMAT"]
+__all__ = ["Teacher", "check_fits", "create_model", "in_channels", "load_teacher", "save_teacher", "TEACHER_FORMAT"]
 
 TEACHER_FORMAT = "smi-teacher/1"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")  # read with torch.load(weights_only=True), never plain unpickling
@@ -42,6 +42,14 @@ class Teacher:
     class_names: list[str] | None = None
     fingerprint: str = ""  # sha256 of the weights file, or 'random-init:<arch>' / 'timm-pretrained:<arch>'
     extra: dict[str, Any] = field(default_factory=dict)
+    crop_pct: float = 1.0  # evaluation transform: shorter side to H / crop_pct, then the centre crop
+    interpolation: str = "bilinear"
+    dataset: str | None = None  # what it was trained on (smi.data.DATASETS spec), the default real data
+
+    def data_config(self) -> dict[str, Any]:
+        """How the model reads images: what a checkpoint of it (or of a student of it) records."""
+        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std),
+                "crop_pct": self.crop_pct, "interpolation": self.interpolation, "dataset": self.dataset}
 
     def identity(self) -> dict[str, Any]:
         """What a pool or quantized model records to say which teacher made it."""
@@ -61,13 +69,75 @@ def _freeze(model: nn.Module, device: torch.device | str) -> nn.Module:
     return model
 
 
+def in_channels(model: nn.Module) -> int | None:
+    """The channels the model's first layer takes (not timm's pretrained config, which says 3 for ``in_chans=1``)."""
+    first = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    names = [first] if isinstance(first, str) else list(first or [])
+    for name in names:
+        try:
+            weight = model.get_submodule(name.removesuffix(".weight")).weight
+        except AttributeError:
+            continue
+        return int(weight.shape[1])
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)), None)
+    return int(conv.weight.shape[1]) if isinstance(conv, nn.Conv2d) else None
+
+
 def _data_cfg(model: nn.Module) -> dict[str, Any]:
-    """timm's data config, with the input size the model was built for (``img_size=`` overrides)."""
+    """timm's data config, with the input the model was built for (its first layer's channels, ``img_size``)."""
     cfg = dict(timm.data.resolve_model_data_config(model))
+    C, H, W = cfg["input_size"]
     pe = getattr(model, "patch_embed", None)
     if pe is not None and getattr(pe, "img_size", None) is not None:
-        cfg["input_size"] = (cfg["input_size"][0], *pe.img_size)
+        H, W = pe.img_size
+    C = in_channels(model) or C
+    cfg["input_size"] = (C, H, W)
+    if len(cfg["mean"]) != C:  # timm's RGB statistics for a grey model: their average
+        cfg["mean"], cfg["std"] = ((sum(cfg["mean"]) / len(cfg["mean"]),) * C, (sum(cfg["std"]) / len(cfg["std"]),) * C)
     return cfg
+
+
+def create_model(arch: str, input_size: tuple[int, int, int], num_classes: int, what: str = "model",
+                 **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """A fresh timm ``arch`` for ``num_classes`` classes reading ``input_size`` images.
+
+    Returns the model and the kwargs it was built with (what a checkpoint records). ``img_size``
+    is passed where the architecture takes it (ViTs); CNNs read any size. ``kwargs`` go to timm.
+    """
+    import smi.models.teachers  # noqa: F401  (registers the Fashion-MNIST architectures)
+
+    if not timm.is_model(arch):
+        raise SmiError(f"unknown {what} architecture {arch!r}{did_you_mean(arch)}")
+    C, H, W = input_size
+    built: dict[str, Any] = {"num_classes": num_classes, "in_chans": C, "img_size": (H, W), **kwargs}
+    for attempt in range(2):
+        try:
+            return timm.create_model(arch, pretrained=False, **built), built
+        except TypeError as e:  # architectures without an img_size argument (CNNs) take any size
+            if attempt or "img_size" in kwargs or "img_size" not in str(e):
+                error: Exception = e
+                break
+            built.pop("img_size")
+        except Exception as e:  # timm raises many types for bad kwargs; this is the boundary
+            error = e
+            break
+    raise SmiError(f"cannot create {what} {arch!r}: {(str(error).splitlines() or [type(error).__name__])[0]}")
+
+
+def check_fits(model: nn.Module, name: str, input_size: tuple[int, int, int], num_classes: int,
+               what: str = "model") -> None:
+    """One forward pass of a zero image: ``model`` must read ``input_size`` and predict ``num_classes``."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    except Exception as e:  # a shape error inside any timm model: this is the boundary
+        raise SmiError(f"{what} {name} cannot read {'x'.join(map(str, input_size))} images: "
+                       f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    finally:
+        model.train(was_training)
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise SmiError(f"{what} {name} predicts {out.shape[-1]} classes, not {num_classes}")
 
 
 def load_teacher(
@@ -111,6 +181,7 @@ def load_teacher(
         input_size=tuple(cfg["input_size"]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
         class_names=list(label_names) if label_names else None,
         fingerprint=f"{'timm-pretrained' if pretrained else 'random-init'}:{spec}",
+        crop_pct=float(cfg.get("crop_pct", 1.0)), interpolation=str(cfg.get("interpolation", "bilinear")),
     )
 
 
@@ -151,6 +222,13 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
         num_classes = int(meta["num_classes"])
         input_size = tuple(int(v) for v in meta["input_size"])
         mean, std = tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"])
+        if len(input_size) != 3 or min(input_size) < 1 or len(mean) != input_size[0] or len(std) != input_size[0]:
+            raise ValueError("input_size (C, H, W) with one mean and std per channel")
+        crop_pct = float(meta["crop_pct"]) if meta.get("crop_pct") is not None else None
+        interpolation = meta.get("interpolation")
+        dataset = meta.get("dataset")
+        if not (dataset is None or isinstance(dataset, str)) or not (crop_pct is None or 0 < crop_pct <= 1):
+            raise ValueError("dataset (a string) or crop_pct (in (0, 1])")
     except (KeyError, TypeError, ValueError) as e:
         raise SmiError(f"{meta_path}: missing or malformed field {e}") from None
     import smi.models.teachers  # noqa: F401  (registers shipped architectures)
@@ -168,31 +246,36 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
                   else f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}")
         raise SmiError(f"{weights}: weights do not match the metadata's {arch}: {detail}")
     model.load_state_dict(state)
+    timm_cfg = _data_cfg(model)  # checkpoints written before smi recorded the transform: timm's
     return Teacher(
         model=_freeze(model, device), spec=spec or str(path), arch=arch, num_classes=num_classes,
         input_size=input_size, mean=mean, std=std, class_names=meta.get("class_names"),
         fingerprint=f"sha256:{sha256_file(weights)}", extra={"metadata": meta},
+        crop_pct=crop_pct if crop_pct is not None else float(timm_cfg.get("crop_pct", 1.0)),
+        interpolation=str(interpolation or timm_cfg.get("interpolation", "bilinear")), dataset=dataset,
     )
 
 
 def save_teacher(
     model: nn.Module, path: str | Path, *, arch: str, model_kwargs: dict[str, Any] | None = None,
     class_names: list[str] | None = None, extra: dict[str, Any] | None = None,
-    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    data_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``path`` (.safetensors) and its .json metadata, atomically. Returns the weights path.
 
-    ``normalization`` (mean, std) overrides timm's config, e.g. for a student trained on its
-    teacher's inputs.
+    The metadata says how the model reads images: ``data_config`` (``input_size``, ``mean``,
+    ``std``, ``crop_pct``, ``interpolation``, ``dataset``; see :meth:`Teacher.data_config`), with
+    anything it leaves out taken from the model itself (its first layer's channels, its
+    ``img_size``) and timm's config. A student passes its teacher's.
     """
     path = Path(path).with_suffix(".safetensors")
     cfg = _data_cfg(model)
-    if normalization is not None:
-        cfg["mean"], cfg["std"] = normalization
+    cfg = {"input_size": list(cfg["input_size"]), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
+           "crop_pct": float(cfg.get("crop_pct", 1.0)), "interpolation": str(cfg.get("interpolation", "bilinear")),
+           "dataset": None, **{k: list(v) if isinstance(v, tuple) else v for k, v in (data_config or {}).items()}}
     meta = {
         "format": TEACHER_FORMAT, "architecture": arch, "model_kwargs": model_kwargs or {},
-        "num_classes": model.num_classes, "input_size": list(cfg["input_size"]),
-        "mean": list(cfg["mean"]), "std": list(cfg["std"]), "class_names": class_names,
+        "num_classes": model.num_classes, **cfg, "class_names": class_names,
         "timm_version": timm.__version__, "torch_version": torch.__version__, **(extra or {}),
     }
     atomic_save_tensors(path, model.state_dict())

@@ -1,20 +1,21 @@
-"""The recipe that trains smi's shipped teachers on Fashion-MNIST (resumable)."""
+"""The recipe that trains a teacher on a labelled dataset, resumably: the shipped ones, or any timm model."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from smi.data.fashion_mnist import FMNIST_CLASSES, load_fashion_mnist, normalize_uint8
+from smi.data.datasets import ImageDataset, load_split, open_dataset
+from smi.data.fashion_mnist import normalize_uint8
 from smi.errors import SmiError
 from smi.evaluation import evaluate
-from smi.models.loading import save_teacher
+from smi.models.loading import check_fits, create_model, save_teacher
 from smi.runner import FitConfig, RunFolder, adamw, fit, plot_accuracy
 
 __all__ = ["TeacherTrainConfig", "train_teacher"]
@@ -27,6 +28,9 @@ class TeacherTrainConfig:
     """AdamW + warm-up/cosine, label smoothing, random crop (zero padding) and horizontal flip."""
 
     arch: str = "fmnist_vit_tiny"
+    data: str = "fashion-mnist"  # a smi.data.DATASETS spec: NAME or NAME:PATH
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    img_size: int | None = None  # square side the images are resized to; None: the dataset's size
     epochs: int = 24
     batch_size: int = 128
     lr: float = 1e-3
@@ -38,12 +42,12 @@ class TeacherTrainConfig:
     crop_padding: int = 2
     hflip: bool = True
     seed: int = 0
-    train_images: int | None = None  # first N training images only (tests); None = all 60,000
-    test_images: int | None = None  # first N test images for the per-epoch evaluation; None = all 10,000
+    train_images: int | None = None  # first N training images only (tests); None = all
+    test_images: int | None = None  # first N test images for the per-epoch evaluation; None = all
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("epochs", "batch_size", "img_size", "train_images", "test_images"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SmiError(f"must be >= 1, got {getattr(self, name)}", param=name)
         if not (0 < self.lr < 1):
             raise SmiError(f"must be in (0, 1), got {self.lr}", param="lr")
@@ -66,34 +70,64 @@ def _augment(x: torch.Tensor, cfg: TeacherTrainConfig, gen: torch.Generator) -> 
     return x
 
 
+def _statistics(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images in [0, 1], in chunks (a large split stays uint8 in memory)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for i in range(0, len(x), chunk):
+        v = x[i:i + chunk].double() / 255.0
+        total += v.sum((0, 2, 3))
+        squares += (v * v).sum((0, 2, 3))
+    n = x.numel() / x.shape[1]
+    mean = total / n
+    std = (squares / n - mean * mean).clamp_min(1e-12).sqrt()
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(max(v, 1e-3), 4) for v in std.tolist())
+
+
+def _prepare(cfg: TeacherTrainConfig, device: torch.device | str, progress: bool
+             ) -> tuple[ImageDataset, torch.nn.Module, dict[str, Any], dict[str, Any], tuple[torch.Tensor, ...]]:
+    """Everything that can fail on the user's input, before a run folder is made."""
+    dataset = open_dataset(cfg.data)
+    H, W = (cfg.img_size, cfg.img_size) if cfg.img_size else dataset.size
+    input_size = (dataset.channels, H, W)
+    torch.manual_seed(cfg.seed)  # weight init
+    model, built = create_model(cfg.arch, input_size, dataset.num_classes, what="teacher",
+                                drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
+    model.to(device)
+    check_fits(model, cfg.arch, input_size, dataset.num_classes, what="teacher")
+    reads = SimpleNamespace(input_size=input_size, crop_pct=1.0, interpolation="bilinear")
+    x_train, y_train = (t[: cfg.train_images] for t in load_split(dataset, "train", reads, progress))
+    x_test, y_test = (t[: cfg.test_images] for t in load_split(dataset, "test", reads, progress))
+    if len(x_train) < cfg.batch_size:
+        raise SmiError(f"must not exceed the {len(x_train)} training images, got {cfg.batch_size}",
+                       param="batch_size")
+    mean, std = dataset.normalization() or _statistics(x_train)
+    kwargs = {k: v for k, v in built.items() if k not in ("num_classes", "drop_path_rate")}
+    data_config = {"input_size": list(input_size), "mean": list(mean), "std": list(std), "crop_pct": 1.0,
+                   "interpolation": "bilinear", "dataset": dataset.spec}
+    return dataset, model, kwargs, data_config, (x_train, y_train, x_test, y_test)
+
+
 def train_teacher(
     cfg: TeacherTrainConfig, out_dir: str | Path, device: torch.device | str = "cpu", progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ``cfg.arch`` on Fashion-MNIST; resume from ``out_dir`` if it holds this run's checkpoint.
+    """Train ``cfg.arch`` on ``cfg.data``; resume from ``out_dir`` if it holds this run's checkpoint.
 
-    The run folder is :class:`smi.runner.RunFolder`'s (``config.json``, ``checkpoint.safetensors``,
-    ``log.jsonl``, ``accuracy.png``); the result is ``<arch>.safetensors`` + ``<arch>.json``, a
-    teacher checkpoint that :func:`smi.models.load_teacher` reads.
+    Any timm architecture, built for the dataset's channels, classes and size (``img_size`` where
+    it takes one). The run folder is :class:`smi.runner.RunFolder`'s (``config.json``,
+    ``checkpoint.safetensors``, ``log.jsonl``, ``accuracy.png``), made only once the data, the
+    model and one forward pass check out; the result is ``<arch>.safetensors`` + ``<arch>.json``, a
+    checkpoint every smi command reads, recording the dataset, input size and normalization.
     """
-    import smi.models.teachers  # noqa: F401  (registers the architectures)
-
+    dataset, model, model_kwargs, data_config, (x_train, y_train, x_test, y_test) = _prepare(cfg, device, progress)
+    mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
     run = RunFolder(out_dir, {"config": asdict(cfg)}, fmt=TRAIN_FORMAT, what="training run",
                     products=(f"{cfg.arch}.safetensors", f"{cfg.arch}.json"))
-    torch.manual_seed(cfg.seed)  # weight init
-    model = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate).to(device)
-    data_cfg = timm.data.resolve_model_data_config(model)
-    mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
     opt = adamw(list(model.named_parameters()), cfg.lr, cfg.weight_decay)
-
-    x_train, y_train = (t[: cfg.train_images] for t in load_fashion_mnist("train"))
-    x_test, y_test = (t[: cfg.test_images] for t in load_fashion_mnist("test"))
     test = TensorDataset(normalize_uint8(x_test, mean, std), y_test)
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
     steps = len(x_train) // cfg.batch_size  # drop the last partial batch
-    if steps < 1:
-        raise SmiError(f"must not exceed the {len(x_train)} training images, got {cfg.batch_size}",
-                       param="batch_size")
     seen = {"correct": 0, "n": 0}
 
     def batches(epoch: int, gen: torch.Generator):
@@ -118,8 +152,9 @@ def train_teacher(
     fit_cfg = FitConfig(epochs=cfg.epochs, steps_per_epoch=steps, lr=cfg.lr, min_lr=cfg.min_lr,
                         warmup_epochs=cfg.warmup_epochs, schedule="cosine", seed=cfg.seed, desc="epoch")
     log = fit(run, model, opt, fit_cfg, batches, step, end_of_epoch=end_of_epoch, progress=progress)
-    plot_accuracy(run, log, cfg.arch, f"training {cfg.arch} on Fashion-MNIST")
+    plot_accuracy(run, log, cfg.arch, f"training {cfg.arch} on {dataset.name}")
     model.eval()
-    final = save_teacher(model, run.out / f"{cfg.arch}.safetensors", arch=cfg.arch, class_names=list(FMNIST_CLASSES),
+    final = save_teacher(model, run.out / f"{cfg.arch}.safetensors", arch=cfg.arch, model_kwargs=model_kwargs,
+                         class_names=dataset.class_names, data_config=data_config,
                          extra={"test_top1": log[-1]["top1"], "train_config": asdict(cfg)})
     return {"test_top1": log[-1]["top1"], "weights": str(final), "epochs": len(log)}

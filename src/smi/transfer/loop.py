@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smi.data.eval_data import eval_dataset
+from smi.data.datasets import eval_dataset
 from smi.data.pool import clear_pool
 from smi.data.sources import DataSource
 from smi.errors import SmiError
@@ -79,7 +79,7 @@ def distill(
     out: str | Path,
     config: DistillConfig | None = None,
     *,
-    eval_data: str | None = "fashion-mnist",
+    eval_data: str | None = "teacher",
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: bool = True,
@@ -90,7 +90,8 @@ def distill(
         data: a :class:`~smi.data.sources.PoolSource` (offline), an
             :class:`~smi.inversion.synthesis.OnlineSource` (one synthesized batch per epoch),
             :class:`~smi.data.sources.RealSource` or :class:`~smi.data.sources.NoiseSource`.
-        eval_data: test data for the per-epoch top-1 (see ``smi eval --data``), or None.
+        eval_data: test data for the per-epoch top-1 (see ``smi eval --data``); ``"teacher"``: the
+            dataset the teacher records (none if it records none); None: no evaluation.
 
     >>> distill(teacher, build_student("fmnist_vit_mini", teacher), PoolSource("pool/"), "runs/kd")
     """
@@ -99,6 +100,7 @@ def distill(
                        param="data")
     cfg = config or DistillConfig()
     out = Path(out)
+    eval_data = teacher.dataset if eval_data == "teacher" else eval_data
     if data.kind == "online":  # its identity is known before any image exists
         probe = {"kind": "online", "synthesis": data.synthesis.to_dict()}  # type: ignore[attr-defined]
     else:
@@ -151,7 +153,7 @@ def distill(
         if test is not None else None
     model.eval()
     weights = save_teacher(model, out / "student.safetensors", arch=student.arch, model_kwargs=student.model_kwargs,
-                           class_names=teacher.class_names, normalization=(teacher.mean, teacher.std),
+                           class_names=teacher.class_names, data_config=teacher.data_config(),
                            extra={"distilled_from": teacher.identity(), "data": probe["kind"], "epochs": len(log),
                                   "test_top1": log[-1]["top1"]})
     return DistillResult(out, log[-1]["top1"], log[-1]["wall_s"], len(log), log, weights, plot)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import timm
 import torch
 import torch.nn as nn
 
 from smi.errors import SmiError
-from smi.models.loading import Teacher, did_you_mean, load_teacher
+from smi.models.loading import Teacher, check_fits, create_model, load_teacher
 from smi.models.sparse import check_sparse_capable
 
 __all__ = ["Student", "build_student"]
@@ -26,35 +25,6 @@ class Student:
 
     def identity(self) -> dict[str, Any]:
         return {"arch": self.arch, "model_kwargs": self.model_kwargs, "origin": self.origin}
-
-
-def _create(arch: str, teacher: Teacher) -> tuple[nn.Module, dict[str, Any]]:
-    import smi.models.teachers  # noqa: F401  (registers the Fashion-MNIST architectures)
-
-    if not timm.is_model(arch):
-        raise SmiError(f"unknown student architecture {arch!r}{did_you_mean(arch)}")
-    C, H, W = teacher.input_size
-    kwargs: dict[str, Any] = {"num_classes": teacher.num_classes, "in_chans": C, "img_size": (H, W)}
-    try:
-        return timm.create_model(arch, pretrained=False, **kwargs), kwargs
-    except TypeError:  # architectures without an img_size argument (CNNs) take any size
-        kwargs.pop("img_size")
-    try:
-        return timm.create_model(arch, pretrained=False, **kwargs), kwargs
-    except Exception as e:  # timm raises many types for bad kwargs; this is the boundary
-        raise SmiError(f"cannot create student {arch!r}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
-
-
-def _check_fits(model: nn.Module, arch: str, teacher: Teacher) -> None:
-    """The student must read the teacher's input and predict the teacher's classes."""
-    try:
-        with torch.no_grad():
-            out = model.eval()(torch.zeros(1, *teacher.input_size, device=next(model.parameters()).device))
-    except Exception as e:  # a shape error inside any timm model: this is the boundary
-        raise SmiError(f"student {arch} cannot read the teacher's input {tuple(teacher.input_size)}: "
-                       f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
-    if out.ndim != 2 or out.shape[1] != teacher.num_classes:
-        raise SmiError(f"student {arch} predicts {out.shape[-1]} classes but the teacher has {teacher.num_classes}")
 
 
 def _token_compatible(model: nn.Module, teacher: Teacher) -> bool:
@@ -101,11 +71,11 @@ def build_student(
         if linear_probe:
             raise SmiError("--linear-probe needs a trained backbone: give --student-checkpoint")
         torch.manual_seed(seed)
-        model, kwargs = _create(arch, teacher)
+        model, kwargs = create_model(arch, teacher.input_size, teacher.num_classes, what="student")
         origin = "scratch"
     model.to(device)
     model.requires_grad_(True)
-    _check_fits(model, arch, teacher)
+    check_fits(model, arch, teacher.input_size, teacher.num_classes, what="student")
     if linear_probe:
         model.requires_grad_(False)
         model.get_classifier().requires_grad_(True)
