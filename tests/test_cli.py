@@ -118,3 +118,28 @@ def test_help_reads_every_registry(capsys):
         for registry in registries:
             for name in registry.names():
                 assert name in text, (command, registry.what, name)
+
+
+def test_settings_that_are_almost_surely_wrong_warn_in_one_line(ckpt, tmp_path, capsys):
+    assert main(["invert", "--model", ckpt, *FAST, "--batch-size", "4", "--sparsity", "dense", "--lr", "1e6",
+                 "--out", str(tmp_path / "p")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "smi: warning:" in line]
+    assert len(warnings) == 1 and "learning rate 1e+06 is probably too high" in warnings[0]
+    assert main(["invert", "--model", ckpt, *FAST, "--sparsity", "dense", "--out", str(tmp_path / "q")]) == 0
+    assert "warning" not in capsys.readouterr().err  # the default learning rate does not saturate
+    assert main(["distill", "--teacher", "fmnist_vit_tiny", "--student", "vit_tiny_patch16_224", "--noise",
+                 "--epochs", "1", "--online-steps", "1", "--eval-data", "none", "--out", str(tmp_path / "kd")]) == 0
+    assert "smi: warning: student vit_tiny_patch16_224 cuts the teacher's 28x28 images into 1x1 patches" \
+        in capsys.readouterr().err
+
+
+def test_a_bug_prints_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
+    import smi.cli
+
+    def broken(args):
+        raise RuntimeError("an smi bug")
+
+    monkeypatch.setattr(smi.cli, "_cmd_pool_info", broken)
+    assert main(["pool", "info", "somewhere"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: an smi bug" in err and "please report" in err

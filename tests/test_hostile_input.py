@@ -6,7 +6,7 @@ import os
 import pytest
 
 from smi.cli import main
-from tests.helpers import write_tiny_checkpoint
+from tests.helpers import write_image_folder, write_tiny_checkpoint
 
 INV = ["--num-images", "4", "--batch-size", "2", "--iterations", "6", "--sparsity", "2:0.5", "--no-grid"]
 
@@ -33,6 +33,31 @@ def world(tmp_path_factory):
     shard = next((d / "truncpool").glob("shard-*"))
     shard.write_bytes(shard.read_bytes()[:64])
     (d / "afile.txt").write_text("hello")
+    mine = d / "users_folder"  # a folder a user owns, with names smi also writes
+    mine.mkdir()
+    for name in ("config.json", "grid.png", "shard-00000.safetensors", "quantized.json", "notes.txt"):
+        (mine / name).write_text("the user's own")
+    write_image_folder(d / "images", classes=5, per_class=2, size=(32, 32), split=True)
+    write_image_folder(d / "badimages", classes=5, per_class=2, size=(32, 32), split=True)
+    (d / "badimages" / "val" / "class_3" / "0.png").write_bytes(b"\x89PNG broken")
+    for name, edit in (("nullpool", lambda m: m["shards"][0].update(sha256=None)),
+                       ("nofieldpool", lambda m: m["shards"][0].pop("file")),
+                       ("countpool", lambda m: m.update(num_images_done=400)),
+                       ("escapepool", lambda m: m["shards"][0].update(file="../afile.txt"))):
+        (d / name).mkdir()
+        for f in (d / "pool").iterdir():
+            (d / name / f.name).write_bytes(f.read_bytes())
+        manifest = json.loads((d / name / "manifest.json").read_text())
+        edit(manifest)
+        (d / name / "manifest.json").write_text(json.dumps(manifest))
+    import timm
+
+    from smi.models.loading import save_teacher
+
+    headless = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, embed_dim=32,
+                                 depth=1, num_heads=2)
+    w["headless"] = str(save_teacher(headless, d / "headless.safetensors", arch="vit_tiny_patch16_224",
+                                     model_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)))
     return w
 
 
@@ -107,6 +132,48 @@ def _cases():
         "demo: unknown device": (lambda w: ["demo", "--device", "tpu:0", "--out", "{d}/demo"], "not a torch device"),
         "demo: iterations within the schedule": (lambda w: ["demo", "--iterations", "200", "--out", "{d}/demo"],
                                                  "--iterations must exceed the last stop iteration (300)"),
+        # a folder the user owns is never written into
+        "invert: a user's folder": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--out", "{d}/users_folder"],
+                                    "smi did not write"),
+        "invert: a user's folder, --overwrite": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--overwrite",
+                                                            "--out", "{d}/users_folder"], "smi did not write"),
+        "quantize: a user's folder": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise",
+                                                 "--out", "{d}/users_folder"], "smi did not write"),
+        "distill: a user's folder": (lambda w: ["distill", "--teacher", w["ckpt"], "--noise", "--epochs", "1",
+                                                "--eval-data", "none", "--out", "{d}/users_folder"],
+                                     "smi did not write"),
+        "train-teacher: a user's folder": (lambda w: ["train-teacher", "--data", "imagefolder:{d}/images",
+                                                      "--arch", "resnet10t", "--batch-size", "4",
+                                                      "--out", "{d}/users_folder"], "smi did not write"),
+        "invert: --out below a file": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--out", "{d}/afile.txt/p"],
+                                       "Not a directory"),
+        # numbers
+        "quantize: batch size 0": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise", "--batch-size",
+                                              "0", "--out", "{d}/q"], "--batch-size"),
+        "eval: batch size 0": (lambda w: ["eval", "--model", w["ckpt"], "--data", "imagefolder:{d}/images",
+                                          "--batch-size", "0"], "--batch-size"),
+        "invert: negative seed": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--seed", "-1", "--out", "{d}/o"],
+                                  "--seed"),
+        "invert: seed past 64 bits": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--seed", str(2**70),
+                                                 "--out", "{d}/o"], "--seed"),
+        "invert: infinite tv": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--tv-l2", "inf", "--out", "{d}/o"],
+                                "finite number"),
+        "distill: nan term weight": (lambda w: ["distill", "--teacher", w["ckpt"], "--online", "--term", "bn=nan",
+                                                "--out", "{d}/o"], "--term"),
+        # data and pools
+        "eval: a corrupt image": (lambda w: ["eval", "--model", w["ckpt"], "--data", "imagefolder:{d}/badimages"],
+                                  "unreadable image"),
+        "pool info: a null field": (lambda w: ["pool", "info", "{d}/nullpool"], "no valid 'sha256'"),
+        "quantize: a manifest without a field": (lambda w: ["quantize", "--model", w["ckpt"], "--calib",
+                                                            "{d}/nofieldpool", "--out", "{d}/q"], "no valid 'file'"),
+        "pool info: a hand-edited count": (lambda w: ["pool", "info", "{d}/countpool"], "num_images_done"),
+        "pool verify: a shard outside the folder": (lambda w: ["pool", "verify", "{d}/escapepool"],
+                                                    "not a shard file"),
+        # models that cannot be inverted as asked
+        "invert: a model without a head": (lambda w: ["invert", "--model", w["headless"], *INV, "--out", "{d}/o"],
+                                           "needs a classifier head"),
+        "invert: sparse on a hybrid ViT": (lambda w: ["invert", "--model", "vit_small_r26_s32_224", *INV,
+                                                      "--out", "{d}/o"], "reads each patch on its own"),
     }
 
 
@@ -129,7 +196,8 @@ def test_hostile_input(case, world, capsys):
     assert "error:" in last and needle in last, last
     assert not any("Traceback" in line for line in err)
     after = {p: p.stat().st_mtime_ns for p in world["dir"].rglob("*") if p.is_file()}
-    assert {p: t for p, t in after.items() if p in before} == before  # nothing that existed was touched
+    assert after == before  # nothing that existed was touched, and nothing was written
+    assert not (world["dir"] / "o").exists() and not (world["dir"] / "q").exists()  # not even an empty folder
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")

@@ -29,6 +29,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _number(text: str) -> float:
+    """A finite float (argparse's float accepts nan and inf, which only fail later and far away)."""
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+_number.__name__ = "finite number"  # argparse's message: "invalid finite number value: 'nan'"
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise ValueError(text)
+    return value
+
+
+_seed.__name__ = "seed (an integer from 0 to 2**63 - 1)"
+
+
 def _add_model(p: argparse.ArgumentParser, flag: str = "--model", what: str = "model") -> None:
     p.add_argument(flag, default="fmnist_vit_tiny",
                    help=f"{what}: timm model name, shipped teacher name, or a checkpoint NAME.safetensors")
@@ -39,7 +62,7 @@ def _add_run(p: argparse.ArgumentParser, *, out: str | None, seed: str | None = 
              json: bool = False) -> None:
     """--seed, --device, --out, --overwrite and --json, as every command that has them spells them."""
     if seed is not None:
-        p.add_argument("--seed", type=int, default=0, help=seed)
+        p.add_argument("--seed", type=_seed, default=0, help=seed)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     if out is not None:
         p.add_argument("--out", required=True, help=out)
@@ -80,7 +103,7 @@ def _add_train_teacher(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, help="resize the images to this square side (default: the dataset's size)")
     p.add_argument("--epochs", type=int, default=24, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--lr", type=_number, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip (e.g. for digits or text)")
     _add_run(p, out="run folder (checkpoints, log, final weights)", seed="seed for shuffling, augmentation and init")
     p.set_defaults(func=_cmd_train_teacher, parser=p)
@@ -96,7 +119,7 @@ def _literal(text: str) -> Any:
         return text
 
 
-def _pairs(items: list[str] | None, flag: str, parse: Callable[[str], Any] = float) -> dict[str, Any]:
+def _pairs(items: list[str] | None, flag: str, parse: Callable[[str], Any] = _number) -> dict[str, Any]:
     out = {}
     for item in items or []:
         name, sep, value = item.partition("=")
@@ -105,7 +128,7 @@ def _pairs(items: list[str] | None, flag: str, parse: Callable[[str], Any] = flo
         except ValueError:
             sep = ""
         if not sep or not name.strip():
-            raise SmiError(f"{flag} takes NAME={'NUMBER' if parse is float else 'VALUE'}, got {item!r}")
+            raise SmiError(f"{flag} takes NAME={'NUMBER' if parse is _number else 'VALUE'}, got {item!r}")
     return out
 
 
@@ -142,13 +165,13 @@ def _add_inversion_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--sparsity", metavar="SCHEDULE",
                    help="'default' (the default: 50:0.3,100:0.3,200:0.3,300:0.3), 'dense', or ITER:RATIO,... "
                         "(each ratio: fraction of the still-optimized patches to stop)")
-    p.add_argument(f"--{prefix}lr", dest="synth_lr", type=float, metavar="LR",
+    p.add_argument(f"--{prefix}lr", dest="synth_lr", type=_number, metavar="LR",
                    help="Adam learning rate of the images (default: 0.25, betas 0.5, 0.99; psaq 0.2, 0.5, 0.9)")
-    p.add_argument("--tv-l2", type=float, help="weight of the l2 total-variation prior (default: 1e-4; "
+    p.add_argument("--tv-l2", type=_number, help="weight of the l2 total-variation prior (default: 1e-4; "
                                                  "psaq 0, mimiq 2.5e-5, sardfq 0)")
-    p.add_argument("--tv-l1", type=float, help="weight of the l1 total-variation prior (default: 0; sardfq 0.05)")
-    p.add_argument("--l2", type=float, help="weight of the image L2-norm prior (default: 0)")
-    p.add_argument("--jitter", type=float, help="largest random shift, fraction of the side (default: 0.125)")
+    p.add_argument("--tv-l1", type=_number, help="weight of the l1 total-variation prior (default: 0; sardfq 0.05)")
+    p.add_argument("--l2", type=_number, help="weight of the image L2-norm prior (default: 0)")
+    p.add_argument("--jitter", type=_number, help="largest random shift, fraction of the side (default: 0.125)")
     p.add_argument("--jitter-unit", choices=["patch", "pixel"], default="patch",
                    help="round shifts to whole patches (needed for sparse) or use pixels (dense only)")
     p.add_argument("--no-flip", action="store_true", help="disable the random horizontal flip")
@@ -270,17 +293,17 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--noise", action="store_true", help="train on fresh Gaussian noise (a lower bound)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (weight decay 0.05)")
+    p.add_argument("--lr", type=_number, default=1e-3, help="peak AdamW learning rate (weight decay 0.05)")
     p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
                    help="after one warm-up epoch: cosine to 1e-5, or constant")
-    p.add_argument("--temperature", type=float, default=20.0, help="softmax temperature of the KL term")
-    p.add_argument("--ce-weight", type=float, default=0.0, help="weight of cross-entropy on the teacher's argmax")
+    p.add_argument("--temperature", type=_number, default=20.0, help="softmax temperature of the KL term")
+    p.add_argument("--ce-weight", type=_number, default=0.0, help="weight of cross-entropy on the teacher's argmax")
     p.add_argument("--steps-per-epoch", type=int,
                    help="training steps per epoch (default: one pass over a pool or real images; --online-steps "
                         "for online and noise)")
     p.add_argument("--online-steps", type=int, default=50, help="training steps per epoch with --online or --noise")
     p.add_argument("--no-augment", action="store_true", help="no random whole-patch shift and flip")
-    p.add_argument("--time-budget", type=float, help="stop after the epoch at which synthesis + training pass this "
+    p.add_argument("--time-budget", type=_number, help="stop after the epoch at which synthesis + training pass this "
                                                      "many seconds")
     p.add_argument("--eval-data", help=f"test data for the per-epoch top-1: {data_help()} | none "
                                         "(default: the teacher's dataset)")
@@ -316,7 +339,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="optimisation steps, more than 300 (the paper uses 4000; the demo keeps its stopping "
                         "schedule, whose last stop is at 300)")
     _add_run(p, out=None)
-    p.add_argument("--distill-seconds", type=float, default=120.0,
+    p.add_argument("--distill-seconds", type=_number, default=120.0,
                    help="wall-time budget of the short distillation run at the end")
     p.add_argument("--out", default="demo_out", help="output folder")
     p.set_defaults(func=_cmd_demo, parser=p)
@@ -502,8 +525,34 @@ def _flags(args: argparse.Namespace, **aliases: str) -> Iterator[None]:
         raise e.with_name(flag) from None
 
 
+def _one_line_warnings() -> None:
+    """smi's warnings (settings that work but are almost surely wrong) as one ``smi: warning:`` line each, once."""
+    import warnings
+
+    from smi.errors import SmiWarning
+
+    shown: set[tuple[str, int]] = set()
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 (warnings' signature)
+        if not issubclass(category, SmiWarning):
+            return default(message, category, filename, lineno, file, line)
+        if (filename, lineno) not in shown:
+            shown.add((filename, lineno))
+            print(f"smi: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", SmiWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every outcome is an exit status and at most one line on stderr; only a bug prints a traceback.
+
+    2: the input was refused (``SmiError``; nothing already written is touched); 1: the operating
+    system refused (a file or folder that cannot be read or written); 130: interrupted.
+    """
     args = build_parser().parse_args(argv)
+    _one_line_warnings()
     try:
         if getattr(args, "device", "cpu") != "cpu":
             _check_device(args.device)
@@ -512,6 +561,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SmiError as e:
         print(f"smi: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # permissions, a full disk, a vanished file: the system's words and the path
+        where = f": {e.filename}" if e.filename else ""
+        print(f"smi: error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("smi: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception:  # a bug in smi (or a library): the traceback, and how to report it
+        import traceback
+
+        traceback.print_exc()
+        print("smi: internal error: this is a bug; please report it with the command line and the traceback above",
+              file=sys.stderr)
+        return 3

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["SmiError"]
+__all__ = ["SmiError", "SmiWarning"]
+
+
+class SmiWarning(UserWarning):
+    """A setting that works but is almost surely wrong; the CLI prints it as one ``smi: warning:`` line."""
 
 
 class SmiError(ValueError):

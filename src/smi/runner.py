@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smi.errors import SmiError
-from smi.utils.io import atomic_write_bytes, atomic_write_json, read_format_json
+from smi.utils.io import atomic_write_bytes, atomic_write_json, claim_folder, read_format_json
 from smi.utils.schedule import Schedule, scheduled_lr
 from smi.utils.state import load_checkpoint, save_checkpoint
 
@@ -43,10 +43,8 @@ class RunFolder:
     def __init__(self, out: str | Path, identity: dict[str, Any], *, fmt: str, what: str,
                  products: Sequence[str] = (), overwrite: bool = False,
                  on_replace: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.out = Path(out)
+        self.out = claim_folder(out, (CONFIG,), what, fmt)
         self.identity = {"format": fmt, **identity}
-        if self.out.exists() and not self.out.is_dir():
-            raise SmiError(f"{self.out} is a file, not a folder", param="out")
         cfg_path = self.out / CONFIG
         if cfg_path.exists():
             old = read_format_json(cfg_path, fmt, what)

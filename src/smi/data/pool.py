@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from smi.errors import SmiError
-from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
+from smi.utils.io import atomic_save_tensors, atomic_write_json, claim_folder, read_format_json, sha256_file
 
 __all__ = [
     "POOL_FORMAT", "PoolWriter", "SyntheticPool", "check_pool_teacher", "clear_pool", "load_pool", "pool_info",
@@ -63,7 +63,46 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise SmiError(f"{folder} is a file, not a pool folder")
     if not path.is_file():
         raise SmiError(f"{folder} holds no pool ({MANIFEST} missing)")
-    return read_format_json(path, POOL_FORMAT, "pool manifest")
+    manifest = read_format_json(path, POOL_FORMAT, "pool manifest")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise SmiError(f"{path}: malformed pool manifest: {problem} (was it edited by hand? `smi invert` "
+                       "with --overwrite remakes the pool)")
+    return manifest
+
+
+_SHARD_FIELDS: dict[str, type | tuple[type, ...]] = {"index": int, "file": str, "count": int, "sha256": str,
+                                                      "seconds": (int, float)}
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's structure, or None: every field a reader relies on, typed and consistent."""
+    if not isinstance(m.get("identity"), dict):
+        return "'identity' is not an object"
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        return "'shards' is not a list"
+    seen: set[int] = set()
+    for n, s in enumerate(shards):
+        if not isinstance(s, dict):
+            return f"shard record {n} is not an object"
+        for key, kind in _SHARD_FIELDS.items():
+            if not isinstance(s.get(key), kind) or isinstance(s.get(key), bool):
+                return f"shard record {n} has no valid {key!r}"
+        if s["index"] < 0 or s["index"] in seen or s["count"] < 0:
+            return f"shard record {n} has a negative or repeated index or count"
+        seen.add(s["index"])
+        if not s["file"].startswith("shard-") or "/" in s["file"] or "\\" in s["file"]:
+            return f"shard record {n} names {s['file']!r}, not a shard file of this folder"
+        classes = s.get("classes", [])
+        if not isinstance(classes, list) or not all(isinstance(c, int) and c >= 0 for c in classes):
+            return f"shard record {n} has a malformed 'classes'"
+    done = m.get("num_images_done", 0)
+    if not isinstance(done, int) or done != sum(s["count"] for s in shards):
+        return f"'num_images_done' ({done!r}) is not the sum of the shards' counts"
+    if not isinstance(m.get("seconds_total", 0.0), (int, float)):
+        return "'seconds_total' is not a number"
+    return None
 
 
 class PoolWriter:
@@ -80,10 +119,8 @@ class PoolWriter:
 
     def __init__(self, folder: str | Path, identity: dict[str, Any], overwrite: bool = False,
                  part: str | None = None, normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
-        self.folder = Path(folder)
+        self.folder = claim_folder(folder, (MANIFEST, "manifest.*.json"), "pool", POOL_FORMAT)
         self._normalize = normalize or (lambda ident: ident)  # e.g. fill fields added since the pool was made
-        if self.folder.exists() and not self.folder.is_dir():
-            raise SmiError(f"--out {self.folder} is a file, not a folder")
         self.identity = json.loads(json.dumps(identity))  # normalize tuples -> lists for comparison
         self.part = part
         self.shards: dict[int, dict[str, Any]] = {}
@@ -106,7 +143,8 @@ class PoolWriter:
             self._adopt(extra.get("shards", []))
         self.seconds_total = sum(float(s.get("seconds", 0.0)) for s in self.shards.values())
         self.folder.mkdir(parents=True, exist_ok=True)
-
+        if not (self.folder / (MANIFEST if part is None else f"manifest.{part}.json")).exists():
+            self._write_manifest()  # first: the marker that makes this folder smi's
     def _adopt(self, shards: list[dict[str, Any]]) -> None:
         for s in shards:
             path = self.folder / s["file"]
@@ -234,6 +272,9 @@ def load_pool(folder: str | Path, verify: bool = True) -> SyntheticPool:
             t = load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise SmiError(f"{path}: unreadable shard ({e})") from None
+        missing = sorted(set(parts) - set(t))
+        if missing or len(t["targets"]) != s["count"]:
+            raise SmiError(f"{path}: shard lacks {missing} or holds another count than its manifest record")
         for k in parts:
             parts[k].append(t[k])
     if not parts["targets"]:
@@ -284,6 +325,10 @@ def pool_info(folder: str | Path) -> dict[str, Any]:
     manifest = read_manifest(folder)
     ident = manifest.get("identity", {})
     shards = manifest.get("shards", [])
+    absent = [s["file"] for s in shards if not (Path(folder) / s["file"]).is_file()]
+    if absent:
+        raise SmiError(f"{folder}: the manifest lists shards that are not there ({', '.join(absent[:3])}); "
+                       "`smi pool verify` checks every shard")
     classes: list[int] = []
     for s in shards:
         for i, c in enumerate(s.get("classes", [])):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from smi.errors import SmiError
+from smi.errors import SmiError, SmiWarning
 from smi.inversion.augment import apply_jitter, jitter_indices, pixel_mask_from_indices, sample_jitter
 from smi.inversion.config import InversionConfig
 from smi.inversion.recipe import Recipe
@@ -64,6 +65,18 @@ def _jitter_limit(cfg: InversionConfig, jitter: float, side: int, patch: int) ->
     return max(1, round(jitter * side / patch)), patch
 
 
+SATURATED = 0.5  # warn when more of the optimized pixels than this end clamped at the range's bounds
+
+
+def check_invertible(teacher: Teacher, config: InversionConfig) -> None:
+    """What can be checked before any work (and before a pool folder exists): a head, and sparsity support."""
+    if teacher.num_classes < 2:
+        raise SmiError(f"{teacher.spec} has {teacher.num_classes} output classes: inversion needs a classifier head "
+                       "(a timm model made with num_classes=0, or a feature extractor, has none)")
+    if not config.sparsity.dense:
+        check_sparse_capable(teacher.model)
+
+
 def invert(
     teacher: Teacher,
     config: InversionConfig,
@@ -102,6 +115,7 @@ def invert(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     sparse = not config.sparsity.dense or keep is not None
+    check_invertible(teacher, config)
     vit = check_sparse_capable(model) if sparse else model
     C, H, W = teacher.input_size
     B = targets.shape[0]
@@ -183,6 +197,11 @@ def invert(
         else:
             logits = model(final)
         per_image = recipe.labels.cross_entropy(logits, reduction="none")
+        region = pixel_mask if pixel_mask is not None else torch.ones_like(x[:, :1])  # the optimized pixels
+        at_bounds = float((((x <= lo) | (x >= hi)) & region.bool()).sum() / (region.sum() * C))
+    if at_bounds > SATURATED:
+        warnings.warn(f"{at_bounds:.0%} of the optimized pixels ended at the edge of the valid range (black or "
+                      f"white): the image learning rate {config.lr:g} is probably too high", SmiWarning, stacklevel=2)
     mask = torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(1, keep, True)
     soft = recipe.labels.soft
     return Batch(final.cpu(), mask.cpu(), recipe.labels.hard.cpu(), per_image.cpu(), seconds,

@@ -18,7 +18,7 @@ from smi.data.sources import SOURCES, DataSource, ImageSet
 from smi.distributed import Dist
 from smi.errors import SmiError
 from smi.inversion.config import InversionConfig
-from smi.inversion.engine import StepInfo, invert
+from smi.inversion.engine import StepInfo, check_invertible, invert
 from smi.models.loading import Teacher
 from smi.utils.io import atomic_write_json
 from smi.viz import save_grid
@@ -74,6 +74,7 @@ class PoolSynthesis:
                  part: str | None = None) -> None:
         if num_images < 1:
             raise SmiError(f"must be positive, got {num_images}", param="num_images")
+        check_invertible(teacher, config)  # before the folder exists
         self.teacher, self.config, self.num_images, self.seed, self.device = teacher, config, num_images, seed, device
         self.identity: dict[str, Any] = {"method": config.method, "config": config.to_dict(), "seed": seed,
                                          "num_images": num_images, "teacher": teacher.identity(),

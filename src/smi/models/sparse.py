@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
 from smi.errors import SmiError
@@ -37,6 +37,14 @@ def check_sparse_capable(model: nn.Module) -> VisionTransformer:
             f"sparse inversion needs a timm VisionTransformer (ViT/DeiT family); {type(model).__name__} "
             "is not one; use --sparsity dense for this model"
         )
+    pe = model.patch_embed
+    proj = getattr(pe, "proj", None)
+    per_patch = isinstance(pe, PatchEmbed) and (
+        not isinstance(proj, nn.Conv2d) or (tuple(proj.kernel_size) == tuple(proj.stride) == tuple(pe.patch_size)))
+    if not per_patch:
+        raise SmiError(f"sparse inversion needs a patch embedding that reads each patch on its own; "
+                       f"{type(model).__name__}'s {type(pe).__name__} (a CNN stem or overlapping patches) mixes "
+                       "neighbouring patches; use --sparsity dense for this model")
     for i, blk in enumerate(model.blocks):
         if not _is_timm_attention(getattr(blk, "attn", None)):
             raise SmiError(f"block {i} of {type(model).__name__} has no timm Attention module; use --sparsity dense")

@@ -17,7 +17,7 @@ from smi.quant.api import config_of, prepare
 from smi.quant.config import QuantConfig, handler_for
 from smi.quant.modules import WeightQuantMixin
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
-from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json
+from smi.utils.io import atomic_save_tensors, atomic_write_json, claim_folder, read_format_json
 
 __all__ = ["QUANT_FORMAT", "check_quantized_folder", "quantized_meta", "save_quantized", "load_quantized"]
 
@@ -42,9 +42,7 @@ def quantized_meta(config: QuantConfig, teacher: Teacher, extra: dict[str, Any] 
 
 def check_quantized_folder(folder: str | Path, meta: dict[str, Any], overwrite: bool = False) -> None:
     """Refuse to replace a quantized model made with other settings (``overwrite`` allows it), or a non-folder."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise SmiError(f"{folder} is a file, not a folder", param="out")
+    folder = claim_folder(folder, (META,), "quantized model", QUANT_FORMAT)
     if (folder / META).exists() and not overwrite:
         old = read_format_json(folder / META, QUANT_FORMAT, "quantized model")
         new = json.loads(json.dumps(meta))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from smi.errors import SmiError
+from smi.errors import SmiError, SmiWarning
 from smi.models.loading import Teacher, check_fits, create_model, load_teacher
 from smi.models.sparse import check_sparse_capable
 
@@ -25,6 +26,22 @@ class Student:
 
     def identity(self) -> dict[str, Any]:
         return {"arch": self.arch, "model_kwargs": self.model_kwargs, "origin": self.origin}
+
+
+MIN_PATCHES = 4  # a ViT student that cuts the image into fewer patches than this sees almost nothing
+
+
+def _warn_if_coarse(model: nn.Module, arch: str, teacher: Teacher) -> None:
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or getattr(pe, "grid_size", None) is None:
+        return
+    gh, gw = pe.grid_size
+    ph, pw = pe.patch_size
+    C, H, W = teacher.input_size
+    if gh * gw < MIN_PATCHES or (gh * ph, gw * pw) != (H, W):
+        warnings.warn(f"student {arch} cuts the teacher's {H}x{W} images into {gh}x{gw} patches of {ph}x{pw} "
+                      f"(it sees {100 * gh * ph * gw * pw / (H * W):.0f} % of each image as {gh * gw} token(s)); "
+                      f"give it a smaller patch, e.g. fmnist_vit_mini (4x4)", SmiWarning, stacklevel=3)
 
 
 def _token_compatible(model: nn.Module, teacher: Teacher) -> bool:
@@ -76,6 +93,7 @@ def build_student(
     model.to(device)
     model.requires_grad_(True)
     check_fits(model, arch, teacher.input_size, teacher.num_classes, what="student")
+    _warn_if_coarse(model, arch, teacher)
     if linear_probe:
         model.requires_grad_(False)
         model.get_classifier().requires_grad_(True)

@@ -12,7 +12,40 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_tensors", "read_format_json", "sha256_file"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_tensors", "claim_folder", "read_format_json",
+           "sha256_file"]
+
+
+def claim_folder(folder: str | os.PathLike, markers: tuple[str, ...], what: str, fmt: str) -> Path:
+    """The ownership rule of every folder smi writes: it must be missing, empty, or one smi made.
+
+    smi made it when one of ``markers`` (glob patterns of the JSON file its writer creates first)
+    is there and says ``"format": fmt``. Anything else is refused before a byte is written, so a
+    user's folder is never written into, let alone overwritten. Hidden files (``.DS_Store``, smi's
+    own temporaries) do not count. Nothing is created here.
+    """
+    from smi.errors import SmiError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SmiError(f"{folder} is a file, not a folder", param="out")
+    if not folder.is_dir():
+        return folder
+    found = [p for m in markers for p in sorted(folder.glob(m))]
+    for path in found:
+        try:
+            ours = json.loads(path.read_text()).get("format") == fmt
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise SmiError(f"{folder} holds a {path.name} that smi did not write (not a {what}'s); give a new or "
+                           f"empty folder for the {what}", param="out")
+    theirs = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    if not found and theirs:
+        raise SmiError(f"{folder} holds files smi did not write ({', '.join(theirs[:3])}"
+                       f"{', ...' if len(theirs) > 3 else ''}) and no {markers[0]}; give a new or empty folder "
+                       f"for the {what}", param="out")
+    return folder
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
