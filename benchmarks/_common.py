@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from smi.utils.io import atomic_write_bytes, atomic_write_json
+from smi.utils.threads import configure_threads
 
+configure_threads()  # the CPUs this process may use, as the CLI does (a script's --threads may change it)
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
@@ -39,6 +41,8 @@ def publish(name: str, benchmark: str, args: dict[str, Any], header: list[str], 
     """Write ``results/NAME.json`` (benchmark, machine, args, ``extra``, rows) and ``results/NAME.md``
     (the table and its note), print the table and every file written (``also``: e.g. a plot)."""
     text = markdown_table(header, table) + note
+    if "threads" not in note:
+        text += f"\n({torch.get_num_threads()} torch threads.)\n"
     j, m = write_results(name, {"benchmark": benchmark, "machine": machine(), "args": args, **extra, "rows": rows},
                          text)
     print(text)

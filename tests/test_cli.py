@@ -143,3 +143,23 @@ def test_a_bug_prints_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
     assert main(["pool", "info", "somewhere"]) == 3
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: an smi bug" in err and "please report" in err
+
+
+def test_torch_uses_the_cpus_this_process_may_run_on(monkeypatch):
+    import os
+
+    from smi.utils import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SMI_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+        monkeypatch.setattr(threads, "_cgroup_quota", lambda: 1.5)  # a container allowed 1.5 CPUs
+        assert threads.usable_cpus() == 2 and threads.configure_threads() == (2, "usable CPUs")
+        monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
+        assert threads.usable_cpus() == 6
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert threads.configure_threads() == (1, "OMP_NUM_THREADS") and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -480,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="smi", formatter_class=_Formatter,
         description="Compress pretrained Vision Transformers without their training data: synthesize images "
-        "from the model by (sparse) model inversion. `smi COMMAND --help` explains each command.",
+        "from the model by (sparse) model inversion. `smi COMMAND --help` explains each command.\n\n"
+        "CPU threads: torch uses one per CPU this process may run on (its affinity mask and cgroup quota, not "
+        "every core of the machine); OMP_NUM_THREADS or SMI_THREADS sets another number.",
     )
     from smi import __version__
 
@@ -553,6 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     _one_line_warnings()
+    from smi.utils.threads import configure_threads
+
+    configure_threads()
     try:
         if getattr(args, "device", "cpu") != "cpu":
             _check_device(args.device)

@@ -139,6 +139,7 @@ def synthesize(
     progress: bool = True,
     grid: bool = True,
     dist: Dist | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
 ) -> SynthesisResult:
     """Invert ``num_images`` images into the pool folder ``out``; rerunning resumes.
 
@@ -166,7 +167,8 @@ def synthesize(
                dynamic_ncols=True, desc=f"{config.method} {'dense' if config.sparsity.dense else 'sparse'}")
     try:
         for b in todo:
-            job.run(b, progress_callback(bar, config.iterations, f"images {job.images_done}/{num_images}"))
+            show = progress_callback(bar, config.iterations, f"images {job.images_done}/{num_images}")
+            job.run(b, show if callback is None else lambda info: (show(info), callback(info)))  # noqa: B023
     finally:
         bar.close()
     if not dist.active:
