@@ -95,3 +95,20 @@ def test_the_same_command_twice_resumes(teacher, tmp_path, capsys):
     _twice(["distill", "--teacher", teacher, "--online", "--iterations", "6", "--synth-batch-size", "4",
             "--sparsity", "dense" if "resnet" in teacher else "2:0.5", *DISTILL, "--online-steps", "2", *eval_data,
             "--out", str(tmp_path / "online")], tmp_path / "online", capsys)
+
+
+@pytest.mark.parametrize("student", ["fmnist_vit_mini", "resnet18", "vit_tiny_patch16_224"])
+def test_each_student_family_is_read_back_by_each_command(student, tmp_path, capsys):
+    """A student's checkpoint records its teacher's input (1x28x28 here, not timm's 3x224x224)."""
+    out = tmp_path / "kd"
+    _ok(["distill", "--teacher", "fmnist_vit_tiny", "--student", student, "--noise", "--epochs", "1",
+         "--online-steps", "1", "--batch-size", "4", "--eval-data", "none", "--out", str(out)], capsys)
+    ckpt = str(out / "student.safetensors")
+    assert load_teacher(ckpt).data_config() == load_teacher("fmnist_vit_tiny").data_config()
+    assert "(10 images)" in _ok(["eval", "--model", ckpt, "--limit", "10"], capsys)  # fashion-mnist, recorded
+    _ok(["quantize", "--model", ckpt, "--calib", "real", "--calib-images", "4", "--out", str(tmp_path / "q")], capsys)
+    _ok(["eval", "--model", ckpt, "--quantized", str(tmp_path / "q"), "--limit", "10"], capsys)
+    sparse = (["--sparsity", "2:0.5"] if student == "fmnist_vit_mini"
+              else ["--sparsity", "dense", "--jitter-unit", "pixel"])
+    _ok(["invert", "--model", ckpt, "--iterations", "4", "--num-images", "2", "--batch-size", "2", *sparse,
+         "--out", str(tmp_path / "p")], capsys)

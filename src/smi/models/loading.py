@@ -236,7 +236,11 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
     if not timm.is_model(arch):
         raise SmiError(f"{meta_path}: unknown architecture {arch!r}{did_you_mean(arch)}")
     state = _read_weights(weights)
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    except Exception as e:  # any kwarg a hand-edited JSON may hold reaches timm; this is the boundary
+        raise SmiError(f"{meta_path}: cannot build {arch} from its model_kwargs: "
+                       f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
