@@ -64,3 +64,14 @@ def test_schedules():
     assert scheduled_lr("constant", 0, 10, 2, 1.0) == 0.5 and scheduled_lr("constant", 7, 10, 2, 1.0) == 1.0
     assert warmup_cosine(2, 10, 2, 1.0) == 1.0 and warmup_cosine(10, 10, 2, 1.0, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(6, 10, 2, 1.0) == pytest.approx(0.5)  # half way down the cosine
+
+
+def test_overwrite_removes_only_the_runs_own_files(tmp_path):
+    _fit(tmp_path, FitConfig(epochs=1, steps_per_epoch=1, lr=0.1))
+    run = tmp_path / "run"
+    (run / "my_notes.txt").write_text("mine")
+    (run / "student.json").write_text("not a product of this run")  # a name another kind of run writes
+    RunFolder(run, {"what": 2}, fmt="test-run/1", what="test run", overwrite=True)
+    assert not (run / "checkpoint.safetensors").exists() and not (run / "log.jsonl").exists()
+    assert (run / "my_notes.txt").read_text() == "mine"
+    assert (run / "student.json").read_text() == "not a product of this run"

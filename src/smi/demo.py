@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from smi.data.datasets import eval_dataset, open_dataset
+from smi.data.datasets import eval_dataset
 from smi.data.pool import load_pool
 from smi.data.sources import PoolSource, RealSource
 from smi.evaluation import evaluate, teacher_accuracy_on_pool
@@ -38,9 +38,7 @@ def run_demo(out: str | Path = "demo_out", model: str = "fmnist_vit_tiny", num_i
     configs = {name: InversionConfig(iterations=iterations, batch_size=num_images, sparsity=sparsity)
                for name, sparsity in (("dense", SparsityConfig(())), ("sparse", SparsityConfig()))}
     teacher = load_teacher(model, device=device)
-    data = data or teacher.dataset
-    if data is not None:
-        open_dataset(data)  # a bad --data fails before any work
+    data = data or teacher.dataset  # a bad --data fails in eval_dataset below, before any inversion
     report: dict[str, Any] = {}
     params = f"{sum(p.numel() for p in teacher.model.parameters()) / 1e6:.2f} M parameters"
     if data is not None:

@@ -24,12 +24,12 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch.utils.data import Dataset, Subset
 
-from smi.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, load_fashion_mnist
+from smi.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, load_fashion_mnist, normalize_uint8
 from smi.errors import SmiError
 from smi.registry import Registry
 
 __all__ = ["DATASETS", "ImageDataset", "ModelSpec", "data_help", "eval_dataset", "fit_images", "load_split",
-           "model_dataset", "open_dataset"]
+           "model_dataset", "model_input", "open_dataset"]
 
 Split = Literal["train", "test"]
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F", "La"})
@@ -82,6 +82,7 @@ class ImageDataset:
 
     name: ClassVar[str] = ""
     needs_path: ClassVar[bool] = True
+    in_memory: ClassVar[bool] = True  # tensors(split) holds the whole split; False: files read one by one
     channels: int
     size: tuple[int, int]
     class_names: list[str]
@@ -145,7 +146,12 @@ class _Cifar(ImageDataset):
         super().__init__(path)
         self.root = _folder(path, self.name)
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.class_names = list(self._load("test").classes)
+        self.class_names = list(self._keep("test", self._load("test")).classes)
+
+    def _keep(self, split: Split, ds: Any) -> Any:
+        self._splits[split] = (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                               torch.tensor(ds.targets, dtype=torch.long))
+        return ds
 
     def _load(self, split: Split) -> Any:
         import torchvision.datasets as tvd
@@ -159,9 +165,7 @@ class _Cifar(ImageDataset):
 
     def tensors(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._splits:
-            ds = self._load(split)
-            self._splits[split] = (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
-                                   torch.tensor(ds.targets, dtype=torch.long))
+            self._keep(split, self._load(split))
         return self._splits[split]
 
 
@@ -210,6 +214,7 @@ class ImageFolder(ImageDataset):
     """
 
     name = "imagefolder"
+    in_memory = False
     SPLIT_NAMES = ("val", "test", "validation")
     HELD_OUT = 0.2  # of each class, when the folder has no split sub-folders
     SEED = 0
@@ -304,21 +309,23 @@ def model_dataset(model: ModelSpec, given: str | None = None) -> str:
                    f"{data_help()}")
 
 
+def model_input(x: torch.Tensor, model: ModelSpec) -> torch.Tensor:
+    """uint8 images ``(N, C, H, W)`` at any size -> what ``model`` reads: fitted and normalized floats."""
+    return normalize_uint8(fit_images(x, model.input_size, model.crop_pct, model.interpolation), model.mean, model.std)
+
+
 class _Fitted(Dataset):
     """A split as the model reads it: fitted to its input and normalized."""
 
     def __init__(self, images: Dataset, model: ModelSpec) -> None:
         self.ds, self.model = images, model
-        self.mean = torch.tensor(model.mean).view(-1, 1, 1)
-        self.std = torch.tensor(model.std).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.ds)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         x, y = self.ds[i]
-        x = fit_images(x, self.model.input_size, self.model.crop_pct, self.model.interpolation)
-        return (x.float() / 255.0 - self.mean) / self.std, y
+        return model_input(x[None], self.model)[0], y
 
 
 def load_split(dataset: ImageDataset, split: Split, model: ModelSpec | None = None,

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from smi.data.datasets import DATASETS, ModelSpec, data_help, fit_images, load_split, model_dataset, open_dataset
+from smi.data.datasets import DATASETS, ModelSpec, data_help, load_split, model_dataset, model_input, open_dataset
 from smi.data.fashion_mnist import normalize_uint8
 from smi.data.pool import check_pool_teacher, load_pool
 from smi.errors import SmiError
@@ -148,7 +148,7 @@ class RealSource(DataSource):
     def open(self, model: ModelSpec, **context: Any) -> ImageSet:
         spec = model_dataset(model, self.dataset)
         dataset = open_dataset(spec)
-        if dataset.tensors("train") is None:  # files: read only the images a draw or batch needs
+        if not dataset.in_memory:  # files: read only the images a draw or batch needs
             images = dataset.images("train")
             return _ImagesOnDemand(images, model, {"kind": "real", "dataset": spec, "images": len(images)})
         x, _ = load_split(dataset, "train", model)
@@ -170,9 +170,7 @@ class _ImagesOnDemand(ImageSet):
 
     def _normalized(self, idx: torch.Tensor | slice) -> torch.Tensor:
         rows = range(len(self))[idx] if isinstance(idx, slice) else idx.tolist()
-        m = self.model
-        x = torch.stack([fit_images(self.items[i][0], m.input_size, m.crop_pct, m.interpolation) for i in rows])
-        return normalize_uint8(x, *self.norm)
+        return torch.cat([model_input(self.items[i][0][None], self.model) for i in rows])
 
 
 @SOURCES.register("noise")
