@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from smi.cli import build_parser, main  # noqa: E402
@@ -36,6 +39,14 @@ CHEAP = {
     "train-teacher": ["--epochs", "1", "--batch-size", "4"],
     "demo": ["--num-images", "2", "--iterations", "301", "--distill-seconds", "0.1"],
 }
+# options whose value is an amount of work: a huge draw (2**70 epochs) is a valid request that runs for ever,
+# so these draw small and invalid values only
+WORK_FLAGS = {"--img-size", "--epochs", "--batch-size", "--iterations", "--num-images", "--steps-per-epoch",
+              "--online-steps", "--online-images", "--eval-images", "--distill-seconds", "--calib-images", "--limit",
+              "--synth-batch-size", "--time-budget"}
+# options fixed by CHEAP for a command: a drawn value could make a valid run of minutes (the demo of a shipped
+# teacher, a teacher trained on all of Fashion-MNIST)
+FIXED = {"demo": {"--model", "--data"}, "train-teacher": {"--data"}}
 SKIP_FLAGS = {"--pretrained", "--help", "--version", "--json", "--device"}  # network; output format; covered elsewhere
 
 
@@ -60,7 +71,10 @@ def _values(w: dict, flag: str) -> st.SearchStrategy[str]:
     d = w["dir"]
     paths = [w["ckpt"], w["pool"], f"pool:{w['pool']}", str(d / "afile.txt"), str(d / "nope"), str(d),
              f"imagefolder:{w['images']}", "imagefolder:", "imagefolder:/nope", "real", "noise", "fashion-mnist", ""]
-    numbers = ["0", "1", "2", "-1", "3", "0.5", "1e9", "-0.0", "nan", "inf", "1e-300", str(2**70), "x", "2:0.5"]
+    numbers = ["0", "1", "2", "-1", "3", "0.5", "-0.0", "nan", "inf", "1e-300", "x", "2:0.5"]
+    if flag in WORK_FLAGS:
+        return st.sampled_from(numbers)
+    numbers += ["1e9", str(2**70)]
     words = ["dense", "default", "2:0.5", "1:1.5", "psaq", "deepinversion", "qimera-mix", "mixed", "bn=1",
              "ris_input=nan", "nope=1", "tv_target_low=2", "baseline", "repq", "patch", "pixel", "cosine",
              "fmnist_vit_mini", "resnet10t", "vit_tiny_patch16_224", "fmnist_resnet_tiny", "patch_size=4", "é", "--"]
@@ -91,7 +105,7 @@ def command_lines(draw, w: dict, skip: tuple[str, ...] = ()) -> list[str]:
                and not set(a.option_strings) & SKIP_FLAGS]
     for action in draw(st.lists(st.sampled_from(options), max_size=5)):
         flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
-        if flag == "--out":
+        if flag == "--out" or flag in FIXED.get(name, ()):
             continue  # the output folder is drawn below, inside the sandbox
         argv.append(flag)
         if action.nargs != 0:
@@ -101,11 +115,38 @@ def command_lines(draw, w: dict, skip: tuple[str, ...] = ()) -> list[str]:
     return argv
 
 
+PHASES = (Phase.explicit, Phase.generate)  # no shrinking: a failure names its argv, and CI time stays bounded
+CASE_SECONDS = 60  # one case that runs longer is a failure (a drawn value made smi work for hours), not a hang
+
+
+class _CaseTooSlow(BaseException):  # not an Exception: smi's own handlers must not turn it into an exit code
+    pass
+
+
+def _alarm(signum, frame):
+    raise _CaseTooSlow
+
+
 def _run(argv: list[str], capsys) -> tuple[int, str]:
+    log = os.environ.get("SMI_FUZZ_LOG")  # per-case timings, to find what makes a run slow
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"start": argv, "at": time.time()}) + "\n")
+    start = time.perf_counter()
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(CASE_SECONDS)
     try:
         code = main(argv)
     except SystemExit as e:  # argparse's usage errors
         code = e.code if isinstance(e.code, int) else 2
+    except _CaseTooSlow:
+        pytest.fail(f"case ran over {CASE_SECONDS} s: {argv}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"seconds": round(time.perf_counter() - start, 3), "argv": argv}) + "\n")
     return code, capsys.readouterr().err
 
 
@@ -119,7 +160,7 @@ def _check(argv: list[str], code: int, err: str) -> None:
 def _fuzz_arguments(world, capsys, n: int, skip: tuple[str, ...] = ()) -> None:
     out = world["dir"] / "out"
 
-    @settings(max_examples=n, derandomize=True, deadline=None, database=None,
+    @settings(max_examples=n, derandomize=True, deadline=None, database=None, phases=PHASES,
               suppress_health_check=list(HealthCheck))
     @given(argv=command_lines(world, skip))
     def case(argv: list[str]) -> None:
@@ -180,7 +221,7 @@ def _fuzz_files(world, capsys, n: int, tmp_path_factory) -> None:
         "images/val/class_1/0.png": lambda c: [["eval", "--model", world["ckpt"], "--data", f"imagefolder:{c}"]],
     }
 
-    @settings(max_examples=n, derandomize=True, deadline=None, database=None,
+    @settings(max_examples=n, derandomize=True, deadline=None, database=None, phases=PHASES,
               suppress_health_check=list(HealthCheck))
     @given(target=st.sampled_from(sorted(targets)), how=st.sampled_from(["truncate", "flip", "empty", "insert", "json",
                                                                           "delete"]),

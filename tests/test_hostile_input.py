@@ -145,6 +145,13 @@ def _cases():
         "train-teacher: a user's folder": (lambda w: ["train-teacher", "--data", "imagefolder:{d}/images",
                                                       "--arch", "resnet10t", "--batch-size", "4",
                                                       "--out", "{d}/users_folder"], "smi did not write"),
+        "train-teacher: batch size 1 with batch norm": (lambda w: ["train-teacher", "--data", "imagefolder:{d}/images",
+                                                                   "--arch", "resnet10t", "--batch-size", "1",
+                                                                   "--epochs", "1", "--out", "{d}/bn1"],
+                                                        "batch normalization needs two"),
+        "quantize: --reconstruct-iterations 0": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise",
+                                                            "--reconstruct", "--reconstruct-iterations", "0",
+                                                            "--out", "{d}/q0"], "--reconstruct-iterations"),
         "invert: --out below a file": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--out", "{d}/afile.txt/p"],
                                        "Not a directory"),
         # numbers

@@ -355,16 +355,23 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     with _flags(args, num_images="calib_images", source="calib"):
         cfg = QuantConfig.create(args.quantizer, w_bits=args.w_bits, a_bits=args.a_bits)
+        recon = None
+        if args.reconstruct:
+            from smi.quant.reconstruct import ReconstructConfig
+
+            recon = ReconstructConfig(iterations=args.reconstruct_iterations, seed=args.seed)
         source = parse_source(args.calib)
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
         res = quantize_teacher(teacher, cfg, source, num_images=args.calib_images, seed=args.seed,
-                               batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, progress=True)
+                               batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, reconstruct=recon,
+                               progress=True)
     calib = res.calibration
     summary = {"out": str(res.folder), **cfg.to_dict(), "source": calib.source, "images": len(calib.images),
-               "seed": args.seed, "sparse": calib.masks is not None}
+               "seed": args.seed, "sparse": calib.masks is not None, "reconstruction": res.reconstruction}
+    done = f", {len(res.reconstruction)} units reconstructed" if res.reconstruction else ""
     print(json.dumps(summary) if args.json else
           f"quantized {teacher.spec} to W{cfg.w_bits}A{cfg.a_bits} ({cfg.name}) on {len(calib.images)} "
-          f"{'sparse ' if calib.masks is not None else ''}{calib.source} images -> {res.folder}")
+          f"{'sparse ' if calib.masks is not None else ''}{calib.source} images{done} -> {res.folder}")
     return 0
 
 
@@ -384,6 +391,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8")
     p.add_argument("--quantizer", default="baseline", help=f"quantizer preset: {', '.join(PRESETS.names())}")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after calibration, reconstruct block by block on the calibration images: learned weight "
+                        "rounding (AdaRound) and activation step sizes (LSQ) with QDrop (BRECQ); resumes per block")
+    p.add_argument("--reconstruct-iterations", type=int, default=500, metavar="N",
+                   help="optimizer steps per block with --reconstruct")
     _add_run(p, out="folder for quantized.safetensors and quantized.json", seed="seed of the real/noise draw",
              overwrite="replace a quantized model made with other settings", json=True)
     p.set_defaults(func=_cmd_quantize, parser=p)

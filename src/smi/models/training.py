@@ -101,6 +101,9 @@ def _prepare(cfg: TeacherTrainConfig, device: torch.device | str, progress: bool
     if len(x_train) < cfg.batch_size:
         raise SmiError(f"must not exceed the {len(x_train)} training images, got {cfg.batch_size}",
                        param="batch_size")
+    if cfg.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise SmiError(f"must be at least 2 for {cfg.arch}, whose batch normalization needs two images per batch",
+                       param="batch_size")
     mean, std = dataset.normalization() or _statistics(x_train)
     kwargs = {k: v for k, v in built.items() if k not in ("num_classes", "drop_path_rate")}
     data_config = {"input_size": list(input_size), "mean": list(mean), "std": list(std), "crop_pct": 1.0,

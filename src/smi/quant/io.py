@@ -19,13 +19,15 @@ from smi.quant.modules import WeightQuantMixin
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
 from smi.utils.io import atomic_save_tensors, atomic_write_json, claim_folder, read_format_json
 
-__all__ = ["QUANT_FORMAT", "check_quantized_folder", "quantized_meta", "save_quantized", "load_quantized"]
+__all__ = ["QUANT_FORMAT", "apply_quant_state", "check_quantized_folder", "quant_state", "quantized_meta",
+           "save_quantized", "load_quantized"]
 
 QUANT_FORMAT = "smi-quantized/1"
 WEIGHTS, META = "quantized.safetensors", "quantized.json"
+RECON_STATE, RECON_LOG = "reconstruct.safetensors", "reconstruct.json"  # per-unit checkpoint and log of --reconstruct
 
 
-def _quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything that defines the quantized model: its state dict (reparameterized weights, scales,
     zero points, observed ranges) plus the integer weight codes."""
     state = dict(model.state_dict())
@@ -42,7 +44,7 @@ def quantized_meta(config: QuantConfig, teacher: Teacher, extra: dict[str, Any] 
 
 def check_quantized_folder(folder: str | Path, meta: dict[str, Any], overwrite: bool = False) -> None:
     """Refuse to replace a quantized model made with other settings (``overwrite`` allows it), or a non-folder."""
-    folder = claim_folder(folder, (META,), "quantized model", QUANT_FORMAT)
+    folder = claim_folder(folder, (META, RECON_LOG), "quantized model", QUANT_FORMAT)
     if (folder / META).exists() and not overwrite:
         old = read_format_json(folder / META, QUANT_FORMAT, "quantized model")
         new = json.loads(json.dumps(meta))
@@ -61,7 +63,7 @@ def save_quantized(model: nn.Module, folder: str | Path, teacher: Teacher, extra
     meta = quantized_meta(config_of(model), teacher, extra)
     check_quantized_folder(folder, meta, overwrite)
     folder = Path(folder)
-    atomic_save_tensors(folder / WEIGHTS, _quant_state(model))
+    atomic_save_tensors(folder / WEIGHTS, quant_state(model))
     atomic_write_json(folder / META, meta)
     return folder
 
@@ -92,17 +94,25 @@ def load_quantized(folder: str | Path, teacher: Teacher) -> tuple[nn.Module, dic
     except (KeyError, TypeError, ValueError) as e:
         raise SmiError(f"{folder / META}: malformed config ({e})") from None
     model = _rebuild(teacher, config)
+    apply_quant_state(model, state, folder / WEIGHTS)
+    return model, json.loads(json.dumps(meta))
+
+
+@torch.no_grad()
+def apply_quant_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load a converted model's state (:func:`quant_state`: parameters, scales, zero points, integer codes) into
+    ``model``, a model of the same converted structure; the integer codes must agree with the saved scales."""
     modules = dict(model.named_modules())
     expected = set(model.state_dict())
     missing = sorted(expected - set(state))
     if missing:
-        raise SmiError(f"{folder / WEIGHTS}: missing {missing[0]} (made by another smi version or model?)")
+        raise SmiError(f"{source}: missing {missing[0]} (made by another smi version or model?)")
     for key in expected:
         mod_name, _, attr = key.rpartition(".")
         mod = modules[mod_name]
         if attr in mod._parameters:
             if mod._parameters[attr].shape != state[key].shape:
-                raise SmiError(f"{folder / WEIGHTS}: {key} has shape {tuple(state[key].shape)}, expected "
+                raise SmiError(f"{source}: {key} has shape {tuple(state[key].shape)}, expected "
                                f"{tuple(mod._parameters[attr].shape)}")
             mod._parameters[attr].copy_(state[key])
         else:
@@ -114,5 +124,4 @@ def load_quantized(folder: str | Path, teacher: Teacher) -> tuple[nn.Module, dic
             m.cache_weight()
             m.w_quant = True
             if not torch.equal(m.int_weight(), state.get(f"{name}.weight_int", torch.empty(0))):
-                raise SmiError(f"{folder}: integer weight codes of {name} do not match the saved scales")
-    return model, json.loads(json.dumps(meta))
+                raise SmiError(f"{source}: integer weight codes of {name} do not match the saved scales")

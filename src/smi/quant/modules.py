@@ -62,7 +62,41 @@ class WeightQuantMixin(nn.Module):
         self.w_quant = True
 
     def qweight(self) -> torch.Tensor:
+        rounding = getattr(self, "weight_rounding", None)
+        if rounding is not None:  # AdaRound during reconstruction
+            return rounding(self.weight, self.weight_scale, self.w_qmin, self.w_qmax)
+        if isinstance(self.weight_scale, nn.Parameter):  # learnable weight step sizes (LSQ)
+            from smi.quant.learn import lsq_fake_quantize, lsq_grad_factor
+
+            factor = lsq_grad_factor(self.weight[0].numel(), self.w_qmax)
+            return lsq_fake_quantize(self.weight, self.weight_scale, torch.zeros_like(self.weight_scale),
+                                     self.w_qmin, self.w_qmax, factor)
         return self.weight_fq if self.w_quant else self.weight
+
+    def start_rounding(self) -> None:
+        """Learn this weight's rounding (AdaRound) for its frozen scale; :meth:`finish_rounding` fixes it."""
+        from smi.quant.learn import AdaRound
+
+        self.weight_rounding = AdaRound(self.weight, self.weight_scale)
+
+    @torch.no_grad()
+    def finish_rounding(self) -> None:
+        """Set the weight to its quantized value at the learned rounding (on the grid), drop the rounding state."""
+        rounding = getattr(self, "weight_rounding", None)
+        if rounding is None:
+            return
+        self.weight.copy_(rounding.hard_weight(self.weight, self.weight_scale, self.w_qmin, self.w_qmax))
+        del self.weight_rounding
+        self.cache_weight()
+
+    def learnable_weight_scale_(self, learnable: bool = True) -> None:
+        """Train the per-channel weight step sizes (LSQ), or freeze them and re-cache the quantized weight."""
+        from smi.quant.learn import set_learnable_
+
+        set_learnable_(self, ("weight_scale",), learnable)
+        if not learnable:
+            self.weight_scale.clamp_(min=1e-8)
+            self.cache_weight()
 
     def int_weight(self) -> torch.Tensor:
         """The integer weight codes (int8 storage for any width 2..8)."""

@@ -69,6 +69,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0.0))
         self._samples: list[torch.Tensor] = []
+        self.drop_prob = 0.0  # QDrop: the fraction of elements left unquantized (reconstruction only)
 
     @property
     def qmax(self) -> int:
@@ -104,8 +105,31 @@ class ActQuantizer(nn.Module):
                 self._samples.append(g[rows[: max(1, self.sample_size // g.shape[1])]].cpu())
             return x
         if self.mode == "quant":
-            return fake_quantize(x, self._shape(self.scale, x), self._shape(self.zero_point, x), 0, self.qmax)
+            scale, zero_point = self._shape(self.scale, x), self._shape(self.zero_point, x)
+            if isinstance(self.scale, nn.Parameter):  # learnable step size (LSQ), see smi.quant.learn
+                from smi.quant.learn import lsq_fake_quantize, lsq_grad_factor
+
+                factor = lsq_grad_factor(x.numel() // max(self.scale.numel(), 1), self.qmax)
+                q = lsq_fake_quantize(x, scale, zero_point, 0, self.qmax, factor)
+            else:
+                q = fake_quantize(x, scale, zero_point, 0, self.qmax)
+            if self.drop_prob:
+                q = torch.where(torch.rand_like(x) < self.drop_prob, x, q)
+            return q
         return x
+
+    def learnable_(self, learnable: bool = True) -> ActQuantizer:
+        """Make the frozen scale and zero point trainable (LSQ), or freeze them again (zero point rounded)."""
+        if self.mode != "quant":
+            raise RuntimeError("only a converted activation quantizer has step sizes to learn")
+        from smi.quant.learn import set_learnable_
+
+        if not learnable:
+            with torch.no_grad():
+                self.scale.clamp_(min=1e-8)
+                self.zero_point.copy_(torch.clamp(torch.round(self.zero_point), 0, self.qmax))
+        set_learnable_(self, ("scale", "zero_point"), learnable)
+        return self
 
     def _qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # keep 0 exactly representable
