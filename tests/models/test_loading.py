@@ -139,3 +139,15 @@ def test_a_plain_timm_student_records_its_teachers_input(tmp_path):
                   DistillConfig(epochs=1, batch_size=4, online_steps=1), eval_data=None, progress=False)
     student = load_teacher(str(res.weights))
     assert student.data_config() == teacher.data_config()
+
+
+@pytest.mark.parametrize("field,value", [("architecture", True), ("interpolation", "bicubicc"),
+                                         ("interpolation", 3), ("class_names", True), ("class_names", ["a"])])
+def test_hand_edited_checkpoint_fields_are_one_error(tmp_path, field, value):
+    # found by the fuzz test: these reached timm / torchvision as tracebacks
+    ckpt = write_tiny_checkpoint(tmp_path, "t")
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    meta[field] = value
+    ckpt.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(SmiError, match=field):
+        load_teacher(str(ckpt))

@@ -207,6 +207,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise SmiError(f"{path}: unreadable safetensors file ({e})") from None
 
 
+_INTERPOLATIONS = {"nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos"}  # torchvision's
+
+
 def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = None) -> Teacher:
     weights = path if path.suffix in TORCH_SUFFIXES else path.with_suffix(".safetensors")
     meta_path = path.with_suffix(".json")
@@ -218,6 +221,8 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
     meta = read_format_json(meta_path, TEACHER_FORMAT, "teacher checkpoint")
     try:
         arch, kwargs = meta["architecture"], dict(meta.get("model_kwargs", {}))
+        if not isinstance(arch, str) or not arch:
+            raise ValueError("architecture (a timm model name)")
         kwargs.pop("num_classes", None)  # the metadata's own field says it
         num_classes = int(meta["num_classes"])
         input_size = tuple(int(v) for v in meta["input_size"])
@@ -229,6 +234,12 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
         dataset = meta.get("dataset")
         if not (dataset is None or isinstance(dataset, str)) or not (crop_pct is None or 0 < crop_pct <= 1):
             raise ValueError("dataset (a string) or crop_pct (in (0, 1])")
+        if not (interpolation is None or interpolation in _INTERPOLATIONS):
+            raise ValueError(f"interpolation (one of {', '.join(sorted(_INTERPOLATIONS))})")
+        names = meta.get("class_names")
+        if names is not None and not (isinstance(names, list) and len(names) == num_classes
+                                      and all(isinstance(n, str) for n in names)):
+            raise ValueError("class_names (a list of num_classes strings)")
     except (KeyError, TypeError, ValueError) as e:
         raise SmiError(f"{meta_path}: missing or malformed field {e}") from None
     import smi.models.teachers  # noqa: F401  (registers shipped architectures)

@@ -1,0 +1,138 @@
+"""Quantized models that learn from synthetic images: each training stage against plain calibration.
+
+For each teacher, bit setting and quantizer preset: rows = stages (calibration only,
++ block reconstruction), columns = data source (real training images as the upper bound,
+Gaussian noise, dense synthetic, sparse synthetic pools); top-1 on all 10,000 Fashion-MNIST test
+images, mean ± std over seeds (calibration draw, pool and reconstruction seed), and the wall time
+of synthesis + calibration + training per cell. Dense and sparse use the same image budget (the
+pools of ``benchmarks/dfq_accuracy.py``: 32 images, 4000 iterations, one pool per seed; reused if
+present). Finished cells are cached, so an interrupted run resumes.
+
+Run:  python benchmarks/dfq_training.py          (about 40 minutes on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, publish  # noqa: E402
+from smi.data.datasets import eval_dataset  # noqa: E402
+from smi.data.pool import read_manifest  # noqa: E402
+from smi.data.sources import PoolSource, parse_source  # noqa: E402
+from smi.evaluation import evaluate  # noqa: E402
+from smi.inversion import InversionConfig, SparsityConfig, synthesize  # noqa: E402
+from smi.models.loading import load_teacher  # noqa: E402
+from smi.quant import QuantConfig  # noqa: E402
+from smi.quant.pipeline import quantize_teacher  # noqa: E402
+from smi.quant.reconstruct import ReconstructConfig  # noqa: E402
+from smi.utils.io import atomic_write_json  # noqa: E402
+
+SOURCES = ["real", "noise", "dense", "sparse"]
+STAGES = {"calib": "calibration only", "recon": "+ reconstruction"}
+
+
+def _bits(setting: str) -> tuple[int, int]:
+    w, a = setting[1:].split("A")
+    return int(w), int(a)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["fmnist_vit_tiny"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--settings", nargs="+", default=["W4A4", "W3A3"])
+    p.add_argument("--quantizers", nargs="+", default=["repq"])
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    p.add_argument("--sources", nargs="+", default=SOURCES, choices=SOURCES)
+    p.add_argument("--calib-images", type=int, default=32)
+    p.add_argument("--iterations", type=int, default=4000, help="inversion iterations of the synthetic pools")
+    p.add_argument("--recon-iterations", type=int, default=1000, help="reconstruction steps per block")
+    p.add_argument("--recon-drop", type=float, default=0.0, help="QDrop probability during reconstruction")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (smoke runs)")
+    p.add_argument("--pools", default=str(RESULTS / "dfq_work"), help="synthetic pools (shared with dfq_accuracy)")
+    p.add_argument("--work", default=str(RESULTS / "dfq_training_work"), help="partial results")
+    p.add_argument("--name", default="dfq_training")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    partial_path = work / "partial.json"
+    done: dict[str, dict] = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+    recon = ReconstructConfig(iterations=args.recon_iterations, drop_prob=args.recon_drop)
+
+    rows, table = [], []
+    for model_name in args.models:
+        teacher = load_teacher(model_name)
+        data = eval_dataset("fashion-mnist", teacher, args.limit)
+        key = f"{model_name}|fp32|{args.limit}"
+        if key not in done:
+            done[key] = evaluate(teacher.model, data, progress=False)
+            atomic_write_json(partial_path, done)
+        fp32 = done[key]["top1"]
+        table.append([model_name, "FP32", "-", "-", f"{fp32:.2f}", "", "", ""])
+        pools: dict[tuple[str, int], str] = {}
+        synth_s: dict[tuple[str, int], float] = {}
+        for seed in args.seeds:
+            for kind in [s for s in ("dense", "sparse") if s in args.sources]:
+                sparsity = SparsityConfig(()) if kind == "dense" else SparsityConfig()
+                cfg = InversionConfig(iterations=args.iterations, batch_size=min(32, args.calib_images),
+                                      sparsity=sparsity)
+                folder = Path(args.pools) / f"{model_name}_{kind}_seed{seed}"
+                synthesize(teacher, cfg, args.calib_images, folder, seed=seed, grid=False)
+                pools[(kind, seed)] = str(folder)
+                synth_s[(kind, seed)] = float(read_manifest(folder)["seconds_total"])
+        for setting in args.settings:
+            w, a = _bits(setting)
+            for quantizer in args.quantizers:
+                for stage in args.stages:
+                    cells = {}
+                    for source_name in args.sources:
+                        accs, walls = [], []
+                        for seed in args.seeds:
+                            key = (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
+                                   f"{args.calib_images}|{recon.to_dict() if stage == 'recon' else ''}")
+                            if key not in done:
+                                pool = pools.get((source_name, seed))
+                                source = PoolSource(pool) if pool else parse_source(source_name)
+                                t0 = time.perf_counter()
+                                res = quantize_teacher(teacher, QuantConfig.create(quantizer, w_bits=w, a_bits=a),
+                                                       source, num_images=args.calib_images, seed=seed,
+                                                       copy_model=True,
+                                                       reconstruct=recon if stage == "recon" else None)
+                                seconds = time.perf_counter() - t0
+                                top1 = evaluate(res.model, data, progress=False)["top1"]
+                                done[key] = {"top1": top1, "seconds": round(seconds, 2),
+                                             "units": res.reconstruction}
+                                atomic_write_json(partial_path, done)
+                                print(f"{setting} {quantizer} {stage} {source_name} seed {seed}: {top1:.2f} "
+                                      f"({seconds:.0f} s)", file=sys.stderr, flush=True)
+                            accs.append(done[key]["top1"])
+                            walls.append(done[key]["seconds"] + synth_s.get((source_name, seed), 0.0))
+                        mean = statistics.mean(accs)
+                        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                        cells[source_name] = (mean, std, statistics.mean(walls))
+                        rows.append({"model": model_name, "w_bits": w, "a_bits": a, "quantizer": quantizer,
+                                     "stage": stage, "source": source_name, "top1": round(mean, 2),
+                                     "top1_std": round(std, 2), "top1_per_seed": accs, "seeds": args.seeds,
+                                     "wall_s": round(statistics.mean(walls), 1), "calib_images": args.calib_images})
+                    table.append([model_name, setting, quantizer, STAGES[stage]] +
+                                 [f"{cells[s][0]:.2f} ± {cells[s][1]:.2f} ({cells[s][2]:.0f} s)" if s in cells else ""
+                                  for s in SOURCES])
+    header = ["model", "bits", "quantizer", "stage"] + [
+        {"real": "real", "noise": "noise", "dense": "dense synthetic", "sparse": "sparse synthetic"}[s]
+        for s in SOURCES]
+    note = (f"\nTop-1 (%) on {'all 10,000' if args.limit is None else f'the first {args.limit}'} Fashion-MNIST test "
+            f"images, mean ± std over seeds {args.seeds} (wall seconds of synthesis + calibration + training per "
+            f"cell, mean). {args.calib_images} images per cell for every source (dense and sparse: the same budget, "
+            f"pools of {args.iterations} inversion iterations, one per seed); reconstruction: "
+            f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}.\n")
+    publish(args.name, "dfq_training", vars(args), header, table, note, rows)
+
+
+if __name__ == "__main__":
+    main()
