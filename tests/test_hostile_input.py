@@ -43,7 +43,8 @@ def world(tmp_path_factory):
     for name, edit in (("nullpool", lambda m: m["shards"][0].update(sha256=None)),
                        ("nofieldpool", lambda m: m["shards"][0].pop("file")),
                        ("countpool", lambda m: m.update(num_images_done=400)),
-                       ("escapepool", lambda m: m["shards"][0].update(file="../afile.txt"))):
+                       ("escapepool", lambda m: m["shards"][0].update(file="../afile.txt")),
+                       ("intconfigpool", lambda m: m["identity"].update(config=2**64))):
         (d / name).mkdir()
         for f in (d / "pool").iterdir():
             (d / name / f.name).write_bytes(f.read_bytes())
@@ -174,6 +175,8 @@ def _cases():
         "quantize: a manifest without a field": (lambda w: ["quantize", "--model", w["ckpt"], "--calib",
                                                             "{d}/nofieldpool", "--out", "{d}/q"], "no valid 'file'"),
         "pool info: a hand-edited count": (lambda w: ["pool", "info", "{d}/countpool"], "num_images_done"),
+        "pool info: a number for the config": (lambda w: ["pool", "info", "{d}/intconfigpool"],
+                                               "'identity.config' is not an object"),
         "pool verify: a shard outside the folder": (lambda w: ["pool", "verify", "{d}/escapepool"],
                                                     "not a shard file"),
         # models that cannot be inverted as asked

@@ -79,6 +79,10 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
     """What is wrong with a manifest's structure, or None: every field a reader relies on, typed and consistent."""
     if not isinstance(m.get("identity"), dict):
         return "'identity' is not an object"
+    for where, key in (("identity", "config"), ("identity", "teacher"), (None, "versions")):
+        value = (m["identity"] if where else m).get(key, {})
+        if not isinstance(value, dict):
+            return f"'{where + '.' if where else ''}{key}' is not an object"
     shards = m.get("shards")
     if not isinstance(shards, list):
         return "'shards' is not a list"
