@@ -151,3 +151,15 @@ def test_hand_edited_checkpoint_fields_are_one_error(tmp_path, field, value):
     ckpt.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(SmiError, match=field):
         load_teacher(str(ckpt))
+
+
+@pytest.mark.parametrize("size", [[3, True, 32], [3, 16, 32], [1, 32, 32]])
+def test_recorded_input_size_must_fit_the_model(tmp_path, size):
+    # found by the fuzz test: a hand-edited input_size reached the model as a shape traceback in smi eval
+    ckpt = write_tiny_checkpoint(tmp_path, "t")
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    meta["input_size"] = size
+    meta["mean"], meta["std"] = [0.5] * size[0], [0.5] * size[0]
+    ckpt.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(SmiError, match="input_size"):
+        load_teacher(str(ckpt))

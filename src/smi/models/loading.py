@@ -207,6 +207,19 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise SmiError(f"{path}: unreadable safetensors file ({e})") from None
 
 
+def _check_input_size(model: nn.Module, input_size: tuple[int, ...], where: Path) -> None:
+    """The recorded input size must be one the model reads: its first layer's channels, a ViT's fixed image size."""
+    channels = in_channels(model)
+    if channels is not None and channels != input_size[0]:
+        raise SmiError(f"{where}: input_size says {input_size[0]} channels, but the model's first layer takes "
+                       f"{channels}")
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size is not None and not getattr(pe, "dynamic_img_size", False) and tuple(size) != tuple(input_size[1:]):
+        raise SmiError(f"{where}: input_size says {input_size[1]}x{input_size[2]} images, but the model is built "
+                       f"for {size[0]}x{size[1]}")
+
+
 _INTERPOLATIONS = {"nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos"}  # torchvision's
 
 
@@ -224,6 +237,8 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
         if not isinstance(arch, str) or not arch:
             raise ValueError("architecture (a timm model name)")
         kwargs.pop("num_classes", None)  # the metadata's own field says it
+        if any(isinstance(v, bool) for v in [meta["num_classes"], *meta["input_size"], *meta["mean"], *meta["std"]]):
+            raise ValueError("num_classes, input_size, mean or std (numbers, not true/false)")
         num_classes = int(meta["num_classes"])
         input_size = tuple(int(v) for v in meta["input_size"])
         mean, std = tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"])
@@ -261,6 +276,7 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
                   else f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}")
         raise SmiError(f"{weights}: weights do not match the metadata's {arch}: {detail}")
     model.load_state_dict(state)
+    _check_input_size(model, input_size, meta_path)
     timm_cfg = _data_cfg(model)  # checkpoints written before smi recorded the transform: timm's
     return Teacher(
         model=_freeze(model, device), spec=spec or str(path), arch=arch, num_classes=num_classes,
