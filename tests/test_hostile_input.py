@@ -44,7 +44,8 @@ def world(tmp_path_factory):
                        ("nofieldpool", lambda m: m["shards"][0].pop("file")),
                        ("countpool", lambda m: m.update(num_images_done=400)),
                        ("escapepool", lambda m: m["shards"][0].update(file="../afile.txt")),
-                       ("intconfigpool", lambda m: m["identity"].update(config=2**64))):
+                       ("intconfigpool", lambda m: m["identity"].update(config=2**64)),
+                       ("keptpool", lambda m: m["shards"][-1].update(kept=""))):
         (d / name).mkdir()
         for f in (d / "pool").iterdir():
             (d / name / f.name).write_bytes(f.read_bytes())
@@ -177,6 +178,7 @@ def _cases():
         "pool info: a hand-edited count": (lambda w: ["pool", "info", "{d}/countpool"], "num_images_done"),
         "pool info: a number for the config": (lambda w: ["pool", "info", "{d}/intconfigpool"],
                                                "'identity.config' is not an object"),
+        "pool info: a string for kept patches": (lambda w: ["pool", "info", "{d}/keptpool"], "malformed 'kept'"),
         "pool verify: a shard outside the folder": (lambda w: ["pool", "verify", "{d}/escapepool"],
                                                     "not a shard file"),
         # models that cannot be inverted as asked

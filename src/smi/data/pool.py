@@ -101,6 +101,9 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
         classes = s.get("classes", [])
         if not isinstance(classes, list) or not all(isinstance(c, int) and c >= 0 for c in classes):
             return f"shard record {n} has a malformed 'classes'"
+        kept = s.get("kept")
+        if kept is not None and (not isinstance(kept, int) or isinstance(kept, bool) or kept < 0):
+            return f"shard record {n} has a malformed 'kept'"
     done = m.get("num_images_done", 0)
     if not isinstance(done, int) or done != sum(s["count"] for s in shards):
         return f"'num_images_done' ({done!r}) is not the sum of the shards' counts"
