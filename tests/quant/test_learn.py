@@ -231,3 +231,20 @@ def test_reconstruction_with_other_settings_is_refused_midway(tmp_path, monkeypa
     with pytest.raises(SmiError, match="unfinished reconstruction with other settings"):
         quantize_teacher(as_teacher(tiny_vit()), RepQConfig(w_bits=4, a_bits=4), "noise", num_images=4,
                          out=tmp_path / "q", reconstruct=ReconstructConfig(iterations=6))
+
+
+def test_overwriting_a_reconstruction_keeps_a_users_files(tmp_path, monkeypatch):
+    import smi.quant.reconstruct as rec
+    from smi.quant.pipeline import quantize_teacher
+
+    real = rec._reconstruct_unit
+    monkeypatch.setattr(rec, "_reconstruct_unit", _dies_at_unit(2, real))
+    with pytest.raises(_Killed):
+        quantize_teacher(as_teacher(tiny_vit()), RepQConfig(w_bits=4, a_bits=4), "noise", num_images=4,
+                         out=tmp_path / "q", reconstruct=ReconstructConfig(iterations=5))
+    monkeypatch.setattr(rec, "_reconstruct_unit", real)
+    (tmp_path / "q" / "notes.txt").write_text("the user's own")
+    quantize_teacher(as_teacher(tiny_vit()), RepQConfig(w_bits=4, a_bits=4), "noise", num_images=4,
+                     out=tmp_path / "q", overwrite=True, reconstruct=ReconstructConfig(iterations=6))
+    assert (tmp_path / "q" / "notes.txt").read_text() == "the user's own"
+    assert (tmp_path / "q" / "quantized.json").exists() and not (tmp_path / "q" / "reconstruct.safetensors").exists()

@@ -66,17 +66,18 @@ def quantize_teacher(
     fp_model = copy.deepcopy(teacher.model) if reconstruct is not None else None
     model = copy.deepcopy(teacher.model) if copy_model else teacher.model
     quantize_(model, config, calib, progress=progress)
-    rows = None
+    rows, state_is_ours = None, False
     if reconstruct is not None:
-        rows = _reconstruct(model, fp_model, calib, reconstruct, Path(out) if out is not None else None, meta,
-                            progress)
+        rows, state_is_ours = _reconstruct(model, fp_model, calib, reconstruct, Path(out) if out is not None
+                                           else None, meta, progress)
     folder = None
     if out is not None:
         folder = save_quantized(model, out, teacher, extra=extra, overwrite=overwrite)
         if rows is not None:
             atomic_write_json(folder / RECON_LOG, {"format": QUANT_FORMAT, "identity": meta, "finished": True,
                                                    "units": rows})
-            (folder / RECON_STATE).unlink(missing_ok=True)
+            if state_is_ours:  # the checkpoint this run wrote or resumed from; never a file smi did not record
+                (folder / RECON_STATE).unlink(missing_ok=True)
     return QuantizeResult(model, calib, folder, rows)
 
 
@@ -92,22 +93,26 @@ def _check_reconstruction_log(out: Path, meta: dict[str, Any], overwrite: bool) 
         if not overwrite:
             raise SmiError(f"{out} holds an unfinished reconstruction with other settings; use another folder or "
                            "overwrite it", param="out")
-        log.unlink()
+        log.unlink()  # smi's own (format checked above), and the checkpoint it records; nothing else
         (out / RECON_STATE).unlink(missing_ok=True)
 
 
 def _reconstruct(model: nn.Module, fp_model: nn.Module, calib: CalibrationSet, cfg: ReconstructConfig,
-                 out: Path | None, meta: dict[str, Any], progress: bool) -> list[dict[str, Any]]:
-    """Reconstruct unit by unit; with ``out``, resume from and write the per-unit checkpoint."""
+                 out: Path | None, meta: dict[str, Any], progress: bool) -> tuple[list[dict[str, Any]], bool]:
+    """Reconstruct unit by unit; with ``out``, resume from and write the per-unit checkpoint.
+
+    Returns the per-unit rows and whether ``out`` holds a checkpoint this run wrote or resumed from."""
     from safetensors.torch import load_file
 
     identity = json.loads(json.dumps(meta))
     rows: list[dict[str, Any]] = []
+    ours = [False]
     if out is not None and (out / RECON_LOG).exists() and (out / RECON_STATE).exists():
         old = read_format_json(out / RECON_LOG, QUANT_FORMAT, "quantized model")
         if old.get("identity") == identity and not old.get("finished"):
             apply_quant_state(model, load_file(str(out / RECON_STATE)), out / RECON_STATE)
             rows = list(old.get("units", []))
+            ours[0] = True
             if progress and rows:
                 from tqdm.auto import tqdm
 
@@ -119,11 +124,12 @@ def _reconstruct(model: nn.Module, fp_model: nn.Module, calib: CalibrationSet, c
             return
         out.mkdir(parents=True, exist_ok=True)
         atomic_save_tensors(out / RECON_STATE, quant_state(model))
+        ours[0] = True
         atomic_write_json(out / RECON_LOG, {"format": QUANT_FORMAT, "identity": identity, "finished": False,
                                             "units": rows})
 
     reconstruct_(model, fp_model, calib, cfg, start=len(rows), on_unit=checkpoint, progress=progress)
-    return rows
+    return rows, ours[0]
 
 
 def quantize_and_evaluate(
