@@ -58,3 +58,34 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj)
+
+
+def bits(setting: str) -> tuple[int, int]:
+    """``"W4A8"`` -> (4, 8)."""
+    w, a = setting[1:].split("A")
+    return int(w), int(a)
+
+
+def synthetic_pools(teacher: Any, model_name: str, seeds: list[int], kinds: list[str], folder: Path,
+                    iterations: int, num_images: int, grid_seed: int | None = None
+                    ) -> tuple[dict[tuple[str, int], str], dict[tuple[str, int], float]]:
+    """One pool per (kind, seed) in ``folder`` (dense or the default sparse schedule, batch min(32, images));
+    an existing pool resumes or is reused. Returns the folders and each pool's synthesis seconds."""
+    import sys
+    import time
+
+    from smi.data.pool import read_manifest
+    from smi.inversion import InversionConfig, SparsityConfig, synthesize
+
+    pools, seconds = {}, {}
+    for seed in seeds:
+        for kind in kinds:
+            sparsity = SparsityConfig(()) if kind == "dense" else SparsityConfig()
+            cfg = InversionConfig(iterations=iterations, batch_size=min(32, num_images), sparsity=sparsity)
+            out = folder / f"{model_name}_{kind}_seed{seed}"
+            t0 = time.perf_counter()
+            synthesize(teacher, cfg, num_images, out, seed=seed, grid=seed == grid_seed)
+            print(f"{out.name}: ready ({time.perf_counter() - t0:.0f} s this run)", file=sys.stderr)
+            pools[(kind, seed)] = str(out)
+            seconds[(kind, seed)] = float(read_manifest(out)["seconds_total"])
+    return pools, seconds

@@ -15,16 +15,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, publish  # noqa: E402
+from _common import RESULTS, bits, publish, synthetic_pools  # noqa: E402
 from smi.data.datasets import eval_dataset  # noqa: E402
-from smi.data.pool import read_manifest  # noqa: E402
 from smi.data.sources import PoolSource, parse_source  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
-from smi.inversion import InversionConfig, SparsityConfig, synthesize  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.quant import QuantConfig  # noqa: E402
 from smi.quant.pipeline import quantize_and_evaluate  # noqa: E402
@@ -32,11 +29,6 @@ from smi.utils.io import atomic_write_json  # noqa: E402
 
 SETTINGS = ["W8A8", "W6A6", "W4A8", "W4A4", "W3A3"]
 CALIBS = ["real", "noise", "dense", "sparse"]
-
-
-def _bits(setting: str) -> tuple[int, int]:
-    w, a = setting[1:].split("A")
-    return int(w), int(a)
 
 
 def main() -> None:
@@ -67,21 +59,10 @@ def main() -> None:
         rows.append({"model": model_name, "w_bits": 32, "a_bits": 32, "quantizer": "fp32", "calib": "-",
                      "top1": fp32, "top1_std": 0.0, "synthesis_s": 0.0})
         table.append([model_name, "FP32", "-", f"{fp32:.2f}", "", "", "", ""])
-        pools: dict[tuple[str, int], str] = {}
-        synth_s: dict[tuple[str, int], float] = {}
-        for seed in args.seeds:
-            for kind in ("dense", "sparse"):
-                sparsity = SparsityConfig(()) if kind == "dense" else SparsityConfig()
-                cfg = InversionConfig(iterations=args.iterations, batch_size=min(32, args.calib_images),
-                                      sparsity=sparsity)
-                folder = work / f"{model_name}_{kind}_seed{seed}"
-                t0 = time.perf_counter()
-                synthesize(teacher, cfg, args.calib_images, folder, seed=seed, grid=seed == args.seeds[0])
-                print(f"{folder.name}: ready ({time.perf_counter() - t0:.0f} s this run)", file=sys.stderr)
-                pools[(kind, seed)] = str(folder)
-                synth_s[(kind, seed)] = float(read_manifest(folder)["seconds_total"])
+        pools, synth_s = synthetic_pools(teacher, model_name, args.seeds, ["dense", "sparse"], work,
+                                         args.iterations, args.calib_images, grid_seed=args.seeds[0])
         for setting in args.settings:
-            w, a = _bits(setting)
+            w, a = bits(setting)
             for quantizer in args.quantizers:
                 cells = {}
                 for calib in CALIBS:

@@ -21,12 +21,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, publish  # noqa: E402
+from _common import RESULTS, bits, publish, synthetic_pools  # noqa: E402
 from smi.data.datasets import eval_dataset  # noqa: E402
-from smi.data.pool import read_manifest  # noqa: E402
 from smi.data.sources import PoolSource, parse_source  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
-from smi.inversion import InversionConfig, SparsityConfig, synthesize  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.quant import QuantConfig  # noqa: E402
 from smi.quant.pipeline import quantize_teacher  # noqa: E402
@@ -35,11 +33,6 @@ from smi.utils.io import atomic_write_json  # noqa: E402
 
 SOURCES = ["real", "noise", "dense", "sparse"]
 STAGES = {"calib": "calibration only", "recon": "+ reconstruction"}
-
-
-def _bits(setting: str) -> tuple[int, int]:
-    w, a = setting[1:].split("A")
-    return int(w), int(a)
 
 
 def main() -> None:
@@ -75,19 +68,11 @@ def main() -> None:
             atomic_write_json(partial_path, done)
         fp32 = done[key]["top1"]
         table.append([model_name, "FP32", "-", "-", f"{fp32:.2f}", "", "", ""])
-        pools: dict[tuple[str, int], str] = {}
-        synth_s: dict[tuple[str, int], float] = {}
-        for seed in args.seeds:
-            for kind in [s for s in ("dense", "sparse") if s in args.sources]:
-                sparsity = SparsityConfig(()) if kind == "dense" else SparsityConfig()
-                cfg = InversionConfig(iterations=args.iterations, batch_size=min(32, args.calib_images),
-                                      sparsity=sparsity)
-                folder = Path(args.pools) / f"{model_name}_{kind}_seed{seed}"
-                synthesize(teacher, cfg, args.calib_images, folder, seed=seed, grid=False)
-                pools[(kind, seed)] = str(folder)
-                synth_s[(kind, seed)] = float(read_manifest(folder)["seconds_total"])
+        kinds = [s for s in ("dense", "sparse") if s in args.sources]
+        pools, synth_s = synthetic_pools(teacher, model_name, args.seeds, kinds, Path(args.pools), args.iterations,
+                                         args.calib_images)
         for setting in args.settings:
-            w, a = _bits(setting)
+            w, a = bits(setting)
             for quantizer in args.quantizers:
                 for stage in args.stages:
                     cells = {}
