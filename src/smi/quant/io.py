@@ -20,7 +20,7 @@ from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
 from smi.utils.io import atomic_save_tensors, atomic_write_json, claim_folder, read_format_json
 
 __all__ = ["QUANT_FORMAT", "apply_quant_state", "check_quantized_folder", "quant_state", "quantized_meta",
-           "save_quantized", "load_quantized"]
+           "save_quantized", "load_quantized", "write_quantized"]
 
 QUANT_FORMAT = "smi-quantized/1"
 WEIGHTS, META = "quantized.safetensors", "quantized.json"
@@ -60,11 +60,17 @@ def save_quantized(model: nn.Module, folder: str | Path, teacher: Teacher, extra
 
     A folder already holding a quantized model with other settings is refused unless ``overwrite``.
     """
-    meta = quantized_meta(config_of(model), teacher, extra)
-    check_quantized_folder(folder, meta, overwrite)
+    check_quantized_folder(folder, quantized_meta(config_of(model), teacher, extra), overwrite)
+    return write_quantized(model, folder, teacher, extra)
+
+
+def write_quantized(model: nn.Module, folder: str | Path, teacher: Teacher, extra: dict[str, Any] | None = None
+                    ) -> Path:
+    """Write the two files of a quantized model into ``folder``, which the caller has claimed (a quantized folder
+    checked by :func:`check_quantized_folder`, or a QAT run folder)."""
     folder = Path(folder)
     atomic_save_tensors(folder / WEIGHTS, quant_state(model))
-    atomic_write_json(folder / META, meta)
+    atomic_write_json(folder / META, quantized_meta(config_of(model), teacher, extra))
     return folder
 
 

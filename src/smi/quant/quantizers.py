@@ -183,7 +183,10 @@ class LogSqrt2Quantizer(nn.Module):
             levels = 2**self.bits - 1
             k = torch.round(-2 * torch.log2((x / self.scale).clamp_min(1e-30)))
             out = self.scale * torch.pow(2.0, -k.clamp(0, levels) / 2)
-            return torch.where(k > levels, torch.zeros_like(out), out)
+            out = torch.where(k > levels, torch.zeros_like(out), out)
+            # straight-through when training (reconstruction, QAT): round() has no gradient of its own, and
+            # without this nothing below the softmax (q, k, their weights) would learn
+            return x + (out - x).detach() if x.requires_grad else out
         return x
 
     def freeze(self) -> None:

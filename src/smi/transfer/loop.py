@@ -33,7 +33,7 @@ from smi.runner import FitConfig, RunFolder, adamw, fit, plot_accuracy
 from smi.transfer.config import DistillConfig
 from smi.transfer.student import Student
 
-__all__ = ["DISTILL_FORMAT", "DistillResult", "distill", "kd_loss"]
+__all__ = ["DISTILL_FORMAT", "DistillResult", "distill", "kd_loss", "open_run", "train_on_teacher"]
 
 DISTILL_FORMAT = "smi-distill/1"
 
@@ -95,28 +95,39 @@ def distill(
 
     >>> distill(teacher, build_student("fmnist_vit_mini", teacher), PoolSource("pool/"), "runs/kd")
     """
-    if not isinstance(data, DataSource):
-        raise SmiError(f"must be a DataSource (PoolSource, OnlineSource, RealSource, NoiseSource), got {data!r}",
-                       param="data")
     cfg = config or DistillConfig()
-    out = Path(out)
-    eval_data = teacher.dataset if eval_data == "teacher" else eval_data
-    if data.kind == "online":  # its identity is known before any image exists
-        probe = {"kind": "online", "synthesis": data.synthesis.to_dict()}  # type: ignore[attr-defined]
-    else:
-        images = data.open(teacher)
-        probe = images.identity
-    identity = {"teacher": teacher.identity(), "student": student.identity(), "data": probe,
-                "config": cfg.to_dict(), "eval_data": eval_data}
-    run = RunFolder(out, identity, fmt=DISTILL_FORMAT, what="distillation run", overwrite=overwrite,
-                    products=("student.safetensors", "student.json"), on_replace=_remove_online_pool(out))
-    if data.kind == "online":
-        images = data.open(teacher, folder=out / "pool", epochs=cfg.epochs, seed=cfg.seed, device=device,
-                           progress=progress)
-    test = eval_dataset(eval_data, teacher, cfg.eval_images) if eval_data else None
+    run, images, probe, test = open_run(teacher, data, out, cfg, {"student": student.identity()},
+                                        fmt=DISTILL_FORMAT, what="distillation run", eval_data=eval_data,
+                                        products=("student.safetensors", "student.json"), overwrite=overwrite,
+                                        device=device, progress=progress)
+    out = run.out
 
     model = student.model.to(device)
-    opt = adamw([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    log = train_on_teacher(run, teacher, model, images, cfg, adamw(params, cfg.lr, cfg.weight_decay),
+                           tokens=student.tokens, test=test, noise=data.kind == "noise", device=device,
+                           progress=progress)
+    images.finish()
+    plot = plot_accuracy(run, log, f"{student.arch} on {probe['kind']}", f"distilling {teacher.spec}") \
+        if test is not None else None
+    model.eval()
+    weights = save_teacher(model, out / "student.safetensors", arch=student.arch, model_kwargs=student.model_kwargs,
+                           class_names=teacher.class_names, data_config=teacher.data_config(),
+                           extra={"distilled_from": teacher.identity(), "data": probe["kind"], "epochs": len(log),
+                                  "test_top1": log[-1]["top1"]})
+    return DistillResult(out, log[-1]["top1"], log[-1]["wall_s"], len(log), log, weights, plot)
+
+
+def train_on_teacher(
+    run: RunFolder, teacher: Teacher, model: nn.Module, images: Any, cfg: DistillConfig,
+    optimizer: torch.optim.Optimizer, *, tokens: bool, test: Any, noise: bool = False,
+    device: torch.device | str = "cpu", progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The distillation loop every student shares (a new network, or the quantized copy of the teacher itself):
+    epochs of KL between ``teacher.model``'s and ``model``'s outputs on batches from the opened data source
+    ``images`` (whole-patch jitter and flip when ``cfg.augment``), in ``run``'s folder through
+    :func:`~smi.runner.fit` (checkpoint, log, resume, NaN guard, time budget). ``tokens``: kept patches of a
+    sparse pool reach ``model`` as tokens (a ViT on the teacher's patch grid), else as the whole image."""
     steps = cfg.steps_per_epoch or (cfg.online_steps if images.endless else -(-len(images) // cfg.batch_size))
     patch = getattr(getattr(teacher.model, "patch_embed", None), "patch_size", (1,))[0]
     grid = (teacher.input_size[1] // patch, teacher.input_size[2] // patch)
@@ -135,25 +146,49 @@ def distill(
         x, keep = batch
         with torch.no_grad():
             t_logits = _logits(teacher.model, x, keep)
-        s_logits = _logits(model, x, keep if student.tokens else None)
+        s_logits = _logits(model, x, keep if tokens else None)
         return kd_loss(s_logits, t_logits, cfg.temperature, cfg.ce_weight)
 
     def end_of_epoch(epoch: int) -> dict[str, Any]:
-        seen = (epoch + 1) * steps * cfg.batch_size if data.kind == "noise" else len(images)
+        seen = (epoch + 1) * steps * cfg.batch_size if noise else len(images)
         return {"top1": evaluate(model, test, device=device, progress=False)["top1"] if test is not None else None,
                 "synthesis_s": round(images.seconds, 2), "images": seen}
 
     fit_cfg = FitConfig(epochs=cfg.epochs, steps_per_epoch=steps, lr=cfg.lr, min_lr=cfg.min_lr,
                         warmup_epochs=cfg.warmup_epochs, schedule=cfg.lr_schedule, seed=cfg.seed,
                         time_budget_s=cfg.time_budget_s)
-    log = fit(run, model, opt, fit_cfg, batches, step, end_of_epoch=end_of_epoch,
-              before_epoch=lambda e: images.before_epoch(e), other_seconds=lambda: images.seconds, progress=progress)
-    images.finish()
-    plot = plot_accuracy(run, log, f"{student.arch} on {probe['kind']}", f"distilling {teacher.spec}") \
-        if test is not None else None
-    model.eval()
-    weights = save_teacher(model, out / "student.safetensors", arch=student.arch, model_kwargs=student.model_kwargs,
-                           class_names=teacher.class_names, data_config=teacher.data_config(),
-                           extra={"distilled_from": teacher.identity(), "data": probe["kind"], "epochs": len(log),
-                                  "test_top1": log[-1]["top1"]})
-    return DistillResult(out, log[-1]["top1"], log[-1]["wall_s"], len(log), log, weights, plot)
+    return fit(run, model, optimizer, fit_cfg, batches, step, end_of_epoch=end_of_epoch,
+               before_epoch=lambda e: images.before_epoch(e), other_seconds=lambda: images.seconds,
+               progress=progress)
+
+
+def open_run(
+    teacher: Teacher, data: DataSource, out: str | Path, cfg: DistillConfig, identity: dict[str, Any], *,
+    fmt: str, what: str, eval_data: str | None, products: tuple[str, ...], overwrite: bool,
+    device: torch.device | str, progress: bool,
+) -> tuple[RunFolder, Any, dict[str, Any], Any]:
+    """Claim ``out`` for a run that trains on ``teacher``'s outputs over ``data`` and open the data:
+    returns (run folder, opened images, the data's identity, test set or None).
+
+    The run's identity is the teacher, ``identity`` (what is trained), the data, ``cfg`` and the
+    evaluation data; an online source synthesizes into ``out/pool`` (removed, as recorded by its
+    manifests, when ``overwrite`` replaces an online run)."""
+    if not isinstance(data, DataSource):
+        raise SmiError(f"must be a DataSource (PoolSource, OnlineSource, RealSource, NoiseSource), got {data!r}",
+                       param="data")
+    out = Path(out)
+    eval_data = teacher.dataset if eval_data == "teacher" else eval_data
+    if data.kind == "online":  # its identity is known before any image exists
+        probe = {"kind": "online", "synthesis": data.synthesis.to_dict()}  # type: ignore[attr-defined]
+    else:
+        images = data.open(teacher)
+        probe = images.identity
+    full = {"teacher": teacher.identity(), **identity, "data": probe, "config": cfg.to_dict(),
+            "eval_data": eval_data}
+    run = RunFolder(out, full, fmt=fmt, what=what, overwrite=overwrite, products=products,
+                    on_replace=_remove_online_pool(out))
+    if data.kind == "online":
+        images = data.open(teacher, folder=out / "pool", epochs=cfg.epochs, seed=cfg.seed, device=device,
+                           progress=progress)
+    test = eval_dataset(eval_data, teacher, cfg.eval_images) if eval_data else None
+    return run, images, probe, test

@@ -1,0 +1,128 @@
+"""Quantization-aware fine-tuning: the quantized model is a student whose teacher is its own float model.
+
+``smi qat`` starts from a folder ``smi quantize`` wrote (calibrated, optionally reconstructed) and
+trains the whole fake-quantized model with the distillation loop of :mod:`smi.transfer` (KL between
+the float teacher's and the quantized model's outputs, on a pool, on images synthesized while it
+trains, on real images or on noise). What learns:
+
+- every float weight, through the straight-through estimator of its quantizer (a weight outside
+  the clipping range gets no gradient, as in LSQ);
+- every weight step size and every activation step size and zero point (LSQ, gradients scaled by
+  ``1 / sqrt(N * Q_P)``: :mod:`smi.quant.learn`);
+- biases and LayerNorm parameters.
+
+The log-sqrt(2) softmax quantizer's scale stays as calibrated. Images of a sparse pool reach both
+models as their kept patches only. At the end the step sizes go back to buffers and the result is
+saved as ``OUT/quantized.safetensors`` + ``OUT/quantized.json``: ``smi eval --quantized OUT`` and
+every other reader of :mod:`smi.quant.io` read it unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from smi.data.sources import DataSource
+from smi.models.loading import Teacher
+from smi.quant.api import config_of
+from smi.quant.io import META, WEIGHTS, load_quantized, write_quantized
+from smi.quant.modules import WeightQuantMixin
+from smi.quant.quantizers import ActQuantizer
+from smi.runner import plot_accuracy
+from smi.transfer.config import DistillConfig
+from smi.transfer.loop import open_run, train_on_teacher
+from smi.utils.io import sha256_file
+
+__all__ = ["QAT_FORMAT", "QatConfig", "QatResult", "learnable_quant_", "qat"]
+
+QAT_FORMAT = "smi-qat/1"
+
+
+@dataclass
+class QatConfig(DistillConfig):
+    """Distillation settings with QAT's defaults: a small learning rate for weights that are already trained
+    (Adam, cosine to 0, no weight decay), KL at T=1, a short run."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    temperature: float = 1.0
+
+
+@dataclass
+class QatResult:
+    out: Path
+    top1: float | None  # test top-1 after the last epoch (None without evaluation data)
+    wall_s: float  # synthesis + training seconds
+    epochs: int
+    log: list[dict[str, Any]]
+    model: nn.Module
+    plot: Path | None
+
+
+def learnable_quant_(model: nn.Module, learnable: bool = True) -> nn.Module:
+    """Make every step size and zero point of a converted model trainable (LSQ), or freeze them again (the
+    quantized weights re-cached, zero points rounded): same state-dict keys either way."""
+    for m in model.modules():
+        if isinstance(m, ActQuantizer) and m.mode == "quant":
+            m.learnable_(learnable)
+        elif isinstance(m, WeightQuantMixin) and m.w_quant:
+            m.learnable_weight_scale_(learnable)
+    return model
+
+
+def qat(
+    teacher: Teacher,
+    quantized: str | Path,
+    data: DataSource,
+    out: str | Path,
+    config: QatConfig | None = None,
+    *,
+    eval_data: str | None = "teacher",
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> QatResult:
+    """Fine-tune the quantized model in ``quantized`` (a ``smi quantize`` folder of ``teacher``) on ``data``.
+
+    ``teacher`` is not changed. ``out`` is a run folder (checkpoint each epoch, resumed when rerun with
+    the same settings) that finally holds the quantized model.
+
+    >>> qat(teacher, "quant/w4a4", PoolSource("pool/"), "runs/qat_w4a4")
+    """
+    cfg = config or QatConfig()
+    student = copy.deepcopy(teacher)
+    model, meta = load_quantized(quantized, student)
+    model.to(device)
+    start = {"folder": str(quantized), "config": meta["config"], "calibration": meta.get("calibration"),
+             "reconstruct": meta.get("reconstruct"), "weights_sha256": sha256_file(Path(quantized) / WEIGHTS)}
+    run, images, probe, test = open_run(teacher, data, out, cfg, {"quantized": start}, fmt=QAT_FORMAT,
+                                        what="quantization-aware training run", eval_data=eval_data,
+                                        products=(WEIGHTS, META), overwrite=overwrite, device=device,
+                                        progress=progress)
+    learnable_quant_(model, True)
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    teacher.model.to(device).eval()
+    log = train_on_teacher(run, teacher, model, images, cfg, opt, tokens=True, test=test,
+                           noise=data.kind == "noise", device=device, progress=progress)
+    images.finish()
+    learnable_quant_(model, False)
+    model.requires_grad_(False)
+    model.eval()
+    cfg_q = config_of(model)
+    plot = plot_accuracy(run, log, f"W{cfg_q.w_bits}A{cfg_q.a_bits} {cfg_q.name} on {probe['kind']}",
+                         f"quantization-aware training of {teacher.spec}") if test is not None else None
+    extra = {key: meta[key] for key in ("calibration", "reconstruct") if key in meta}
+    extra["qat"] = {"from": start, "data": probe, "config": cfg.to_dict(), "epochs": len(log),
+                    "test_top1": log[-1]["top1"]}
+    write_quantized(model, run.out, teacher, extra)
+    return QatResult(run.out, log[-1]["top1"], log[-1]["wall_s"], len(log), log, model, plot)

@@ -1,0 +1,130 @@
+"""Quantization-aware training: what learns, that it learns, and that its folder reads back."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import smi.runner as runner_mod
+from smi.data.sources import NoiseSource, PoolSource
+from smi.errors import SmiError
+from smi.inversion.config import InversionConfig, SparsityConfig
+from smi.inversion.synthesis import synthesize
+from smi.quant import RepQConfig
+from smi.quant.io import load_quantized
+from smi.quant.pipeline import quantize_teacher
+from smi.quant.qat import QatConfig, learnable_quant_, qat
+from smi.quant.quantizers import LogSqrt2Quantizer
+from tests.conftest import as_teacher, tiny_vit
+
+SPARSE = InversionConfig(iterations=6, batch_size=4, sparsity=SparsityConfig.parse("2:0.5,4:0.5"))
+
+
+@pytest.fixture
+def sparse_pool(tiny_teacher, tmp_path):
+    return synthesize(tiny_teacher, SPARSE, 8, tmp_path / "pool", progress=False, grid=False).folder
+
+
+@pytest.fixture
+def quantized(tiny_teacher, tmp_path):
+    """The tiny teacher at W3A3 (repq), calibrated on noise: far from its float function, so QAT has work."""
+    quantize_teacher(tiny_teacher, RepQConfig(w_bits=3, a_bits=3), NoiseSource(), num_images=16,
+                     out=tmp_path / "q", copy_model=True)
+    return tmp_path / "q"
+
+
+def _kl(teacher, model, x):
+    with torch.no_grad():
+        return F.kl_div(F.log_softmax(model(x), 1), F.log_softmax(teacher.model(x), 1), reduction="batchmean",
+                        log_target=True).item()
+
+
+def test_log_quantizer_passes_the_gradient_straight_through():
+    q = LogSqrt2Quantizer(3)
+    q.mode = "observe"
+    x = torch.rand(4, 6).softmax(-1)
+    q(x)
+    q.freeze()
+    xg = x.clone().requires_grad_(True)
+    y = q(xg)
+    torch.testing.assert_close(y, q(x), rtol=0, atol=1e-7)  # the same values as without a gradient
+    (y * torch.arange(24.0).view(4, 6)).sum().backward()
+    torch.testing.assert_close(xg.grad, torch.arange(24.0).view(4, 6))
+
+
+def test_learnable_keeps_function_keys_and_trains_every_step_size(tiny_teacher, quantized):
+    model, _ = load_quantized(quantized, copy.deepcopy(tiny_teacher))
+    x = torch.randn(4, 3, 32, 32)
+    ref, keys = model(x), set(model.state_dict())
+    learnable_quant_(model, True).requires_grad_(True)
+    torch.testing.assert_close(model(x), ref)
+    names = {n for n, _ in model.named_parameters()}
+    assert any(n.endswith("input_quant.scale") for n in names) and any(n.endswith("weight_scale") for n in names)
+    model(x).sum().backward()
+    scales = [p for n, p in model.named_parameters() if n.endswith(("weight_scale", ".scale"))]
+    assert all(p.grad is not None for p in scales)
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # reached through the STE
+    learnable_quant_(model, False)
+    assert set(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), ref)
+
+
+def test_qat_brings_the_quantized_model_closer_to_its_float_teacher(tiny_teacher, quantized, tmp_path):
+    held_out = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(123))
+    before, _ = load_quantized(quantized, copy.deepcopy(tiny_teacher))
+    teacher_state = {k: v.clone() for k, v in tiny_teacher.model.state_dict().items()}
+    res = qat(tiny_teacher, quantized, NoiseSource(), tmp_path / "qat",
+              QatConfig(epochs=3, steps_per_epoch=20, batch_size=16, lr=1e-3), eval_data=None, progress=False)
+    assert _kl(tiny_teacher, res.model, held_out) < 0.7 * _kl(tiny_teacher, before, held_out)
+    assert all(torch.equal(v, tiny_teacher.model.state_dict()[k]) for k, v in teacher_state.items())
+    # the folder reads back as a quantized model computing exactly what was trained
+    loaded, meta = load_quantized(tmp_path / "qat", copy.deepcopy(tiny_teacher))
+    torch.testing.assert_close(loaded(held_out), res.model(held_out), rtol=0, atol=1e-6)
+    assert meta["qat"]["epochs"] == 3 and meta["calibration"]["source"] == "noise"
+
+
+def test_sparse_pool_reaches_both_models_as_kept_patches(tiny_teacher, quantized, sparse_pool, tmp_path):
+    res = qat(tiny_teacher, quantized, PoolSource(sparse_pool), tmp_path / "qat",
+              QatConfig(epochs=1, steps_per_epoch=2, batch_size=4), eval_data=None, progress=False)
+    assert res.log[0]["images"] == 8 and torch.isfinite(torch.tensor(res.log[0]["loss"]))
+
+
+def test_resume_equals_uninterrupted_run(tiny_teacher, quantized, tmp_path, monkeypatch):
+    cfg = QatConfig(epochs=3, steps_per_epoch=3, batch_size=8, lr=1e-3)
+    full = qat(tiny_teacher, quantized, NoiseSource(), tmp_path / "full", cfg, eval_data=None, progress=False)
+    real_save = runner_mod.save_checkpoint
+    calls = {"n": 0}
+
+    def dies_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "save_checkpoint", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        qat(tiny_teacher, quantized, NoiseSource(), tmp_path / "resumed", cfg, eval_data=None, progress=False)
+    monkeypatch.setattr(runner_mod, "save_checkpoint", real_save)
+    resumed = qat(tiny_teacher, quantized, NoiseSource(), tmp_path / "resumed", cfg, eval_data=None, progress=False)
+    a = load_file(str(tmp_path / "full" / "quantized.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "quantized.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in full.log] == [r["loss"] for r in resumed.log]
+
+
+def test_refusals(tiny_teacher, quantized, tmp_path):
+    other = as_teacher(tiny_vit(embed_dim=16), spec="other")
+    with pytest.raises(SmiError, match="quantized from"):
+        qat(other, quantized, NoiseSource(), tmp_path / "a", QatConfig(epochs=1), eval_data=None, progress=False)
+    out = tmp_path / "b"
+    qat(tiny_teacher, quantized, NoiseSource(), out, QatConfig(epochs=1, steps_per_epoch=1), eval_data=None,
+        progress=False)
+    with pytest.raises(SmiError, match="other settings"):
+        qat(tiny_teacher, quantized, NoiseSource(), out, QatConfig(epochs=1, steps_per_epoch=1, lr=1e-3),
+            eval_data=None, progress=False)
+    with pytest.raises(SmiError, match="holds files smi did not write"):  # a quantize folder is not a QAT run
+        qat(tiny_teacher, quantized, NoiseSource(), quantized, QatConfig(epochs=1), eval_data=None, progress=False)
+    with pytest.raises(SmiError):
+        QatConfig(epochs=0)
