@@ -1,14 +1,17 @@
 """Quantized models that learn from synthetic images: each training stage against plain calibration.
 
-For each teacher, bit setting and quantizer preset: rows = stages (calibration only,
-+ block reconstruction), columns = data source (real training images as the upper bound,
-Gaussian noise, dense synthetic, sparse synthetic pools); top-1 on all 10,000 Fashion-MNIST test
-images, mean ± std over seeds (calibration draw, pool and reconstruction seed), and the wall time
-of synthesis + calibration + training per cell. Dense and sparse use the same image budget (the
-pools of ``benchmarks/dfq_accuracy.py``: 32 images, 4000 iterations, one pool per seed; reused if
-present). Finished cells are cached, so an interrupted run resumes.
+For each teacher, bit setting and quantizer preset: rows = stages (calibration only, + block
+reconstruction, + QAT after reconstruction on the same images), columns = data source (real
+training images as the upper bound, Gaussian noise, dense synthetic, sparse synthetic pools);
+top-1 on all 10,000 Fashion-MNIST test images, mean ± std over seeds (calibration draw, pool and
+reconstruction seed), and the wall time of synthesis + calibration + training per cell. Dense
+and sparse use the same image budget (the pools of ``benchmarks/dfq_accuracy.py``: 32 images,
+4000 iterations, one pool per seed; reused if present). Finished cells are cached, so an
+interrupted run resumes.
 
-Run:  python benchmarks/dfq_training.py          (about 40 minutes on 2 CPU cores)
+Every stage sees only the cell's calibration images (QAT: ``train_images`` = the same draw).
+
+Run:  python benchmarks/dfq_training.py          (about 75 minutes on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from smi.evaluation import evaluate  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.quant import QuantConfig  # noqa: E402
 from smi.quant.pipeline import quantize_teacher  # noqa: E402
+from smi.quant.qat import QatConfig, qat  # noqa: E402
 from smi.quant.reconstruct import ReconstructConfig  # noqa: E402
 from smi.utils.io import atomic_write_json  # noqa: E402
 
 SOURCES = ["real", "noise", "dense", "sparse"]
-STAGES = {"calib": "calibration only", "recon": "+ reconstruction"}
+STAGES = {"calib": "calibration only", "recon": "+ reconstruction", "qat": "+ reconstruction + QAT"}
 
 
 def main() -> None:
@@ -47,6 +51,8 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=4000, help="inversion iterations of the synthetic pools")
     p.add_argument("--recon-iterations", type=int, default=1000, help="reconstruction steps per block")
     p.add_argument("--recon-drop", type=float, default=0.0, help="QDrop probability during reconstruction")
+    p.add_argument("--qat-epochs", type=int, default=5, help="QAT epochs")
+    p.add_argument("--qat-steps", type=int, default=50, help="QAT steps per epoch (batch 32)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (smoke runs)")
     p.add_argument("--pools", default=str(RESULTS / "dfq_work"), help="synthetic pools (shared with dfq_accuracy)")
     p.add_argument("--work", default=str(RESULTS / "dfq_training_work"), help="partial results")
@@ -57,6 +63,10 @@ def main() -> None:
     partial_path = work / "partial.json"
     done: dict[str, dict] = json.loads(partial_path.read_text()) if partial_path.exists() else {}
     recon = ReconstructConfig(iterations=args.recon_iterations, drop_prob=args.recon_drop)
+
+    def qat_cfg(seed: int) -> QatConfig:
+        return QatConfig(epochs=args.qat_epochs, steps_per_epoch=args.qat_steps, train_images=args.calib_images,
+                         seed=seed)
 
     rows, table = [], []
     for model_name in args.models:
@@ -80,19 +90,36 @@ def main() -> None:
                         accs, walls = [], []
                         for seed in args.seeds:
                             key = (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
-                                   f"{args.calib_images}|{recon.to_dict() if stage == 'recon' else ''}")
+                                   f"{args.calib_images}|{recon.to_dict() if stage != 'calib' else ''}"
+                                   f"{qat_cfg(seed).to_dict() if stage == 'qat' else ''}")
                             if key not in done:
                                 pool = pools.get((source_name, seed))
                                 source = PoolSource(pool) if pool else parse_source(source_name)
+                                qcfg = QuantConfig.create(quantizer, w_bits=w, a_bits=a)
                                 t0 = time.perf_counter()
-                                res = quantize_teacher(teacher, QuantConfig.create(quantizer, w_bits=w, a_bits=a),
-                                                       source, num_images=args.calib_images, seed=seed,
-                                                       copy_model=True,
-                                                       reconstruct=recon if stage == "recon" else None)
-                                seconds = time.perf_counter() - t0
-                                top1 = evaluate(res.model, data, progress=False)["top1"]
-                                done[key] = {"top1": top1, "seconds": round(seconds, 2),
-                                             "units": res.reconstruction}
+                                if stage == "calib":
+                                    res = quantize_teacher(teacher, qcfg, source, num_images=args.calib_images,
+                                                           seed=seed, copy_model=True)
+                                    model, units, seconds = res.model, None, time.perf_counter() - t0
+                                else:  # the reconstructed folder is the QAT stage's start
+                                    cell = work / "cells" / f"{model_name}_{setting}_{quantizer}_{source_name}_{seed}"
+                                    recon_key = key.replace("|qat|", "|recon|")
+                                    model = units = None
+                                    if stage == "recon" or recon_key not in done \
+                                            or not (cell / "recon" / "quantized.json").exists():
+                                        res = quantize_teacher(teacher, qcfg, source, num_images=args.calib_images,
+                                                               seed=seed, copy_model=True, reconstruct=recon,
+                                                               out=cell / "recon", overwrite=True)
+                                        model, units = res.model, res.reconstruction
+                                    seconds = time.perf_counter() - t0
+                                    if stage == "qat":
+                                        seconds = done[recon_key]["seconds"] if recon_key in done else seconds
+                                        t1 = time.perf_counter()
+                                        q = qat(teacher, cell / "recon", source, cell / "qat", qat_cfg(seed),
+                                                eval_data=None, progress=False, overwrite=True)
+                                        model, seconds = q.model, seconds + time.perf_counter() - t1
+                                top1 = evaluate(model, data, progress=False)["top1"]
+                                done[key] = {"top1": top1, "seconds": round(seconds, 2), "units": units}
                                 atomic_write_json(partial_path, done)
                                 print(f"{setting} {quantizer} {stage} {source_name} seed {seed}: {top1:.2f} "
                                       f"({seconds:.0f} s)", file=sys.stderr, flush=True)
@@ -115,7 +142,10 @@ def main() -> None:
             f"images, mean ± std over seeds {args.seeds} (wall seconds of synthesis + calibration + training per "
             f"cell, mean). {args.calib_images} images per cell for every source (dense and sparse: the same budget, "
             f"pools of {args.iterations} inversion iterations, one per seed); reconstruction: "
-            f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}.\n")
+            f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}; QAT after "
+            f"it: "
+            f"{args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {QatConfig().lr:g} cosine, KL at T="
+            f"{QatConfig().temperature:g}, on the same images. Wall time of '+ QAT' includes the reconstruction.\n")
     publish(args.name, "dfq_training", vars(args), header, table, note, rows)
 
 

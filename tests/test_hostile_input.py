@@ -18,6 +18,10 @@ def world(tmp_path_factory):
     w = {"dir": d, "ckpt": str(write_tiny_checkpoint(d, "tiny")), "other": str(write_tiny_checkpoint(d, "other", 1))}
     assert main(["invert", "--model", w["ckpt"], *INV, "--out", str(d / "pool")]) == 0
     w["pool"] = str(d / "pool")
+    assert main(["quantize", "--model", w["ckpt"], "--calib", "noise", "--calib-images", "4", "--w-bits", "4",
+                 "--a-bits", "4", "--out", str(d / "quant")]) == 0
+    assert main(["quantize", "--model", w["other"], "--calib", "noise", "--calib-images", "4", "--out",
+                 str(d / "quant_other")]) == 0
     (d / "empty.safetensors").write_bytes(b"")
     (d / "empty.json").write_text((d / "tiny.json").read_text())
     data = (d / "tiny.safetensors").read_bytes()
@@ -154,6 +158,23 @@ def _cases():
         "quantize: --reconstruct-iterations 0": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise",
                                                             "--reconstruct", "--reconstruct-iterations", "0",
                                                             "--out", "{d}/q0"], "--reconstruct-iterations"),
+        "qat: missing quantized folder": (lambda w: ["qat", "--model", w["ckpt"], "--quantized", "/nope/q", "--noise",
+                                                     "--eval-data", "none", "--out", "{d}/o"], "does not exist"),
+        "qat: a quantized folder of another model": (lambda w: ["qat", "--model", w["other"], "--quantized",
+                                                                "{d}/quant", "--noise", "--eval-data", "none",
+                                                                "--out", "{d}/o"], "was quantized from"),
+        "qat: other teacher's pool": (lambda w: ["qat", "--model", w["other"], "--quantized", "{d}/quant_other",
+                                                 "--pool", w["pool"], "--eval-data", "none", "--out", "{d}/o"],
+                                      "another teacher"),
+        "qat: zero epochs": (lambda w: ["qat", "--model", w["ckpt"], "--quantized", "{d}/quant", "--noise",
+                                        "--epochs", "0", "--out", "{d}/o"], "--epochs"),
+        "qat: negative time budget": (lambda w: ["qat", "--model", w["ckpt"], "--quantized", "{d}/quant", "--noise",
+                                                 "--time-budget", "-1", "--out", "{d}/o"], "--time-budget"),
+        "qat: a user's folder": (lambda w: ["qat", "--model", w["ckpt"], "--quantized", "{d}/quant", "--noise",
+                                            "--eval-data", "none", "--out", "{d}/users_folder"], "smi did not write"),
+        "qat: into the quantized folder it reads": (lambda w: ["qat", "--model", w["ckpt"], "--quantized",
+                                                               "{d}/quant", "--noise", "--eval-data", "none",
+                                                               "--out", "{d}/quant"], "smi did not write"),
         "invert: --out below a file": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--out", "{d}/afile.txt/p"],
                                        "Not a directory"),
         # numbers

@@ -21,6 +21,14 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
             return action.help
         return super()._get_help_string(action)
 
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """Descriptions: long prose lines wrapped to the terminal, indented lines (tables of presets) kept."""
+        import textwrap
+
+        return "\n".join(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         if len(line) > width and not line.startswith(" ") else indent + line
+                         for line in text.splitlines())
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the problem and where to read more), exit status 2."""
@@ -230,28 +238,80 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_invert, parser=p)
 
 
+def _kd_config(args: argparse.Namespace, cls: type, **extra: Any) -> Any:
+    """A DistillConfig (or QatConfig) from the flags of :func:`_add_kd_args`."""
+    with _flags(args, time_budget_s="time_budget"):
+        return cls(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+                   temperature=args.temperature, ce_weight=args.ce_weight, steps_per_epoch=args.steps_per_epoch,
+                   online_steps=args.online_steps, augment=not args.no_augment, time_budget_s=args.time_budget,
+                   eval_images=args.eval_images, train_images=args.train_images, seed=args.seed, **extra)
+
+
+def _training_source(args: argparse.Namespace) -> Any:
+    from smi.data.sources import NoiseSource, PoolSource, RealSource
+    from smi.inversion.synthesis import OnlineSource
+
+    return (OnlineSource(_inversion_config(args)) if args.online else RealSource(args.real or None)
+            if args.real is not None else NoiseSource() if args.noise else PoolSource(args.pool))
+
+
+def _eval_data(args: argparse.Namespace, teacher: Any, what: str) -> str | None:
+    eval_data = None if args.eval_data == "none" else args.eval_data or teacher.dataset
+    if eval_data is None and args.eval_data is None:
+        print(f"smi: note: {teacher.spec} records no dataset, so the {what} is not evaluated "
+              "(give --eval-data to evaluate it)", file=sys.stderr)
+    return eval_data
+
+
+def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
+    """Training data and the distillation loop's settings, defaults from ``cls`` (DistillConfig or QatConfig)."""
+    from smi.data.datasets import data_help
+
+    d = cls()
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pool", help="train on this synthetic pool (offline)")
+    src.add_argument("--online", action="store_true",
+                     help="synthesize --synth-batch-size images per epoch into OUT/pool and train on the whole pool")
+    src.add_argument("--real", nargs="?", const="", metavar="DATASET",
+                     help=f"train on real training images, an upper bound: the teacher's dataset, or {data_help()}")
+    src.add_argument("--noise", action="store_true", help="train on fresh Gaussian noise (a lower bound)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    p.add_argument("--lr", type=_number, default=d.lr,
+                   help=f"peak AdamW learning rate (weight decay {d.weight_decay:g})")
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default=d.lr_schedule,
+                   help=f"after {d.warmup_epochs:g} warm-up epoch(s): cosine to {d.min_lr:g}, or constant")
+    p.add_argument("--temperature", type=_number, default=d.temperature, help="softmax temperature of the KL term")
+    p.add_argument("--ce-weight", type=_number, default=d.ce_weight,
+                   help="weight of cross-entropy on the teacher's argmax")
+    p.add_argument("--steps-per-epoch", type=int,
+                   help="training steps per epoch (default: one pass over a pool or real images; --online-steps "
+                        "for online and noise)")
+    p.add_argument("--online-steps", type=int, default=d.online_steps,
+                   help="training steps per epoch with --online or --noise")
+    p.add_argument("--no-augment", action="store_true", help="no random whole-patch shift and flip")
+    p.add_argument("--train-images", type=int, metavar="N",
+                   help="train on a fixed set of N images of the source, drawn as calibration draws them with the "
+                        "same --seed (the first N of a pool; a seeded draw of real images; N fixed noise images)")
+    p.add_argument("--time-budget", type=_number, help="stop after the epoch at which synthesis + training pass this "
+                                                     "many seconds")
+    p.add_argument("--eval-data", help=f"test data for the per-epoch top-1 of the {what}: {data_help()} | none "
+                                        "(default: the teacher's dataset)")
+    p.add_argument("--eval-images", type=int, help="evaluate on the first N test images (default: all)")
+    group = p.add_argument_group("synthesis (with --online)")
+    _add_inversion_args(group, prefix="synth-")
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     import json
 
-    from smi.data.sources import NoiseSource, PoolSource, RealSource
-    from smi.inversion.synthesis import OnlineSource
     from smi.models.loading import load_teacher
     from smi.transfer import DistillConfig, build_student, distill
 
-    with _flags(args, time_budget_s="time_budget"):
-        cfg = DistillConfig(
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
-            temperature=args.temperature, ce_weight=args.ce_weight, steps_per_epoch=args.steps_per_epoch,
-            online_steps=args.online_steps, augment=not args.no_augment, linear_probe=args.linear_probe,
-            time_budget_s=args.time_budget, eval_images=args.eval_images, seed=args.seed,
-        )
-    data = (OnlineSource(_inversion_config(args)) if args.online else RealSource(args.real or None)
-            if args.real is not None else NoiseSource() if args.noise else PoolSource(args.pool))
+    cfg = _kd_config(args, DistillConfig, linear_probe=args.linear_probe)
+    data = _training_source(args)
     teacher = load_teacher(args.teacher, pretrained=args.pretrained, device=args.device)
-    eval_data = None if args.eval_data == "none" else args.eval_data or teacher.dataset
-    if eval_data is None and args.eval_data is None:
-        print(f"smi: note: {teacher.spec} records no dataset, so the student is not evaluated "
-              "(give --eval-data to evaluate it)", file=sys.stderr)
+    eval_data = _eval_data(args, teacher, "student")
     arch = args.student or (None if args.student_checkpoint else "fmnist_vit_mini")
     student = build_student(arch, teacher, checkpoint=args.student_checkpoint, linear_probe=args.linear_probe,
                             seed=args.seed, device=args.device)
@@ -269,8 +329,6 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
-    from smi.data.datasets import data_help
-
     p = sub.add_parser(
         "distill", help="train a student on the teacher's outputs over synthetic images", formatter_class=_Formatter,
         description="Data-free knowledge transfer: KL divergence between teacher and student at a temperature, on "
@@ -284,36 +342,59 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student-checkpoint", help="start from this smi checkpoint (NAME.safetensors + NAME.json)")
     p.add_argument("--linear-probe", action="store_true",
                    help="freeze the checkpoint's backbone and train a new head (needs --student-checkpoint)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pool", help="train on this synthetic pool (offline)")
-    src.add_argument("--online", action="store_true",
-                     help="synthesize --synth-batch-size images per epoch into OUT/pool and train on the whole pool")
-    src.add_argument("--real", nargs="?", const="", metavar="DATASET",
-                     help=f"train on real training images, an upper bound: the teacher's dataset, or {data_help()}")
-    src.add_argument("--noise", action="store_true", help="train on fresh Gaussian noise (a lower bound)")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
-    p.add_argument("--lr", type=_number, default=1e-3, help="peak AdamW learning rate (weight decay 0.05)")
-    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
-                   help="after one warm-up epoch: cosine to 1e-5, or constant")
-    p.add_argument("--temperature", type=_number, default=20.0, help="softmax temperature of the KL term")
-    p.add_argument("--ce-weight", type=_number, default=0.0, help="weight of cross-entropy on the teacher's argmax")
-    p.add_argument("--steps-per-epoch", type=int,
-                   help="training steps per epoch (default: one pass over a pool or real images; --online-steps "
-                        "for online and noise)")
-    p.add_argument("--online-steps", type=int, default=50, help="training steps per epoch with --online or --noise")
-    p.add_argument("--no-augment", action="store_true", help="no random whole-patch shift and flip")
-    p.add_argument("--time-budget", type=_number, help="stop after the epoch at which synthesis + training pass this "
-                                                     "many seconds")
-    p.add_argument("--eval-data", help=f"test data for the per-epoch top-1: {data_help()} | none "
-                                        "(default: the teacher's dataset)")
-    p.add_argument("--eval-images", type=int, help="evaluate on the first N test images (default: all)")
-    group = p.add_argument_group("synthesis (with --online)")
-    _add_inversion_args(group, prefix="synth-")
+    from smi.transfer import DistillConfig
+
+    _add_kd_args(p, DistillConfig, "student")
     _add_run(p, out="run folder (checkpoint, log, plot, student; resumable)",
              seed="seed of the student's init, batches, augmentation, synthesis",
              overwrite="replace a run made with other settings", json=True)
     p.set_defaults(func=_cmd_distill, parser=p)
+
+
+def _cmd_qat(args: argparse.Namespace) -> int:
+    import json
+
+    from smi.models.loading import load_teacher
+    from smi.quant.qat import QatConfig, qat
+
+    cfg = _kd_config(args, QatConfig)
+    data = _training_source(args)
+    teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
+    eval_data = _eval_data(args, teacher, "quantized model")
+    result = qat(teacher, args.quantized, data, args.out, cfg, eval_data=eval_data, device=args.device,
+                 overwrite=args.overwrite)
+    summary = {"out": str(result.out), "top1": result.top1, "wall_s": result.wall_s, "epochs": result.epochs,
+               "plot": str(result.plot) if result.plot else None}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        acc = f"test top-1 {result.top1:.2f} %, " if result.top1 is not None else ""
+        print(f"{acc}{result.epochs} epochs, {result.wall_s:.0f} s of synthesis + training; quantized model: "
+              f"{result.out} (smi eval --quantized {result.out})" + (f"; plot: {result.plot}" if result.plot else ""))
+    return 0
+
+
+def _add_qat(sub: argparse._SubParsersAction) -> None:
+    from smi.quant.qat import QatConfig
+
+    p = sub.add_parser(
+        "qat", help="quantization-aware training of a quantized model against its float teacher",
+        formatter_class=_Formatter,
+        description="Fine-tune a model `smi quantize` made (calibrated, optionally reconstructed): every weight "
+        "(through the straight-through estimator), every weight and activation step size and zero point (LSQ), "
+        "biases and norms learn to match the float model's outputs (KL at a temperature) on a synthetic pool, on "
+        "images synthesized while training (--online), or on real images or noise for comparison. Images of a "
+        "sparse pool reach both models as their kept patches only. Evaluates after each epoch, checkpoints each "
+        "epoch, resumes when rerun with the same --out, and finally writes OUT/quantized.safetensors, which "
+        "`smi eval --quantized OUT` reads.",
+    )
+    _add_model(p, "--model", "the float model that was quantized (the teacher)")
+    p.add_argument("--quantized", required=True, help="folder written by `smi quantize` for this model")
+    _add_kd_args(p, QatConfig, "quantized model")
+    _add_run(p, out="run folder (checkpoint, log, plot, and the quantized model; resumable)",
+             seed="seed of the batches, augmentation, synthesis",
+             overwrite="replace a run made with other settings", json=True)
+    p.set_defaults(func=_cmd_qat, parser=p)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -484,7 +565,7 @@ def _add_pool(sub: argparse._SubParsersAction) -> None:
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_invert, _add_quantize, _add_eval, _add_distill, _add_pool, _add_demo, _add_train_teacher,
+    _add_invert, _add_quantize, _add_qat, _add_eval, _add_distill, _add_pool, _add_demo, _add_train_teacher,
 ]
 
 

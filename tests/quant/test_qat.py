@@ -13,6 +13,7 @@ from smi.errors import SmiError
 from smi.inversion.config import InversionConfig, SparsityConfig
 from smi.inversion.synthesis import synthesize
 from smi.quant import RepQConfig
+from smi.quant.calibration import calibration_set
 from smi.quant.io import load_quantized
 from smi.quant.pipeline import quantize_teacher
 from smi.quant.qat import QatConfig, learnable_quant_, qat
@@ -128,3 +129,25 @@ def test_refusals(tiny_teacher, quantized, tmp_path):
         qat(tiny_teacher, quantized, NoiseSource(), quantized, QatConfig(epochs=1), eval_data=None, progress=False)
     with pytest.raises(SmiError):
         QatConfig(epochs=0)
+
+
+@pytest.mark.parametrize("kind", ["noise", "pool"])
+def test_train_images_are_the_calibration_images(tiny_teacher, sparse_pool, kind):
+    source = NoiseSource() if kind == "noise" else PoolSource(sparse_pool)
+    calib = calibration_set(tiny_teacher, source, 6, seed=3)
+    subset = source.open(tiny_teacher).subset(6, torch.Generator().manual_seed(3))
+    assert torch.equal(subset.images, calib.images) and not subset.endless and len(subset) == 6
+    assert (subset.masks is None) == (calib.masks is None)
+    if calib.masks is not None:
+        assert torch.equal(subset.masks, calib.masks)
+
+
+def test_train_images_fix_the_training_set(tiny_teacher, quantized, tmp_path):
+    res = qat(tiny_teacher, quantized, NoiseSource(), tmp_path / "qat",
+              QatConfig(epochs=2, batch_size=4, train_images=8), eval_data=None, progress=False)
+    assert [r["images"] for r in res.log] == [8, 8]  # one pass over 8 fixed images per epoch, not endless noise
+    with pytest.raises(SmiError, match="train_images"):
+        from smi.inversion.synthesis import OnlineSource
+
+        qat(tiny_teacher, quantized, OnlineSource(SPARSE), tmp_path / "o", QatConfig(epochs=1, train_images=8),
+            eval_data=None, progress=False)

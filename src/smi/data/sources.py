@@ -86,6 +86,11 @@ class ImageSet:
         masks = None if self.masks is None else self.masks[idx]
         return self._normalized(idx), None if masks is None or masks.all() else masks
 
+    def subset(self, n: int, generator: torch.Generator) -> ImageSet:
+        """A fixed set of ``n`` images drawn as :meth:`take` draws them (noise: ``n`` fixed noise images)."""
+        images, masks = self.take(n, generator)
+        return ImageSet(images, masks, identity={**self.identity, "subset": n}, seconds=self.seconds)
+
     def batches(self, steps: int, batch_size: int, generator: torch.Generator
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """``steps`` training batches of (images, kept-patch masks or None): passes over fresh permutations."""

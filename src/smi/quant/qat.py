@@ -112,8 +112,8 @@ def qat(
     model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     teacher.model.to(device).eval()
-    log = train_on_teacher(run, teacher, model, images, cfg, opt, tokens=True, test=test,
-                           noise=data.kind == "noise", device=device, progress=progress)
+    log = train_on_teacher(run, teacher, model, images, cfg, opt, tokens=True, test=test, device=device,
+                           progress=progress)
     images.finish()
     learnable_quant_(model, False)
     model.requires_grad_(False)

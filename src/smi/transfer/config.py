@@ -36,6 +36,7 @@ class DistillConfig:
     linear_probe: bool = False  # freeze the student's backbone, train a new head
     time_budget_s: float | None = None  # stop after the epoch at which synthesis + training exceed this
     eval_images: int | None = None  # first N test images for the per-epoch evaluation (None: all)
+    train_images: int | None = None  # train on a fixed set of N images of the source (as calibration draws them)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,7 +51,7 @@ class DistillConfig:
             raise SmiError(f"must be positive, got {self.temperature}", param="temperature")
         if not self.ce_weight >= 0:
             raise SmiError(f"must be >= 0, got {self.ce_weight}", param="ce_weight")
-        for name in ("steps_per_epoch", "eval_images"):
+        for name in ("steps_per_epoch", "eval_images", "train_images"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise SmiError(f"must be positive, got {v}", param=name)
@@ -58,4 +59,7 @@ class DistillConfig:
             raise SmiError(f"must be positive seconds, got {self.time_budget_s}", param="time_budget_s")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["train_images"] is None:  # runs recorded before the field existed still resume
+            del d["train_images"]
+        return d

@@ -105,7 +105,7 @@ def distill(
     model = student.model.to(device)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     log = train_on_teacher(run, teacher, model, images, cfg, adamw(params, cfg.lr, cfg.weight_decay),
-                           tokens=student.tokens, test=test, noise=data.kind == "noise", device=device,
+                           tokens=student.tokens, test=test, device=device,
                            progress=progress)
     images.finish()
     plot = plot_accuracy(run, log, f"{student.arch} on {probe['kind']}", f"distilling {teacher.spec}") \
@@ -120,7 +120,7 @@ def distill(
 
 def train_on_teacher(
     run: RunFolder, teacher: Teacher, model: nn.Module, images: Any, cfg: DistillConfig,
-    optimizer: torch.optim.Optimizer, *, tokens: bool, test: Any, noise: bool = False,
+    optimizer: torch.optim.Optimizer, *, tokens: bool, test: Any,
     device: torch.device | str = "cpu", progress: bool = True,
 ) -> list[dict[str, Any]]:
     """The distillation loop every student shares (a new network, or the quantized copy of the teacher itself):
@@ -150,7 +150,7 @@ def train_on_teacher(
         return kd_loss(s_logits, t_logits, cfg.temperature, cfg.ce_weight)
 
     def end_of_epoch(epoch: int) -> dict[str, Any]:
-        seen = (epoch + 1) * steps * cfg.batch_size if noise else len(images)
+        seen = (epoch + 1) * steps * cfg.batch_size if images.noise_shape is not None else len(images)
         return {"top1": evaluate(model, test, device=device, progress=False)["top1"] if test is not None else None,
                 "synthesis_s": round(images.seconds, 2), "images": seen}
 
@@ -178,6 +178,9 @@ def open_run(
                        param="data")
     out = Path(out)
     eval_data = teacher.dataset if eval_data == "teacher" else eval_data
+    if data.kind == "online" and cfg.train_images is not None:
+        raise SmiError("online synthesis makes its own images; train_images applies to pools, real images and noise",
+                       param="train_images")
     if data.kind == "online":  # its identity is known before any image exists
         probe = {"kind": "online", "synthesis": data.synthesis.to_dict()}  # type: ignore[attr-defined]
     else:
@@ -190,5 +193,7 @@ def open_run(
     if data.kind == "online":
         images = data.open(teacher, folder=out / "pool", epochs=cfg.epochs, seed=cfg.seed, device=device,
                            progress=progress)
+    elif cfg.train_images is not None:
+        images = images.subset(cfg.train_images, torch.Generator().manual_seed(cfg.seed))
     test = eval_dataset(eval_data, teacher, cfg.eval_images) if eval_data else None
     return run, images, probe, test
