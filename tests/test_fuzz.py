@@ -36,6 +36,8 @@ CHEAP = {
     "eval": ["--limit", "4"],
     "distill": ["--epochs", "1", "--batch-size", "2", "--online-steps", "1", "--steps-per-epoch", "1",
                 "--iterations", "3", "--synth-batch-size", "2", "--eval-data", "none", "--eval-images", "4"],
+    "qat": ["--epochs", "1", "--batch-size", "2", "--online-steps", "1", "--steps-per-epoch", "1",
+            "--iterations", "3", "--synth-batch-size", "2", "--eval-data", "none", "--eval-images", "4"],
     "train-teacher": ["--epochs", "1", "--batch-size", "4"],
     "demo": ["--num-images", "2", "--iterations", "301", "--distill-seconds", "0.1"],
 }
@@ -43,7 +45,7 @@ CHEAP = {
 # so these draw small and invalid values only
 WORK_FLAGS = {"--img-size", "--epochs", "--batch-size", "--iterations", "--num-images", "--steps-per-epoch",
               "--online-steps", "--online-images", "--eval-images", "--distill-seconds", "--calib-images", "--limit",
-              "--synth-batch-size", "--time-budget"}
+              "--synth-batch-size", "--time-budget", "--train-images"}
 # options fixed by CHEAP for a command: a drawn value could make a valid run of minutes (the demo of a shipped
 # teacher, a teacher trained on all of Fashion-MNIST)
 FIXED = {"demo": {"--model", "--data"}, "train-teacher": {"--data"}}
@@ -56,6 +58,9 @@ def world(tmp_path_factory):
     w = {"dir": d, "ckpt": str(write_tiny_checkpoint(d, "tiny"))}
     assert main(["invert", "--model", w["ckpt"], *CHEAP["invert"], "--num-images", "4", "--out", str(d / "pool")]) == 0
     w["pool"] = str(d / "pool")
+    assert main(["quantize", "--model", w["ckpt"], "--calib", "noise", "--calib-images", "2", "--w-bits", "4",
+                 "--out", str(d / "quant")]) == 0
+    w["quant"] = str(d / "quant")
     w["images"] = str(write_image_folder(d / "images", classes=5, per_class=3, size=(16, 16), split=True))
     (d / "afile.txt").write_text("hello")
     (d / "out").mkdir()
@@ -80,6 +85,8 @@ def _values(w: dict, flag: str) -> st.SearchStrategy[str]:
              "fmnist_vit_mini", "resnet10t", "vit_tiny_patch16_224", "fmnist_resnet_tiny", "patch_size=4", "é", "--"]
     if flag in ("--model", "--teacher", "--student-checkpoint"):
         return st.sampled_from([w["ckpt"], "fmnist_vit_tiny", str(d / "nope.safetensors"), w["pool"], "deit_tiny_pat"])
+    if flag == "--quantized":
+        return st.sampled_from([w["quant"], w["pool"], str(d / "afile.txt"), str(d / "nope"), str(d / "out"), ""])
     if flag in ("--calib", "--pool", "--data", "--eval-data", "--real", "--out", "folder"):
         return st.sampled_from(paths)
     return st.sampled_from(numbers + words)
@@ -101,6 +108,8 @@ def command_lines(draw, w: dict, skip: tuple[str, ...] = ()) -> list[str]:
         argv += ["--data", f"imagefolder:{w['images']}", "--arch", "resnet10t"]
     if name == "demo":
         argv += ["--model", w["ckpt"]]
+    if name == "qat":  # a valid start, so that draws reach the training loop
+        argv += ["--model", w["ckpt"], "--quantized", w["quant"], "--noise"]
     options = [a for a in p._actions if a.option_strings and a.option_strings[0] not in SKIP_FLAGS
                and not set(a.option_strings) & SKIP_FLAGS]
     for action in draw(st.lists(st.sampled_from(options), max_size=5)):

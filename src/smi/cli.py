@@ -357,7 +357,7 @@ def _cmd_qat(args: argparse.Namespace) -> int:
     from smi.models.loading import load_teacher
     from smi.quant.qat import QatConfig, qat
 
-    cfg = _kd_config(args, QatConfig)
+    cfg = _kd_config(args, QatConfig, feature_loss=args.feature_loss, feature_weight=args.feature_weight)
     data = _training_source(args)
     teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
     eval_data = _eval_data(args, teacher, "quantized model")
@@ -390,6 +390,10 @@ def _add_qat(sub: argparse._SubParsersAction) -> None:
     )
     _add_model(p, "--model", "the float model that was quantized (the teacher)")
     p.add_argument("--quantized", required=True, help="folder written by `smi quantize` for this model")
+    p.add_argument("--feature-loss", choices=["none", "mse", "akt"], default="none",
+                   help="a term on every block's output tokens as well: mse (squared error per token) or akt "
+                        "(KL at T=8 between channel and token attention maps, after AKT)")
+    p.add_argument("--feature-weight", type=_number, default=1.0, help="weight of --feature-loss")
     _add_kd_args(p, QatConfig, "quantized model")
     _add_run(p, out="run folder (checkpoint, log, plot, and the quantized model; resumable)",
              seed="seed of the batches, augmentation, synthesis",

@@ -25,8 +25,19 @@ def ckpt(tmp_path_factory):
 
 @pytest.mark.parametrize("sparsity", ["dense", "2:0.5,4:0.5"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_runs_dense_and_sparse_from_the_cli(method, sparsity, ckpt, tmp_path):
+def test_every_method_runs_dense_and_sparse_from_the_cli(method, sparsity, ckpt, tmp_path, capsys):
     out = tmp_path / "pool"
+    if any(TERMS.get(n).needs_student for n in InversionConfig.for_method(method).terms):
+        # synthesizes against a student: refused on its own (nothing written), run inside online training
+        assert main(["invert", "--model", ckpt, "--method", method, "--sparsity", sparsity, *FAST,
+                     "--out", str(out)]) == 2
+        assert "needs a student" in capsys.readouterr().err and not out.exists()
+        assert main(["distill", "--teacher", ckpt, "--online", "--method", method, "--sparsity", sparsity,
+                     "--iterations", "6", "--synth-batch-size", "2", "--epochs", "2", "--online-steps", "1",
+                     "--batch-size", "2", "--eval-data", "none", "--out", str(tmp_path / "kd")]) == 0
+        pool = load_pool(tmp_path / "kd" / "pool")
+        assert len(pool) == 4 and torch.isfinite(pool.images).all()
+        return
     assert main(["invert", "--model", ckpt, "--method", method, "--sparsity", sparsity, *FAST, "--out", str(out)]) == 0
     pool = load_pool(out)
     assert len(pool) == 4 and torch.isfinite(pool.images).all()
@@ -115,7 +126,9 @@ def _one_step(cfg: InversionConfig, model: torch.nn.Module, sparse: bool):
     def fwd(v, k):
         return model(v) if k is None else sparse_forward(model, v, k).logits
 
-    recipe = Recipe(cfg, model, torch.tensor([1, 3]), 5, torch.Generator().manual_seed(4), grid=(4, 4), patch=8)
+    student = tiny_vit(embed_dim=16).requires_grad_(False)  # for terms that synthesize against a student
+    recipe = Recipe(cfg, model, torch.tensor([1, 3]), 5, torch.Generator().manual_seed(4), grid=(4, 4), patch=8,
+                    student=student, student_tokens=True)
     with recipe:
         logits, captured = recipe.captures.record(lambda: fwd(x, keep))
         step = Step(recipe.ctx, x, x, Jitter(0, 0, False), 1, 8, keep, None, logits, captured,

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smi.errors import SmiError
+from smi.inversion import InversionConfig, SparsityConfig, invert
 from smi.inversion.augment import Jitter, jitter_indices, rejitter
 from smi.inversion.labels import easy_to_hard, sample_labels, soft_cross_entropy
 from smi.inversion.terms.bn import bn_statistics
@@ -15,7 +17,7 @@ from smi.inversion.terms.psaq import kde_entropy, patch_similarity_entropy
 from smi.inversion.terms.ris_weight import with_weight_noise
 from smi.inversion.terms.sardfq import gaussian_mixture_attention, sardfq_attention_alignment
 from smi.inversion.terms.tv_target import tv_target
-from tests.conftest import tiny_vit
+from tests.conftest import as_teacher, tiny_vit
 
 OPTS = {"sardfq_logit_low": 5.0, "sardfq_logit_high": 10.0, "ris_label_noise": 0.5, "p_mix": 0.4, "mix_k": 2}
 
@@ -216,3 +218,43 @@ def test_mean_pairwise_cosine():
     # pairs (0,1): 0, (0,2): 1/sqrt2, (1,2): 1/sqrt2, each counted twice over 6 ordered pairs
     assert mean_pairwise_cosine(f).item() == pytest.approx(2 * (2 / math.sqrt(2)) / 6)
     assert mean_pairwise_cosine(torch.ones(4, 3)).item() == pytest.approx(1.0)
+
+
+def test_divergences_match_their_formulas():
+    from smi.inversion.terms.adversarial import divergence
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
+    p, q = a.softmax(1).double().numpy(), b.softmax(1).double().numpy()
+    m = (p + q) / 2
+    js = (0.5 * (p * np.log(p / m)).sum(1) + 0.5 * (q * np.log(q / m)).sum(1)).mean()
+    kl = (p * np.log(p / q)).sum(1).mean()
+    assert divergence(a, b, "js").item() == pytest.approx(js, rel=1e-5)
+    assert divergence(a, b, "kl").item() == pytest.approx(kl, rel=1e-5)
+    assert divergence(a, a, "js").abs() < 1e-6 and 0 < js < np.log(2)
+
+
+def test_adversarial_images_raise_teacher_student_disagreement():
+    """Inverting against a student with the adversarial term ends with images on which teacher and student disagree
+    more than on images inverted without it (same seed, same everything else)."""
+    from smi.inversion.terms.adversarial import divergence
+
+    teacher = as_teacher(tiny_vit())
+    student = tiny_vit(embed_dim=16, depth=1).requires_grad_(False)
+    gaps = []
+    for weight in (0.0, 20.0):
+        cfg = InversionConfig(iterations=40, batch_size=4, sparsity=SparsityConfig(()), lr=0.05, tv_l2=0.0,
+                              ce_weight=0.1, terms={"adversarial": weight} if weight else {})
+        batch = invert(teacher, cfg, torch.tensor([0, 1, 2, 3]), generator=torch.Generator().manual_seed(1),
+                       student=student, student_tokens=True)
+        with torch.no_grad():
+            gaps.append(divergence(teacher.model(batch.images), student(batch.images)).item())
+    assert gaps[1] > 2 * gaps[0], gaps
+    assert all(not p.requires_grad for p in student.parameters())
+
+
+def test_adversarial_term_without_a_student_is_refused_before_any_work():
+    teacher = as_teacher(tiny_vit())
+    with pytest.raises(SmiError, match="needs a student"):
+        invert(teacher, InversionConfig(iterations=2, batch_size=2, sparsity=SparsityConfig(()),
+                                        terms={"adversarial": 1.0}), torch.arange(2))

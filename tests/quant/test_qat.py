@@ -151,3 +151,43 @@ def test_train_images_fix_the_training_set(tiny_teacher, quantized, tmp_path):
 
         qat(tiny_teacher, quantized, OnlineSource(SPARSE), tmp_path / "o", QatConfig(epochs=1, train_images=8),
             eval_data=None, progress=False)
+
+
+def test_feature_losses_against_a_direct_computation():
+    from smi.quant.qat import FEATURE_LOSSES
+    from smi.transfer import kd_loss
+
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 4, generator=gen), torch.randn(3, 5, 4, generator=gen)
+    mse = sum(((s[b, n] - t[b, n]) ** 2).sum() for b in range(3) for n in range(5)) / 15
+    torch.testing.assert_close(FEATURE_LOSSES["mse"](s, t), mse)
+    akt = kd_loss((s ** 2).mean(1), (t ** 2).mean(1), 8.0) + kd_loss((s ** 2).mean(2), (t ** 2).mean(2), 8.0)
+    torch.testing.assert_close(FEATURE_LOSSES["akt"](s, t), akt)
+    assert FEATURE_LOSSES["akt"](t, t).abs() < 1e-6 and FEATURE_LOSSES["mse"](t, t) == 0
+
+
+@pytest.mark.parametrize("feature_loss", ["mse", "akt"])
+def test_feature_loss_trains_and_adds_to_the_loss(tiny_teacher, quantized, tmp_path, feature_loss):
+    base = qat(tiny_teacher, quantized, NoiseSource(), tmp_path / "a", QatConfig(epochs=1, steps_per_epoch=2,
+               batch_size=4, train_images=8), eval_data=None, progress=False)
+    feat = qat(tiny_teacher, quantized, NoiseSource(), tmp_path / "b",
+               QatConfig(epochs=1, steps_per_epoch=2, batch_size=4, train_images=8, feature_loss=feature_loss),
+               eval_data=None, progress=False)
+    assert feat.log[0]["loss"] > base.log[0]["loss"]  # the same first batch, plus a positive feature term
+    with pytest.raises(SmiError, match="feature_loss"):
+        QatConfig(feature_loss="nope")
+
+
+def test_psaq_v2_loop_synthesizes_against_the_quantized_model(tiny_teacher, quantized, tmp_path):
+    """PSAQ-ViT V2's adaptive loop: each epoch's images are optimized against the quantized model as it is then
+    (its weights untouched by the synthesis and still trainable after it), then the model trains on the pool."""
+    from smi.inversion.synthesis import OnlineSource
+
+    cfg = InversionConfig.for_method("psaq-v2", iterations=6, batch_size=2,
+                                     sparsity=SparsityConfig.parse("2:0.5,4:0.5"))
+    res = qat(tiny_teacher, quantized, OnlineSource(cfg), tmp_path / "v2",
+              QatConfig(epochs=2, online_steps=2, batch_size=2), eval_data=None, progress=False)
+    assert [r["images"] for r in res.log] == [2, 4]
+    pool_cfg = (tmp_path / "v2" / "pool" / "config.json").read_text()
+    assert '"adversarial": 1.0' in pool_cfg and '"ce_weight": 0.0' in pool_cfg
+    assert load_quantized(tmp_path / "v2", copy.deepcopy(tiny_teacher))[1]["qat"]["data"]["kind"] == "online"

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from smi.errors import SmiError, SmiWarning
 from smi.inversion.augment import apply_jitter, jitter_indices, pixel_mask_from_indices, sample_jitter
@@ -68,8 +69,17 @@ def _jitter_limit(cfg: InversionConfig, jitter: float, side: int, patch: int) ->
 SATURATED = 0.5  # warn when more of the optimized pixels than this end clamped at the range's bounds
 
 
-def check_invertible(teacher: Teacher, config: InversionConfig) -> None:
-    """What can be checked before any work (and before a pool folder exists): a head, and sparsity support."""
+def check_invertible(teacher: Teacher, config: InversionConfig, student: nn.Module | None = None) -> None:
+    """What can be checked before any work (and before a pool folder exists): a head, sparsity support, and a
+    student for terms that synthesize against one."""
+    from smi.inversion.recipe import active_terms
+    from smi.inversion.terms import TERMS
+
+    if student is None:
+        needy = [n for n in active_terms(config, teacher.model) if TERMS.get(n).needs_student]
+        if needy:
+            raise SmiError(f"the {needy[0]} term needs a student to synthesize against: use it in online training "
+                           "(smi distill --online, smi qat --online), not on its own", param="terms")
     if teacher.num_classes < 2:
         raise SmiError(f"{teacher.spec} has {teacher.num_classes} output classes: inversion needs a classifier head "
                        "(a timm model made with num_classes=0, or a feature extractor, has none)")
@@ -89,6 +99,8 @@ def invert(
     dtype: torch.dtype = torch.float32,
     callback: Callable[[StepInfo], None] | None = None,
     difficulty: float = 0.0,
+    student: nn.Module | None = None,
+    student_tokens: bool = False,
 ) -> Batch:
     """Synthesize one batch of images that ``teacher`` classifies as ``targets``.
 
@@ -103,6 +115,8 @@ def invert(
         dtype: dtype of the optimized images (the teacher must accept it).
         callback: called after every step with a :class:`StepInfo`.
         difficulty: in [0, 1], for the e2h curriculum (the batch's place in the pool).
+        student: the model a training loop is teaching, for terms that read it (``adversarial``);
+            ``student_tokens``: it reads kept patches as tokens.
 
     Returns:
         A :class:`Batch`; ``mask`` is exactly the set of patches optimized to the last step.
@@ -115,7 +129,7 @@ def invert(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     sparse = not config.sparsity.dense or keep is not None
-    check_invertible(teacher, config)
+    check_invertible(teacher, config, student)
     vit = check_sparse_capable(model) if sparse else model
     C, H, W = teacher.input_size
     B = targets.shape[0]
@@ -132,7 +146,7 @@ def invert(
     patch = _patch_size(model)
     grid = (H // patch, W // patch)
     recipe = Recipe(config, model, targets, teacher.num_classes, generator, grid=grid, patch=patch,
-                    difficulty=difficulty)
+                    difficulty=difficulty, student=student, student_tokens=student_tokens)
     N = grid[0] * grid[1]
     pixel_mask: torch.Tensor | None = None  # (B, 1, H, W) once a stop happened
     frozen: torch.Tensor | None = None  # pixel values at the last stop (stopped pixels stay at these)

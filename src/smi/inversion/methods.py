@@ -51,6 +51,14 @@ def psaq() -> dict[str, Any]:
                 lr_schedule="cosine", warmup=100, terms={"psaq": 1.0, "tv_target": 0.05})
 
 
+@register_method("psaq-v2")
+def psaq_v2() -> dict[str, Any]:
+    """PSAQ-ViT V2: psaq's patch-similarity entropy and TV without class labels, and images that maximize the KL
+    between the teacher and the model being trained (online only: smi qat/distill --online) (TNNLS 2023)."""
+    return dict(psaq.defaults, ce_weight=0.0, terms={"psaq": 1.0, "tv_target": 0.05, "adversarial": 1.0},
+                options={"adversarial_kl": 1.0})
+
+
 @register_method("sardfq")
 def sardfq() -> dict[str, Any]:
     """SARDFQ: align deeper blocks' class-token attention to random Gaussian-mixture maps; soft labels with the

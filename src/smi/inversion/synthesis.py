@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from smi.data.pool import PoolWriter, load_pool
@@ -71,11 +73,12 @@ class PoolSynthesis:
 
     def __init__(self, teacher: Teacher, config: InversionConfig, num_images: int, out: str | Path, *,
                  seed: int = 0, device: torch.device | str = "cpu", overwrite: bool = False,
-                 part: str | None = None) -> None:
+                 part: str | None = None, student: nn.Module | None = None, student_tokens: bool = False) -> None:
         if num_images < 1:
             raise SmiError(f"must be positive, got {num_images}", param="num_images")
-        check_invertible(teacher, config)  # before the folder exists
+        check_invertible(teacher, config, student)  # before the folder exists
         self.teacher, self.config, self.num_images, self.seed, self.device = teacher, config, num_images, seed, device
+        self.student, self.student_tokens = student, student_tokens
         self.identity: dict[str, Any] = {"method": config.method, "config": config.to_dict(), "seed": seed,
                                          "num_images": num_images, "teacher": teacher.identity(),
                                          "sparsity": config.sparsity.spec()}
@@ -105,7 +108,8 @@ class PoolSynthesis:
         init = _init_noise(self.seed, idx, self.teacher.input_size)
         difficulty = b / max(1, len(self.batches) - 1)  # the e2h curriculum's place of this batch in the pool
         result = invert(self.teacher, self.config, self.targets[idx.start:idx.stop], init=init, generator=gen,
-                        device=self.device, callback=callback, difficulty=difficulty)
+                        device=self.device, callback=callback, difficulty=difficulty,
+                        student=self.student, student_tokens=self.student_tokens)
         tensors = {"images": result.images, "mask": result.mask, "targets": result.targets,
                    "loss": result.loss.float(), "index": torch.arange(idx.start, idx.stop)}
         if result.soft is not None:
@@ -207,16 +211,22 @@ class OnlineSource(DataSource):
     kind = "online"
 
     def open(self, model: Teacher, *, folder: str | Path, epochs: int, seed: int = 0,  # type: ignore[override]
-             device: torch.device | str = "cpu", progress: bool = True, **context: Any) -> ImageSet:
-        return _OnlineImages(model, self.synthesis, Path(folder), epochs, seed, device, progress)
+             device: torch.device | str = "cpu", progress: bool = True, student: nn.Module | None = None,
+             student_tokens: bool = False, **context: Any) -> ImageSet:
+        """``student``: the model being trained, which terms such as ``adversarial`` synthesize against."""
+        return _OnlineImages(model, self.synthesis, Path(folder), epochs, seed, device, progress, student,
+                             student_tokens)
 
 
 class _OnlineImages(ImageSet):
     def __init__(self, teacher: Teacher, synthesis: InversionConfig, folder: Path, epochs: int, seed: int,
-                 device: torch.device | str, progress: bool) -> None:
+                 device: torch.device | str, progress: bool, student: nn.Module | None = None,
+                 student_tokens: bool = False) -> None:
         super().__init__(identity={"kind": "online", "synthesis": synthesis.to_dict()})
         self.iterations, self.progress = synthesis.iterations, progress
-        self.job = PoolSynthesis(teacher, synthesis, epochs * synthesis.batch_size, folder, seed=seed, device=device)
+        self.job = PoolSynthesis(teacher, synthesis, epochs * synthesis.batch_size, folder, seed=seed, device=device,
+                                 student=student, student_tokens=student_tokens)
+        self.student = student
         if self.job.images_done:
             pool = load_pool(self.job.folder)
             self.append(pool.images, pool.masks)
@@ -234,9 +244,26 @@ class _OnlineImages(ImageSet):
             return
         bar = tqdm(total=self.iterations, unit="it", disable=not self.progress, leave=False,
                    desc=f"epoch {epoch + 1}: synthesize")
-        tensors = self.job.run(epoch, progress_callback(bar, self.iterations, f"pool {len(self)}"))
+        with _frozen(self.student):  # the images learn against it; its own weights and mode stay as they are
+            tensors = self.job.run(epoch, progress_callback(bar, self.iterations, f"pool {len(self)}"))
         bar.close()
         self.append(tensors["images"], tensors["mask"])
 
     def finish(self) -> None:
         self.job.finish(grid=True)
+
+
+@contextmanager
+def _frozen(model: nn.Module | None) -> Iterator[None]:
+    """``model`` in eval mode with no parameter gradients for the duration; both restored after."""
+    if model is None:
+        yield
+        return
+    flags, training = [(p, p.requires_grad) for p in model.parameters()], model.training
+    model.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)

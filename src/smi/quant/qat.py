@@ -11,6 +11,13 @@ trains, on real images or on noise). What learns:
   ``1 / sqrt(N * Q_P)``: :mod:`smi.quant.learn`);
 - biases and LayerNorm parameters.
 
+Besides the KL on the outputs, ``feature_loss`` adds a term on every block's output tokens
+(``feature_weight`` times its sum over blocks): ``mse`` (the squared error per token, summed over
+channels, as block reconstruction uses) or ``akt`` (AKT's refined feature distillation: KL at
+T=8 between the teacher's and the model's channel attention map, the mean over tokens of the
+squared features, and token attention map, the mean over channels). More supervision per image
+than the ten logits, which matters when the images are few.
+
 The log-sqrt(2) softmax quantizer's scale stays as calibrated. Images of a sparse pool reach both
 models as their kept patches only. At the end the step sizes go back to buffers and the result is
 saved as ``OUT/quantized.safetensors`` + ``OUT/quantized.json``: ``smi eval --quantized OUT`` and
@@ -20,6 +27,9 @@ every other reader of :mod:`smi.quant.io` read it unchanged.
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from smi.data.sources import DataSource
+from smi.errors import SmiError
 from smi.models.loading import Teacher
 from smi.quant.api import config_of
 from smi.quant.io import META, WEIGHTS, load_quantized, write_quantized
@@ -35,12 +46,28 @@ from smi.quant.modules import WeightQuantMixin
 from smi.quant.quantizers import ActQuantizer
 from smi.runner import plot_accuracy
 from smi.transfer.config import DistillConfig
-from smi.transfer.loop import open_run, train_on_teacher
+from smi.transfer.loop import kd_loss, open_run, train_on_teacher
 from smi.utils.io import sha256_file
 
 __all__ = ["QAT_FORMAT", "QatConfig", "QatResult", "learnable_quant_", "qat"]
 
 QAT_FORMAT = "smi-qat/1"
+
+
+def _mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (s - t).pow(2).sum(-1).mean()
+
+
+def _akt(s: torch.Tensor, t: torch.Tensor, temperature: float = 8.0) -> torch.Tensor:
+    loss = s.new_zeros(())
+    for dim in (1, 2):  # channel map (mean over tokens), token map (mean over channels)
+        ms, mt = s.pow(2).mean(dim), t.pow(2).mean(dim)
+        loss = loss + kd_loss(ms, mt, temperature)
+    return loss
+
+
+FEATURE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = {
+    "none": None, "mse": _mse, "akt": _akt}
 
 
 @dataclass
@@ -55,6 +82,17 @@ class QatConfig(DistillConfig):
     weight_decay: float = 0.0
     warmup_epochs: float = 0.0
     temperature: float = 1.0
+    feature_loss: str = "none"  # none | mse | akt: a term on every block's output tokens
+    feature_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise SmiError(f"must be one of {', '.join(FEATURE_LOSSES)}, got {self.feature_loss!r}",
+                           param="feature_loss")
+        if not (isinstance(self.feature_weight, (int, float)) and math.isfinite(self.feature_weight)
+                and self.feature_weight >= 0):
+            raise SmiError(f"must be a finite number >= 0, got {self.feature_weight!r}", param="feature_weight")
 
 
 @dataclass
@@ -107,13 +145,14 @@ def qat(
     run, images, probe, test = open_run(teacher, data, out, cfg, {"quantized": start}, fmt=QAT_FORMAT,
                                         what="quantization-aware training run", eval_data=eval_data,
                                         products=(WEIGHTS, META), overwrite=overwrite, device=device,
-                                        progress=progress)
+                                        progress=progress, student=model, student_tokens=True)
     learnable_quant_(model, True)
     model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     teacher.model.to(device).eval()
-    log = train_on_teacher(run, teacher, model, images, cfg, opt, tokens=True, test=test, device=device,
-                           progress=progress)
+    with _block_features(teacher.model, model, cfg) as extra_loss:
+        log = train_on_teacher(run, teacher, model, images, cfg, opt, tokens=True, test=test, device=device,
+                               progress=progress, extra_loss=extra_loss)
     images.finish()
     learnable_quant_(model, False)
     model.requires_grad_(False)
@@ -126,3 +165,37 @@ def qat(
                     "test_top1": log[-1]["top1"]}
     write_quantized(model, run.out, teacher, extra)
     return QatResult(run.out, log[-1]["top1"], log[-1]["wall_s"], len(log), log, model, plot)
+
+
+@contextmanager
+def _block_features(fp_model: nn.Module, model: nn.Module, cfg: QatConfig
+                    ) -> Iterator[Callable[[], torch.Tensor] | None]:
+    """Hooks that capture every block's output in both models; yields the feature term (None without one)."""
+    fn = FEATURE_LOSSES[cfg.feature_loss]
+    blocks_t, blocks_s = list(getattr(fp_model, "blocks", [])), list(getattr(model, "blocks", []))
+    if fn is None or not cfg.feature_weight:
+        yield None
+        return
+    if not blocks_s or len(blocks_t) != len(blocks_s):
+        raise SmiError(f"--feature-loss {cfg.feature_loss} needs a model with transformer blocks", param="feature_loss")
+    seen: dict[str, list[torch.Tensor]] = {"t": [], "s": []}
+
+    def keep(key: str):
+        def hook(module, args, output) -> None:
+            if model.training:  # training steps only, not the per-epoch evaluation
+                seen[key].append(output)
+        return hook
+
+    handles = [b.register_forward_hook(keep("t")) for b in blocks_t] + \
+        [b.register_forward_hook(keep("s")) for b in blocks_s]
+
+    def loss() -> torch.Tensor:
+        t, s = seen["t"], seen["s"]
+        seen["t"], seen["s"] = [], []
+        return cfg.feature_weight * sum(fn(a, b.detach()) for a, b in zip(s, t, strict=True))
+
+    try:
+        yield loss
+    finally:
+        for h in handles:
+            h.remove()

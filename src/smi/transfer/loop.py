@@ -13,6 +13,7 @@ Rerunning the same command resumes; a folder made with other settings is refused
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,8 @@ def distill(
     run, images, probe, test = open_run(teacher, data, out, cfg, {"student": student.identity()},
                                         fmt=DISTILL_FORMAT, what="distillation run", eval_data=eval_data,
                                         products=("student.safetensors", "student.json"), overwrite=overwrite,
-                                        device=device, progress=progress)
+                                        device=device, progress=progress, student=student.model.to(device),
+                                        student_tokens=student.tokens)
     out = run.out
 
     model = student.model.to(device)
@@ -121,13 +123,15 @@ def distill(
 def train_on_teacher(
     run: RunFolder, teacher: Teacher, model: nn.Module, images: Any, cfg: DistillConfig,
     optimizer: torch.optim.Optimizer, *, tokens: bool, test: Any,
-    device: torch.device | str = "cpu", progress: bool = True,
+    device: torch.device | str = "cpu", progress: bool = True, extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """The distillation loop every student shares (a new network, or the quantized copy of the teacher itself):
     epochs of KL between ``teacher.model``'s and ``model``'s outputs on batches from the opened data source
     ``images`` (whole-patch jitter and flip when ``cfg.augment``), in ``run``'s folder through
     :func:`~smi.runner.fit` (checkpoint, log, resume, NaN guard, time budget). ``tokens``: kept patches of a
-    sparse pool reach ``model`` as tokens (a ViT on the teacher's patch grid), else as the whole image."""
+    sparse pool reach ``model`` as tokens (a ViT on the teacher's patch grid), else as the whole image.
+    ``extra_loss()``, called after both forward passes of a step, adds a term (intermediate features that
+    hooks captured)."""
     steps = cfg.steps_per_epoch or (cfg.online_steps if images.endless else -(-len(images) // cfg.batch_size))
     patch = getattr(getattr(teacher.model, "patch_embed", None), "patch_size", (1,))[0]
     grid = (teacher.input_size[1] // patch, teacher.input_size[2] // patch)
@@ -147,7 +151,8 @@ def train_on_teacher(
         with torch.no_grad():
             t_logits = _logits(teacher.model, x, keep)
         s_logits = _logits(model, x, keep if tokens else None)
-        return kd_loss(s_logits, t_logits, cfg.temperature, cfg.ce_weight)
+        loss = kd_loss(s_logits, t_logits, cfg.temperature, cfg.ce_weight)
+        return loss if extra_loss is None else loss + extra_loss()
 
     def end_of_epoch(epoch: int) -> dict[str, Any]:
         seen = (epoch + 1) * steps * cfg.batch_size if images.noise_shape is not None else len(images)
@@ -165,14 +170,15 @@ def train_on_teacher(
 def open_run(
     teacher: Teacher, data: DataSource, out: str | Path, cfg: DistillConfig, identity: dict[str, Any], *,
     fmt: str, what: str, eval_data: str | None, products: tuple[str, ...], overwrite: bool,
-    device: torch.device | str, progress: bool,
+    device: torch.device | str, progress: bool, student: nn.Module | None = None, student_tokens: bool = False,
 ) -> tuple[RunFolder, Any, dict[str, Any], Any]:
     """Claim ``out`` for a run that trains on ``teacher``'s outputs over ``data`` and open the data:
     returns (run folder, opened images, the data's identity, test set or None).
 
     The run's identity is the teacher, ``identity`` (what is trained), the data, ``cfg`` and the
     evaluation data; an online source synthesizes into ``out/pool`` (removed, as recorded by its
-    manifests, when ``overwrite`` replaces an online run)."""
+    manifests, when ``overwrite`` replaces an online run); it synthesizes against ``student`` (the model being
+    trained) for terms that read it."""
     if not isinstance(data, DataSource):
         raise SmiError(f"must be a DataSource (PoolSource, OnlineSource, RealSource, NoiseSource), got {data!r}",
                        param="data")
@@ -192,7 +198,7 @@ def open_run(
                     on_replace=_remove_online_pool(out))
     if data.kind == "online":
         images = data.open(teacher, folder=out / "pool", epochs=cfg.epochs, seed=cfg.seed, device=device,
-                           progress=progress)
+                           progress=progress, student=student, student_tokens=student_tokens)
     elif cfg.train_images is not None:
         images = images.subset(cfg.train_images, torch.Generator().manual_seed(cfg.seed))
     test = eval_dataset(eval_data, teacher, cfg.eval_images) if eval_data else None

@@ -119,6 +119,8 @@ class Context:
     grid: tuple[int, int]  # patch grid (1 x 1 pixels for models without patches)
     patch: int
     generator: torch.Generator  # the batch's CPU generator: every draw is reproducible from the seed
+    student: nn.Module | None = None  # the model a training loop is teaching (online synthesis), else None
+    student_tokens: bool = False  # the student reads kept patches as tokens (a ViT on the teacher's patch grid)
 
     def option(self, name: str) -> float:
         return self.config.option(name)
@@ -167,6 +169,7 @@ class Term:
     """A loss term: set up once per batch (``__init__``), evaluated every step (``__call__``)."""
 
     captures: ClassVar[frozenset[str]] = frozenset()  # kinds from CAPTURE_KINDS the term reads
+    needs_student: ClassVar[bool] = False  # reads Context.student (online synthesis only)
     options: ClassVar[dict[str, float]] = {}  # knobs and their defaults
 
     def __init__(self, ctx: Context) -> None:
