@@ -1,7 +1,7 @@
 """Quantized models that learn from synthetic images: each training stage against plain calibration.
 
-For each teacher, bit setting and quantizer preset: rows = stages (calibration only, + block
-reconstruction, + QAT after reconstruction on the same images), columns = data source (real
+For each teacher, bit setting and quantizer preset: rows = stages (calibration only, + activation
+correction, + block reconstruction, + QAT after reconstruction on the same images), columns = data source (real
 training images as the upper bound, Gaussian noise, dense synthetic, sparse synthetic pools);
 top-1 on all 10,000 Fashion-MNIST test images, mean ± std over seeds (calibration draw, pool and
 reconstruction seed), and the wall time of synthesis + calibration + training per cell. Dense
@@ -36,7 +36,8 @@ from smi.quant.reconstruct import ReconstructConfig  # noqa: E402
 from smi.utils.io import atomic_write_json  # noqa: E402
 
 SOURCES = ["real", "noise", "dense", "sparse"]
-STAGES = {"calib": "calibration only", "recon": "+ reconstruction", "qat": "+ reconstruction + QAT"}
+STAGES = {"calib": "calibration only", "correct": "+ activation correction", "recon": "+ reconstruction",
+          "qat": "+ reconstruction + QAT"}
 
 
 def main() -> None:
@@ -90,17 +91,18 @@ def main() -> None:
                         accs, walls = [], []
                         for seed in args.seeds:
                             key = (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
-                                   f"{args.calib_images}|{recon.to_dict() if stage != 'calib' else ''}"
+                                   f"{args.calib_images}|{recon.to_dict() if stage in ('recon', 'qat') else ''}"
                                    f"{qat_cfg(seed).to_dict() if stage == 'qat' else ''}")
                             if key not in done:
                                 pool = pools.get((source_name, seed))
                                 source = PoolSource(pool) if pool else parse_source(source_name)
                                 qcfg = QuantConfig.create(quantizer, w_bits=w, a_bits=a)
                                 t0 = time.perf_counter()
-                                if stage == "calib":
+                                if stage in ("calib", "correct"):
                                     res = quantize_teacher(teacher, qcfg, source, num_images=args.calib_images,
-                                                           seed=seed, copy_model=True)
-                                    model, units, seconds = res.model, None, time.perf_counter() - t0
+                                                           seed=seed, copy_model=True,
+                                                           correct_activations=stage == "correct")
+                                    model, units, seconds = res.model, res.correction, time.perf_counter() - t0
                                 else:  # the reconstructed folder is the QAT stage's start
                                     cell = work / "cells" / f"{model_name}_{setting}_{quantizer}_{source_name}_{seed}"
                                     recon_key = key.replace("|qat|", "|recon|")

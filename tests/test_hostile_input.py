@@ -62,6 +62,8 @@ def world(tmp_path_factory):
 
     headless = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, embed_dim=32,
                                  depth=1, num_heads=2)
+    cnn = timm.create_model("resnet10t", num_classes=5)
+    w["cnn"] = str(save_teacher(cnn.eval(), d / "cnn.safetensors", arch="resnet10t", model_kwargs={}))
     w["headless"] = str(save_teacher(headless, d / "headless.safetensors", arch="vit_tiny_patch16_224",
                                      model_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)))
     return w
@@ -158,6 +160,9 @@ def _cases():
         "quantize: --reconstruct-iterations 0": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise",
                                                             "--reconstruct", "--reconstruct-iterations", "0",
                                                             "--out", "{d}/q0"], "--reconstruct-iterations"),
+        "quantize: --correct-activations on a CNN": (lambda w: ["quantize", "--model", w["cnn"], "--calib", "noise",
+                                                                "--calib-images", "2", "--correct-activations",
+                                                                "--out", "{d}/q"], "needs a quantized timm ViT"),
         "qat: missing quantized folder": (lambda w: ["qat", "--model", w["ckpt"], "--quantized", "/nope/q", "--noise",
                                                      "--eval-data", "none", "--out", "{d}/o"], "does not exist"),
         "qat: a quantized folder of another model": (lambda w: ["qat", "--model", w["other"], "--quantized",

@@ -449,11 +449,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
         res = quantize_teacher(teacher, cfg, source, num_images=args.calib_images, seed=args.seed,
                                batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, reconstruct=recon,
-                               progress=True)
+                               correct_activations=args.correct_activations, progress=True)
     calib = res.calibration
     summary = {"out": str(res.folder), **cfg.to_dict(), "source": calib.source, "images": len(calib.images),
-               "seed": args.seed, "sparse": calib.masks is not None, "reconstruction": res.reconstruction}
+               "seed": args.seed, "sparse": calib.masks is not None, "reconstruction": res.reconstruction,
+               "correction": res.correction}
     done = f", {len(res.reconstruction)} units reconstructed" if res.reconstruction else ""
+    done += f", {len(res.correction)} branches corrected" if res.correction else ""
     print(json.dumps(summary) if args.json else
           f"quantized {teacher.spec} to W{cfg.w_bits}A{cfg.a_bits} ({cfg.name}) on {len(calib.images)} "
           f"{'sparse ' if calib.masks is not None else ''}{calib.source} images{done} -> {res.folder}")
@@ -481,6 +483,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "rounding (AdaRound) and activation step sizes (LSQ) with QDrop (BRECQ); resumes per block")
     p.add_argument("--reconstruct-iterations", type=int, default=500, metavar="N",
                    help="optimizer steps per block with --reconstruct")
+    p.add_argument("--correct-activations", action="store_true",
+                   help="finally fit per-channel scale and bias corrections of each block's attn.proj and mlp.fc2 "
+                        "outputs to the float model's on the calibration images, folded into those layers (DFQ-ViT)")
     _add_run(p, out="folder for quantized.safetensors and quantized.json", seed="seed of the real/noise draw",
              overwrite="replace a quantized model made with other settings", json=True)
     p.set_defaults(func=_cmd_quantize, parser=p)

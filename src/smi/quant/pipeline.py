@@ -38,18 +38,20 @@ class QuantizeResult:
     calibration: CalibrationSet
     folder: Path | None
     reconstruction: list[dict[str, Any]] | None = None  # one row per unit with --reconstruct
+    correction: list[dict[str, Any]] | None = None  # one row per corrected branch with --correct-activations
 
 
 def quantize_teacher(
     teacher: Teacher, config: QuantConfig, source: DataSource | str, *, num_images: int = 32, seed: int = 0,
     batch_size: int = 32, out: str | Path | None = None, overwrite: bool = False, copy_model: bool = False,
-    reconstruct: ReconstructConfig | None = None, progress: bool = False,
+    reconstruct: ReconstructConfig | None = None, correct_activations: bool = False, progress: bool = False,
 ) -> QuantizeResult:
     """Quantize ``teacher.model`` (or a copy) calibrated on ``num_images`` from ``source``; save it to ``out``.
 
     With ``reconstruct``, each unit is then reconstructed on the same images
     (:func:`~smi.quant.reconstruct.reconstruct_`); with ``out``, a checkpoint after every unit lets a rerun of
-    the same command resume where a killed one stopped.
+    the same command resume where a killed one stopped. With ``correct_activations``, each block's branch outputs
+    then get per-channel corrections against the float model (:func:`~smi.quant.correct.correct_activations_`).
 
     >>> quantize_teacher(teacher, RepQConfig(w_bits=4, a_bits=4), PoolSource("pool/"), out="quant/w4a4")
     """
@@ -58,18 +60,25 @@ def quantize_teacher(
                                              "sparse": calib.masks is not None}}
     if reconstruct is not None:
         extra["reconstruct"] = reconstruct.to_dict()
+    if correct_activations:
+        extra["correct_activations"] = True
     meta = quantized_meta(config, teacher, extra)
     if out is not None:  # refused before any work, not after it
         check_quantized_folder(out, meta, overwrite)
         if reconstruct is not None:
             _check_reconstruction_log(Path(out), meta, overwrite)
-    fp_model = copy.deepcopy(teacher.model) if reconstruct is not None else None
+    fp_model = copy.deepcopy(teacher.model) if reconstruct is not None or correct_activations else None
     model = copy.deepcopy(teacher.model) if copy_model else teacher.model
     quantize_(model, config, calib, progress=progress)
     rows, state_is_ours = None, False
     if reconstruct is not None:
         rows, state_is_ours = _reconstruct(model, fp_model, calib, reconstruct, Path(out) if out is not None
                                            else None, meta, progress)
+    corrections = None
+    if correct_activations:
+        from smi.quant.correct import correct_activations_
+
+        corrections = correct_activations_(model, fp_model, calib)
     folder = None
     if out is not None:
         folder = save_quantized(model, out, teacher, extra=extra, overwrite=overwrite)
@@ -78,7 +87,7 @@ def quantize_teacher(
                                                    "units": rows})
             if state_is_ours:  # the checkpoint this run wrote or resumed from; never a file smi did not record
                 (folder / RECON_STATE).unlink(missing_ok=True)
-    return QuantizeResult(model, calib, folder, rows)
+    return QuantizeResult(model, calib, folder, rows, corrections)
 
 
 def _check_reconstruction_log(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
