@@ -86,6 +86,9 @@ def main() -> None:
             w, a = bits(setting)
             for quantizer in args.quantizers:
                 for stage in args.stages:
+                    if stage == "correct" and not hasattr(teacher.model, "blocks"):
+                        table.append([model_name, setting, quantizer, STAGES[stage]] + ["n/a (ViT blocks only)"] * 4)
+                        continue
                     cells = {}
                     for source_name in args.sources:
                         accs, walls = [], []

@@ -1,9 +1,11 @@
 """torchrun: K processes make the same pool as one, and a run killed mid-way resumes."""
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from smi.cli import main
@@ -67,3 +69,38 @@ def test_rerun_with_another_process_count_resumes(tmp_path):
     r = _torchrun(3, "--model", ckpt, *ARGS, "--out", str(out))  # nothing left to do
     assert r.returncode == 0, r.stderr[-2000:]
     _check_pool(out, 10, 5)
+
+
+def _torchrun_cmd(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "smi", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_two_process_training_equals_one_process(tmp_path):
+    """smi qat and smi distill under torchrun (gloo, data parallel): the same model as one process."""
+    from safetensors.torch import load_file
+
+    ckpt = str(write_tiny_checkpoint(tmp_path))
+    assert main(["quantize", "--model", ckpt, "--calib", "noise", "--calib-images", "8", "--w-bits", "4",
+                 "--a-bits", "4", "--out", str(tmp_path / "q")]) == 0
+    qat_args = ["qat", "--model", ckpt, "--quantized", str(tmp_path / "q"), "--noise", "--train-images", "8",
+                "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", "--eval-data", "none"]
+    kd_args = ["distill", "--teacher", ckpt, "--student", "vit_tiny_patch16_224", "--noise", "--train-images", "8",
+               "--batch-size", "4", "--epochs", "2", "--eval-data", "none"]
+    for name, args, weights in (("qat", qat_args, "quantized.safetensors"), ("kd", kd_args, "student.safetensors")):
+        r = _torchrun_cmd(2, *args, "--out", str(tmp_path / f"{name}2"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert main([*args, "--out", str(tmp_path / f"{name}1")]) == 0
+        a = load_file(str(tmp_path / f"{name}2" / weights))
+        b = load_file(str(tmp_path / f"{name}1" / weights))
+        assert a.keys() == b.keys()
+        for k in a:
+            if a[k].dtype == torch.int8:  # integer codes: a rounding boundary may flip a code or two
+                assert (a[k].int() - b[k].int()).abs().le(1).all() and (a[k] != b[k]).float().mean() < 0.01, k
+            else:  # Adam turns float-rounding differences of near-zero gradients into steps of up to lr
+                torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=5e-4, msg=k)
+        logs = [[json.loads(line)["loss"] for line in (tmp_path / f"{name}{n}" / "log.jsonl").read_text().splitlines()]
+                for n in (1, 2)]
+        assert logs[0] == pytest.approx(logs[1], rel=1e-3)  # the loss of the whole batch, averaged over processes

@@ -255,9 +255,9 @@ def _training_source(args: argparse.Namespace) -> Any:
             if args.real is not None else NoiseSource() if args.noise else PoolSource(args.pool))
 
 
-def _eval_data(args: argparse.Namespace, teacher: Any, what: str) -> str | None:
+def _eval_data(args: argparse.Namespace, teacher: Any, what: str, quiet: bool = False) -> str | None:
     eval_data = None if args.eval_data == "none" else args.eval_data or teacher.dataset
-    if eval_data is None and args.eval_data is None:
+    if eval_data is None and args.eval_data is None and not quiet:
         print(f"smi: note: {teacher.spec} records no dataset, so the {what} is not evaluated "
               "(give --eval-data to evaluate it)", file=sys.stderr)
     return eval_data
@@ -305,18 +305,25 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
 def _cmd_distill(args: argparse.Namespace) -> int:
     import json
 
+    from smi.distributed import from_env
     from smi.models.loading import load_teacher
     from smi.transfer import DistillConfig, build_student, distill
 
     cfg = _kd_config(args, DistillConfig, linear_probe=args.linear_probe)
     data = _training_source(args)
-    teacher = load_teacher(args.teacher, pretrained=args.pretrained, device=args.device)
-    eval_data = _eval_data(args, teacher, "student")
-    arch = args.student or (None if args.student_checkpoint else "fmnist_vit_mini")
-    student = build_student(arch, teacher, checkpoint=args.student_checkpoint, linear_probe=args.linear_probe,
-                            seed=args.seed, device=args.device)
-    result = distill(teacher, student, data, args.out, cfg, eval_data=eval_data, device=args.device,
-                     overwrite=args.overwrite)
+    dist = from_env(args.device)  # torchrun: data-parallel processes, gloo on CPU, nccl on CUDA
+    try:
+        teacher = load_teacher(args.teacher, pretrained=args.pretrained, device=dist.device)
+        eval_data = _eval_data(args, teacher, "student", quiet=dist.rank != 0)
+        arch = args.student or (None if args.student_checkpoint else "fmnist_vit_mini")
+        student = build_student(arch, teacher, checkpoint=args.student_checkpoint, linear_probe=args.linear_probe,
+                                seed=args.seed, device=dist.device)
+        result = distill(teacher, student, data, args.out, cfg, eval_data=eval_data, device=dist.device,
+                         overwrite=args.overwrite, dist=dist)
+    finally:
+        dist.close()
+    if dist.rank != 0:
+        return 0
     summary = {"out": str(result.out), "top1": result.top1, "wall_s": result.wall_s, "epochs": result.epochs,
                "student": str(result.weights), "plot": str(result.plot) if result.plot else None}
     if args.json:
@@ -354,15 +361,22 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 def _cmd_qat(args: argparse.Namespace) -> int:
     import json
 
+    from smi.distributed import from_env
     from smi.models.loading import load_teacher
     from smi.quant.qat import QatConfig, qat
 
     cfg = _kd_config(args, QatConfig, feature_loss=args.feature_loss, feature_weight=args.feature_weight)
     data = _training_source(args)
-    teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
-    eval_data = _eval_data(args, teacher, "quantized model")
-    result = qat(teacher, args.quantized, data, args.out, cfg, eval_data=eval_data, device=args.device,
-                 overwrite=args.overwrite)
+    dist = from_env(args.device)  # torchrun: data-parallel processes, gloo on CPU, nccl on CUDA
+    try:
+        teacher = load_teacher(args.model, pretrained=args.pretrained, device=dist.device)
+        eval_data = _eval_data(args, teacher, "quantized model", quiet=dist.rank != 0)
+        result = qat(teacher, args.quantized, data, args.out, cfg, eval_data=eval_data, device=dist.device,
+                     overwrite=args.overwrite, dist=dist)
+    finally:
+        dist.close()
+    if dist.rank != 0:
+        return 0
     summary = {"out": str(result.out), "top1": result.top1, "wall_s": result.wall_s, "epochs": result.epochs,
                "plot": str(result.plot) if result.plot else None}
     if args.json:

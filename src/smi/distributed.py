@@ -1,4 +1,4 @@
-"""torchrun support: which process this is, and the two collectives smi needs (barrier, a flag)."""
+"""torchrun support: which process this is, and the collectives smi needs (barrier, a flag, a mean)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,18 @@ class Dist:
         flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(flag)
         return int(flag.item()) == 0
+
+    def mean_(self, tensors: list[torch.Tensor]) -> None:
+        """Average ``tensors`` over the processes, in place (one all-reduce of their concatenation)."""
+        if not self.active or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
 
     def close(self) -> None:
         if self.active and torch.distributed.is_initialized():

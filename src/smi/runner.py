@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from smi.distributed import Dist
 from smi.errors import SmiError
 from smi.utils.io import atomic_write_bytes, atomic_write_json, claim_folder, read_format_json
 from smi.utils.schedule import Schedule, scheduled_lr
@@ -122,6 +123,7 @@ def fit(
     before_epoch: Callable[[int], None] | None = None,
     other_seconds: Callable[[], float] = lambda: 0.0,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` for the remaining epochs of ``run``; returns the whole log.
 
@@ -131,7 +133,14 @@ def fit(
     must be finite. Then ``end_of_epoch(epoch)`` adds fields to the log row (test accuracy),
     the checkpoint and log are written, and the run stops early once the wall time (training plus
     ``other_seconds()``, such as synthesis) passes ``cfg.time_budget_s``.
+
+    Under ``torchrun`` (``dist``), every process runs the same schedule on its own share of each
+    batch (``batches`` gives it that share) and the gradients are averaged before each optimizer
+    step, so the processes hold the same model throughout (data parallelism as DDP does it); only
+    process 0 writes the checkpoint and the log.
     """
+    dist = dist or Dist()
+    progress = progress and dist.rank == 0
     meta, log = run.resume(model, optimizer)
     start, train_s = int(meta["epoch"]), float(meta["train_s"])
     if progress and start:
@@ -156,11 +165,16 @@ def fit(
             for g in optimizer.param_groups:
                 g["lr"] = scheduled_lr(cfg.schedule, epoch * steps + i, total, warmup, cfg.lr, cfg.min_lr)
             loss = step(batch)
-            if not torch.isfinite(loss):
+            if not dist.all_ok(bool(torch.isfinite(loss))):
                 raise SmiError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; the learning rate "
                                f"({cfg.lr}) is the likely cause; checkpoints up to epoch {epoch} are kept in {run.out}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if dist.active:
+                # every process has gradients for the same parameters (same model, same code path)
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                dist.mean_([*grads, value := loss.detach().clone()])
+                loss = value
             optimizer.step()
             loss_sum += loss.item()
             bar.set_postfix(loss=f"{loss_sum / (i + 1):.3f}", refresh=False)
@@ -172,14 +186,16 @@ def fit(
         row.update({"lr_end": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
                     "train_s": round(train_s, 2), "other_s": round(other, 2), "wall_s": round(train_s + other, 2)})
         log.append(row)
-        run.save_epoch(model, optimizer, log, {"epoch": epoch + 1, "train_s": train_s})
+        if dist.rank == 0:
+            run.save_epoch(model, optimizer, log, {"epoch": epoch + 1, "train_s": train_s})
+        dist.barrier()
         if progress:
             top1 = f", test top-1 {row['top1']:.2f} %" if row.get("top1") is not None else ""
             images = f" ({row['images']} images)" if "images" in row else ""
             tqdm.write(f"{cfg.desc} {epoch + 1}: loss {row['loss']:.4f}{top1}, wall {row['wall_s']:.0f} s{images}",
                        file=sys.stderr)
-        if cfg.time_budget_s is not None and train_s + other >= cfg.time_budget_s:
-            break
+        if cfg.time_budget_s is not None and not dist.all_ok(train_s + other < cfg.time_budget_s):
+            break  # when any process is past the budget, so that all stop after the same epoch
     if not log:
         raise SmiError(f"{run.out}: no epoch finished")
     return log

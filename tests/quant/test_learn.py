@@ -248,3 +248,20 @@ def test_overwriting_a_reconstruction_keeps_a_users_files(tmp_path, monkeypatch)
                      out=tmp_path / "q", overwrite=True, reconstruct=ReconstructConfig(iterations=6))
     assert (tmp_path / "q" / "notes.txt").read_text() == "the user's own"
     assert (tmp_path / "q" / "quantized.json").exists() and not (tmp_path / "q" / "reconstruct.safetensors").exists()
+
+
+def test_lsq_step_size_gradient_does_not_depend_on_the_batch_size():
+    """LSQ's N is the number of features per sample: a batch of two copies of a sample gives exactly twice the
+    step-size gradient of the sample alone (with N counting the batch, it would be sqrt(2) times)."""
+    aq = ActQuantizer(4)
+    aq.mode = "observe"
+    x = torch.randn(1, 6, 8)
+    aq(x)
+    aq.freeze()
+    aq.learnable_(True)
+    grads = []
+    for batch in (x, torch.cat([x, x])):
+        aq.scale.grad = None
+        aq(batch).sum().backward()
+        grads.append(aq.scale.grad.item())
+    assert grads[1] == pytest.approx(2 * grads[0], rel=1e-5)

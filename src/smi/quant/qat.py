@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from smi.data.sources import DataSource
+from smi.distributed import Dist
 from smi.errors import SmiError
 from smi.models.loading import Teacher
 from smi.quant.api import config_of
@@ -128,11 +129,13 @@ def qat(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> QatResult:
     """Fine-tune the quantized model in ``quantized`` (a ``smi quantize`` folder of ``teacher``) on ``data``.
 
     ``teacher`` is not changed. ``out`` is a run folder (checkpoint each epoch, resumed when rerun with
-    the same settings) that finally holds the quantized model.
+    the same settings) that finally holds the quantized model. Under ``torchrun`` (``dist``) the processes
+    train data-parallel and process 0 writes.
 
     >>> qat(teacher, "quant/w4a4", PoolSource("pool/"), "runs/qat_w4a4")
     """
@@ -145,18 +148,20 @@ def qat(
     run, images, probe, test = open_run(teacher, data, out, cfg, {"quantized": start}, fmt=QAT_FORMAT,
                                         what="quantization-aware training run", eval_data=eval_data,
                                         products=(WEIGHTS, META), overwrite=overwrite, device=device,
-                                        progress=progress, student=model, student_tokens=True)
+                                        progress=progress, student=model, student_tokens=True, dist=dist)
     learnable_quant_(model, True)
     model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     teacher.model.to(device).eval()
     with _block_features(teacher.model, model, cfg) as extra_loss:
         log = train_on_teacher(run, teacher, model, images, cfg, opt, tokens=True, test=test, device=device,
-                               progress=progress, extra_loss=extra_loss)
+                               progress=progress, extra_loss=extra_loss, dist=dist)
     images.finish()
     learnable_quant_(model, False)
     model.requires_grad_(False)
     model.eval()
+    if dist is not None and dist.rank != 0:
+        return QatResult(run.out, log[-1]["top1"], log[-1]["wall_s"], len(log), log, model, None)
     cfg_q = config_of(model)
     plot = plot_accuracy(run, log, f"W{cfg_q.w_bits}A{cfg_q.a_bits} {cfg_q.name} on {probe['kind']}",
                          f"quantization-aware training of {teacher.spec}") if test is not None else None

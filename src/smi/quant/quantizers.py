@@ -109,7 +109,8 @@ class ActQuantizer(nn.Module):
             if isinstance(self.scale, nn.Parameter):  # learnable step size (LSQ), see smi.quant.learn
                 from smi.quant.learn import lsq_fake_quantize, lsq_grad_factor
 
-                factor = lsq_grad_factor(x.numel() // max(self.scale.numel(), 1), self.qmax)
+                # N = elements per step size in one sample (LSQ's features per layer): independent of the batch
+                factor = lsq_grad_factor(max(x[0].numel() // max(self.scale.numel(), 1), 1), self.qmax)
                 q = lsq_fake_quantize(x, scale, zero_point, 0, self.qmax, factor)
             else:
                 q = fake_quantize(x, scale, zero_point, 0, self.qmax)

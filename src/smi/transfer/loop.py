@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from smi.data.datasets import eval_dataset
 from smi.data.pool import clear_pool
 from smi.data.sources import DataSource
+from smi.distributed import Dist
 from smi.errors import SmiError
 from smi.evaluation import evaluate
 from smi.inversion.augment import apply_jitter, jitter_indices, sample_jitter
@@ -84,6 +85,7 @@ def distill(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> DistillResult:
     """Train ``student`` to match ``teacher`` on images from ``data``; resumes from ``out``.
 
@@ -93,6 +95,7 @@ def distill(
             :class:`~smi.data.sources.RealSource` or :class:`~smi.data.sources.NoiseSource`.
         eval_data: test data for the per-epoch top-1 (see ``smi eval --data``); ``"teacher"``: the
             dataset the teacher records (none if it records none); None: no evaluation.
+        dist: under ``torchrun``, :func:`smi.distributed.from_env`; data parallel, process 0 writes.
 
     >>> distill(teacher, build_student("fmnist_vit_mini", teacher), PoolSource("pool/"), "runs/kd")
     """
@@ -101,14 +104,17 @@ def distill(
                                         fmt=DISTILL_FORMAT, what="distillation run", eval_data=eval_data,
                                         products=("student.safetensors", "student.json"), overwrite=overwrite,
                                         device=device, progress=progress, student=student.model.to(device),
-                                        student_tokens=student.tokens)
+                                        student_tokens=student.tokens, dist=dist)
     out = run.out
 
     model = student.model.to(device)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     log = train_on_teacher(run, teacher, model, images, cfg, adamw(params, cfg.lr, cfg.weight_decay),
                            tokens=student.tokens, test=test, device=device,
-                           progress=progress)
+                           progress=progress, dist=dist)
+    if dist is not None and dist.rank != 0:
+        return DistillResult(out, log[-1]["top1"], log[-1]["wall_s"], len(log), log, out / "student.safetensors",
+                             None)
     images.finish()
     plot = plot_accuracy(run, log, f"{student.arch} on {probe['kind']}", f"distilling {teacher.spec}") \
         if test is not None else None
@@ -124,6 +130,7 @@ def train_on_teacher(
     run: RunFolder, teacher: Teacher, model: nn.Module, images: Any, cfg: DistillConfig,
     optimizer: torch.optim.Optimizer, *, tokens: bool, test: Any,
     device: torch.device | str = "cpu", progress: bool = True, extra_loss: Callable[[], torch.Tensor] | None = None,
+    dist: Dist | None = None,
 ) -> list[dict[str, Any]]:
     """The distillation loop every student shares (a new network, or the quantized copy of the teacher itself):
     epochs of KL between ``teacher.model``'s and ``model``'s outputs on batches from the opened data source
@@ -131,7 +138,11 @@ def train_on_teacher(
     :func:`~smi.runner.fit` (checkpoint, log, resume, NaN guard, time budget). ``tokens``: kept patches of a
     sparse pool reach ``model`` as tokens (a ViT on the teacher's patch grid), else as the whole image.
     ``extra_loss()``, called after both forward passes of a step, adds a term (intermediate features that
-    hooks captured)."""
+    hooks captured). Under ``torchrun`` (``dist``) each process trains on its slice of every batch (the batch size
+    must divide by the process count) and :func:`~smi.runner.fit` averages the gradients."""
+    dist = dist or Dist()
+    if cfg.batch_size % dist.world:
+        raise SmiError(f"must be a multiple of the {dist.world} processes, got {cfg.batch_size}", param="batch_size")
     steps = cfg.steps_per_epoch or (cfg.online_steps if images.endless else -(-len(images) // cfg.batch_size))
     patch = getattr(getattr(teacher.model, "patch_embed", None), "patch_size", (1,))[0]
     grid = (teacher.input_size[1] // patch, teacher.input_size[2] // patch)
@@ -144,6 +155,9 @@ def train_on_teacher(
                 j = sample_jitter(jitter_limit, patch, True, gen)
                 x = apply_jitter(x, j)
                 keep = None if keep is None else jitter_indices(keep, grid, patch, j)
+            if dist.active:  # every process drew the same batch; each keeps its own slice
+                x = x.chunk(dist.world)[dist.rank]
+                keep = None if keep is None else keep.chunk(dist.world)[dist.rank]
             yield x.to(device), None if keep is None else keep.to(device)
 
     def step(batch: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
@@ -164,13 +178,14 @@ def train_on_teacher(
                         time_budget_s=cfg.time_budget_s)
     return fit(run, model, optimizer, fit_cfg, batches, step, end_of_epoch=end_of_epoch,
                before_epoch=lambda e: images.before_epoch(e), other_seconds=lambda: images.seconds,
-               progress=progress)
+               progress=progress, dist=dist)
 
 
 def open_run(
     teacher: Teacher, data: DataSource, out: str | Path, cfg: DistillConfig, identity: dict[str, Any], *,
     fmt: str, what: str, eval_data: str | None, products: tuple[str, ...], overwrite: bool,
     device: torch.device | str, progress: bool, student: nn.Module | None = None, student_tokens: bool = False,
+    dist: Dist | None = None,
 ) -> tuple[RunFolder, Any, dict[str, Any], Any]:
     """Claim ``out`` for a run that trains on ``teacher``'s outputs over ``data`` and open the data:
     returns (run folder, opened images, the data's identity, test set or None).
@@ -178,7 +193,11 @@ def open_run(
     The run's identity is the teacher, ``identity`` (what is trained), the data, ``cfg`` and the
     evaluation data; an online source synthesizes into ``out/pool`` (removed, as recorded by its
     manifests, when ``overwrite`` replaces an online run); it synthesizes against ``student`` (the model being
-    trained) for terms that read it."""
+    trained) for terms that read it. Under ``torchrun`` process 0 claims the folder before the others open it."""
+    dist = dist or Dist()
+    if dist.active and data.kind == "online":
+        raise SmiError("online synthesis under torchrun is not supported yet: make a pool with `torchrun ... smi "
+                       "invert` and train on it with --pool", param="data")
     if not isinstance(data, DataSource):
         raise SmiError(f"must be a DataSource (PoolSource, OnlineSource, RealSource, NoiseSource), got {data!r}",
                        param="data")
@@ -194,8 +213,17 @@ def open_run(
         probe = images.identity
     full = {"teacher": teacher.identity(), **identity, "data": probe, "config": cfg.to_dict(),
             "eval_data": eval_data}
-    run = RunFolder(out, full, fmt=fmt, what=what, overwrite=overwrite, products=products,
-                    on_replace=_remove_online_pool(out))
+    ok, error = True, None
+    if dist.rank == 0:
+        try:
+            run = RunFolder(out, full, fmt=fmt, what=what, overwrite=overwrite, products=products,
+                            on_replace=_remove_online_pool(out))
+        except SmiError as e:
+            ok, error = False, e
+    if not dist.all_ok(ok):
+        raise error or SmiError(f"process 0 refused the run folder {out}; see its message")
+    if dist.rank != 0:  # the folder is claimed and holds this identity now
+        run = RunFolder(out, full, fmt=fmt, what=what, products=products)
     if data.kind == "online":
         images = data.open(teacher, folder=out / "pool", epochs=cfg.epochs, seed=cfg.seed, device=device,
                            progress=progress, student=student, student_tokens=student_tokens)
