@@ -108,7 +108,8 @@ def main() -> None:
                                     model, units, seconds = res.model, res.correction, time.perf_counter() - t0
                                 else:  # the reconstructed folder is the QAT stage's start
                                     cell = work / "cells" / f"{model_name}_{setting}_{quantizer}_{source_name}_{seed}"
-                                    recon_key = key.replace("|qat|", "|recon|")
+                                    recon_key = key.replace("|qat|", "|recon|").removesuffix(
+                                        str(qat_cfg(seed).to_dict()))  # the recon cell's key has no QAT part
                                     model = units = None
                                     if stage == "recon" or recon_key not in done \
                                             or not (cell / "recon" / "quantized.json").exists():
