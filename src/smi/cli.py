@@ -302,9 +302,21 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     _add_inversion_args(group, prefix="synth-")
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
+def _report_training(args: argparse.Namespace, result: Any, fields: dict[str, Any], product: str) -> int:
+    """The last line of a training command (distill, qat): one JSON object, or accuracy, epochs, time, product, plot."""
     import json
 
+    if args.json:
+        print(json.dumps({"out": str(result.out), "top1": result.top1, "wall_s": result.wall_s,
+                          "epochs": result.epochs, **fields, "plot": str(result.plot) if result.plot else None}))
+    else:
+        acc = f"test top-1 {result.top1:.2f} %, " if result.top1 is not None else ""
+        print(f"{acc}{result.epochs} epochs, {result.wall_s:.0f} s of synthesis + training; {product}"
+              + (f"; plot: {result.plot}" if result.plot else ""))
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
     from smi.distributed import from_env
     from smi.models.loading import load_teacher
     from smi.transfer import DistillConfig, build_student, distill
@@ -324,15 +336,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         dist.close()
     if dist.rank != 0:
         return 0
-    summary = {"out": str(result.out), "top1": result.top1, "wall_s": result.wall_s, "epochs": result.epochs,
-               "student": str(result.weights), "plot": str(result.plot) if result.plot else None}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        acc = f"test top-1 {result.top1:.2f} %, " if result.top1 is not None else ""
-        print(f"{acc}{result.epochs} epochs, {result.wall_s:.0f} s of synthesis + training; student: "
-              f"{result.weights}" + (f"; plot: {result.plot}" if result.plot else ""))
-    return 0
+    return _report_training(args, result, {"student": str(result.weights)}, f"student: {result.weights}")
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
@@ -359,8 +363,6 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_qat(args: argparse.Namespace) -> int:
-    import json
-
     from smi.distributed import from_env
     from smi.models.loading import load_teacher
     from smi.quant.qat import QatConfig, qat
@@ -377,15 +379,7 @@ def _cmd_qat(args: argparse.Namespace) -> int:
         dist.close()
     if dist.rank != 0:
         return 0
-    summary = {"out": str(result.out), "top1": result.top1, "wall_s": result.wall_s, "epochs": result.epochs,
-               "plot": str(result.plot) if result.plot else None}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        acc = f"test top-1 {result.top1:.2f} %, " if result.top1 is not None else ""
-        print(f"{acc}{result.epochs} epochs, {result.wall_s:.0f} s of synthesis + training; quantized model: "
-              f"{result.out} (smi eval --quantized {result.out})" + (f"; plot: {result.plot}" if result.plot else ""))
-    return 0
+    return _report_training(args, result, {}, f"quantized model: {result.out} (smi eval --quantized {result.out})")
 
 
 def _add_qat(sub: argparse._SubParsersAction) -> None:
