@@ -191,3 +191,19 @@ def test_psaq_v2_loop_synthesizes_against_the_quantized_model(tiny_teacher, quan
     pool_cfg = (tmp_path / "v2" / "pool" / "config.json").read_text()
     assert '"adversarial": 1.0' in pool_cfg and '"ce_weight": 0.0' in pool_cfg
     assert load_quantized(tmp_path / "v2", copy.deepcopy(tiny_teacher))[1]["qat"]["data"]["kind"] == "online"
+
+
+def test_overwrite_replaces_only_what_the_qat_run_made(tiny_teacher, quantized, tmp_path):
+    """--overwrite of a QAT run with other settings deletes its checkpoint, log and quantized files; a user's own file
+    in the folder survives, and so does the quantized folder the run started from."""
+    out = tmp_path / "qat"
+    cfg = QatConfig(epochs=1, steps_per_epoch=1, batch_size=4)
+    qat(tiny_teacher, quantized, NoiseSource(), out, cfg, eval_data=None, progress=False)
+    (out / "notes.txt").write_text("the user's own")
+    start = {p.name: p.read_bytes() for p in quantized.iterdir()}
+    first = (out / "quantized.safetensors").read_bytes()
+    qat(tiny_teacher, quantized, NoiseSource(), out, QatConfig(epochs=1, steps_per_epoch=1, batch_size=4, lr=1e-3),
+        eval_data=None, progress=False, overwrite=True)
+    assert (out / "notes.txt").read_text() == "the user's own"
+    assert (out / "quantized.safetensors").read_bytes() != first  # replaced by the new run's result
+    assert {p.name: p.read_bytes() for p in quantized.iterdir()} == start
