@@ -193,6 +193,9 @@ def _cases():
                                                  "--out", "{d}/o"], "--seed"),
         "invert: infinite tv": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--tv-l2", "inf", "--out", "{d}/o"],
                                 "finite number"),
+        "invert: zero contrastive temperature": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--term",
+                                                            "contrastive=1", "--option", "contrastive_temperature=0",
+                                                            "--out", "{d}/o"], "contrastive_temperature must be"),
         "distill: nan term weight": (lambda w: ["distill", "--teacher", w["ckpt"], "--online", "--term", "bn=nan",
                                                 "--out", "{d}/o"], "--term"),
         # data and pools

@@ -258,3 +258,71 @@ def test_adversarial_term_without_a_student_is_refused_before_any_work():
     with pytest.raises(SmiError, match="needs a student"):
         invert(teacher, InversionConfig(iterations=2, batch_size=2, sparsity=SparsityConfig(()),
                                         terms={"adversarial": 1.0}), torch.arange(2))
+
+
+def test_repulsion_matches_a_direct_sum():
+    """tau * mean_i log(sum_{j != i} e^{s_ij / tau} + sum_k e^{s_ik / tau}), written out pair by pair."""
+    from smi.inversion.terms.contrastive import repulsion
+
+    gen = torch.Generator().manual_seed(0)
+    f, bank, tau = torch.randn(3, 5, generator=gen), torch.randn(4, 5, generator=gen), 0.2
+
+    def cos(a, b):
+        return float(a @ b / (a.norm() * b.norm()))
+
+    want = 0.0
+    for i in range(3):
+        terms = [math.exp(cos(f[i], f[j]) / tau) for j in range(3) if j != i]
+        terms += [math.exp(cos(f[i], b) / tau) for b in bank]
+        want += tau * math.log(sum(terms)) / 3
+    assert repulsion(f, bank, tau).item() == pytest.approx(want, rel=1e-5)
+    assert repulsion(f, None, tau).item() == pytest.approx(
+        sum(tau * math.log(sum(math.exp(cos(f[i], f[j]) / tau) for j in range(3) if j != i)) for i in range(3)) / 3,
+        rel=1e-5)
+    lone = torch.randn(1, 5, requires_grad=True)
+    assert repulsion(lone, None, tau).item() == 0.0  # nothing to repel
+    repulsion(lone, None, tau).backward()
+    assert torch.equal(lone.grad, torch.zeros(1, 5))
+
+
+def test_repulsion_pushes_features_away_from_the_pool():
+    """A gradient step on the term lowers the largest cosine similarity of the batch to the bank."""
+    from smi.inversion.terms.contrastive import repulsion
+
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(16, 8, generator=gen)
+    f = (bank[:4] + 0.3 * torch.randn(4, 8, generator=gen)).requires_grad_(True)  # near the pool
+
+    def nearest(x):
+        return (F.normalize(x, dim=1) @ F.normalize(bank, dim=1).T).max(1).values
+
+    before = nearest(f.detach())
+    repulsion(f, bank, 0.1).backward()
+    after = nearest(f.detach() - 0.5 * f.grad)
+    assert (after < before).all(), (before, after)
+
+
+def test_contrastive_term_reads_the_pools_earlier_batches(tmp_path):
+    """Batch b of a pool sees the teacher features of batches 0..b-1 (the same after a resume), and images made
+    with the term are farther from each other in feature space than without it."""
+    from smi.inversion.synthesis import PoolSynthesis, synthesize
+    from smi.inversion.terms.contrastive import pool_features
+    from smi.inversion.terms.diversity import mean_pairwise_cosine
+
+    teacher = as_teacher(tiny_vit())
+    sims = {}
+    for weight in (0.0, 5.0):
+        cfg = InversionConfig(iterations=30, batch_size=4, lr=0.1, sparsity=SparsityConfig(((10, 0.5),)),
+                              terms={"contrastive": weight} if weight else {})
+        out = tmp_path / f"w{weight}"
+        synthesize(teacher, cfg, 12, out, progress=False, grid=False)
+        from smi.data.pool import load_pool
+        pool = load_pool(out)
+        feats = pool_features(teacher.model, pool.images, pool.masks)
+        sims[weight] = mean_pairwise_cosine(feats).item()
+        if weight:
+            job = PoolSynthesis(teacher, cfg, 12, out)  # a resumed job rebuilds the bank from the shards
+            assert job.bank(0) is None
+            torch.testing.assert_close(job.bank(2), feats[:8])
+            assert job.bank(1).shape == (4, feats.shape[1])
+    assert sims[5.0] < sims[0.0], sims

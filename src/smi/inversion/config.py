@@ -151,6 +151,8 @@ class InversionConfig:
                 raise SmiError(f"unknown option {name!r}; choose from {', '.join(known)}", param="options")
             if not math.isfinite(v):
                 raise SmiError(f"{name} must be finite, got {v}", param="options")
+            if name.endswith("_temperature") and not v > 0:  # a softmax temperature divides
+                raise SmiError(f"{name} must be positive, got {v}", param="options")
         if not 0 < self.option("p_mix") <= 1 or self.option("mix_k") < 2:
             raise SmiError("p_mix must be in (0, 1] and mix_k >= 2", param="options")
         if self.lr_schedule not in ("constant", "cosine"):

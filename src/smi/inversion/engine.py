@@ -101,6 +101,7 @@ def invert(
     difficulty: float = 0.0,
     student: nn.Module | None = None,
     student_tokens: bool = False,
+    bank: torch.Tensor | None = None,
 ) -> Batch:
     """Synthesize one batch of images that ``teacher`` classifies as ``targets``.
 
@@ -117,6 +118,8 @@ def invert(
         difficulty: in [0, 1], for the e2h curriculum (the batch's place in the pool).
         student: the model a training loop is teaching, for terms that read it (``adversarial``);
             ``student_tokens``: it reads kept patches as tokens.
+        bank: (N, D) teacher features of images made before this batch, for terms that read the pool
+            (``contrastive``); see :func:`~smi.inversion.terms.contrastive.pool_features`.
 
     Returns:
         A :class:`Batch`; ``mask`` is exactly the set of patches optimized to the last step.
@@ -146,7 +149,7 @@ def invert(
     patch = _patch_size(model)
     grid = (H // patch, W // patch)
     recipe = Recipe(config, model, targets, teacher.num_classes, generator, grid=grid, patch=patch,
-                    difficulty=difficulty, student=student, student_tokens=student_tokens)
+                    difficulty=difficulty, student=student, student_tokens=student_tokens, bank=bank)
     N = grid[0] * grid[1]
     pixel_mask: torch.Tensor | None = None  # (B, 1, H, W) once a stop happened
     frozen: torch.Tensor | None = None  # pixel values at the last stop (stopped pixels stay at these)

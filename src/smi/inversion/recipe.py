@@ -38,13 +38,14 @@ class Recipe:
 
     def __init__(self, config: InversionConfig, model: nn.Module, targets: torch.Tensor, num_classes: int,
                  generator: torch.Generator, *, grid: tuple[int, int], patch: int, difficulty: float = 0.0,
-                 student: nn.Module | None = None, student_tokens: bool = False) -> None:
+                 student: nn.Module | None = None, student_tokens: bool = False,
+                 bank: torch.Tensor | None = None) -> None:
         self.config = config
         self.weights = active_terms(config, model)
         kinds = set().union(*(TERMS.get(n).captures for n in self.weights))
         self.captures = Captures(model, kinds, who=f"method {config.method}")
         self.ctx = ctx = Context(model, config, targets, num_classes, grid, patch, generator, student,
-                                 student_tokens)
+                                 student_tokens, bank)
         labels = LABELS.get(config.labels)(targets, num_classes, generator, config.option)
         self.labels: Labels = CURRICULA.get(config.curriculum)(labels, num_classes, difficulty, generator,
                                                                config.option)

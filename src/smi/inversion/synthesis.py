@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from smi.data.pool import PoolWriter, load_pool
@@ -21,6 +22,9 @@ from smi.distributed import Dist
 from smi.errors import SmiError
 from smi.inversion.config import InversionConfig
 from smi.inversion.engine import StepInfo, check_invertible, invert
+from smi.inversion.recipe import active_terms
+from smi.inversion.terms import TERMS
+from smi.inversion.terms.contrastive import pool_features
 from smi.models.loading import Teacher
 from smi.utils.io import atomic_write_json
 from smi.viz import save_grid
@@ -86,6 +90,8 @@ class PoolSynthesis:
         self.folder = self.writer.folder
         atomic_write_json(self.folder / "config.json", self.identity)
         self.targets = plan_targets(num_images, teacher.num_classes, seed)
+        self.reads_pool = any(TERMS.get(n).reads_pool for n in active_terms(config, teacher.model))
+        self._features: dict[int, torch.Tensor] = {}  # batch -> teacher features of its images (reads_pool)
         B = config.batch_size
         self.batches = [range(s, min(s + B, num_images)) for s in range(0, num_images, B)]
 
@@ -101,6 +107,17 @@ class PoolSynthesis:
         """Optimisation time of every shard written so far, earlier (resumed) runs included."""
         return self.writer.seconds_total
 
+    def bank(self, b: int) -> torch.Tensor | None:
+        """Teacher features of the images of every finished batch before ``b`` (terms that read the pool)."""
+        if not self.reads_pool:
+            return None
+        for i in range(b):
+            if self.done(i) and i not in self._features:  # made by an earlier (resumed) run
+                t = load_file(str(self.folder / self.writer.shards[i]["file"]))
+                self._features[i] = pool_features(self.teacher.model, t["images"].to(self.device), t["mask"])
+        feats = [self._features[i] for i in range(b) if i in self._features]
+        return torch.cat(feats) if feats else None
+
     def run(self, b: int, callback: Callable[[StepInfo], None] | None = None) -> dict[str, torch.Tensor]:
         """Invert batch ``b`` and write its shard; returns the shard's tensors."""
         idx = self.batches[b]
@@ -109,7 +126,9 @@ class PoolSynthesis:
         difficulty = b / max(1, len(self.batches) - 1)  # the e2h curriculum's place of this batch in the pool
         result = invert(self.teacher, self.config, self.targets[idx.start:idx.stop], init=init, generator=gen,
                         device=self.device, callback=callback, difficulty=difficulty,
-                        student=self.student, student_tokens=self.student_tokens)
+                        student=self.student, student_tokens=self.student_tokens, bank=self.bank(b))
+        if self.reads_pool:
+            self._features[b] = pool_features(self.teacher.model, result.images.to(self.device), result.mask)
         tensors = {"images": result.images, "mask": result.mask, "targets": result.targets,
                    "loss": result.loss.float(), "index": torch.arange(idx.start, idx.stop)}
         if result.soft is not None:
@@ -155,6 +174,9 @@ def synthesize(
     >>> synthesize(load_teacher("fmnist_vit_tiny"), InversionConfig(iterations=400), 64, "out/pool")
     """
     dist = dist or Dist()
+    if dist.active and any(TERMS.get(n).reads_pool for n in active_terms(config, teacher.model)):
+        raise SmiError("the pool's earlier batches are read by a term of this recipe (contrastive), and under "
+                       "torchrun other processes are still making them: run it in one process", param="terms")
     ok, error = True, None
     if dist.rank == 0:  # clears the folder (--overwrite) or refuses it, before anyone writes
         try:

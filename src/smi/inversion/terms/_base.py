@@ -121,6 +121,7 @@ class Context:
     generator: torch.Generator  # the batch's CPU generator: every draw is reproducible from the seed
     student: nn.Module | None = None  # the model a training loop is teaching (online synthesis), else None
     student_tokens: bool = False  # the student reads kept patches as tokens (a ViT on the teacher's patch grid)
+    bank: torch.Tensor | None = None  # (N, D) teacher features of the pool's earlier images, for terms that read it
 
     def option(self, name: str) -> float:
         return self.config.option(name)
@@ -170,6 +171,7 @@ class Term:
 
     captures: ClassVar[frozenset[str]] = frozenset()  # kinds from CAPTURE_KINDS the term reads
     needs_student: ClassVar[bool] = False  # reads Context.student (online synthesis only)
+    reads_pool: ClassVar[bool] = False  # reads Context.bank (the pool's earlier images)
     options: ClassVar[dict[str, float]] = {}  # knobs and their defaults
 
     def __init__(self, ctx: Context) -> None:

@@ -18,7 +18,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from smi.errors import SmiError
 from smi.inversion.terms._base import TERMS, Step, Term
 from smi.models.sparse import sparse_forward
 
@@ -45,9 +44,7 @@ class Disagreement(Term):
 
     def __init__(self, ctx) -> None:  # noqa: ANN001 (Context)
         super().__init__(ctx)
-        t = ctx.option("adversarial_temperature")
-        if not (math.isfinite(t) and t > 0):
-            raise SmiError(f"adversarial_temperature must be positive, got {t}", param="options")
+        t = ctx.option("adversarial_temperature")  # positive: InversionConfig checks it
         self.kind = "kl" if ctx.option("adversarial_kl") else "js"
         self.temperature = t
 
