@@ -243,7 +243,8 @@ def _kd_config(args: argparse.Namespace, cls: type, **extra: Any) -> Any:
     with _flags(args, time_budget_s="time_budget"):
         return cls(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                    temperature=args.temperature, ce_weight=args.ce_weight, steps_per_epoch=args.steps_per_epoch,
-                   online_steps=args.online_steps, augment=not args.no_augment, time_budget_s=args.time_budget,
+                   online_steps=args.online_steps, augment=not args.no_augment, mixup=args.mixup,
+                   time_budget_s=args.time_budget,
                    eval_images=args.eval_images, train_images=args.train_images, seed=args.seed, **extra)
 
 
@@ -290,6 +291,9 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     p.add_argument("--online-steps", type=int, default=d.online_steps,
                    help="training steps per epoch with --online or --noise")
     p.add_argument("--no-augment", action="store_true", help="no random whole-patch shift and flip")
+    p.add_argument("--mixup", type=_number, default=d.mixup, metavar="P",
+                   help="probability that a training batch is made of mixtures of its images, each labelled by the "
+                        "teacher (mixup with lambda ~ U(0, 1); stretches a small synthetic pool)")
     p.add_argument("--train-images", type=int, metavar="N",
                    help="train on a fixed set of N images of the source, drawn as calibration draws them with the "
                         "same --seed (the first N of a pool; a seeded draw of real images; N fixed noise images)")

@@ -33,6 +33,7 @@ class DistillConfig:
     online_steps: int = 50
     online_images: int = 32  # images synthesized per epoch in online mode
     augment: bool = True  # random whole-patch shift (up to 1/8 of the side) and horizontal flip
+    mixup: float = 0.0  # probability that a batch is replaced by mixtures of its images (the teacher labels them)
     linear_probe: bool = False  # freeze the student's backbone, train a new head
     time_budget_s: float | None = None  # stop after the epoch at which synthesis + training exceed this
     eval_images: int | None = None  # first N test images for the per-epoch evaluation (None: all)
@@ -49,6 +50,8 @@ class DistillConfig:
             raise SmiError(f"must be cosine or constant, got {self.lr_schedule!r}", param="lr_schedule")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise SmiError(f"must be positive, got {self.temperature}", param="temperature")
+        if not 0 <= self.mixup <= 1:
+            raise SmiError(f"must be a probability in [0, 1], got {self.mixup}", param="mixup")
         if not self.ce_weight >= 0:
             raise SmiError(f"must be >= 0, got {self.ce_weight}", param="ce_weight")
         for name in ("steps_per_epoch", "eval_images", "train_images"):
@@ -60,6 +63,7 @@ class DistillConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["train_images"] is None:  # runs recorded before the field existed still resume
-            del d["train_images"]
+        for name, unset in (("train_images", None), ("mixup", 0.0)):
+            if d[name] == unset:  # runs recorded before the field existed still resume
+                del d[name]
         return d

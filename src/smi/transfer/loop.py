@@ -35,7 +35,7 @@ from smi.runner import FitConfig, RunFolder, adamw, fit, plot_accuracy
 from smi.transfer.config import DistillConfig
 from smi.transfer.student import Student
 
-__all__ = ["DISTILL_FORMAT", "DistillResult", "distill", "kd_loss", "open_run", "train_on_teacher"]
+__all__ = ["DISTILL_FORMAT", "DistillResult", "distill", "kd_loss", "mix_images", "open_run", "train_on_teacher"]
 
 DISTILL_FORMAT = "smi-distill/1"
 
@@ -60,6 +60,17 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     if ce_weight:
         loss = loss + ce_weight * F.cross_entropy(student_logits, teacher_logits.argmax(1))
     return loss
+
+
+def mix_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mixup without labels: image i becomes ``lam_i * x_i + (1 - lam_i) * x_perm(i)``, lam_i ~ U(0, 1).
+
+    The teacher labels the mixtures, so every pair of pool images spans new training inputs between them (a
+    synthetic pool is small; the input space the student must match the teacher on is not). Image i keeps its
+    own kept patches, so a sparse batch still reaches the models as tokens."""
+    lam = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), generator=generator)
+    perm = torch.randperm(x.shape[0], generator=generator)
+    return lam * x + (1 - lam) * x[perm]
 
 
 def _logits(model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -155,6 +166,8 @@ def train_on_teacher(
                 j = sample_jitter(jitter_limit, patch, True, gen)
                 x = apply_jitter(x, j)
                 keep = None if keep is None else jitter_indices(keep, grid, patch, j)
+            if cfg.mixup and torch.rand((), generator=gen) < cfg.mixup:
+                x = mix_images(x, gen)
             if dist.active:  # every process drew the same batch; each keeps its own slice
                 x = x.chunk(dist.world)[dist.rank]
                 keep = None if keep is None else keep.chunk(dist.world)[dist.rank]
