@@ -1,28 +1,41 @@
-"""Data-free knowledge transfer at equal wall time: dense vs sparse synthesis, real images, noise.
+"""Data-free knowledge transfer at equal wall time: three protocols, four teacher > student pairs.
 
-The shipped teacher teaches a student (default fmnist_vit_mini, 0.21 M parameters, from
-scratch) for the same budget of wall time, synthesis included:
+Each contender is one ``smi distill`` run with the same budget of wall time, synthesis included.
+A contender is named ``TEACHER>STUDENT[:PROTOCOL]/DATA``:
 
-- dense / sparse: online distillation as in the SMI reference, each epoch synthesizes one batch
-  (dense, or sparse with the paper's stopping schedule scaled to ``--iterations``: 400 iterations
-  stop 30 % at 5, 10, 20, 30) into the run's pool and then trains ``--online-steps`` steps on
-  batches drawn from the whole pool;
-- real: the 60,000 real training images (an upper bound: their cost is zero);
-- noise: fresh Gaussian noise (a lower bound).
+- teacher > student: ``vit`` is fmnist_vit_tiny as a teacher and fmnist_vit_mini as a student,
+  ``cnn`` is fmnist_resnet_tiny for both (``vit>vit``, ``vit>cnn``, ``cnn>cnn``, ``cnn>vit``);
+- protocol: ``scratch`` (default; a fresh student), ``probe`` (the SMI paper's transfer protocol:
+  a student backbone trained on *other* real data, scikit-learn's handwritten digits at 28x28, frozen,
+  and a new linear head trained by KL at T=20) and ``finetune`` (the same backbone, every weight
+  trained);
+- data: ``dense`` / ``sparse`` online synthesis (each epoch inverts ``--synth-batch`` images for
+  ``--iterations`` steps into the run's pool, sparse with the paper's schedule scaled to the
+  iterations; CNN teachers invert dense, with DeepInversion's BatchNorm prior), then trains
+  ``--online-steps`` steps on the whole pool; ``real`` training images (the upper bound: the same
+  student trained on the teacher's outputs over real Fashion-MNIST) and fresh Gaussian ``noise``
+  (the lower bound).
 
-Every contender uses the same student, optimizer (AdamW, constant learning rate after one
-warm-up epoch, so that accuracy at any time is comparable), temperature and batch size. Top-1 is
-on all 10,000 Fashion-MNIST test images after every epoch; evaluation time is not counted. The
-contenders run one after another in one process (not alternated: each is one long run).
+Every contender uses AdamW at a constant learning rate after one warm-up epoch (so that accuracy at
+any time is comparable; ``--probe-lr`` for linear heads), KL at T=20, batch 64 and ``--mixup`` (the
+teacher labels mixtures of pool images). Top-1 on all 10,000 Fashion-MNIST test images after every
+epoch; evaluation time is not counted. Contenders run one after another (each is one long run).
 
-Run:  python benchmarks/distill.py            (4 x --budget seconds plus evaluation)
+Resuming: a run folder under ``--work`` resumes after an interruption, and every finished contender
+is kept in ``results/NAME_cells.json`` (committed) with the settings that made it, so a rerun with the
+same settings skips it and only the missing contenders run.
+
+Run:  python benchmarks/distill.py            (contenders x seeds x --budget seconds, plus evaluation)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, publish  # noqa: E402
@@ -33,77 +46,168 @@ from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
 from smi.inversion.methods import METHODS  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
+from smi.models.training import TeacherTrainConfig, train_teacher  # noqa: E402
 from smi.transfer import DistillConfig, build_student, distill  # noqa: E402
+from smi.utils.io import atomic_write_json  # noqa: E402
 from smi.viz import save_curves  # noqa: E402
+
+MODELS = {"vit": ("fmnist_vit_tiny", "fmnist_vit_mini"), "cnn": ("fmnist_resnet_tiny", "fmnist_resnet_tiny")}
+PROTOCOLS = ("scratch", "probe", "finetune")
+DATA = ("sparse", "dense", "real", "noise")
+BACKBONE_DATA, BACKBONE_EPOCHS = "digits", 60  # the other real data the probe/finetune backbones learn first
+
+
+def parse_contender(spec: str) -> tuple[str, str, str, str, float | None]:
+    """``"vit>cnn:probe/sparse@300"`` -> (teacher, student, protocol, data, budget seconds or None)."""
+    try:
+        pair, data = spec.split("/")
+        data, _, seconds = data.partition("@")
+        budget = float(seconds) if seconds else None
+        t, s = pair.split(">")
+        s, _, protocol = s.partition(":")
+        protocol = protocol or "scratch"
+        if data not in DATA or protocol not in PROTOCOLS or (budget is not None and not budget > 0):
+            raise ValueError
+        return MODELS[t][0], MODELS[s][1], protocol, data, budget
+    except (ValueError, KeyError):
+        raise SystemExit(f"error: contender {spec!r}: expected TEACHER>STUDENT[:PROTOCOL]/DATA[@SECONDS] with TEACHER, "
+                         f"STUDENT in {'|'.join(MODELS)}, PROTOCOL in {'|'.join(PROTOCOLS)}, DATA in "
+                         f"{'|'.join(DATA)} and SECONDS a budget other than --budget") from None
+
+
+def backbone(arch: str, work: Path) -> tuple[str, float]:
+    """``arch`` trained on the other data (digits at 28x28, seed 0; resumable): its checkpoint and digits top-1."""
+    cfg = TeacherTrainConfig(arch=arch, data=BACKBONE_DATA, img_size=28, epochs=BACKBONE_EPOCHS, batch_size=64,
+                             hflip=False, crop_padding=2, seed=0)
+    res = train_teacher(cfg, work / f"backbone_{arch}_{BACKBONE_DATA}", progress=False)
+    return res["weights"], res["test_top1"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="fmnist_vit_tiny")
-    p.add_argument("--student", default="fmnist_vit_mini")
-    p.add_argument("--budget", type=float, default=600.0, help="seconds of synthesis + training per contender")
-    p.add_argument("--iterations", type=int, default=400,
-                   help="inversion iterations per synthesized batch (sparse: the default schedule scaled to them)")
-    p.add_argument("--method", default="deepinversion", choices=METHODS.names(),
-                   help="synthesis method of the online contenders (its defaults, with --iterations)")
-    p.add_argument("--synth-batch", type=int, default=32, help="images synthesized per epoch (online)")
-    p.add_argument("--online-steps", type=int, default=50, help="training steps per online epoch")
+    p.add_argument("--contenders", nargs="+",
+                   default=["cnn>cnn/dense", "vit>vit/sparse", "vit>vit/dense",
+                            "vit>vit:probe/sparse", "vit>vit:probe/dense", "vit>vit:probe/real",
+                            "cnn>cnn/real", "cnn>cnn/noise", "vit>vit/real", "vit>vit/noise",
+                            "vit>cnn/sparse", "cnn>vit/dense",
+                            "vit>vit:finetune/sparse", "vit>vit:finetune/dense", "vit>vit:finetune/real"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--budget", type=float, default=540.0, help="seconds of synthesis + training per contender")
+    p.add_argument("--method", default="deepinversion", choices=METHODS.names(), help="online synthesis method")
+    p.add_argument("--iterations", type=int, default=200, help="inversion steps per synthesized batch")
+    p.add_argument("--synth-batch", type=int, default=128, help="images synthesized per epoch (online)")
+    p.add_argument("--online-steps", type=int, default=200, help="training steps per online epoch")
     p.add_argument("--real-steps", type=int, default=200, help="training steps per epoch on real images / noise")
+    p.add_argument("--mixup", type=float, default=1.0, help="probability of a batch of teacher-labelled mixtures")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--contenders", nargs="+", default=["dense", "sparse", "real", "noise"])
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (scratch and finetune)")
+    p.add_argument("--probe-lr", type=float, default=1e-2, help="learning rate of a linear probe")
     p.add_argument("--work", default=str(RESULTS / "distill_work"), help="run folders (resumable)")
     p.add_argument("--name", default="distill")
     args = p.parse_args()
+    contenders = [parse_contender(c) for c in args.contenders]
+    work = Path(args.work)
+    cells_path = RESULTS / f"{args.name}_cells.json"
+    cells: dict[str, Any] = json.loads(cells_path.read_text()) if cells_path.exists() else {}
 
-    teacher = load_teacher(args.teacher)
-    test = eval_dataset("fashion-mnist", teacher)
-    teacher_top1 = evaluate(teacher.model, test, progress=False)["top1"]
+    teachers: dict[str, Any] = {}
+    teacher_top1: dict[str, float] = {}
+    backbones: dict[str, dict[str, Any]] = {}
     rows, curves = [], {}
-    for kind in args.contenders:
+    for spec, (t, s, protocol, kind, budget) in zip(args.contenders, contenders, strict=True):
         online = kind in ("dense", "sparse")
-        steps = args.online_steps if online else args.real_steps
-        cfg = DistillConfig(epochs=1000, batch_size=args.batch_size, lr=args.lr, lr_schedule="constant",
-                            steps_per_epoch=steps, time_budget_s=args.budget)
-        synthesis = None
-        if online:
-            stops = SparsityConfig(()) if kind == "dense" else SparsityConfig().scaled(args.iterations / 4000)
-            synthesis = InversionConfig.for_method(args.method, iterations=args.iterations,
-                                                   batch_size=args.synth_batch, sparsity=stops)
-        student = build_student(args.student, teacher)
-        data = OnlineSource(synthesis) if online else {"real": RealSource(), "noise": NoiseSource()}[kind]
-        res = distill(teacher, student, data, Path(args.work) / kind, cfg)
-        last = res.log[-1]
-        rows.append({"student": args.student, "data": kind, "top1": round(res.top1, 2), "wall_s": last["wall_s"],
-                     "synthesis_s": last["synthesis_s"], "train_s": last["train_s"], "epochs": res.epochs,
-                     "images": last["images"], "curve": [(r["wall_s"], r["top1"]) for r in res.log]})
-        curves[f"{kind}"] = rows[-1]["curve"]
-        print(f"{kind}: top-1 {res.top1:.2f} % after {last['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        if t not in teachers:
+            teachers[t] = load_teacher(t)
+            teacher_top1[t] = evaluate(teachers[t].model, eval_dataset("fashion-mnist", teachers[t]),
+                                       progress=False)["top1"]
+        teacher = teachers[t]
+        if kind == "sparse" and not hasattr(teacher.model, "blocks"):
+            raise SystemExit(f"error: {spec}: a CNN teacher inverts dense only")
+        checkpoint = None
+        if protocol != "scratch":
+            if s not in backbones:
+                weights, top1 = backbone(s, work)
+                backbones[s] = {"weights": weights, "data": BACKBONE_DATA, "epochs": BACKBONE_EPOCHS,
+                                "top1_on_its_data": top1}
+            checkpoint = backbones[s]["weights"]
+        runs = []
+        for seed in args.seeds:
+            cfg = DistillConfig(epochs=100_000, batch_size=args.batch_size,
+                                lr=args.probe_lr if protocol == "probe" else args.lr, lr_schedule="constant",
+                                steps_per_epoch=args.online_steps if online else args.real_steps,
+                                time_budget_s=budget or args.budget, mixup=args.mixup, seed=seed,
+                                linear_probe=protocol == "probe")
+            synthesis = None
+            if online:
+                stops = SparsityConfig(()) if kind == "dense" else SparsityConfig().scaled(args.iterations / 4000)
+                synthesis = InversionConfig.for_method(args.method, iterations=args.iterations,
+                                                       batch_size=args.synth_batch, sparsity=stops)
+            key = f"{spec.replace('>', '_to_').replace(':', '_').replace('/', '_').replace('@', '_')}_seed{seed}"
+            setting = {"teacher": t, "student": s, "protocol": protocol, "data": kind, "config": cfg.to_dict(),
+                       "synthesis": synthesis.to_dict() if synthesis else None,
+                       "backbone": {k: v for k, v in backbones.get(s, {}).items() if k != "weights"}
+                       if checkpoint else None}
+            if key in cells and cells[key]["setting"] == setting:
+                run = cells[key]
+                print(f"{spec} seed {seed}: cached, top-1 {run['top1']:.2f} %", file=sys.stderr, flush=True)
+            else:
+                data = OnlineSource(synthesis) if synthesis else {"real": RealSource(), "noise": NoiseSource()}[kind]
+                student = build_student(None if checkpoint else s, teacher, checkpoint=checkpoint,
+                                        linear_probe=protocol == "probe", seed=seed)
+                res = distill(teacher, student, data, work / key, cfg)
+                run = {"setting": setting, "top1": res.top1, "epochs": res.epochs, "log": res.log}
+                cells[key] = run
+                atomic_write_json(cells_path, cells)
+                print(f"{spec} seed {seed}: top-1 {res.top1:.2f} % after {res.log[-1]['wall_s']:.0f} s",
+                      file=sys.stderr, flush=True)
+            runs.append(run)
+        accs = [r["top1"] for r in runs]
+        last = [r["log"][-1] for r in runs]
+        rows.append({"contender": spec, "teacher": t, "student": s, "protocol": protocol, "data": kind,
+                     "budget_s": budget or args.budget,
+                     "top1": round(statistics.mean(accs), 2),
+                     "top1_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0, "top1_per_seed": accs,
+                     "seeds": args.seeds, "teacher_top1": teacher_top1[t],
+                     "wall_s": round(statistics.mean(r["wall_s"] for r in last), 1),
+                     "synthesis_s": round(statistics.mean(r["synthesis_s"] for r in last), 1),
+                     "epochs": runs[0]["epochs"], "images": last[0]["images"],
+                     "curve": [(r["wall_s"], r["top1"]) for r in runs[0]["log"]]})
+        curves[spec] = rows[-1]["curve"]
 
-    by = {r["data"]: r for r in rows}
-    if "dense" in by and "sparse" in by:
-        target = by["dense"]["top1"]
-        reach = next((w for w, a in by["sparse"]["curve"] if a >= target), None)
-        by["sparse"]["reaches_dense_final_at_s"] = reach
+    by = {r["contender"]: r for r in rows}
+    for r in rows:  # the time at which a sparse contender first reaches its dense twin's final accuracy
+        twin = by.get(r["contender"].replace("/sparse", "/dense"))  # the same pair, protocol and budget
+        if r["data"] == "sparse" and twin:
+            r["reaches_dense_final_at_s"] = next((w for w, a in r["curve"] if a >= twin["top1"]), None)
     plot = save_curves(RESULTS / f"{args.name}.png", curves, xlabel="wall time (s): synthesis + training",
-                       ylabel="test top-1 (%)", title=f"{args.student} distilled from {args.teacher}",
-                       hlines={f"teacher {teacher_top1:.2f} %": teacher_top1})
-    header = ["data", "top-1 (%)", "wall s", "of which synthesis s", "epochs", "images seen or made"]
-    table = [[r["data"], f"{r['top1']:.2f}", f"{r['wall_s']:.0f}", f"{r['synthesis_s']:.0f}", r["epochs"],
-              r["images"]] for r in rows]
-    note = (f"\nStudent {args.student} (from scratch) distilled from {args.teacher} ({teacher_top1:.2f} % top-1) "
-            f"with KL at T=20, AdamW lr {args.lr} constant after warm-up, batch {args.batch_size}; budget "
-            f"{args.budget:.0f} s of synthesis + training per contender (each stops after the epoch that passes "
-            f"it). Online synthesis ({args.method}): {args.synth_batch} images per epoch, {args.iterations} "
-            f"iterations (sparse: "
-            f"stops {SparsityConfig().scaled(args.iterations / 4000).spec()}), then "
-            f"{args.online_steps} training steps. Top-1 on all 10,000 test images.\n")
-    if "dense" in by and "sparse" in by:
-        reach = by["sparse"].get("reaches_dense_final_at_s")
-        note += (f"Sparse reaches dense's final {by['dense']['top1']:.2f} % at "
-                 + (f"{reach:.0f} s (dense: {by['dense']['wall_s']:.0f} s).\n" if reach is not None
-                    else "no point of its run.\n"))
+                       ylabel="test top-1 (%)", title="students distilled from the shipped teachers",
+                       hlines={f"{t} {a:.2f} %": a for t, a in teacher_top1.items()})
+    header = ["teacher > student", "protocol", "data", "budget s", "top-1 (%)", "teacher (%)", "gap (pt)", "wall s",
+              "of which synthesis s", "images seen or made"]
+    table = [[f"{r['teacher']} > {r['student']}", r["protocol"], r["data"], f"{r['budget_s']:.0f}",
+              f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if len(args.seeds) > 1 else ""),
+              f"{r['teacher_top1']:.2f}", f"{r['teacher_top1'] - r['top1']:.1f}", f"{r['wall_s']:.0f}",
+              f"{r['synthesis_s']:.0f}", r["images"]] for r in rows]
+    note = (f"\nSeeds {args.seeds}; budget {args.budget:.0f} s of synthesis + training per contender (a contender "
+            f"named ...@S: S s; each stops after the epoch that passes its budget). AdamW constant after one warm-up "
+            f"epoch (lr {args.lr}, linear probes "
+            f"{args.probe_lr}), batch {args.batch_size}, KL at T=20, mixup probability {args.mixup}. Online "
+            f"synthesis ({args.method}): {args.synth_batch} images per epoch, {args.iterations} iterations "
+            f"(sparse: stops {SparsityConfig().scaled(args.iterations / 4000).spec()}; CNN teachers dense with the "
+            f"BatchNorm prior), then {args.online_steps} training steps on the whole pool; real images and noise: "
+            f"{args.real_steps} steps per epoch. Top-1 on all 10,000 test images.\n")
+    for arch, b in backbones.items():
+        note += (f"probe/finetune backbone: {arch} trained on {b['data']} (28x28, {b['epochs']} epochs, seed 0): "
+                 f"{b['top1_on_its_data']:.2f} % top-1 on its own test split.\n")
+    for r in rows:
+        if "reaches_dense_final_at_s" in r:
+            reach = r["reaches_dense_final_at_s"]
+            twin = by[r["contender"].replace("/sparse", "/dense")]
+            note += (f"{r['contender']} reaches its dense twin's final {twin['top1']:.2f} % at "
+                     + (f"{reach:.0f} s (dense: {twin['wall_s']:.0f} s).\n" if reach is not None
+                        else "no point of its run.\n"))
     publish(args.name, "distill", vars(args), header, table, note, rows, also=(plot,), teacher_top1=teacher_top1,
+            backbones={a: {k: v for k, v in b.items() if k != "weights"} for a, b in backbones.items()},
             plot=str(plot.relative_to(RESULTS.parent)))
 
 

@@ -119,3 +119,20 @@ def test_datasets_are_calibration_sources(tmp_path):
     with pytest.raises(SmiError, match="does not record the dataset"):
         RealSource().open(_reads((1, 16, 16)))
     assert RealSource().open(_reads((1, 28, 28), dataset="fashion-mnist")).identity["images"] == 60000
+
+
+def test_digits_are_sklearns_images_split_per_class_by_a_seed():
+    from sklearn.datasets import load_digits
+
+    ds = open_dataset("digits")
+    (xtr, ytr), (xte, yte) = ds.tensors("train"), ds.tensors("test")
+    assert xtr.shape == (1438, 1, 8, 8) and xte.shape == (359, 1, 8, 8) and xtr.dtype == torch.uint8
+    assert (yte.bincount(minlength=10) >= 35).all()  # a fifth of every class held out
+    ref = load_digits()  # every image exactly once, as 0..16 scaled to 0..255, with its label
+    x, y = torch.cat([xtr, xte]), torch.cat([ytr, yte])
+    flat = {(tuple(a.flatten().tolist()), int(b)) for a, b in zip(x, y, strict=True)}
+    want = {(tuple(np.round(im * 255 / 16).astype(int).flatten().tolist()), int(t))
+            for im, t in zip(ref.images, ref.target, strict=True)}
+    assert flat == want
+    assert torch.equal(open_dataset("digits").tensors("test")[0], xte)  # deterministic
+    assert fit_images(xte[:2], (1, 28, 28)).shape == (2, 1, 28, 28)

@@ -129,6 +129,42 @@ class FashionMNIST(ImageDataset):
         return load_fashion_mnist(split)
 
 
+@DATASETS.register("digits")
+class Digits(ImageDataset):
+    """scikit-learn's handwritten digits: 1,797 images, 1x8x8, 10 classes; a seeded 80/20 split per class.
+
+    Real images that ship inside a registry package (no download), and nothing like Fashion-MNIST: the
+    other data a student backbone is trained on in the transfer protocol (``benchmarks/distill.py``).
+    Pixel values 0..16 are scaled to 0..255; a model of another size reads them resized (bilinear)."""
+
+    name = "digits"
+    needs_path = False
+    channels, size, class_names = 1, (8, 8), [str(d) for d in range(10)]
+    HELD_OUT, SEED = 0.2, 0
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def tensors(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._splits is None:
+            try:
+                from sklearn.datasets import load_digits
+            except ImportError:
+                raise SmiError("the digits dataset comes with scikit-learn: pip install scikit-learn",
+                               param="data") from None
+            d = load_digits()
+            x = torch.from_numpy(d.images).mul(255 / 16).round().clamp(0, 255).to(torch.uint8)[:, None]
+            y = torch.from_numpy(d.target).long()
+            gen = torch.Generator().manual_seed(self.SEED)
+            test = torch.zeros(len(y), dtype=torch.bool)
+            for c in range(10):  # the same share of every class held out
+                idx = (y == c).nonzero().flatten()
+                test[idx[torch.randperm(len(idx), generator=gen)[:round(self.HELD_OUT * len(idx))]]] = True
+            self._splits = {"train": (x[~test].contiguous(), y[~test]), "test": (x[test].contiguous(), y[test])}
+        return self._splits[split]
+
+
 def _folder(path: str, name: str) -> Path:
     if not path:
         raise SmiError(f"{name} needs a path: {name}:PATH", param="data")
