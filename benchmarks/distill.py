@@ -57,22 +57,37 @@ DATA = ("sparse", "dense", "real", "noise")
 BACKBONE_DATA, BACKBONE_EPOCHS = "digits", 60  # the other real data the probe/finetune backbones learn first
 
 
-def parse_contender(spec: str) -> tuple[str, str, str, str, float | None]:
-    """``"vit>cnn:probe/sparse@300"`` -> (teacher, student, protocol, data, budget seconds or None)."""
+OVERRIDES = {"images": int, "iterations": int, "steps": int, "mixup": float}  # per-contender settings after '@'
+
+
+def parse_contender(spec: str) -> tuple[str, str, str, str, dict[str, float]]:
+    """``"vit>cnn:probe/sparse@300,images=64"`` -> (teacher, student, protocol, data, overrides).
+
+    After ``@``, comma-separated: a budget in seconds, and ``images=N`` (synthesized per epoch),
+    ``iterations=N`` (per synthesized batch), ``steps=N`` (training steps per epoch), ``mixup=P``."""
     try:
         pair, data = spec.split("/")
-        data, _, seconds = data.partition("@")
-        budget = float(seconds) if seconds else None
+        data, _, extra = data.partition("@")
+        overrides: dict[str, float] = {}
+        for item in filter(None, extra.split(",")):
+            name, eq, value = item.partition("=")
+            if not eq:
+                overrides["budget"] = float(item)
+            elif name in OVERRIDES:
+                overrides[name] = OVERRIDES[name](value)
+            else:
+                raise ValueError
         t, s = pair.split(">")
         s, _, protocol = s.partition(":")
         protocol = protocol or "scratch"
-        if data not in DATA or protocol not in PROTOCOLS or (budget is not None and not budget > 0):
+        if data not in DATA or protocol not in PROTOCOLS or not all(v > 0 for k, v in overrides.items()
+                                                                     if k != "mixup"):
             raise ValueError
-        return MODELS[t][0], MODELS[s][1], protocol, data, budget
+        return MODELS[t][0], MODELS[s][1], protocol, data, overrides
     except (ValueError, KeyError):
-        raise SystemExit(f"error: contender {spec!r}: expected TEACHER>STUDENT[:PROTOCOL]/DATA[@SECONDS] with TEACHER, "
-                         f"STUDENT in {'|'.join(MODELS)}, PROTOCOL in {'|'.join(PROTOCOLS)}, DATA in "
-                         f"{'|'.join(DATA)} and SECONDS a budget other than --budget") from None
+        raise SystemExit(f"error: contender {spec!r}: expected TEACHER>STUDENT[:PROTOCOL]/DATA[@SECONDS,NAME=VALUE...] "
+                         f"with TEACHER, STUDENT in {'|'.join(MODELS)}, PROTOCOL in {'|'.join(PROTOCOLS)}, DATA in "
+                         f"{'|'.join(DATA)}, NAME in {'|'.join(OVERRIDES)} (positive)") from None
 
 
 def backbone(arch: str, work: Path) -> tuple[str, float]:
@@ -94,6 +109,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--budget", type=float, default=540.0, help="seconds of synthesis + training per contender")
     p.add_argument("--method", default="deepinversion", choices=METHODS.names(), help="online synthesis method")
+    p.add_argument("--term", action="append", default=[], metavar="NAME=W",
+                   help="an extra synthesis term (repeatable), e.g. adversarial=1 (student-aware) or contrastive=1")
     p.add_argument("--iterations", type=int, default=200, help="inversion steps per synthesized batch")
     p.add_argument("--synth-batch", type=int, default=128, help="images synthesized per epoch (online)")
     p.add_argument("--online-steps", type=int, default=200, help="training steps per online epoch")
@@ -106,6 +123,7 @@ def main() -> None:
     p.add_argument("--name", default="distill")
     args = p.parse_args()
     contenders = [parse_contender(c) for c in args.contenders]
+    terms = {name: float(w) for name, _, w in (t.partition("=") for t in args.term)}
     work = Path(args.work)
     cells_path = RESULTS / f"{args.name}_cells.json"
     cells: dict[str, Any] = json.loads(cells_path.read_text()) if cells_path.exists() else {}
@@ -114,8 +132,11 @@ def main() -> None:
     teacher_top1: dict[str, float] = {}
     backbones: dict[str, dict[str, Any]] = {}
     rows, curves = [], {}
-    for spec, (t, s, protocol, kind, budget) in zip(args.contenders, contenders, strict=True):
+    for spec, (t, s, protocol, kind, over) in zip(args.contenders, contenders, strict=True):
         online = kind in ("dense", "sparse")
+        budget, images, iterations = over.get("budget", args.budget), over.get("images", args.synth_batch), \
+            over.get("iterations", args.iterations)
+        steps = over.get("steps", args.online_steps if online else args.real_steps)
         if t not in teachers:
             teachers[t] = load_teacher(t)
             teacher_top1[t] = evaluate(teachers[t].model, eval_dataset("fashion-mnist", teachers[t]),
@@ -134,15 +155,18 @@ def main() -> None:
         for seed in args.seeds:
             cfg = DistillConfig(epochs=100_000, batch_size=args.batch_size,
                                 lr=args.probe_lr if protocol == "probe" else args.lr, lr_schedule="constant",
-                                steps_per_epoch=args.online_steps if online else args.real_steps,
-                                time_budget_s=budget or args.budget, mixup=args.mixup, seed=seed,
+                                steps_per_epoch=steps, time_budget_s=budget, mixup=over.get("mixup", args.mixup),
+                                seed=seed,
                                 linear_probe=protocol == "probe")
             synthesis = None
             if online:
-                stops = SparsityConfig(()) if kind == "dense" else SparsityConfig().scaled(args.iterations / 4000)
-                synthesis = InversionConfig.for_method(args.method, iterations=args.iterations,
-                                                       batch_size=args.synth_batch, sparsity=stops)
-            key = f"{spec.replace('>', '_to_').replace(':', '_').replace('/', '_').replace('@', '_')}_seed{seed}"
+                stops = SparsityConfig(()) if kind == "dense" else SparsityConfig().scaled(iterations / 4000)
+                synthesis = InversionConfig.for_method(args.method, iterations=iterations, batch_size=images,
+                                                       sparsity=stops)
+                synthesis = InversionConfig.from_dict({**synthesis.to_dict(),  # validated with the extra terms
+                                                       "terms": {**synthesis.terms, **terms}})
+            name = spec.replace(">", "_to_").replace("=", "")
+            key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
             setting = {"teacher": t, "student": s, "protocol": protocol, "data": kind, "config": cfg.to_dict(),
                        "synthesis": synthesis.to_dict() if synthesis else None,
                        "backbone": {k: v for k, v in backbones.get(s, {}).items() if k != "weights"}
@@ -164,7 +188,8 @@ def main() -> None:
         accs = [r["top1"] for r in runs]
         last = [r["log"][-1] for r in runs]
         rows.append({"contender": spec, "teacher": t, "student": s, "protocol": protocol, "data": kind,
-                     "budget_s": budget or args.budget,
+                     "budget_s": budget, "split": f"{images} x {iterations} it, {steps} steps" if online
+                     else f"{steps} steps", "mixup": cfg.mixup,
                      "top1": round(statistics.mean(accs), 2),
                      "top1_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0, "top1_per_seed": accs,
                      "seeds": args.seeds, "teacher_top1": teacher_top1[t],
@@ -182,9 +207,10 @@ def main() -> None:
     plot = save_curves(RESULTS / f"{args.name}.png", curves, xlabel="wall time (s): synthesis + training",
                        ylabel="test top-1 (%)", title="students distilled from the shipped teachers",
                        hlines={f"{t} {a:.2f} %": a for t, a in teacher_top1.items()})
-    header = ["teacher > student", "protocol", "data", "budget s", "top-1 (%)", "teacher (%)", "gap (pt)", "wall s",
-              "of which synthesis s", "images seen or made"]
+    header = ["teacher > student", "protocol", "data", "budget s", "per epoch", "top-1 (%)", "teacher (%)",
+              "gap (pt)", "wall s", "of which synthesis s", "images seen or made"]
     table = [[f"{r['teacher']} > {r['student']}", r["protocol"], r["data"], f"{r['budget_s']:.0f}",
+              r["split"] + ("" if r["mixup"] == args.mixup else f", mixup {r['mixup']:g}"),
               f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if len(args.seeds) > 1 else ""),
               f"{r['teacher_top1']:.2f}", f"{r['teacher_top1'] - r['top1']:.1f}", f"{r['wall_s']:.0f}",
               f"{r['synthesis_s']:.0f}", r["images"]] for r in rows]
@@ -192,7 +218,8 @@ def main() -> None:
             f"named ...@S: S s; each stops after the epoch that passes its budget). AdamW constant after one warm-up "
             f"epoch (lr {args.lr}, linear probes "
             f"{args.probe_lr}), batch {args.batch_size}, KL at T=20, mixup probability {args.mixup}. Online "
-            f"synthesis ({args.method}): {args.synth_batch} images per epoch, {args.iterations} iterations "
+            f"synthesis ({args.method}{''.join(f' + {w:g} {n}' for n, w in terms.items())}): "
+            f"{args.synth_batch} images per epoch, {args.iterations} iterations "
             f"(sparse: stops {SparsityConfig().scaled(args.iterations / 4000).spec()}; CNN teachers dense with the "
             f"BatchNorm prior), then {args.online_steps} training steps on the whole pool; real images and noise: "
             f"{args.real_steps} steps per epoch. Top-1 on all 10,000 test images.\n")
