@@ -57,14 +57,15 @@ DATA = ("sparse", "dense", "real", "noise")
 BACKBONE_DATA, BACKBONE_EPOCHS = "digits", 60  # the other real data the probe/finetune backbones learn first
 
 
-OVERRIDES = {"images": int, "iterations": int, "steps": int, "mixup": float}  # per-contender settings after '@'
+OVERRIDES = {"images": int, "iterations": int, "steps": int, "mixup": float, "epochs": int}  # settings after '@'
 
 
 def parse_contender(spec: str) -> tuple[str, str, str, str, dict[str, float]]:
     """``"vit>cnn:probe/sparse@300,images=64"`` -> (teacher, student, protocol, data, overrides).
 
     After ``@``, comma-separated: a budget in seconds, and ``images=N`` (synthesized per epoch),
-    ``iterations=N`` (per synthesized batch), ``steps=N`` (training steps per epoch), ``mixup=P``."""
+    ``iterations=N`` (per synthesized batch), ``steps=N`` (training steps per epoch), ``mixup=P``, ``epochs=N``
+    (a cosine learning rate over N epochs instead of the constant one; the budget still stops the run)."""
     try:
         pair, data = spec.split("/")
         data, _, extra = data.partition("@")
@@ -101,10 +102,10 @@ def backbone(arch: str, work: Path) -> tuple[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contenders", nargs="+",
-                   default=["cnn>cnn/dense", "vit>vit/sparse", "vit>vit/dense",
-                            "vit>vit:probe/sparse", "vit>vit:probe/dense", "vit>vit:probe/real",
-                            "cnn>cnn/real", "cnn>cnn/noise", "vit>vit/real", "vit>vit/noise",
-                            "vit>cnn/sparse", "cnn>vit/dense",
+                   default=["cnn>cnn/dense", "cnn>cnn/dense@1200", "cnn>cnn/dense@1500,epochs=48", "cnn>cnn/real",
+                            "cnn>cnn/noise", "vit>vit/sparse", "vit>vit/dense", "vit>vit/real", "vit>vit/noise",
+                            "vit>cnn/sparse", "vit>cnn/dense", "cnn>vit/dense",
+                            "vit>vit:probe/sparse@300", "vit>vit:probe/dense@300", "vit>vit:probe/real@300",
                             "vit>vit:finetune/sparse", "vit>vit:finetune/dense", "vit>vit:finetune/real"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--budget", type=float, default=540.0, help="seconds of synthesis + training per contender")
@@ -153,8 +154,9 @@ def main() -> None:
             checkpoint = backbones[s]["weights"]
         runs = []
         for seed in args.seeds:
-            cfg = DistillConfig(epochs=100_000, batch_size=args.batch_size,
-                                lr=args.probe_lr if protocol == "probe" else args.lr, lr_schedule="constant",
+            cfg = DistillConfig(epochs=over.get("epochs", 100_000), batch_size=args.batch_size,
+                                lr=args.probe_lr if protocol == "probe" else args.lr,
+                                lr_schedule="cosine" if "epochs" in over else "constant",
                                 steps_per_epoch=steps, time_budget_s=budget, mixup=over.get("mixup", args.mixup),
                                 seed=seed,
                                 linear_probe=protocol == "probe")
@@ -189,7 +191,7 @@ def main() -> None:
         last = [r["log"][-1] for r in runs]
         rows.append({"contender": spec, "teacher": t, "student": s, "protocol": protocol, "data": kind,
                      "budget_s": budget, "split": f"{images} x {iterations} it, {steps} steps" if online
-                     else f"{steps} steps", "mixup": cfg.mixup,
+                     else f"{steps} steps", "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine",
                      "top1": round(statistics.mean(accs), 2),
                      "top1_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0, "top1_per_seed": accs,
                      "seeds": args.seeds, "teacher_top1": teacher_top1[t],
@@ -210,13 +212,14 @@ def main() -> None:
     header = ["teacher > student", "protocol", "data", "budget s", "per epoch", "top-1 (%)", "teacher (%)",
               "gap (pt)", "wall s", "of which synthesis s", "images seen or made"]
     table = [[f"{r['teacher']} > {r['student']}", r["protocol"], r["data"], f"{r['budget_s']:.0f}",
-              r["split"] + ("" if r["mixup"] == args.mixup else f", mixup {r['mixup']:g}"),
+              r["split"] + ("" if r["mixup"] == args.mixup else f", mixup {r['mixup']:g}")
+              + (f", cosine over {r['epochs']} epochs" if r["cosine"] else ""),
               f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if len(args.seeds) > 1 else ""),
               f"{r['teacher_top1']:.2f}", f"{r['teacher_top1'] - r['top1']:.1f}", f"{r['wall_s']:.0f}",
               f"{r['synthesis_s']:.0f}", r["images"]] for r in rows]
     note = (f"\nSeeds {args.seeds}; budget {args.budget:.0f} s of synthesis + training per contender (a contender "
             f"named ...@S: S s; each stops after the epoch that passes its budget). AdamW constant after one warm-up "
-            f"epoch (lr {args.lr}, linear probes "
+            f"epoch unless the row says cosine (lr {args.lr}, linear probes "
             f"{args.probe_lr}), batch {args.batch_size}, KL at T=20, mixup probability {args.mixup}. Online "
             f"synthesis ({args.method}{''.join(f' + {w:g} {n}' for n, w in terms.items())}): "
             f"{args.synth_batch} images per epoch, {args.iterations} iterations "
