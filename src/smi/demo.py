@@ -16,11 +16,13 @@ import torch
 from smi.data.datasets import eval_dataset
 from smi.data.pool import load_pool
 from smi.data.sources import PoolSource, RealSource
+from smi.errors import SmiError
 from smi.evaluation import evaluate, teacher_accuracy_on_pool
 from smi.inversion.config import InversionConfig, SparsityConfig
 from smi.inversion.engine import StepInfo
 from smi.inversion.synthesis import OnlineSource, synthesize
 from smi.models.loading import Teacher, load_teacher
+from smi.models.sparse import check_sparse_capable
 
 __all__ = ["run_demo"]
 
@@ -86,7 +88,8 @@ def run_demo(out: str | Path = "demo_out", model: str = "fmnist_vit_tiny", num_i
         report["quantized"] = _quantization_demo(teacher, s["folder"], num_images, device,
                                                  report["teacher_test_top1"], data)
         report["distilled"] = _distillation_demo(kd_teacher, out / "distill", device, distill_seconds, data,
-                                                 student or STUDENTS.get(kd_name, "fmnist_vit_mini"))
+                                                 student or STUDENTS.get(kd_name, "fmnist_vit_mini"),
+                                                 report["teacher_test_top1"] if kd_teacher is teacher else None)
     return report
 
 
@@ -124,18 +127,23 @@ STUDENTS = {"fmnist_resnet_tiny": "fmnist_resnet_tiny"}  # distillation teacher 
 
 
 def _distillation_demo(teacher: Teacher, out: Path, device: str, budget: float, data: str,
-                       student: str) -> dict[str, Any]:
+                       student: str, teacher_top1: float | None) -> dict[str, Any]:
     """A short online distillation into a fresh ``student`` (sparse synthesis where the teacher allows it), with its
     accuracy plot: 128 images of 200 inversion steps per epoch, then 200 training steps with mixup."""
     from smi.transfer import DistillConfig, build_student, distill
 
     iterations = 200
-    sparse = hasattr(teacher.model, "blocks")
+    try:  # sparse where the teacher allows it (a timm ViT reading each patch on its own), else dense
+        check_sparse_capable(teacher.model)
+        sparse = True
+    except SmiError:
+        sparse = False
     synthesis = InversionConfig(iterations=iterations, batch_size=128,
                                 sparsity=SparsityConfig().scaled(iterations / 4000) if sparse else SparsityConfig(()))
     cfg = DistillConfig(epochs=1000, lr_schedule="constant", steps_per_epoch=200, mixup=1.0, time_budget_s=budget)
-    teacher_top1 = evaluate(teacher.model, eval_dataset(data, teacher), batch_size=500, device=device,
-                            progress=False)["top1"]
+    if teacher_top1 is None:  # another teacher than the demo's, not measured yet
+        teacher_top1 = evaluate(teacher.model, eval_dataset(data, teacher), batch_size=500, device=device,
+                                progress=False)["top1"]
     print(f"\ndata-free distillation: {teacher.spec} ({teacher_top1:.2f} % top-1) into a fresh {student} (online, "
           f"{'sparse' if sparse else 'dense'} synthesis{'' if sparse else ' with the BatchNorm prior'}, "
           f"{budget:.0f} s budget)")
