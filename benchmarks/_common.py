@@ -50,6 +50,23 @@ def publish(name: str, benchmark: str, args: dict[str, Any], header: list[str], 
     print(f"wrote {', '.join(files[:-1])} and {files[-1]}")
 
 
+class Cells:
+    """Finished cells of a benchmark in ``results/NAME_cells.json`` (committed), each kept with the settings that
+    made it: a rerun with the same settings skips the cell, so a restarted benchmark runs only what is missing."""
+
+    def __init__(self, name: str) -> None:
+        self.path = RESULTS / f"{name}_cells.json"
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def get(self, key: str, setting: dict[str, Any]) -> dict[str, Any] | None:
+        cell = self.data.get(key)
+        return cell if cell is not None and cell["setting"] == setting else None
+
+    def put(self, key: str, cell: dict[str, Any]) -> None:
+        self.data[key] = cell
+        atomic_write_json(self.path, self.data)
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

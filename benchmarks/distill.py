@@ -31,14 +31,13 @@ Run:  python benchmarks/distill.py            (contenders x seeds x --budget sec
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, publish  # noqa: E402
+from _common import RESULTS, Cells, publish  # noqa: E402
 from smi.data.datasets import eval_dataset  # noqa: E402
 from smi.data.sources import NoiseSource, RealSource  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
@@ -48,7 +47,6 @@ from smi.inversion.synthesis import OnlineSource  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.models.training import TeacherTrainConfig, train_teacher  # noqa: E402
 from smi.transfer import DistillConfig, build_student, distill  # noqa: E402
-from smi.utils.io import atomic_write_json  # noqa: E402
 from smi.viz import save_curves  # noqa: E402
 
 MODELS = {"vit": ("fmnist_vit_tiny", "fmnist_vit_mini"), "cnn": ("fmnist_resnet_tiny", "fmnist_resnet_tiny")}
@@ -126,8 +124,7 @@ def main() -> None:
     contenders = [parse_contender(c) for c in args.contenders]
     terms = {name: float(w) for name, _, w in (t.partition("=") for t in args.term)}
     work = Path(args.work)
-    cells_path = RESULTS / f"{args.name}_cells.json"
-    cells: dict[str, Any] = json.loads(cells_path.read_text()) if cells_path.exists() else {}
+    cells = Cells(args.name)
 
     teachers: dict[str, Any] = {}
     teacher_top1: dict[str, float] = {}
@@ -173,8 +170,8 @@ def main() -> None:
                        "synthesis": synthesis.to_dict() if synthesis else None,
                        "backbone": {k: v for k, v in backbones.get(s, {}).items() if k != "weights"}
                        if checkpoint else None}
-            if key in cells and cells[key]["setting"] == setting:
-                run = cells[key]
+            run = cells.get(key, setting)
+            if run is not None:
                 print(f"{spec} seed {seed}: cached, top-1 {run['top1']:.2f} %", file=sys.stderr, flush=True)
             else:
                 data = OnlineSource(synthesis) if synthesis else {"real": RealSource(), "noise": NoiseSource()}[kind]
@@ -182,8 +179,7 @@ def main() -> None:
                                         linear_probe=protocol == "probe", seed=seed)
                 res = distill(teacher, student, data, work / key, cfg)
                 run = {"setting": setting, "top1": res.top1, "epochs": res.epochs, "log": res.log}
-                cells[key] = run
-                atomic_write_json(cells_path, cells)
+                cells.put(key, run)
                 print(f"{spec} seed {seed}: top-1 {res.top1:.2f} % after {res.log[-1]['wall_s']:.0f} s",
                       file=sys.stderr, flush=True)
             runs.append(run)

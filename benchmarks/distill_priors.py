@@ -18,19 +18,17 @@ Run:  python benchmarks/distill_priors.py --variants base lr=0.05 tv_l2=0.01 ter
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, publish  # noqa: E402
+from _common import RESULTS, Cells, publish  # noqa: E402
 from smi.data.sources import PoolSource  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig, synthesize  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.transfer import DistillConfig, build_student, distill  # noqa: E402
-from smi.utils.io import atomic_write_json  # noqa: E402
 
 FIELDS = {"lr": float, "tv_l2": float, "tv_l1": float, "l2": float, "jitter": float, "iterations": int}
 
@@ -72,8 +70,7 @@ def main() -> None:
     args = p.parse_args()
     configs = {v: variant_config(v, args.method, args.iterations, args.batch) for v in args.variants}
     teacher = load_teacher(args.teacher)
-    cells_path = RESULTS / f"{args.name}_cells.json"
-    cells: dict[str, Any] = json.loads(cells_path.read_text()) if cells_path.exists() else {}
+    cells = Cells(args.name)
     rows = []
     for spec, cfg in configs.items():
         key = f"{''.join(c if c.isalnum() or c in '.-' else '_' for c in spec)}_seed{args.seed}"
@@ -81,9 +78,8 @@ def main() -> None:
                            lr_schedule="cosine", mixup=1.0, seed=args.seed)
         setting = {"teacher": args.teacher, "student": args.student, "synthesis": cfg.to_dict(),
                    "images": args.images, "seed": args.seed, "distill": kd.to_dict()}
-        if key in cells and cells[key]["setting"] == setting:
-            cell = cells[key]
-        else:
+        cell = cells.get(key, setting)
+        if cell is None:
             t0 = time.perf_counter()
             pool = synthesize(teacher, cfg, args.images, Path(args.work) / key / "pool", seed=args.seed,
                               progress=False, grid=True)
@@ -92,8 +88,7 @@ def main() -> None:
                           Path(args.work) / key / "kd", kd, progress=False)
             cell = {"setting": setting, "top1": res.top1, "synthesis_s": round(synth_s, 1),
                     "train_s": res.log[-1]["train_s"], "grid": str(pool.grid)}
-            cells[key] = cell
-            atomic_write_json(cells_path, cells)
+            cells.put(key, cell)
         print(f"{spec}: student top-1 {cell['top1']:.2f} %", file=sys.stderr, flush=True)
         rows.append({"variant": spec, **{k: v for k, v in cell.items() if k != "setting"}})
     header = ["variant", "student top-1 (%)", "synthesis s", "training s"]
