@@ -43,6 +43,7 @@ from smi.data.sources import NoiseSource, RealSource  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
 from smi.inversion.methods import METHODS  # noqa: E402
+from smi.inversion.terms import TERMS  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.models.training import TeacherTrainConfig, train_teacher  # noqa: E402
@@ -56,6 +57,7 @@ BACKBONE_DATA, BACKBONE_EPOCHS = "digits", 60  # the other real data the probe/f
 
 
 OVERRIDES = {"images": int, "iterations": int, "steps": int, "mixup": float, "epochs": int}  # settings after '@'
+SYNTHESIS = {"color_shift": float, "blur": float, "jitter_unit": str, "lr": float, "tv_l2": float}  # InversionConfig
 
 
 def parse_contender(spec: str) -> tuple[str, str, str, str, dict[str, float]]:
@@ -63,7 +65,9 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, dict[str, float]]:
 
     After ``@``, comma-separated: a budget in seconds, and ``images=N`` (synthesized per epoch),
     ``iterations=N`` (per synthesized batch), ``steps=N`` (training steps per epoch), ``mixup=P``, ``epochs=N``
-    (a cosine learning rate over N epochs instead of the constant one; the budget still stops the run)."""
+    (a cosine learning rate over N epochs instead of the constant one; the budget still stops the run), and
+    synthesis settings (``color_shift=S``, ``blur=F``, ``jitter_unit=pixel``, ``lr=LR``, ``tv_l2=W``,
+    ``term.NAME=W`` for an extra term of this contender only)."""
     try:
         pair, data = spec.split("/")
         data, _, extra = data.partition("@")
@@ -72,21 +76,23 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, dict[str, float]]:
             name, eq, value = item.partition("=")
             if not eq:
                 overrides["budget"] = float(item)
-            elif name in OVERRIDES:
-                overrides[name] = OVERRIDES[name](value)
+            elif name in OVERRIDES or name in SYNTHESIS:
+                overrides[name] = {**OVERRIDES, **SYNTHESIS}[name](value)
+            elif name.startswith("term.") and name[5:] in TERMS:
+                overrides[name] = float(value)
             else:
                 raise ValueError
         t, s = pair.split(">")
         s, _, protocol = s.partition(":")
         protocol = protocol or "scratch"
         if data not in DATA or protocol not in PROTOCOLS or not all(v > 0 for k, v in overrides.items()
-                                                                     if k != "mixup"):
+                                                                     if k in OVERRIDES and k != "mixup"):
             raise ValueError
         return MODELS[t][0], MODELS[s][1], protocol, data, overrides
     except (ValueError, KeyError):
         raise SystemExit(f"error: contender {spec!r}: expected TEACHER>STUDENT[:PROTOCOL]/DATA[@SECONDS,NAME=VALUE...] "
                          f"with TEACHER, STUDENT in {'|'.join(MODELS)}, PROTOCOL in {'|'.join(PROTOCOLS)}, DATA in "
-                         f"{'|'.join(DATA)}, NAME in {'|'.join(OVERRIDES)} (positive)") from None
+                         f"{'|'.join(DATA)}, NAME in {'|'.join(OVERRIDES)} (positive), {'|'.join(SYNTHESIS)} or term.TERM") from None
 
 
 def backbone(arch: str, work: Path) -> tuple[str, float]:
@@ -161,9 +167,11 @@ def main() -> None:
             if online:
                 stops = SparsityConfig(()) if kind == "dense" else SparsityConfig().scaled(iterations / 4000)
                 synthesis = InversionConfig.for_method(args.method, iterations=iterations, batch_size=images,
-                                                       sparsity=stops)
+                                                       sparsity=stops,
+                                                       **{k: v for k, v in over.items() if k in SYNTHESIS})
                 synthesis = InversionConfig.from_dict({**synthesis.to_dict(),  # validated with the extra terms
-                                                       "terms": {**synthesis.terms, **terms}})
+                                                       "terms": {**synthesis.terms, **terms, **{
+                                                           k[5:]: v for k, v in over.items() if k[:5] == "term."}}})
             name = spec.replace(">", "_to_").replace("=", "")
             key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
             setting = {"teacher": t, "student": s, "protocol": protocol, "data": kind, "config": cfg.to_dict(),
@@ -187,7 +195,8 @@ def main() -> None:
         last = [r["log"][-1] for r in runs]
         rows.append({"contender": spec, "teacher": t, "student": s, "protocol": protocol, "data": kind,
                      "budget_s": budget, "split": f"{images} x {iterations} it, {steps} steps" if online
-                     else f"{steps} steps", "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine",
+                     else f"{steps} steps",
+                     "synthesis": {k: v for k, v in over.items() if k in SYNTHESIS or k[:5] == "term."}, "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine",
                      "top1": round(statistics.mean(accs), 2),
                      "top1_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0, "top1_per_seed": accs,
                      "seeds": args.seeds, "teacher_top1": teacher_top1[t],
@@ -209,6 +218,7 @@ def main() -> None:
               "gap (pt)", "wall s", "of which synthesis s", "images seen or made"]
     table = [[f"{r['teacher']} > {r['student']}", r["protocol"], r["data"], f"{r['budget_s']:.0f}",
               r["split"] + ("" if r["mixup"] == args.mixup else f", mixup {r['mixup']:g}")
+              + "".join(f", {k} {v}" for k, v in r["synthesis"].items())
               + (f", cosine over {r['epochs']} epochs" if r["cosine"] else ""),
               f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if len(args.seeds) > 1 else ""),
               f"{r['teacher_top1']:.2f}", f"{r['teacher_top1'] - r['top1']:.1f}", f"{r['wall_s']:.0f}",

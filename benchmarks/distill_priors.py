@@ -8,9 +8,11 @@ on all 10,000 test images. The figures rank synthesis settings cheaply; ``distil
 winners at equal wall time. Pools and runs live under ``--work`` and resume; finished variants are
 kept in ``results/NAME_cells.json``.
 
-A variant is ``NAME=VALUE,NAME=VALUE`` over InversionConfig fields (``lr``, ``tv_l2``, ``tv_l1``, ``l2``,
-``jitter``, ``iterations``) and ``term.NAME`` (an extra term's weight), or ``base`` for the method's
-defaults; ``dense`` inverts without stopping patches.
+A variant is ``NAME=VALUE,NAME=VALUE`` over ``method`` (default ``--method``), InversionConfig fields
+(``lr``, ``tv_l2``, ``tv_l1``, ``l2``, ``jitter``, ``jitter_unit``, ``color_shift``, ``blur``, ``iterations``)
+and ``term.NAME`` (an extra term's weight), or ``base`` for the method's defaults; ``dense`` inverts
+without stopping patches. ``real`` (the teacher's training split) and ``noise`` (fresh Gaussian noise)
+are the bounds: the same student and steps, no synthesis.
 
 Run:  python benchmarks/distill_priors.py --variants base lr=0.05 tv_l2=0.01 term.adversarial=1
 """
@@ -25,12 +27,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, Cells, publish  # noqa: E402
-from smi.data.sources import PoolSource  # noqa: E402
+from smi.data.sources import NoiseSource, PoolSource, RealSource  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig, synthesize  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.transfer import DistillConfig, build_student, distill  # noqa: E402
 
-FIELDS = {"lr": float, "tv_l2": float, "tv_l1": float, "l2": float, "jitter": float, "iterations": int}
+FIELDS = {"lr": float, "tv_l2": float, "tv_l1": float, "l2": float, "jitter": float, "iterations": int,
+          "color_shift": float, "jitter_unit": str, "blur": float}
 
 
 def variant_config(spec: str, method: str, iterations: int, batch: int) -> InversionConfig:
@@ -42,6 +45,8 @@ def variant_config(spec: str, method: str, iterations: int, batch: int) -> Inver
         name, eq, value = item.partition("=")
         if item in ("base", "dense"):
             dense = dense or item == "dense"
+        elif name == "method" and eq:
+            method = value
         elif name.startswith("term.") and eq:
             terms[name[5:]] = float(value)
         elif name in FIELDS and eq:
@@ -68,7 +73,9 @@ def main() -> None:
     p.add_argument("--work", default=str(RESULTS / "distill_priors_work"))
     p.add_argument("--name", default="distill_priors")
     args = p.parse_args()
-    configs = {v: variant_config(v, args.method, args.iterations, args.batch) for v in args.variants}
+    bounds = {"real": RealSource(), "noise": NoiseSource()}
+    configs = {v: None if v in bounds else variant_config(v, args.method, args.iterations, args.batch)
+               for v in args.variants}
     teacher = load_teacher(args.teacher)
     cells = Cells(args.name)
     rows = []
@@ -76,18 +83,21 @@ def main() -> None:
         key = f"{''.join(c if c.isalnum() or c in '.-' else '_' for c in spec)}_seed{args.seed}"
         kd = DistillConfig(epochs=1, steps_per_epoch=args.steps, batch_size=64, lr=1e-3, warmup_epochs=0.1,
                            lr_schedule="cosine", mixup=1.0, seed=args.seed)
-        setting = {"teacher": args.teacher, "student": args.student, "synthesis": cfg.to_dict(),
+        setting = {"teacher": args.teacher, "student": args.student, "synthesis": cfg.to_dict() if cfg else spec,
                    "images": args.images, "seed": args.seed, "distill": kd.to_dict()}
         cell = cells.get(key, setting)
         if cell is None:
             t0 = time.perf_counter()
-            pool = synthesize(teacher, cfg, args.images, Path(args.work) / key / "pool", seed=args.seed,
-                              progress=False, grid=True)
+            source, grid = bounds.get(spec), None
+            if cfg is not None:
+                pool = synthesize(teacher, cfg, args.images, Path(args.work) / key / "pool", seed=args.seed,
+                                  progress=False, grid=True)
+                source, grid = PoolSource(str(pool.folder)), str(pool.grid)
             synth_s = time.perf_counter() - t0
-            res = distill(teacher, build_student(args.student, teacher, seed=args.seed), PoolSource(str(pool.folder)),
+            res = distill(teacher, build_student(args.student, teacher, seed=args.seed), source,
                           Path(args.work) / key / "kd", kd, progress=False)
             cell = {"setting": setting, "top1": res.top1, "synthesis_s": round(synth_s, 1),
-                    "train_s": res.log[-1]["train_s"], "grid": str(pool.grid)}
+                    "train_s": res.log[-1]["train_s"], "grid": grid}
             cells.put(key, cell)
         print(f"{spec}: student top-1 {cell['top1']:.2f} %", file=sys.stderr, flush=True)
         rows.append({"variant": spec, **{k: v for k, v in cell.items() if k != "setting"}})

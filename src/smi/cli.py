@@ -145,7 +145,7 @@ def _inversion_config(args: argparse.Namespace):
 
     given = {"iterations": args.iterations, "batch_size": args.synth_batch_size, "lr": args.synth_lr,
              "tv_l2": args.tv_l2, "tv_l1": args.tv_l1, "l2": args.l2, "jitter": args.jitter,
-             "labels": args.labels, "curriculum": args.curriculum}
+             "color_shift": args.color_shift, "blur": args.blur, "labels": args.labels, "curriculum": args.curriculum}
     overrides = {k: v for k, v in given.items() if v is not None}
     with _flags(args, batch_size="synth_batch_size", lr="synth_lr", terms="term", options="option"):
         terms = {**METHODS.get(args.method, param="method").defaults.get("terms", {}), **_pairs(args.term, "--term")}
@@ -183,6 +183,11 @@ def _add_inversion_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--jitter-unit", choices=["patch", "pixel"], default="patch",
                    help="round shifts to whole patches (needed for sparse) or use pixels (dense only)")
     p.add_argument("--no-flip", action="store_true", help="disable the random horizontal flip")
+    p.add_argument("--color-shift", type=_number, metavar="S",
+                   help="Plug-In Inversion's colour shift: the teacher sees each image at a random contrast "
+                        "exp(U(-S, S)) and brightness U(-S, S) (default: 0, off; 1 is the paper's)")
+    p.add_argument("--blur", type=_number, metavar="F",
+                   help="after each step move the images a fraction F toward their 3x3-blurred selves (default: 0)")
     p.add_argument("--labels", help=f"label sampler: {', '.join(LABELS.names())} (default: the method's)")
     p.add_argument("--curriculum", help=f"{', '.join(CURRICULA.names())} (default: the method's)")
     p.add_argument("--term", action="append", metavar="NAME=WEIGHT",

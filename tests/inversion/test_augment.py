@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from smi.inversion.augment import Jitter, apply_jitter, jitter_indices, pixel_mask_from_indices
+from smi.inversion.augment import Jitter, apply_jitter, color_shift, jitter_indices, pixel_mask_from_indices
 
 
 def _brute_force(idx: torch.Tensor, grid, patch, j: Jitter) -> torch.Tensor:
@@ -40,3 +40,19 @@ def test_pixel_mask():
     m = pixel_mask_from_indices(torch.tensor([[0, 3]]), (2, 2), 2)
     assert m.shape == (1, 1, 4, 4)
     assert m[0, 0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+def test_color_shift_is_one_affine_map_per_image_and_channel():
+    x = torch.randn(6, 3, 5, 5)
+    y = color_shift(x, 0.5, torch.Generator().manual_seed(0))
+    for b in range(6):
+        for c in range(3):
+            xs, ys = x[b, c].flatten(), y[b, c].flatten()
+            scale = ((ys - ys.mean()) @ (xs - xs.mean())) / ((xs - xs.mean()) @ (xs - xs.mean()))  # least squares
+            shift = ys.mean() - scale * xs.mean()
+            torch.testing.assert_close(ys, scale * xs + shift, atol=1e-5, rtol=1e-5)
+            assert torch.exp(torch.tensor(-0.5)) <= scale <= torch.exp(torch.tensor(0.5))
+            assert -0.5 <= shift <= 0.5
+    scales = (y[:, :, 0, 0] - y[:, :, 0, 1]) / (x[:, :, 0, 0] - x[:, :, 0, 1])
+    assert scales.flatten().unique().numel() == 18  # drawn per image and channel
+    assert torch.equal(y, color_shift(x, 0.5, torch.Generator().manual_seed(0)))  # from the generator alone

@@ -42,6 +42,7 @@ def test_stop_beyond_iterations():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="nope"), "unknown method"), (dict(iterations=0), "iterations"), (dict(lr=-1), "lr must be positive"),
     (dict(jitter_unit="pixel"), "must be .patch. for sparse inversion"), (dict(jitter=1.5), "jitter"),
+    (dict(color_shift=-0.1), "color_shift must be in"), (dict(color_shift=float("nan")), "color_shift must be in"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(SmiError, match=match):

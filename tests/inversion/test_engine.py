@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -26,8 +28,10 @@ def _patch_values(x, patch=8):
     return x.reshape(B, -1, C * patch * patch)  # (B, N, C*p*p)
 
 
-def test_stopped_patches_never_change_and_mask_is_what_was_optimized(tiny_teacher):
-    batch, steps = _run(tiny_teacher)
+@pytest.mark.parametrize("cfg", [SPARSE, dataclasses.replace(SPARSE, blur=0.5, color_shift=1.0)],
+                         ids=["plain", "blur-and-color-shift"])
+def test_stopped_patches_never_change_and_mask_is_what_was_optimized(tiny_teacher, cfg):
+    batch, steps = _run(tiny_teacher, cfg)
     final_iter, final_x, final_keep = steps[-1]
     assert batch.mask.sum(1).tolist() == [4, 4, 4]
     for b in range(3):
@@ -75,6 +79,14 @@ def test_deterministic_for_a_seed(tiny_teacher):
     c, _ = _run(tiny_teacher, seed=4)
     assert torch.equal(a.images, b.images) and torch.equal(a.mask, b.mask)
     assert not torch.equal(a.images, c.images)
+
+
+def test_color_shift_and_blur_change_the_images_and_stay_deterministic(tiny_teacher):
+    plain, _ = _run(tiny_teacher, seed=3)
+    for cfg in (dataclasses.replace(SPARSE, color_shift=1.0), dataclasses.replace(SPARSE, blur=0.5)):
+        a, _ = _run(tiny_teacher, cfg, seed=3)
+        b, _ = _run(tiny_teacher, cfg, seed=3)
+        assert torch.equal(a.images, b.images) and not torch.equal(a.images, plain.images)
 
 
 def test_pixels_stay_in_valid_range(tiny_teacher):

@@ -1,6 +1,6 @@
 import torch
 
-from smi.inversion.priors import image_l2, total_variation
+from smi.inversion.priors import blur_, image_l2, total_variation
 
 
 def test_tv_of_constant_image_is_zero():
@@ -36,3 +36,19 @@ def test_tv_with_full_mask_equals_unmasked():
 def test_image_l2():
     x = torch.tensor([[[[3.0, 4.0]]], [[[0.0, 0.0]]]])
     assert torch.isclose(image_l2(x), torch.tensor(2.5))
+
+
+def test_blur_spreads_an_impulse_into_the_binomial_kernel():
+    x = torch.zeros(1, 2, 5, 5)
+    x[0, 0, 2, 2] = 16.0
+    blur_(x, 0.5)
+    expected = torch.zeros(5, 5)
+    expected[1:4, 1:4] = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) * 0.5
+    expected[2, 2] += 8.0  # half of the impulse stays where it was
+    torch.testing.assert_close(x[0, 0], expected)
+    assert torch.equal(x[0, 1], torch.zeros(5, 5))  # channels are blurred apart
+
+
+def test_blur_leaves_a_constant_image_alone_up_to_its_border():
+    x = torch.full((2, 1, 4, 6), 0.7)
+    torch.testing.assert_close(blur_(x.clone(), 1.0), x)

@@ -1,4 +1,4 @@
-"""Jitter (wrap-around roll) and horizontal flip, for images and for patch indices alike."""
+"""Jitter (wrap-around roll) and horizontal flip, for images and for patch indices alike; colour shift."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Jitter", "sample_jitter", "apply_jitter", "jitter_indices", "rejitter", "pixel_mask_from_indices"]
+__all__ = ["Jitter", "sample_jitter", "apply_jitter", "jitter_indices", "rejitter", "pixel_mask_from_indices",
+           "color_shift"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +62,16 @@ def pixel_mask_from_indices(idx: torch.Tensor, grid: tuple[int, int], patch: int
     m.scatter_(1, idx, 1.0)
     m = m.view(-1, 1, gh, 1, gw, 1).expand(-1, -1, -1, patch, -1, patch)
     return m.reshape(idx.shape[0], 1, gh * patch, gw * patch)
+
+
+def color_shift(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Plug-In Inversion's ColorShift: ``x * exp(u) + v`` with u, v ~ U(-strength, strength) per image and channel.
+
+    Applied to the view the teacher sees (in its normalized space), it asks the images to be
+    classified whatever their brightness and contrast, so they cannot rely on exact pixel levels
+    (the high-contrast, saturated patterns a ViT otherwise inverts to). Pixelwise, so a kept
+    patch is still exactly its token.
+    """
+    b, c = x.shape[:2]
+    u, v = ((torch.rand(2, b, c, 1, 1, generator=generator) * 2 - 1) * strength).to(x.device, x.dtype)
+    return x * u.exp() + v

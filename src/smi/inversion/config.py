@@ -107,6 +107,8 @@ class InversionConfig:
     jitter: float = 0.125
     jitter_unit: Literal["patch", "pixel"] = "patch"
     flip: bool = True
+    blur: float = 0.0  # after each step, move the images this fraction toward their 3x3-blurred selves (0 = off)
+    color_shift: float = 0.0  # Plug-In Inversion's random brightness/contrast of the view: strength (0 = off)
     importance_block: int = -1
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     labels: str = "hard"  # a name in smi.inversion.labels.LABELS
@@ -174,6 +176,11 @@ class InversionConfig:
         for name in ("ce_weight", "tv_l2", "tv_l1", "l2"):
             if not getattr(self, name) >= 0:
                 raise SmiError(f"must be >= 0, got {getattr(self, name)}", param=name)
+        if not (0 <= self.blur <= 1):
+            raise SmiError(f"must be a fraction in [0, 1], got {self.blur}", param="blur")
+        if not (0 <= self.color_shift <= 2):
+            raise SmiError(f"must be in [0, 2] (log-contrast and shift range), got {self.color_shift}",
+                           param="color_shift")
         if not (0 <= self.jitter < 1):
             raise SmiError(f"must be a fraction of the side in [0, 1), got {self.jitter}", param="jitter")
         if self.jitter_unit not in ("patch", "pixel"):

@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 
 from smi.errors import SmiError, SmiWarning
-from smi.inversion.augment import apply_jitter, jitter_indices, pixel_mask_from_indices, sample_jitter
+from smi.inversion.augment import apply_jitter, color_shift, jitter_indices, pixel_mask_from_indices, sample_jitter
 from smi.inversion.config import InversionConfig
+from smi.inversion.priors import blur_
 from smi.inversion.recipe import Recipe
 from smi.inversion.terms import Step
 from smi.models.loading import Teacher
@@ -181,6 +182,8 @@ def invert(
                 g["lr"] = scheduled_lr(config.lr_schedule, step_in_round, per_round, config.warmup, config.lr)
             j = sample_jitter(limit, unit, config.flip, generator)
             xj = apply_jitter(x, j)
+            if config.color_shift:
+                xj = color_shift(xj, config.color_shift, generator)
             rank_now = it in stops
             idx_t = jitter_indices(keep, grid, patch, j) if sparse else None  # token j of image b: patch keep[b, j]
             out, captured = recipe.captures.record(lambda: forward(xj, idx_t, rank_now))  # noqa: B023
@@ -194,6 +197,8 @@ def invert(
             loss.backward()
             opt.step()
             with torch.no_grad():
+                if config.blur:
+                    blur_(x, config.blur)
                 x.clamp_(lo, hi)
                 if frozen is not None:
                     x.copy_(torch.where(pixel_mask.bool(), x, frozen))  # Adam momentum must not move stopped pixels
