@@ -43,8 +43,8 @@ from smi.data.sources import NoiseSource, RealSource  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
 from smi.inversion.methods import METHODS  # noqa: E402
-from smi.inversion.terms import TERMS  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
+from smi.inversion.terms import TERMS  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.models.training import TeacherTrainConfig, train_teacher  # noqa: E402
 from smi.transfer import DistillConfig, build_student, distill  # noqa: E402
@@ -92,7 +92,8 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, dict[str, float]]:
     except (ValueError, KeyError):
         raise SystemExit(f"error: contender {spec!r}: expected TEACHER>STUDENT[:PROTOCOL]/DATA[@SECONDS,NAME=VALUE...] "
                          f"with TEACHER, STUDENT in {'|'.join(MODELS)}, PROTOCOL in {'|'.join(PROTOCOLS)}, DATA in "
-                         f"{'|'.join(DATA)}, NAME in {'|'.join(OVERRIDES)} (positive), {'|'.join(SYNTHESIS)} or term.TERM") from None
+                         f"{'|'.join(DATA)}, NAME in {'|'.join(OVERRIDES)} (positive), {'|'.join(SYNTHESIS)} "
+                         "or term.TERM") from None
 
 
 def backbone(arch: str, work: Path) -> tuple[str, float]:
@@ -196,7 +197,8 @@ def main() -> None:
         rows.append({"contender": spec, "teacher": t, "student": s, "protocol": protocol, "data": kind,
                      "budget_s": budget, "split": f"{images} x {iterations} it, {steps} steps" if online
                      else f"{steps} steps",
-                     "synthesis": {k: v for k, v in over.items() if k in SYNTHESIS or k[:5] == "term."}, "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine",
+                     "synthesis": {k: v for k, v in over.items() if k in SYNTHESIS or k[:5] == "term."},
+                     "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine",
                      "top1": round(statistics.mean(accs), 2),
                      "top1_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0, "top1_per_seed": accs,
                      "seeds": args.seeds, "teacher_top1": teacher_top1[t],
