@@ -56,7 +56,8 @@ DATA = ("sparse", "dense", "real", "noise")
 BACKBONE_DATA, BACKBONE_EPOCHS = "digits", 60  # the other real data the probe/finetune backbones learn first
 
 
-OVERRIDES = {"images": int, "iterations": int, "steps": int, "mixup": float, "epochs": int}  # settings after '@'
+OVERRIDES = {"images": int, "iterations": int, "steps": int, "mixup": float, "epochs": int,  # settings after '@'
+             "augment_color": float}
 SYNTHESIS = {"color_shift": float, "blur": float, "jitter_unit": str, "lr": float, "tv_l2": float}  # InversionConfig
 
 
@@ -65,7 +66,8 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, dict[str, float]]:
 
     After ``@``, comma-separated: a budget in seconds, and ``images=N`` (synthesized per epoch),
     ``iterations=N`` (per synthesized batch), ``steps=N`` (training steps per epoch), ``mixup=P``, ``epochs=N``
-    (a cosine learning rate over N epochs instead of the constant one; the budget still stops the run), and
+    (a cosine learning rate over N epochs instead of the constant one; the budget still stops the run),
+    ``augment_color=S`` (the student's batches colour-shifted, ``smi distill --augment-color``), and
     synthesis settings (``color_shift=S``, ``blur=F``, ``jitter_unit=pixel``, ``lr=LR``, ``tv_l2=W``,
     ``term.NAME=W`` for an extra term of this contender only)."""
     try:
@@ -85,8 +87,9 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, dict[str, float]]:
         t, s = pair.split(">")
         s, _, protocol = s.partition(":")
         protocol = protocol or "scratch"
+        may_be_zero = ("mixup", "augment_color")
         if data not in DATA or protocol not in PROTOCOLS or not all(v > 0 for k, v in overrides.items()
-                                                                     if k in OVERRIDES and k != "mixup"):
+                                                                     if k in OVERRIDES and k not in may_be_zero):
             raise ValueError
         return MODELS[t][0], MODELS[s][1], protocol, data, overrides
     except (ValueError, KeyError):
@@ -162,6 +165,7 @@ def main() -> None:
                                 lr=args.probe_lr if protocol == "probe" else args.lr,
                                 lr_schedule="cosine" if "epochs" in over else "constant",
                                 steps_per_epoch=steps, time_budget_s=budget, mixup=over.get("mixup", args.mixup),
+                                color_shift=over.get("augment_color", 0.0),
                                 seed=seed,
                                 linear_probe=protocol == "probe")
             synthesis = None
@@ -198,7 +202,7 @@ def main() -> None:
                      "budget_s": budget, "split": f"{images} x {iterations} it, {steps} steps" if online
                      else f"{steps} steps",
                      "synthesis": {k: v for k, v in over.items() if k in SYNTHESIS or k[:5] == "term."},
-                     "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine",
+                     "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine", "augment_color": cfg.color_shift,
                      "top1": round(statistics.mean(accs), 2),
                      "top1_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0, "top1_per_seed": accs,
                      "seeds": args.seeds, "teacher_top1": teacher_top1[t],
@@ -221,6 +225,7 @@ def main() -> None:
     table = [[f"{r['teacher']} > {r['student']}", r["protocol"], r["data"], f"{r['budget_s']:.0f}",
               r["split"] + ("" if r["mixup"] == args.mixup else f", mixup {r['mixup']:g}")
               + "".join(f", {k} {v}" for k, v in r["synthesis"].items())
+              + (f", student colour shift {r['augment_color']:g}" if r["augment_color"] else "")
               + (f", cosine over {r['epochs']} epochs" if r["cosine"] else ""),
               f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if len(args.seeds) > 1 else ""),
               f"{r['teacher_top1']:.2f}", f"{r['teacher_top1'] - r['top1']:.1f}", f"{r['wall_s']:.0f}",

@@ -11,8 +11,9 @@ kept in ``results/NAME_cells.json``.
 A variant is ``NAME=VALUE,NAME=VALUE`` over ``method`` (default ``--method``), InversionConfig fields
 (``lr``, ``tv_l2``, ``tv_l1``, ``l2``, ``jitter``, ``jitter_unit``, ``color_shift``, ``blur``, ``iterations``)
 and ``term.NAME`` (an extra term's weight), or ``base`` for the method's defaults; ``dense`` inverts
-without stopping patches. ``real`` (the teacher's training split) and ``noise`` (fresh Gaussian noise)
-are the bounds: the same student and steps, no synthesis.
+without stopping patches; ``kd_color=S`` trains the student on colour-shifted images (``--augment-color``).
+``real`` (the teacher's training split) and ``noise`` (fresh Gaussian noise) are the bounds:
+the same student and steps, no synthesis.
 
 Run:  python benchmarks/distill_priors.py --variants base lr=0.05 tv_l2=0.01 term.adversarial=1
 """
@@ -36,9 +37,10 @@ FIELDS = {"lr": float, "tv_l2": float, "tv_l1": float, "l2": float, "jitter": fl
           "color_shift": float, "jitter_unit": str, "blur": float}
 
 
-def variant_config(spec: str, method: str, iterations: int, batch: int) -> InversionConfig:
-    """``"lr=0.05,dense"`` -> the synthesis config it names."""
+def variant_config(spec: str, method: str, iterations: int, batch: int) -> tuple[InversionConfig, float]:
+    """``"lr=0.05,dense,kd_color=1"`` -> the synthesis config it names, and the student's colour-shift strength."""
     fields: dict[str, Any] = {"iterations": iterations}
+    kd_color = 0.0
     terms: dict[str, float] = {}
     dense = False
     for item in filter(None, spec.split(",")):
@@ -47,6 +49,8 @@ def variant_config(spec: str, method: str, iterations: int, batch: int) -> Inver
             dense = dense or item == "dense"
         elif name == "method" and eq:
             method = value
+        elif name == "kd_color" and eq:
+            kd_color = float(value)
         elif name.startswith("term.") and eq:
             terms[name[5:]] = float(value)
         elif name in FIELDS and eq:
@@ -56,7 +60,11 @@ def variant_config(spec: str, method: str, iterations: int, batch: int) -> Inver
                              f"{'|'.join(f'{f}=V' for f in FIELDS)}")
     sparsity = SparsityConfig(()) if dense else SparsityConfig().scaled(fields["iterations"] / 4000)
     cfg = InversionConfig.for_method(method, batch_size=batch, sparsity=sparsity, **fields)
-    return InversionConfig.from_dict({**cfg.to_dict(), "terms": {**cfg.terms, **terms}})
+    return InversionConfig.from_dict({**cfg.to_dict(), "terms": {**cfg.terms, **terms}}), kd_color
+
+
+def safe(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in spec)
 
 
 def main() -> None:
@@ -74,23 +82,25 @@ def main() -> None:
     p.add_argument("--name", default="distill_priors")
     args = p.parse_args()
     bounds = {"real": RealSource(), "noise": NoiseSource()}
-    configs = {v: None if v in bounds else variant_config(v, args.method, args.iterations, args.batch)
+    configs = {v: (None, 0.0) if v in bounds else variant_config(v, args.method, args.iterations, args.batch)
                for v in args.variants}
     teacher = load_teacher(args.teacher)
     cells = Cells(args.name)
     rows = []
-    for spec, cfg in configs.items():
-        key = f"{''.join(c if c.isalnum() or c in '.-' else '_' for c in spec)}_seed{args.seed}"
+    for spec, (cfg, kd_color) in configs.items():
+        key = f"{safe(spec)}_seed{args.seed}"
         kd = DistillConfig(epochs=1, steps_per_epoch=args.steps, batch_size=64, lr=1e-3, warmup_epochs=0.1,
-                           lr_schedule="cosine", mixup=1.0, seed=args.seed)
+                           lr_schedule="cosine", mixup=1.0, color_shift=kd_color, seed=args.seed)
         setting = {"teacher": args.teacher, "student": args.student, "synthesis": cfg.to_dict() if cfg else spec,
                    "images": args.images, "seed": args.seed, "distill": kd.to_dict()}
         cell = cells.get(key, setting)
         if cell is None:
             t0 = time.perf_counter()
             source, grid = bounds.get(spec), None
-            if cfg is not None:
-                pool = synthesize(teacher, cfg, args.images, Path(args.work) / key / "pool", seed=args.seed,
+            if cfg is not None:  # variants that differ only in the student's training share one pool
+                synth_spec = ",".join(i for i in spec.split(",") if not i.startswith("kd_"))
+                pool_dir = Path(args.work) / key.replace(safe(spec), safe(synth_spec)) / "pool"
+                pool = synthesize(teacher, cfg, args.images, pool_dir, seed=args.seed,
                                   progress=False, grid=True)
                 source, grid = PoolSource(str(pool.folder)), str(pool.grid)
             synth_s = time.perf_counter() - t0

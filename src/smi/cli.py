@@ -249,7 +249,7 @@ def _kd_config(args: argparse.Namespace, cls: type, **extra: Any) -> Any:
         return cls(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                    temperature=args.temperature, ce_weight=args.ce_weight, steps_per_epoch=args.steps_per_epoch,
                    online_steps=args.online_steps, augment=not args.no_augment, mixup=args.mixup,
-                   time_budget_s=args.time_budget,
+                   color_shift=args.augment_color, time_budget_s=args.time_budget,
                    eval_images=args.eval_images, train_images=args.train_images, seed=args.seed, **extra)
 
 
@@ -296,6 +296,9 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     p.add_argument("--online-steps", type=int, default=d.online_steps,
                    help="training steps per epoch with --online or --noise")
     p.add_argument("--no-augment", action="store_true", help="no random whole-patch shift and flip")
+    p.add_argument("--augment-color", type=_number, default=d.color_shift, metavar="S",
+                   help="random contrast exp(U(-S, S)) and brightness U(-S, S) of every training image, kept in the "
+                        "valid pixel range; the teacher labels what the student sees; 0 is off")
     p.add_argument("--mixup", type=_number, default=d.mixup, metavar="P",
                    help="probability that a training batch is made of mixtures of its images, each labelled by the "
                         "teacher (mixup with lambda ~ U(0, 1); stretches a small synthetic pool)")

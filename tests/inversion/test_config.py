@@ -47,3 +47,10 @@ def test_stop_beyond_iterations():
 def test_bad_config(kwargs, match):
     with pytest.raises(SmiError, match=match):
         InversionConfig(**kwargs)
+
+
+def test_fields_added_later_stay_out_of_the_record_while_off():
+    """A pool written before ``blur``/``color_shift`` existed has the same identity as one made with them off."""
+    assert not {"blur", "color_shift"} & set(InversionConfig().to_dict())
+    on = InversionConfig(blur=0.3, color_shift=1.0)
+    assert InversionConfig.from_dict(on.to_dict()) == on

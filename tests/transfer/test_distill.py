@@ -299,3 +299,27 @@ def test_student_learns_from_synthetic_images_alone(tmp_path):
                   DistillConfig(epochs=1, steps_per_epoch=300, mixup=0.5, warmup_epochs=0.1, eval_images=1000),
                   progress=False)
     assert res.top1 is not None and res.top1 > 20.0, res.log  # measured: 31.6 % after 20 s
+
+
+def test_color_shift_reaches_teacher_and_student_alike_inside_the_valid_range(tiny_teacher, sparse_pool, tmp_path,
+                                                                                monkeypatch):
+    """--augment-color: both models see the same shifted batch (the teacher labels what the student sees), every
+    pixel stays a pixel a real image could have, and the setting joins the run's identity only when on."""
+    import smi.transfer.loop as loop
+    from smi.inversion.engine import valid_range
+
+    inputs, logits = [], loop._logits
+    monkeypatch.setattr(loop, "_logits",
+                        lambda m, x, keep: (inputs.append(x.detach().clone()), logits(m, x, keep))[1])
+    distill(tiny_teacher, _student(), PoolSource(sparse_pool), tmp_path / "kd",
+            DistillConfig(epochs=1, batch_size=8, augment=False, color_shift=1.0), eval_data=None, progress=False)
+    teacher_view, student_view = inputs[0], inputs[1]
+    assert torch.equal(teacher_view, student_view)
+    pool = load_pool(sparse_pool).images.flatten(1)
+    assert not any(torch.equal(row, p) for row in teacher_view.flatten(1) for p in pool)  # every image shifted
+    lo, hi = valid_range(tiny_teacher.mean, tiny_teacher.std, "cpu")
+    assert (teacher_view >= lo - 1e-6).all() and (teacher_view <= hi + 1e-6).all()
+    assert json.loads((tmp_path / "kd" / "config.json").read_text())["config"]["color_shift"] == 1.0
+    assert "color_shift" not in DistillConfig().to_dict()
+    with pytest.raises(SmiError, match="color_shift"):
+        DistillConfig(color_shift=-1)

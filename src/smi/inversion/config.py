@@ -195,6 +195,9 @@ class InversionConfig:
         d["betas"] = list(self.betas)
         d["sparsity"] = {"stops": [list(s) for s in self.sparsity.stops]}
         d["rounds"] = list(self.rounds)
+        for name in ("blur", "color_shift"):
+            if d[name] == 0.0:  # pools and runs recorded before the field existed still resume
+                del d[name]
         return d
 
     @classmethod

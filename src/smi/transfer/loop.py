@@ -28,7 +28,8 @@ from smi.data.sources import DataSource
 from smi.distributed import Dist
 from smi.errors import SmiError
 from smi.evaluation import evaluate
-from smi.inversion.augment import apply_jitter, jitter_indices, sample_jitter
+from smi.inversion.augment import apply_jitter, color_shift, jitter_indices, sample_jitter
+from smi.inversion.engine import valid_range
 from smi.models.loading import Teacher, save_teacher
 from smi.models.sparse import mask_to_indices, sparse_forward
 from smi.runner import FitConfig, RunFolder, adamw, fit, plot_accuracy
@@ -158,6 +159,7 @@ def train_on_teacher(
     patch = getattr(getattr(teacher.model, "patch_embed", None), "patch_size", (1,))[0]
     grid = (teacher.input_size[1] // patch, teacher.input_size[2] // patch)
     jitter_limit = max(1, round(0.125 * teacher.input_size[1] / patch))
+    lo, hi = valid_range(teacher.mean, teacher.std, "cpu")
 
     def batches(epoch: int, gen: torch.Generator):
         for x, masks in images.batches(steps, cfg.batch_size, gen):
@@ -166,6 +168,8 @@ def train_on_teacher(
                 j = sample_jitter(jitter_limit, patch, True, gen)
                 x = apply_jitter(x, j)
                 keep = None if keep is None else jitter_indices(keep, grid, patch, j)
+            if cfg.color_shift:  # the teacher labels the shifted images: its function over a wider input range
+                x = torch.maximum(torch.minimum(color_shift(x, cfg.color_shift, gen), hi), lo)
             if cfg.mixup and torch.rand((), generator=gen) < cfg.mixup:
                 x = mix_images(x, gen)
             if dist.active:  # every process drew the same batch; each keeps its own slice
