@@ -111,8 +111,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contenders", nargs="+",
                    default=["cnn>cnn/dense", "cnn>cnn/dense@1200", "cnn>cnn/dense@1500,epochs=48", "cnn>cnn/real",
-                            "cnn>cnn/noise", "vit>vit/sparse", "vit>vit/dense", "vit>vit/real", "vit>vit/noise",
-                            "vit>cnn/sparse", "vit>cnn/dense", "cnn>vit/dense",
+                            "cnn>cnn/noise", "vit>vit/sparse", "vit>vit/sparse@540,augment_color=2", "vit>vit/dense",
+                            "vit>vit/real", "vit>vit/noise", "vit>cnn/sparse", "vit>cnn/dense",
+                            "vit>cnn/dense@540,iterations=50", "vit>cnn/dense@540,iterations=50,term.adversarial=1",
+                            "vit>cnn/dense@540,iterations=50,augment_color=2", "cnn>vit/dense",
                             "vit>vit:probe/sparse@300", "vit>vit:probe/dense@300", "vit>vit:probe/real@300",
                             "vit>vit:finetune/sparse", "vit>vit:finetune/dense", "vit>vit:finetune/real"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
