@@ -207,6 +207,13 @@ def _cases():
                                                "--synth-batch-size"),
         "distill: mixup probability above 1": (lambda w: ["distill", "--teacher", w["ckpt"], "--noise", "--mixup",
                                                           "1.5", "--out", "{d}/o"], "--mixup"),
+        "distill: negative student colour shift": (lambda w: ["distill", "--teacher", w["ckpt"], "--noise",
+                                                              "--augment-color", "-1", "--out", "{d}/o"],
+                                                   "--augment-color"),
+        "invert: colour shift out of range": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--color-shift", "3",
+                                                         "--out", "{d}/o"], "--color-shift"),
+        "invert: blur above 1": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--blur", "1.5", "--out", "{d}/o"],
+                                 "--blur"),
         # students that cannot take the teacher's images
         "distill: a student that cannot read the images": (lambda w: ["distill", "--teacher", w["ckpt"], "--student",
                                                                       "efficientformer_l1", "--noise", "--eval-data",

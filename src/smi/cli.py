@@ -245,7 +245,7 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
 
 def _kd_config(args: argparse.Namespace, cls: type, **extra: Any) -> Any:
     """A DistillConfig (or QatConfig) from the flags of :func:`_add_kd_args`."""
-    with _flags(args, time_budget_s="time_budget"):
+    with _flags(args, time_budget_s="time_budget", color_shift="augment_color"):
         return cls(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                    temperature=args.temperature, ce_weight=args.ce_weight, steps_per_epoch=args.steps_per_epoch,
                    online_steps=args.online_steps, augment=not args.no_augment, mixup=args.mixup,
