@@ -42,21 +42,30 @@ def save_curves(
     path: str | Path, series: dict[str, Sequence[tuple[float, float | None]]], *, xlabel: str, ylabel: str,
     title: str = "", hlines: dict[str, float] | None = None,
 ) -> Path:
-    """Write a PNG line plot: one line with markers per series, dashed horizontal reference lines."""
+    """Write a PNG line plot: one line with markers per series, dashed horizontal reference lines.
+
+    Up to 8 series share the axes with their legend; more get a legend beside the axes and a marker
+    shape and line style per group of ten, so that no two lines look alike once the ten colours repeat.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in series.items():
+    many = len(series) + len(hlines or {}) > 8
+    fig, ax = plt.subplots(figsize=(11, 5) if many else (7, 4.5))
+    for i, (label, points) in enumerate(series.items()):
         pts = [(x, y) for x, y in points if y is not None]
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=label)
+            ax.plot(*zip(*pts, strict=True), marker="osv^D"[i // 10 % 5], linestyle=("-", ":", "-.")[i // 10 % 3],
+                    markersize=3, color=f"C{i % 10}", label=label)
     for i, (label, y) in enumerate((hlines or {}).items()):
-        ax.axhline(y, linestyle="--", linewidth=1, color=f"C{len(series) + i}", label=label)
+        ax.axhline(y, linestyle="--", linewidth=1, color=f"C{(len(series) + i) % 10}", label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=8)
     return _save_figure(fig, path)
 
 
