@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,58 @@ class Cells:
     def put(self, key: str, cell: dict[str, Any]) -> None:
         self.data[key] = cell
         atomic_write_json(self.path, self.data)
+
+
+SYNTHESIS_SETTINGS = {"lr": float, "tv_l2": float, "tv_l1": float, "l2": float, "jitter": float, "iterations": int,
+                      "color_shift": float, "jitter_unit": str, "blur": float}  # InversionConfig fields
+STUDENT_SETTINGS = {"augment_color": "color_shift", "augment_background": "background"}  # -> DistillConfig fields
+
+
+@dataclass
+class Settings:
+    """A benchmark contender's ``NAME=VALUE`` settings, sorted by what they configure."""
+
+    synthesis: dict[str, Any] = field(default_factory=dict)  # InversionConfig fields
+    terms: dict[str, float] = field(default_factory=dict)  # extra synthesis terms: name -> weight
+    student: dict[str, float] = field(default_factory=dict)  # DistillConfig fields (the student's augmentations)
+    other: dict[str, Any] = field(default_factory=dict)  # the script's own settings
+
+    def synthesis_config(self, method: str, **fields: Any) -> Any:
+        """The InversionConfig of ``method`` with ``fields``, these settings and their extra terms (validated)."""
+        from smi.inversion import InversionConfig
+
+        cfg = InversionConfig.for_method(method, **{**fields, **self.synthesis})
+        return InversionConfig.from_dict({**cfg.to_dict(), "terms": {**cfg.terms, **self.terms}})
+
+
+def parse_settings(items: Iterable[str], other: dict[str, type] | None = None) -> Settings:
+    """``["lr=0.05", "term.contrastive=1", "augment_color=2", "steps=100"]`` -> :class:`Settings`: synthesis fields
+    (``SYNTHESIS_SETTINGS``), ``term.NAME=W`` (a registered term), the student's augmentations
+    (``STUDENT_SETTINGS``, by their ``smi distill`` flag names) and ``other`` (the script's own, name -> type).
+    Raises ValueError naming the first item that is none of these."""
+    from smi.inversion.terms import TERMS
+
+    out, other = Settings(), other or {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        try:
+            if not eq:
+                raise ValueError
+            if name in SYNTHESIS_SETTINGS:
+                out.synthesis[name] = SYNTHESIS_SETTINGS[name](value)
+            elif name.startswith("term.") and name[5:] in TERMS:
+                out.terms[name[5:]] = float(value)
+            elif name in STUDENT_SETTINGS:
+                out.student[STUDENT_SETTINGS[name]] = float(value)
+            elif name in other:
+                out.other[name] = other[name](value)
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{item!r} is not NAME=VALUE with NAME one of "
+                             f"{'|'.join([*SYNTHESIS_SETTINGS, *STUDENT_SETTINGS, *other])} or term.TERM "
+                             f"({'|'.join(TERMS.names())})") from None
+    return out
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

@@ -37,14 +37,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, Cells, publish  # noqa: E402
+from _common import RESULTS, Cells, Settings, parse_settings, publish  # noqa: E402
 from smi.data.datasets import eval_dataset  # noqa: E402
 from smi.data.sources import NoiseSource, RealSource  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
-from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
+from smi.inversion import SparsityConfig  # noqa: E402
 from smi.inversion.methods import METHODS  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
-from smi.inversion.terms import TERMS  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.models.training import TeacherTrainConfig, train_teacher  # noqa: E402
 from smi.transfer import DistillConfig, build_student, distill  # noqa: E402
@@ -56,47 +55,37 @@ DATA = ("sparse", "dense", "real", "noise")
 BACKBONE_DATA, BACKBONE_EPOCHS = "digits", 60  # the other real data the probe/finetune backbones learn first
 
 
-OVERRIDES = {"images": int, "iterations": int, "steps": int, "mixup": float, "epochs": int,  # settings after '@'
-             "augment_color": float}
-SYNTHESIS = {"color_shift": float, "blur": float, "jitter_unit": str, "lr": float, "tv_l2": float}  # InversionConfig
+OWN = {"images": int, "steps": int, "mixup": float, "epochs": int}  # settings after '@' that are not synthesis's
 
 
-def parse_contender(spec: str) -> tuple[str, str, str, str, dict[str, float]]:
-    """``"vit>cnn:probe/sparse@300,images=64"`` -> (teacher, student, protocol, data, overrides).
+def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settings]:
+    """``"vit>cnn:probe/sparse@300,images=64"`` -> (teacher, student, protocol, data, budget or None, settings).
 
     After ``@``, comma-separated: a budget in seconds, and ``images=N`` (synthesized per epoch),
-    ``iterations=N`` (per synthesized batch), ``steps=N`` (training steps per epoch), ``mixup=P``, ``epochs=N``
-    (a cosine learning rate over N epochs instead of the constant one; the budget still stops the run),
-    ``augment_color=S`` (the student's batches colour-shifted, ``smi distill --augment-color``), and
-    synthesis settings (``color_shift=S``, ``blur=F``, ``jitter_unit=pixel``, ``lr=LR``, ``tv_l2=W``,
-    ``term.NAME=W`` for an extra term of this contender only)."""
+    ``steps=N`` (training steps per epoch), ``mixup=P``, ``epochs=N`` (a cosine learning rate over N
+    epochs instead of the constant one; the budget still stops the run), the student's augmentations
+    (``augment_color=S``, ``augment_background=P``: ``smi distill --augment-color``, ``--augment-background``)
+    and synthesis settings (``iterations=N`` per synthesized batch, ``color_shift=S``, ``blur=F``,
+    ``jitter_unit=pixel``, ``lr=LR``, ``tv_l2=W``, ..., ``term.NAME=W`` for an extra term of this contender only)."""
+    pair, _, data = spec.partition("/")
+    data, _, extra = data.partition("@")
+    items = extra.split(",") if extra else []
+    budget = None
     try:
-        pair, data = spec.split("/")
-        data, _, extra = data.partition("@")
-        overrides: dict[str, float] = {}
-        for item in filter(None, extra.split(",")):
-            name, eq, value = item.partition("=")
-            if not eq:
-                overrides["budget"] = float(item)
-            elif name in OVERRIDES or name in SYNTHESIS:
-                overrides[name] = {**OVERRIDES, **SYNTHESIS}[name](value)
-            elif name.startswith("term.") and name[5:] in TERMS:
-                overrides[name] = float(value)
-            else:
-                raise ValueError
-        t, s = pair.split(">")
-        s, _, protocol = s.partition(":")
-        protocol = protocol or "scratch"
-        may_be_zero = ("mixup", "augment_color")
-        if data not in DATA or protocol not in PROTOCOLS or not all(v > 0 for k, v in overrides.items()
-                                                                     if k in OVERRIDES and k not in may_be_zero):
-            raise ValueError
-        return MODELS[t][0], MODELS[s][1], protocol, data, overrides
-    except (ValueError, KeyError):
+        if items and "=" not in items[0]:
+            budget = float(items.pop(0))
+        settings = parse_settings(items, OWN)
+    except ValueError as e:
+        raise SystemExit(f"error: contender {spec!r}: {e}") from None
+    t, _, s = pair.partition(">")
+    s, _, protocol = s.partition(":")
+    protocol = protocol or "scratch"
+    if data not in DATA or protocol not in PROTOCOLS or t not in MODELS or s not in MODELS \
+            or not all(v > 0 for k, v in settings.other.items() if k != "mixup"):
         raise SystemExit(f"error: contender {spec!r}: expected TEACHER>STUDENT[:PROTOCOL]/DATA[@SECONDS,NAME=VALUE...] "
                          f"with TEACHER, STUDENT in {'|'.join(MODELS)}, PROTOCOL in {'|'.join(PROTOCOLS)}, DATA in "
-                         f"{'|'.join(DATA)}, NAME in {'|'.join(OVERRIDES)} (positive), {'|'.join(SYNTHESIS)} "
-                         "or term.TERM") from None
+                         f"{'|'.join(DATA)} and {'|'.join(OWN)} positive")
+    return MODELS[t][0], MODELS[s][1], protocol, data, budget, settings
 
 
 def backbone(arch: str, work: Path) -> tuple[str, float]:
@@ -142,10 +131,11 @@ def main() -> None:
     teacher_top1: dict[str, float] = {}
     backbones: dict[str, dict[str, Any]] = {}
     rows, curves = [], {}
-    for spec, (t, s, protocol, kind, over) in zip(args.contenders, contenders, strict=True):
+    for spec, (t, s, protocol, kind, budget, settings) in zip(args.contenders, contenders, strict=True):
         online = kind in ("dense", "sparse")
-        budget, images, iterations = over.get("budget", args.budget), over.get("images", args.synth_batch), \
-            over.get("iterations", args.iterations)
+        over = settings.other
+        budget = args.budget if budget is None else budget
+        images, iterations = over.get("images", args.synth_batch), settings.synthesis.get("iterations", args.iterations)
         steps = over.get("steps", args.online_steps if online else args.real_steps)
         if t not in teachers:
             teachers[t] = load_teacher(t)
@@ -167,18 +157,12 @@ def main() -> None:
                                 lr=args.probe_lr if protocol == "probe" else args.lr,
                                 lr_schedule="cosine" if "epochs" in over else "constant",
                                 steps_per_epoch=steps, time_budget_s=budget, mixup=over.get("mixup", args.mixup),
-                                color_shift=over.get("augment_color", 0.0),
-                                seed=seed,
-                                linear_probe=protocol == "probe")
+                                seed=seed, linear_probe=protocol == "probe", **settings.student)
             synthesis = None
             if online:
                 stops = SparsityConfig(()) if kind == "dense" else SparsityConfig().scaled(iterations / 4000)
-                synthesis = InversionConfig.for_method(args.method, iterations=iterations, batch_size=images,
-                                                       sparsity=stops,
-                                                       **{k: v for k, v in over.items() if k in SYNTHESIS})
-                synthesis = InversionConfig.from_dict({**synthesis.to_dict(),  # validated with the extra terms
-                                                       "terms": {**synthesis.terms, **terms, **{
-                                                           k[5:]: v for k, v in over.items() if k[:5] == "term."}}})
+                synthesis = Settings({**settings.synthesis, "iterations": iterations}, {**terms, **settings.terms}) \
+                    .synthesis_config(args.method, batch_size=images, sparsity=stops)
             name = spec.replace(">", "_to_").replace("=", "")
             key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
             setting = {"teacher": t, "student": s, "protocol": protocol, "data": kind, "config": cfg.to_dict(),
@@ -203,8 +187,10 @@ def main() -> None:
         rows.append({"contender": spec, "teacher": t, "student": s, "protocol": protocol, "data": kind,
                      "budget_s": budget, "split": f"{images} x {iterations} it, {steps} steps" if online
                      else f"{steps} steps",
-                     "synthesis": {k: v for k, v in over.items() if k in SYNTHESIS or k[:5] == "term."},
+                     "synthesis": {**{k: v for k, v in settings.synthesis.items() if k != "iterations"},
+                                   **{f"term.{k}": v for k, v in settings.terms.items()}},
                      "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine", "augment_color": cfg.color_shift,
+                     "augment_background": cfg.background,
                      "top1": round(statistics.mean(accs), 2),
                      "top1_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0, "top1_per_seed": accs,
                      "seeds": args.seeds, "teacher_top1": teacher_top1[t],
@@ -228,6 +214,7 @@ def main() -> None:
               r["split"] + ("" if r["mixup"] == args.mixup else f", mixup {r['mixup']:g}")
               + "".join(f", {k} {v}" for k, v in r["synthesis"].items())
               + (f", student colour shift {r['augment_color']:g}" if r["augment_color"] else "")
+              + (f", student backgrounds {r['augment_background']:g}" if r.get("augment_background") else "")
               + (f", cosine over {r['epochs']} epochs" if r["cosine"] else ""),
               f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if len(args.seeds) > 1 else ""),
               f"{r['teacher_top1']:.2f}", f"{r['teacher_top1'] - r['top1']:.1f}", f"{r['wall_s']:.0f}",

@@ -11,7 +11,8 @@ kept in ``results/NAME_cells.json``.
 A variant is ``NAME=VALUE,NAME=VALUE`` over ``method`` (default ``--method``), InversionConfig fields
 (``lr``, ``tv_l2``, ``tv_l1``, ``l2``, ``jitter``, ``jitter_unit``, ``color_shift``, ``blur``, ``iterations``)
 and ``term.NAME`` (an extra term's weight), or ``base`` for the method's defaults; ``dense`` inverts
-without stopping patches; ``kd_color=S`` trains the student on colour-shifted images (``--augment-color``).
+without stopping patches; ``augment_color=S`` and ``augment_background=P`` train the student on augmented
+images (``smi distill --augment-color``, ``--augment-background``; variants that differ only in these share a pool).
 ``real`` (the teacher's training split) and ``noise`` (fresh Gaussian noise) are the bounds:
 the same student and steps, no synthesis.
 
@@ -24,43 +25,29 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, Cells, publish  # noqa: E402
+from _common import RESULTS, STUDENT_SETTINGS, Cells, parse_settings, publish  # noqa: E402
 from smi.data.sources import NoiseSource, PoolSource, RealSource  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig, synthesize  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.transfer import DistillConfig, build_student, distill  # noqa: E402
 
-FIELDS = {"lr": float, "tv_l2": float, "tv_l1": float, "l2": float, "jitter": float, "iterations": int,
-          "color_shift": float, "jitter_unit": str, "blur": float}
 
-
-def variant_config(spec: str, method: str, iterations: int, batch: int) -> tuple[InversionConfig, float]:
-    """``"lr=0.05,dense,kd_color=1"`` -> the synthesis config it names, and the student's colour-shift strength."""
-    fields: dict[str, Any] = {"iterations": iterations}
-    kd_color = 0.0
-    terms: dict[str, float] = {}
-    dense = False
-    for item in filter(None, spec.split(",")):
-        name, eq, value = item.partition("=")
-        if item in ("base", "dense"):
-            dense = dense or item == "dense"
-        elif name == "method" and eq:
-            method = value
-        elif name == "kd_color" and eq:
-            kd_color = float(value)
-        elif name.startswith("term.") and eq:
-            terms[name[5:]] = float(value)
-        elif name in FIELDS and eq:
-            fields[name] = FIELDS[name](value)
-        else:
-            raise SystemExit(f"error: variant {spec!r}: {item!r} is not base, dense, term.NAME=W or one of "
-                             f"{'|'.join(f'{f}=V' for f in FIELDS)}")
-    sparsity = SparsityConfig(()) if dense else SparsityConfig().scaled(fields["iterations"] / 4000)
-    cfg = InversionConfig.for_method(method, batch_size=batch, sparsity=sparsity, **fields)
-    return InversionConfig.from_dict({**cfg.to_dict(), "terms": {**cfg.terms, **terms}}), kd_color
+def variant_config(spec: str, method: str, iterations: int, batch: int) -> tuple[InversionConfig, dict[str, float]]:
+    """``"lr=0.05,dense,augment_color=1"`` -> the synthesis config it names, and the student's augmentations."""
+    items = [i for i in filter(None, spec.split(",")) if i not in ("base", "dense")]
+    method_items = [i for i in items if i.startswith("method=")]
+    try:
+        settings = parse_settings([i for i in items if i not in method_items])
+    except ValueError as e:
+        raise SystemExit(f"error: variant {spec!r}: {e}, base, dense or method=NAME") from None
+    method = method_items[-1].partition("=")[2] if method_items else method
+    iterations = settings.synthesis.get("iterations", iterations)
+    dense = "dense" in spec.split(",")
+    sparsity = SparsityConfig(()) if dense else SparsityConfig().scaled(iterations / 4000)
+    return settings.synthesis_config(method, iterations=iterations, batch_size=batch, sparsity=sparsity), \
+        settings.student
 
 
 def safe(spec: str) -> str:
@@ -82,15 +69,15 @@ def main() -> None:
     p.add_argument("--name", default="distill_priors")
     args = p.parse_args()
     bounds = {"real": RealSource(), "noise": NoiseSource()}
-    configs = {v: (None, 0.0) if v in bounds else variant_config(v, args.method, args.iterations, args.batch)
+    configs = {v: (None, {}) if v in bounds else variant_config(v, args.method, args.iterations, args.batch)
                for v in args.variants}
     teacher = load_teacher(args.teacher)
     cells = Cells(args.name)
     rows = []
-    for spec, (cfg, kd_color) in configs.items():
+    for spec, (cfg, student) in configs.items():
         key = f"{safe(spec)}_seed{args.seed}"
         kd = DistillConfig(epochs=1, steps_per_epoch=args.steps, batch_size=64, lr=1e-3, warmup_epochs=0.1,
-                           lr_schedule="cosine", mixup=1.0, color_shift=kd_color, seed=args.seed)
+                           lr_schedule="cosine", mixup=1.0, seed=args.seed, **student)
         setting = {"teacher": args.teacher, "student": args.student, "synthesis": cfg.to_dict() if cfg else spec,
                    "images": args.images, "seed": args.seed, "distill": kd.to_dict()}
         cell = cells.get(key, setting)
@@ -98,7 +85,7 @@ def main() -> None:
             t0 = time.perf_counter()
             source, grid = bounds.get(spec), None
             if cfg is not None:  # variants that differ only in the student's training share one pool
-                synth_spec = ",".join(i for i in spec.split(",") if not i.startswith("kd_"))
+                synth_spec = ",".join(i for i in spec.split(",") if i.partition("=")[0] not in STUDENT_SETTINGS)
                 pool_dir = Path(args.work) / key.replace(safe(spec), safe(synth_spec)) / "pool"
                 pool = synthesize(teacher, cfg, args.images, pool_dir, seed=args.seed,
                                   progress=False, grid=True)

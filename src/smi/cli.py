@@ -245,11 +245,11 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
 
 def _kd_config(args: argparse.Namespace, cls: type, **extra: Any) -> Any:
     """A DistillConfig (or QatConfig) from the flags of :func:`_add_kd_args`."""
-    with _flags(args, time_budget_s="time_budget", color_shift="augment_color"):
+    with _flags(args, time_budget_s="time_budget", color_shift="augment_color", background="augment_background"):
         return cls(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
                    temperature=args.temperature, ce_weight=args.ce_weight, steps_per_epoch=args.steps_per_epoch,
                    online_steps=args.online_steps, augment=not args.no_augment, mixup=args.mixup,
-                   color_shift=args.augment_color, time_budget_s=args.time_budget,
+                   color_shift=args.augment_color, background=args.augment_background, time_budget_s=args.time_budget,
                    eval_images=args.eval_images, train_images=args.train_images, seed=args.seed, **extra)
 
 
@@ -299,6 +299,10 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     p.add_argument("--augment-color", type=_number, default=d.color_shift, metavar="S",
                    help="random contrast exp(U(-S, S)) and brightness U(-S, S) of every training image, kept in the "
                         "valid pixel range; the teacher labels what the student sees; 0 is off")
+    p.add_argument("--augment-background", type=_number, default=d.background, metavar="P",
+                   help="probability that a batch of sparse images has its stopped patches filled with a random "
+                        "background (a flat level anywhere in the pixel range plus noise) and goes to both models "
+                        "whole: the student learns the class does not depend on the background; 0 is off")
     p.add_argument("--mixup", type=_number, default=d.mixup, metavar="P",
                    help="probability that a training batch is made of mixtures of its images, each labelled by the "
                         "teacher (mixup with lambda ~ U(0, 1); stretches a small synthetic pool)")

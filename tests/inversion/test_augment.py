@@ -3,7 +3,14 @@ import itertools
 import pytest
 import torch
 
-from smi.inversion.augment import Jitter, apply_jitter, color_shift, jitter_indices, pixel_mask_from_indices
+from smi.inversion.augment import (
+    Jitter,
+    apply_jitter,
+    color_shift,
+    fill_background,
+    jitter_indices,
+    pixel_mask_from_indices,
+)
 
 
 def _brute_force(idx: torch.Tensor, grid, patch, j: Jitter) -> torch.Tensor:
@@ -56,3 +63,25 @@ def test_color_shift_is_one_affine_map_per_image_and_channel():
     scales = (y[:, :, 0, 0] - y[:, :, 0, 1]) / (x[:, :, 0, 0] - x[:, :, 0, 1])
     assert scales.flatten().unique().numel() == 18  # drawn per image and channel
     assert torch.equal(y, color_shift(x, 0.5, torch.Generator().manual_seed(0)))  # from the generator alone
+
+
+def test_fill_background_changes_only_stopped_patches_within_the_range():
+    """Kept patches are untouched; each stopped patch becomes a flat level per image and channel (noise 0) or that
+    level plus noise, always inside the valid range; levels differ between images."""
+    grid, patch = (4, 4), 2
+    x = torch.randn(5, 3, 8, 8) * 3
+    idx = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(b))[:6] for b in range(5)])
+    lo, hi = torch.full((1, 3, 1, 1), -1.5), torch.full((1, 3, 1, 1), 2.0)
+    kept = pixel_mask_from_indices(idx, grid, patch).bool().expand_as(x)
+    flat = fill_background(x, idx, grid, patch, lo, hi, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(flat[kept], x[kept])
+    for b in range(5):
+        for c in range(3):
+            stopped = flat[b, c][~kept[b, c]]
+            assert stopped.numel() == 10 * 4 and torch.all(stopped == stopped[0]) and -1.5 <= stopped[0] <= 2.0
+    assert len({round(float(flat[b, 0][~kept[b, 0]][0]), 6) for b in range(5)}) == 5
+    noisy = fill_background(x, idx, grid, patch, lo, hi, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy[kept], x[kept])
+    assert (noisy[~kept] >= -1.5).all() and (noisy[~kept] <= 2.0).all()
+    assert noisy[0, 0][~kept[0, 0]].std() > 0
+    assert torch.equal(noisy, fill_background(x, idx, grid, patch, lo, hi, 0.25, torch.Generator().manual_seed(0)))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Jitter", "sample_jitter", "apply_jitter", "jitter_indices", "rejitter", "pixel_mask_from_indices",
-           "color_shift"]
+           "color_shift", "fill_background"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,23 @@ def color_shift(x: torch.Tensor, strength: float, generator: torch.Generator) ->
     b, c = x.shape[:2]
     u, v = ((torch.rand(2, b, c, 1, 1, generator=generator) * 2 - 1) * strength).to(x.device, x.dtype)
     return x * u.exp() + v
+
+
+def fill_background(x: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int], patch: int, lo: torch.Tensor,
+                    hi: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace the patches sparse inversion stopped (all but the kept ``idx``) with a random background.
+
+    Per image and channel a level ~ U(lo, hi) over the valid range, plus Gaussian noise of a standard
+    deviation ~ U(0, ``noise``) times the range per image, clamped to the range. A sparse image carries the class in its
+    kept patches; its stopped patches hold the initial noise, which no real image looks like. Filled this
+    way (and labelled by the teacher), the student sees the object on backgrounds from flat black to
+    textured, so real backgrounds fall inside what it was trained on. ``lo``/``hi``: (1, C, 1, 1).
+    """
+    b, c = x.shape[:2]
+    u = torch.rand(b, c, 1, 1, generator=generator).to(x.device, x.dtype)
+    level = lo + u * (hi - lo)
+    sd = torch.rand(b, 1, 1, 1, generator=generator).to(x.device, x.dtype) * noise * (hi - lo)
+    texture = torch.randn(x.shape, generator=generator).to(x.device, x.dtype) * sd
+    background = torch.maximum(torch.minimum(level + texture, hi), lo)
+    kept = pixel_mask_from_indices(idx, grid, patch).to(x.dtype)
+    return kept * x + (1 - kept) * background

@@ -34,6 +34,7 @@ class DistillConfig:
     online_images: int = 32  # images synthesized per epoch in online mode
     augment: bool = True  # random whole-patch shift (up to 1/8 of the side) and horizontal flip
     color_shift: float = 0.0  # random contrast exp(U(-s, s)) and brightness U(-s, s) per image, clamped to range
+    background: float = 0.0  # probability that a sparse batch gets random backgrounds in its stopped patches
     mixup: float = 0.0  # probability that a batch is replaced by mixtures of its images (the teacher labels them)
     linear_probe: bool = False  # freeze the student's backbone, train a new head
     time_budget_s: float | None = None  # stop after the epoch at which synthesis + training exceed this
@@ -53,8 +54,9 @@ class DistillConfig:
             raise SmiError(f"must be positive, got {self.temperature}", param="temperature")
         if not 0 <= self.color_shift <= 2:
             raise SmiError(f"must be in [0, 2], got {self.color_shift}", param="color_shift")
-        if not 0 <= self.mixup <= 1:
-            raise SmiError(f"must be a probability in [0, 1], got {self.mixup}", param="mixup")
+        for name in ("mixup", "background"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SmiError(f"must be a probability in [0, 1], got {getattr(self, name)}", param=name)
         if not self.ce_weight >= 0:
             raise SmiError(f"must be >= 0, got {self.ce_weight}", param="ce_weight")
         for name in ("steps_per_epoch", "eval_images", "train_images"):
@@ -66,7 +68,7 @@ class DistillConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for name, unset in (("train_images", None), ("mixup", 0.0), ("color_shift", 0.0)):
+        for name, unset in (("train_images", None), ("mixup", 0.0), ("color_shift", 0.0), ("background", 0.0)):
             if d[name] == unset:  # runs recorded before the field existed still resume
                 del d[name]
         return d

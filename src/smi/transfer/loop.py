@@ -28,7 +28,7 @@ from smi.data.sources import DataSource
 from smi.distributed import Dist
 from smi.errors import SmiError
 from smi.evaluation import evaluate
-from smi.inversion.augment import apply_jitter, color_shift, jitter_indices, sample_jitter
+from smi.inversion.augment import apply_jitter, color_shift, fill_background, jitter_indices, sample_jitter
 from smi.inversion.engine import valid_range
 from smi.models.loading import Teacher, save_teacher
 from smi.models.sparse import mask_to_indices, sparse_forward
@@ -39,6 +39,7 @@ from smi.transfer.student import Student
 __all__ = ["DISTILL_FORMAT", "DistillResult", "distill", "kd_loss", "mix_images", "open_run", "train_on_teacher"]
 
 DISTILL_FORMAT = "smi-distill/1"
+BACKGROUND_NOISE = 0.25  # largest texture std of a filled background, as a fraction of the pixel range
 
 
 @dataclass
@@ -164,6 +165,8 @@ def train_on_teacher(
     def batches(epoch: int, gen: torch.Generator):
         for x, masks in images.batches(steps, cfg.batch_size, gen):
             keep = None if masks is None else mask_to_indices(masks)
+            if keep is not None and cfg.background and torch.rand((), generator=gen) < cfg.background:
+                x, keep = fill_background(x, keep, grid, patch, lo, hi, BACKGROUND_NOISE, gen), None  # whole images
             if cfg.augment:
                 j = sample_jitter(jitter_limit, patch, True, gen)
                 x = apply_jitter(x, j)
