@@ -120,12 +120,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (scratch and finetune)")
     p.add_argument("--probe-lr", type=float, default=1e-2, help="learning rate of a linear probe")
     p.add_argument("--work", default=str(RESULTS / "distill_work"), help="run folders (resumable)")
-    p.add_argument("--name", default="distill")
+    p.add_argument("--name", default="distill", help="results/NAME.{json,md,png}")
+    p.add_argument("--cells", default="distill", help="finished runs are kept in results/CELLS_cells.json (a run "
+                                                      "for another --name, e.g. extra seeds, joins the same cells)")
     args = p.parse_args()
     contenders = [parse_contender(c) for c in args.contenders]
     terms = {name: float(w) for name, _, w in (t.partition("=") for t in args.term)}
     work = Path(args.work)
-    cells = Cells(args.name)
+    cells = Cells(args.cells)
 
     teachers: dict[str, Any] = {}
     teacher_top1: dict[str, float] = {}

@@ -300,9 +300,10 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
                    help="random contrast exp(U(-S, S)) and brightness U(-S, S) of every training image, kept in the "
                         "valid pixel range; the teacher labels what the student sees; 0 is off")
     p.add_argument("--augment-background", type=_number, default=d.background, metavar="P",
-                   help="probability that a batch of sparse images has its stopped patches filled with a random "
-                        "background (a flat level anywhere in the pixel range plus noise) and goes to both models "
-                        "whole: the student learns the class does not depend on the background; 0 is off")
+                   help="probability that the student sees a batch of sparse images whole, their stopped patches "
+                        "filled with a random background (a flat level anywhere in the pixel range plus noise), "
+                        "while the teacher labels the kept patches: the class is the object's, not the "
+                        "background's; 0 is off")
     p.add_argument("--mixup", type=_number, default=d.mixup, metavar="P",
                    help="probability that a training batch is made of mixtures of its images, each labelled by the "
                         "teacher (mixup with lambda ~ U(0, 1); stretches a small synthetic pool)")

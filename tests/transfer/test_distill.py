@@ -325,9 +325,11 @@ def test_color_shift_reaches_teacher_and_student_alike_inside_the_valid_range(ti
         DistillConfig(color_shift=-1)
 
 
-def test_background_fill_reaches_both_models_as_whole_images(tiny_teacher, sparse_pool, tmp_path, monkeypatch):
-    """--augment-background 1: every batch of a sparse pool goes to teacher and student whole (no token subset),
-    the same images for both, kept patches as in the pool and stopped patches no longer the pool's zero fill."""
+def test_background_fill_shows_the_student_the_teachers_object_on_a_random_background(tiny_teacher, sparse_pool,
+                                                                                        tmp_path, monkeypatch):
+    """--augment-background 1: the teacher labels every sparse image from its kept patches (tokens, as without the
+    option); the student gets the whole image: the same kept patches, and stopped patches that are no longer the
+    pool's zero fill."""
     import smi.transfer.loop as loop
 
     calls, logits = [], loop._logits
@@ -336,12 +338,12 @@ def test_background_fill_reaches_both_models_as_whole_images(tiny_teacher, spars
     distill(tiny_teacher, _student(), PoolSource(sparse_pool), tmp_path / "kd",
             DistillConfig(epochs=1, batch_size=8, augment=False, background=1.0), eval_data=None, progress=False)
     (teacher_view, t_keep), (student_view, s_keep) = calls[0], calls[1]
-    assert t_keep is None and s_keep is None and torch.equal(teacher_view, student_view)
-    pool = load_pool(sparse_pool)
-    kept = pool.masks.view(-1, 1, 4, 1, 4, 1).expand(-1, 3, -1, 8, -1, 8).reshape(pool.images.shape)
-    for v in teacher_view:  # find its pool image by the kept content
-        i = next(j for j in range(len(pool.images)) if torch.equal(v[kept[j]], pool.images[j][kept[j]]))
-        assert not torch.equal(v[~kept[i]], pool.images[i][~kept[i]])
+    assert t_keep is not None and t_keep.shape == (8, 4) and s_keep is None
+    kept = load_pool(sparse_pool).masks.new_zeros(8, 16).scatter_(1, t_keep, True)
+    kept = kept.view(-1, 1, 4, 1, 4, 1).expand(-1, 3, -1, 8, -1, 8).reshape(teacher_view.shape)
+    assert torch.equal(student_view[kept], teacher_view[kept])
+    for v, t, k in zip(student_view, teacher_view, kept, strict=True):
+        assert not torch.equal(v[~k], t[~k])
     assert json.loads((tmp_path / "kd" / "config.json").read_text())["config"]["background"] == 1.0
     assert "background" not in DistillConfig().to_dict()
     with pytest.raises(SmiError, match="background"):

@@ -165,8 +165,6 @@ def train_on_teacher(
     def batches(epoch: int, gen: torch.Generator):
         for x, masks in images.batches(steps, cfg.batch_size, gen):
             keep = None if masks is None else mask_to_indices(masks)
-            if keep is not None and cfg.background and torch.rand((), generator=gen) < cfg.background:
-                x, keep = fill_background(x, keep, grid, patch, lo, hi, BACKGROUND_NOISE, gen), None  # whole images
             if cfg.augment:
                 j = sample_jitter(jitter_limit, patch, True, gen)
                 x = apply_jitter(x, j)
@@ -175,16 +173,20 @@ def train_on_teacher(
                 x = torch.maximum(torch.minimum(color_shift(x, cfg.color_shift, gen), hi), lo)
             if cfg.mixup and torch.rand((), generator=gen) < cfg.mixup:
                 x = mix_images(x, gen)
+            # the teacher labels the object (its kept patches); the student sees it on a random background
+            whole = fill_background(x, keep, grid, patch, lo, hi, BACKGROUND_NOISE, gen) if keep is not None \
+                and cfg.background and torch.rand((), generator=gen) < cfg.background else None
             if dist.active:  # every process drew the same batch; each keeps its own slice
                 x = x.chunk(dist.world)[dist.rank]
                 keep = None if keep is None else keep.chunk(dist.world)[dist.rank]
-            yield x.to(device), None if keep is None else keep.to(device)
+                whole = None if whole is None else whole.chunk(dist.world)[dist.rank]
+            yield x.to(device), None if keep is None else keep.to(device), None if whole is None else whole.to(device)
 
-    def step(batch: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-        x, keep = batch
+    def step(batch: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:
+        x, keep, whole = batch
         with torch.no_grad():
             t_logits = _logits(teacher.model, x, keep)
-        s_logits = _logits(model, x, keep if tokens else None)
+        s_logits = _logits(model, x, keep if tokens else None) if whole is None else _logits(model, whole, None)
         loss = kd_loss(s_logits, t_logits, cfg.temperature, cfg.ce_weight)
         return loss if extra_loss is None else loss + extra_loss()
 
