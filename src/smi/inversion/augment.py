@@ -81,11 +81,11 @@ def fill_background(x: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int], p
                     hi: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
     """Replace the patches sparse inversion stopped (all but the kept ``idx``) with a random background.
 
-    Per image and channel a level ~ U(lo, hi) over the valid range, plus Gaussian noise of a standard
-    deviation ~ U(0, ``noise``) times the range per image, clamped to the range. A sparse image carries the class in its
-    kept patches; its stopped patches hold the initial noise, which no real image looks like. Filled this
-    way (and labelled by the teacher), the student sees the object on backgrounds from flat black to
-    textured, so real backgrounds fall inside what it was trained on. ``lo``/``hi``: (1, C, 1, 1).
+    Per image and channel a level ~ U(lo, hi) over the valid range, plus Gaussian noise whose standard
+    deviation is U(0, ``noise``) times the range per image, clamped to the range. A sparse image carries
+    its class in the kept patches; its stopped patches are a flat fill (zero in a pool), which few real
+    images look like. Shown filled this way while the teacher labels the kept patches, a student meets
+    the object on backgrounds from flat black to textured. ``lo``/``hi``: (1, C, 1, 1).
     """
     b, c = x.shape[:2]
     u = torch.rand(b, c, 1, 1, generator=generator).to(x.device, x.dtype)

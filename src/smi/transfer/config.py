@@ -34,7 +34,7 @@ class DistillConfig:
     online_images: int = 32  # images synthesized per epoch in online mode
     augment: bool = True  # random whole-patch shift (up to 1/8 of the side) and horizontal flip
     color_shift: float = 0.0  # random contrast exp(U(-s, s)) and brightness U(-s, s) per image, clamped to range
-    background: float = 0.0  # probability that a sparse batch gets random backgrounds in its stopped patches
+    background: float = 0.0  # probability that the student sees a sparse batch whole, on random backgrounds
     mixup: float = 0.0  # probability that a batch is replaced by mixtures of its images (the teacher labels them)
     linear_probe: bool = False  # freeze the student's backbone, train a new head
     time_budget_s: float | None = None  # stop after the epoch at which synthesis + training exceed this
