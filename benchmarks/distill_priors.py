@@ -36,13 +36,12 @@ from smi.transfer import DistillConfig, build_student, distill  # noqa: E402
 
 def variant_config(spec: str, method: str, iterations: int, batch: int) -> tuple[InversionConfig, dict[str, float]]:
     """``"lr=0.05,dense,augment_color=1"`` -> the synthesis config it names, and the student's augmentations."""
-    items = [i for i in filter(None, spec.split(",")) if i not in ("base", "dense")]
-    method_items = [i for i in items if i.startswith("method=")]
     try:
-        settings = parse_settings([i for i in items if i not in method_items])
+        settings = parse_settings([i for i in filter(None, spec.split(",")) if i not in ("base", "dense")],
+                                  {"method": str})
     except ValueError as e:
-        raise SystemExit(f"error: variant {spec!r}: {e}, base, dense or method=NAME") from None
-    method = method_items[-1].partition("=")[2] if method_items else method
+        raise SystemExit(f"error: variant {spec!r}: {e}, base or dense") from None
+    method = settings.other.get("method", method)
     iterations = settings.synthesis.get("iterations", iterations)
     dense = "dense" in spec.split(",")
     sparsity = SparsityConfig(()) if dense else SparsityConfig().scaled(iterations / 4000)

@@ -92,6 +92,6 @@ def fill_background(x: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int], p
     level = lo + u * (hi - lo)
     sd = torch.rand(b, 1, 1, 1, generator=generator).to(x.device, x.dtype) * noise * (hi - lo)
     texture = torch.randn(x.shape, generator=generator).to(x.device, x.dtype) * sd
-    background = torch.maximum(torch.minimum(level + texture, hi), lo)
+    background = (level + texture).clamp(lo, hi)
     kept = pixel_mask_from_indices(idx, grid, patch).to(x.dtype)
     return kept * x + (1 - kept) * background

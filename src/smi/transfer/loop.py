@@ -170,7 +170,7 @@ def train_on_teacher(
                 x = apply_jitter(x, j)
                 keep = None if keep is None else jitter_indices(keep, grid, patch, j)
             if cfg.color_shift:  # the teacher labels the shifted images: its function over a wider input range
-                x = torch.maximum(torch.minimum(color_shift(x, cfg.color_shift, gen), hi), lo)
+                x = color_shift(x, cfg.color_shift, gen).clamp(lo, hi)
             if cfg.mixup and torch.rand((), generator=gen) < cfg.mixup:
                 x = mix_images(x, gen)
             # the teacher labels the object (its kept patches); the student sees it on a random background
