@@ -123,6 +123,8 @@ def _cases():
         "distill: negative temperature": (lambda w: ["distill", "--teacher", w["ckpt"], "--pool", w["pool"],
                                                      "--temperature", "-1", "--out", "{d}/k"], "--temperature"),
         "train-teacher: zero epochs": (lambda w: ["train-teacher", "--epochs", "0", "--out", "{d}/t"], "epochs"),
+        "train-teacher: a segmenter on data without masks": (
+            lambda w: ["train-teacher", "--arch", "fmnist_scene_segmenter", "--out", "{d}/t"], "no per-pixel labels"),
         "invert: not a number": (lambda w: ["invert", "--model", w["ckpt"], "--num-images", "many",
                                             "--out", "{d}/o"], "invalid int value"),
         # unknown names

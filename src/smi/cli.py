@@ -89,7 +89,9 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
                                  img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                  seed=args.seed, hflip=not args.no_flip)
         result = train_teacher(cfg, args.out, device=args.device)
-    print(f"test top-1 {result['test_top1']:.2f}% after {result['epochs']} epochs; weights: {result['weights']}")
+    score = (f"test mIoU {result['test_miou']:.2f}%" if "test_miou" in result
+             else f"test top-1 {result['test_top1']:.2f}%")
+    print(f"{score} after {result['epochs']} epochs; weights: {result['weights']}")
     return 0
 
 
@@ -102,7 +104,8 @@ def _add_train_teacher(sub: argparse._SubParsersAction) -> None:
                        "smoothing, random crop and flip) on a dataset's train split, evaluating on its test split "
                        "after each epoch. The architecture is built for the dataset's channels, classes and image "
                        "size, and the checkpoint records them, its normalization and the dataset, so every other "
-                       "command reads it with no further flags. Rerun the same command to resume.")
+                       "command reads it with no further flags. A segmenter (fmnist_scene_segmenter) learns the "
+                       "dataset's per-pixel labels instead and reports mIoU. Rerun the same command to resume.")
     p.add_argument("--arch", default="fmnist_vit_tiny", help="timm architecture (or a shipped one) to train")
     p.add_argument("--data", default="fashion-mnist", help=f"labelled dataset: {data_help()}")
     p.add_argument("--model-kwarg", action="append", metavar="NAME=VALUE",
@@ -526,7 +529,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from smi.data.datasets import eval_dataset, model_dataset
-    from smi.evaluation import evaluate
+    from smi.evaluation import evaluate, evaluate_segmentation
     from smi.models.loading import load_teacher
 
     teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
@@ -536,8 +539,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         model, _ = load_quantized(args.quantized, teacher)
     ds = eval_dataset(model_dataset(teacher, args.data), teacher, args.limit)
-    res = evaluate(model, ds, batch_size=args.batch_size, device=args.device)
-    text = f"top-1 {res['top1']:.2f} %  top-5 {res['top5']:.2f} %  ({res['n']} images)"
+    if teacher.task == "segmentation":
+        res = evaluate_segmentation(model, ds, batch_size=args.batch_size, device=args.device)
+        text = f"mIoU {res['miou']:.2f} %  pixel accuracy {res['pixel_acc']:.2f} %  ({res['n']} images)"
+    else:
+        res = evaluate(model, ds, batch_size=args.batch_size, device=args.device)
+        text = f"top-1 {res['top1']:.2f} %  top-5 {res['top5']:.2f} %  ({res['n']} images)"
     print(json.dumps(res) if args.json else text)
     return 0
 
@@ -545,7 +552,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from smi.data.datasets import data_help
 
-    p = sub.add_parser("eval", help="top-1/top-5 of a model (or its quantized copy) on real data",
+    p = sub.add_parser("eval", help="top-1/top-5 of a model (or its quantized copy) on real data; mIoU for a segmenter",
                        formatter_class=_Formatter)
     _add_model(p)
     p.add_argument("--quantized", help="folder written by `smi quantize` for this model")

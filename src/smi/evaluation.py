@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -10,7 +12,7 @@ from smi.errors import SmiError
 from smi.models.loading import Teacher
 from smi.models.sparse import mask_to_indices, sparse_forward
 
-__all__ = ["evaluate", "teacher_accuracy_on_pool"]
+__all__ = ["evaluate", "evaluate_segmentation", "iou_from_confusion", "teacher_accuracy_on_pool"]
 
 
 @torch.no_grad()
@@ -37,6 +39,46 @@ def evaluate(model: torch.nn.Module, ds: Dataset, batch_size: int = 250, device:
         n += len(y)
     model.train(was_training)
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
+
+
+def iou_from_confusion(confusion: torch.Tensor) -> dict[str, Any]:
+    """Per-class IoU, mean IoU over the classes that occur (in labels or predictions) and pixel accuracy, in
+    percent, from a ``(C, C)`` confusion matrix (rows: true class, columns: predicted)."""
+    confusion = confusion.double()
+    hits = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - hits
+    present = union > 0
+    iou = torch.where(present, hits / union.clamp_min(1), torch.full_like(hits, float("nan")))
+    return {"miou": 100.0 * iou[present].mean().item(), "pixel_acc": 100.0 * (hits.sum() / confusion.sum()).item(),
+            "iou": [round(100.0 * v, 4) if v == v else None for v in iou.tolist()]}
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: torch.nn.Module, ds: Dataset, batch_size: int = 250,
+                          device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Mean IoU, per-class IoU and pixel accuracy (percent) of a segmenter on ``ds`` of (image, label map)
+    pairs, accumulated over every pixel of the split (not averaged per image); train/eval mode restored."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise SmiError(f"must be >= 1, got {batch_size}", param="batch_size")
+    was_training = model.training
+    model.eval()
+    confusion: torch.Tensor | None = None
+    n = 0
+    for x, y in tqdm(DataLoader(ds, batch_size=batch_size, shuffle=False), desc="eval", unit="batch",
+                     disable=not progress, leave=False):
+        logits = model(x.to(device)).cpu()
+        C = logits.shape[1]
+        if confusion is None:
+            confusion = torch.zeros(C * C, dtype=torch.long)
+        confusion += torch.bincount((y.long() * C + logits.argmax(1)).flatten(), minlength=C * C)
+        n += len(y)
+    model.train(was_training)
+    if confusion is None:
+        raise SmiError("no images to evaluate")
+    C = int(confusion.numel() ** 0.5)
+    return {**iou_from_confusion(confusion.view(C, C)), "n": n}
 
 
 @torch.no_grad()

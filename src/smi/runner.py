@@ -190,7 +190,7 @@ def fit(
             run.save_epoch(model, optimizer, log, {"epoch": epoch + 1, "train_s": train_s})
         dist.barrier()
         if progress:
-            top1 = f", test top-1 {row['top1']:.2f} %" if row.get("top1") is not None else ""
+            top1 = "".join(f", {name} {row[key]:.2f} %" for key, name in METRICS.items() if row.get(key) is not None)
             images = f" ({row['images']} images)" if "images" in row else ""
             tqdm.write(f"{cfg.desc} {epoch + 1}: loss {row['loss']:.4f}{top1}, wall {row['wall_s']:.0f} s{images}",
                        file=sys.stderr)
@@ -201,11 +201,15 @@ def fit(
     return log
 
 
-def plot_accuracy(run: RunFolder, log: list[dict[str, Any]], label: str, title: str) -> Path | None:
-    """``accuracy.png``: test top-1 against wall time, if the log has any."""
-    if not any(r.get("top1") is not None for r in log):
+METRICS = {"top1": "test top-1", "miou": "test mIoU"}  # what an epoch's row may report, as plots and logs say it
+
+
+def plot_accuracy(run: RunFolder, log: list[dict[str, Any]], label: str, title: str,
+                  metric: str = "top1") -> Path | None:
+    """``accuracy.png``: the test ``metric`` (top-1, or a segmenter's mIoU) against wall time, if the log has any."""
+    if not any(r.get(metric) is not None for r in log):
         return None
     from smi.viz import save_curves
 
-    return save_curves(run.out / PLOT, {label: [(r["wall_s"], r.get("top1")) for r in log]},
-                       xlabel="wall time (s)", ylabel="test top-1 (%)", title=title)
+    return save_curves(run.out / PLOT, {label: [(r["wall_s"], r.get(metric)) for r in log]},
+                       xlabel="wall time (s)", ylabel=f"{METRICS[metric]} (%)", title=title)

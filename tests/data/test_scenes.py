@@ -1,9 +1,10 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
 from smi.data.datasets import open_dataset
 from smi.data.fashion_mnist import load_fashion_mnist
-from smi.data.scenes import CHUNK, SCALE, SIDE, make_scenes
+from smi.data.scenes import CHUNK, SCALE, SCENES_MEAN, SCENES_STD, SIDE, make_scenes
 
 
 def _items(n: int, value: int = 0) -> torch.Tensor:
@@ -56,7 +57,7 @@ def test_real_scenes_keep_labels_and_objects_stay_on_the_canvas():
     items, labels = load_fashion_mnist("test")
     ds = open_dataset("fmnist-scenes")
     scenes, y = ds.tensors("test")
-    masks = ds.masks("test")
+    masks = ds.masks("test").bool()
     assert torch.equal(y, labels) and scenes.shape == (10_000, 1, 56, 56) and ds.size == (56, 56)
     assert masks.flatten(1).any(1).float().mean() > 0.99  # every scene has its object
     # the object's pixels are drawn opaque: a scene is brighter on its mask than off it
@@ -73,3 +74,10 @@ def test_real_scenes_keep_labels_and_objects_stay_on_the_canvas():
     a = F.interpolate(crop, size=(16, 16), mode="bilinear", antialias=True).flatten()
     b = F.interpolate(ref, size=(16, 16), mode="bilinear", antialias=True).flatten()
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.8
+
+
+@pytest.mark.slow
+def test_normalization_constants_are_the_training_scenes_statistics():
+    scenes = open_dataset("fmnist-scenes").tensors("train")[0].double() / 255  # 60,000 scenes: ~20 s
+    assert abs(scenes.mean().item() - SCENES_MEAN[0]) < 1e-4
+    assert abs(scenes.std().item() - SCENES_STD[0]) < 1e-4

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from smi.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, load_fashion_mnist, normalize_uint8
+from smi.data.scenes import SEGMENT_CLASSES
 from smi.errors import SmiError
 from smi.registry import Registry
 
@@ -86,6 +87,7 @@ class ImageDataset:
     channels: int
     size: tuple[int, int]
     class_names: list[str]
+    mask_classes: ClassVar[list[str] | None] = None  # names of the per-pixel labels masks() gives; None: no masks
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -109,6 +111,11 @@ class ImageDataset:
     def images(self, split: Split) -> Dataset:
         x, y = self.tensors(split)  # type: ignore[misc]
         return torch.utils.data.TensorDataset(x, y)
+
+    def masks(self, split: Split) -> torch.Tensor:
+        """Per-pixel labels ``(N, H, W)`` (indices into ``mask_classes``) of the split's images, for segmenters."""
+        raise SmiError(f"{self.name} has no per-pixel labels, so it cannot train or evaluate a segmenter "
+                       f"(fmnist-scenes has them)", param="data")
 
 
 DATASETS: Registry[type[ImageDataset]] = Registry("dataset")
@@ -176,6 +183,7 @@ class FashionMNISTScenes(ImageDataset):
     name = "fmnist-scenes"
     needs_path = False
     channels, class_names = 1, list(FMNIST_CLASSES)
+    mask_classes = list(SEGMENT_CLASSES)
     SEED = 0
 
     def __init__(self, path: str) -> None:
@@ -197,9 +205,14 @@ class FashionMNISTScenes(ImageDataset):
         scenes, _, labels = self._make(split)
         return scenes, labels
 
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        from smi.data.scenes import SCENES_MEAN, SCENES_STD
+
+        return SCENES_MEAN, SCENES_STD
+
     def masks(self, split: Split) -> torch.Tensor:
-        """(N, 56, 56) bool: the object's pixels in each scene of ``split``."""
-        return self._make(split)[1]
+        """(N, 56, 56) uint8: 1 on the object's pixels in each scene of ``split``, 0 on the background."""
+        return self._make(split)[1].to(torch.uint8)
 
 
 def _folder(path: str, name: str) -> Path:
@@ -422,9 +435,34 @@ def load_split(dataset: ImageDataset, split: Split, model: ModelSpec | None = No
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
 
 
+def fit_masks(masks: torch.Tensor, model: ModelSpec) -> torch.Tensor:
+    """Per-pixel labels ``(N, H, W)`` -> the model's input grid (nearest neighbour, the images' crop), as long."""
+    size = (1, *model.input_size[1:])
+    return fit_images(masks[:, None].to(torch.uint8), size, model.crop_pct, "nearest")[:, 0].long()
+
+
+class _Segmentation(Dataset):
+    """A split as a segmenter reads it: fitted, normalized images and their per-pixel labels."""
+
+    def __init__(self, images: Dataset, masks: torch.Tensor, model: ModelSpec) -> None:
+        self.images, self.masks = _Fitted(images, model), fit_masks(masks, model)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i][0], self.masks[i]
+
+
 def eval_dataset(spec: str, model: ModelSpec, limit: int | None = None) -> Dataset:
-    """The test split of ``spec`` as ``model`` reads it (its channels, size, crop and normalization)."""
+    """The test split of ``spec`` as ``model`` reads it (its channels, size, crop and normalization).
+
+    For a segmenter (``model.task == "segmentation"``) the targets are the per-pixel labels."""
     if limit is not None and limit < 1:
         raise SmiError(f"must be positive, got {limit}", param="limit")
-    ds = _Fitted(open_dataset(spec).images("test"), model)
-    return Subset(ds, range(min(limit, len(ds)))) if limit is not None else ds
+    dataset = open_dataset(spec)
+    if getattr(model, "task", "classification") == "segmentation":
+        ds: Dataset = _Segmentation(dataset.images("test"), dataset.masks("test"), model)
+    else:
+        ds = _Fitted(dataset.images("test"), model)
+    return Subset(ds, range(min(limit, len(ds)))) if limit is not None else ds  # type: ignore[arg-type]

@@ -26,7 +26,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CHUNK", "FRAGMENTS", "ITEM_THRESHOLD", "SCALE", "SIDE", "make_scenes"]
+__all__ = [
+    "CHUNK", "FRAGMENTS", "ITEM_THRESHOLD", "SCALE", "SCENES_MEAN", "SCENES_STD", "SEGMENT_CLASSES", "SIDE",
+    "make_scenes",
+]
 
 SIDE = 56
 SCALE = (22.0, 34.0)  # side of the item's 28 x 28 box on the canvas, pixels
@@ -34,6 +37,9 @@ FRAGMENTS = 3
 CHUNK = 1000
 ITEM_THRESHOLD = 8  # item pixels above this (of 255) are the object, dark ones included
 SPLIT_SEED = {"train": 1, "test": 2}
+# pixel mean and std of the 60,000 training scenes (seed 0), in [0, 1]; a test re-measures them
+SCENES_MEAN, SCENES_STD = (0.2029,), (0.1848,)
+SEGMENT_CLASSES = ("background", "object")  # a segmenter's labels: mask False, True
 
 
 def _warp(items: torch.Tensor, side: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, angle: torch.Tensor,

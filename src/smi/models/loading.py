@@ -46,6 +46,11 @@ class Teacher:
     interpolation: str = "bilinear"
     dataset: str | None = None  # what it was trained on (smi.data.DATASETS spec), the default real data
 
+    @property
+    def task(self) -> str:
+        """``"classification"`` (logits per image), or ``"segmentation"`` (logits per pixel: a TokenSegmenter)."""
+        return getattr(self.model, "task", "classification")
+
     def data_config(self) -> dict[str, Any]:
         """How the model reads images: what a checkpoint of it (or of a student of it) records."""
         return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std),
@@ -126,7 +131,8 @@ def create_model(arch: str, input_size: tuple[int, int, int], num_classes: int, 
 
 def check_fits(model: nn.Module, name: str, input_size: tuple[int, int, int], num_classes: int,
                what: str = "model") -> None:
-    """One forward pass of a zero image: ``model`` must read ``input_size`` and predict ``num_classes``."""
+    """One forward pass of a zero image: ``model`` must read ``input_size`` and predict ``num_classes``
+    (per image, or per pixel of the input for a segmenter)."""
     was_training = model.training
     try:
         with torch.no_grad():
@@ -136,7 +142,11 @@ def check_fits(model: nn.Module, name: str, input_size: tuple[int, int, int], nu
                        f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
     finally:
         model.train(was_training)
-    if out.ndim != 2 or out.shape[1] != num_classes:
+    if getattr(model, "task", "classification") == "segmentation":
+        if out.ndim != 4 or out.shape[1] != num_classes or tuple(out.shape[2:]) != tuple(input_size[1:]):
+            raise SmiError(f"{what} {name} predicts {tuple(out.shape[1:])} per image, not {num_classes} classes "
+                           f"per pixel of {input_size[1]}x{input_size[2]}")
+    elif out.ndim != 2 or out.shape[1] != num_classes:
         raise SmiError(f"{what} {name} predicts {out.shape[-1]} classes, not {num_classes}")
 
 
@@ -162,7 +172,7 @@ def load_teacher(
     path = Path(spec)
     if spec.endswith((".safetensors", ".json", *TORCH_SUFFIXES)) or path.exists():
         return _load_checkpoint(path, device)
-    if spec in shipped.SHIPPED_TEACHERS or spec in shipped.SHIPPED_CNN_TEACHERS:
+    if spec in {**shipped.SHIPPED_TEACHERS, **shipped.SHIPPED_CNN_TEACHERS, **shipped.SEGMENTERS}:
         weights = shipped.WEIGHTS_DIR / f"{spec}.safetensors"
         if not weights.is_file():
             raise SmiError(f"shipped teacher {spec!r} has no weights at {weights}; train it with "

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -21,8 +22,10 @@ from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from smi.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
+from smi.data.scenes import SCENES_MEAN, SCENES_STD, SEGMENT_CLASSES
 
-__all__ = ["PatchStem", "SHIPPED_CNN_TEACHERS", "SHIPPED_TEACHERS", "STUDENT_ARCHS", "WEIGHTS_DIR"]
+__all__ = ["PatchStem", "SEGMENTERS", "SHIPPED_CNN_TEACHERS", "SHIPPED_TEACHERS", "STUDENT_ARCHS", "TokenSegmenter",
+           "WEIGHTS_DIR"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -50,6 +53,34 @@ class PatchStem(PatchEmbed):
         )
 
 
+class TokenSegmenter(VisionTransformer):
+    """A ViT that labels every pixel: each patch token's own linear head gives its patch's pixel logits.
+
+    The decoder is one ``Linear(embed_dim, num_classes * p * p)`` applied to every patch token
+    (the class token is read by attention only), its outputs laid back out as the patch's pixels
+    (SETR's and Segmenter's linear decoder, with pixel shuffle in place of bilinear upsampling).
+    So a pixel's logits depend on its own token alone after the blocks, as a classifier's depend on
+    the class token: a token left out of a sparse forward pass leaves its patch unlabelled and
+    nothing else. ``forward`` returns ``(B, num_classes, H, W)``.
+    """
+
+    task = "segmentation"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        p = self.patch_embed.patch_size
+        self.head = nn.Linear(self.embed_dim, self.num_classes * p[0] * p[1])
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(x[:, self.num_prefix_tokens:])
+        if pre_logits:
+            return x
+        (h, w), (p, q) = self.patch_embed.grid_size, self.patch_embed.patch_size
+        B = x.shape[0]
+        x = self.head(x).view(B, h, w, self.num_classes, p, q)
+        return x.permute(0, 3, 1, 4, 2, 5).reshape(B, self.num_classes, h * p, w * q)
+
+
 def _cfg(name: str, **kwargs: Any) -> dict[str, Any]:
     return {
         "file": str(WEIGHTS_DIR / f"{name}.safetensors"),  # local file: pretrained=True never downloads
@@ -72,6 +103,9 @@ default_cfgs = generate_default_cfgs({
     "fmnist_vit_tiny": _cfg("fmnist_vit_tiny"),
     "fmnist_vit_mini": _cfg("fmnist_vit_mini", file=None),  # a student architecture: no shipped weights
     "fmnist_resnet_tiny": _cfg("fmnist_resnet_tiny", first_conv="conv1", classifier="fc"),
+    "fmnist_scene_vit": _cfg("fmnist_scene_vit", input_size=(1, 56, 56), mean=SCENES_MEAN, std=SCENES_STD),
+    "fmnist_scene_segmenter": _cfg("fmnist_scene_segmenter", input_size=(1, 56, 56), mean=SCENES_MEAN,
+                                   std=SCENES_STD, num_classes=2, label_names=SEGMENT_CLASSES),
 })
 
 # architecture kwargs of each shipped teacher; also written into its metadata JSON
@@ -80,12 +114,27 @@ SHIPPED_TEACHERS: dict[str, dict[str, Any]] = {
         img_size=28, patch_size=4, in_chans=1, num_classes=10,
         embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0,
     ),
+    # fmnist-scenes at DeiT's token grid: 14 x 14 patches of 4 x 4 on 56 x 56 (196 tokens); half
+    # DeiT-Tiny's width, so that a training run fits in about two hours on two CPU cores
+    "fmnist_scene_vit": dict(
+        img_size=56, patch_size=4, in_chans=1, num_classes=10,
+        embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0,
+    ),
 }  # fmt: skip
 
 # the CNN teacher (BatchNorm, so inversion adds DeepInversion's batch-norm prior); timm ResNet kwargs
 SHIPPED_CNN_TEACHERS: dict[str, dict[str, Any]] = {
     "fmnist_resnet_tiny": dict(
         layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=32, in_chans=1, num_classes=10,
+    ),
+}  # fmt: skip
+
+# segmenters (TokenSegmenter: a label per pixel); shipped like the teachers above
+SEGMENTERS: dict[str, dict[str, Any]] = {
+    # fmnist-scenes object vs background, on the scene classifier's backbone shape
+    "fmnist_scene_segmenter": dict(
+        img_size=56, patch_size=4, in_chans=1, num_classes=2,
+        embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0,
     ),
 }  # fmt: skip
 
@@ -98,11 +147,10 @@ STUDENT_ARCHS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
-    model_args = {**{**SHIPPED_TEACHERS, **STUDENT_ARCHS}[variant], "embed_layer": PatchStem, **kwargs}
-    return build_model_with_cfg(
-        VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **model_args
-    )
+def _create(variant: str, pretrained: bool, cls: type[VisionTransformer] = VisionTransformer,
+            **kwargs: Any) -> VisionTransformer:
+    model_args = {**{**SHIPPED_TEACHERS, **SEGMENTERS, **STUDENT_ARCHS}[variant], "embed_layer": PatchStem, **kwargs}
+    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **model_args)
 
 
 @register_model
@@ -115,6 +163,18 @@ def fmnist_vit_tiny(pretrained: bool = False, **kwargs: Any) -> VisionTransforme
 def fmnist_vit_mini(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """Student for the Fashion-MNIST teachers: 4 blocks of width 64, 2 heads (0.21 M parameters, 4x fewer)."""
     return _create("fmnist_vit_mini", pretrained, **kwargs)
+
+
+@register_model
+def fmnist_scene_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-style ViT for 56x56 fmnist-scenes: 196 patches of 4x4 (DeiT's 14x14 grid), 4 blocks, width 96, 3 heads."""
+    return _create("fmnist_scene_vit", pretrained, **kwargs)
+
+
+@register_model
+def fmnist_scene_segmenter(pretrained: bool = False, **kwargs: Any) -> TokenSegmenter:
+    """Object-vs-background segmenter for fmnist-scenes: fmnist_scene_vit's shape with a per-token pixel head."""
+    return _create("fmnist_scene_segmenter", pretrained, TokenSegmenter, **kwargs)
 
 
 @register_model

@@ -1,4 +1,5 @@
-"""The recipe that trains a teacher on a labelled dataset, resumably: the shipped ones, or any timm model."""
+"""The recipe that trains a teacher on a labelled dataset, resumably: the shipped ones, or any timm model;
+and the same recipe for a segmenter (per-pixel labels, mIoU) on a dataset that has them."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from smi.data.datasets import ImageDataset, load_split, open_dataset
+from smi.data.datasets import ImageDataset, fit_masks, load_split, open_dataset
 from smi.data.fashion_mnist import normalize_uint8
 from smi.errors import SmiError
-from smi.evaluation import evaluate
+from smi.evaluation import evaluate, evaluate_segmentation
 from smi.models.loading import check_fits, create_model, save_teacher
 from smi.runner import FitConfig, RunFolder, adamw, fit, plot_accuracy
 
@@ -70,6 +71,14 @@ def _augment(x: torch.Tensor, cfg: TeacherTrainConfig, gen: torch.Generator) -> 
     return x
 
 
+def _augment_with_labels(x: torch.Tensor, labels: torch.Tensor, cfg: TeacherTrainConfig, gen: torch.Generator
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_augment` of images and their per-pixel labels ``(B, H, W)`` alike: the same crop and flip
+    (padding is label 0, the background)."""
+    both = _augment(torch.cat([x, labels[:, None].float()], 1), cfg, gen)
+    return both[:, :-1], both[:, -1].round().long()
+
+
 def _statistics(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images in [0, 1], in chunks (a large split stays uint8 in memory)."""
     total = torch.zeros(x.shape[1], dtype=torch.float64)
@@ -84,20 +93,37 @@ def _statistics(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], 
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(max(v, 1e-3), 4) for v in std.tolist())
 
 
+def _classes(arch: str, dataset: ImageDataset) -> tuple[list[str], bool]:
+    """What ``arch`` learns to tell apart on ``dataset``: its classes, or for a segmenter its per-pixel labels;
+    and whether it is a segmenter."""
+    from smi.models.teachers import SEGMENTERS
+
+    if arch not in SEGMENTERS:
+        return dataset.class_names, False
+    if dataset.mask_classes is None:
+        dataset.masks("train")  # raises: the dataset has no per-pixel labels
+    return list(dataset.mask_classes or ()), True
+
+
 def _prepare(cfg: TeacherTrainConfig, device: torch.device | str, progress: bool
-             ) -> tuple[ImageDataset, torch.nn.Module, dict[str, Any], dict[str, Any], tuple[torch.Tensor, ...]]:
+             ) -> tuple[ImageDataset, torch.nn.Module, dict[str, Any], dict[str, Any], tuple[torch.Tensor, ...],
+                        tuple[list[str], bool]]:
     """Everything that can fail on the user's input, before a run folder is made."""
     dataset = open_dataset(cfg.data)
     H, W = (cfg.img_size, cfg.img_size) if cfg.img_size else dataset.size
     input_size = (dataset.channels, H, W)
+    classes, segment = _classes(cfg.arch, dataset)
     torch.manual_seed(cfg.seed)  # weight init
-    model, built = create_model(cfg.arch, input_size, dataset.num_classes, what="teacher",
+    model, built = create_model(cfg.arch, input_size, len(classes), what="teacher",
                                 drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
     model.to(device)
-    check_fits(model, cfg.arch, input_size, dataset.num_classes, what="teacher")
+    check_fits(model, cfg.arch, input_size, len(classes), what="teacher")
     reads = SimpleNamespace(input_size=input_size, crop_pct=1.0, interpolation="bilinear")
     x_train, y_train = (t[: cfg.train_images] for t in load_split(dataset, "train", reads, progress))
     x_test, y_test = (t[: cfg.test_images] for t in load_split(dataset, "test", reads, progress))
+    if segment:  # a segmenter learns the per-pixel labels
+        y_train, y_test = (fit_masks(dataset.masks(split)[:n], reads)
+                           for split, n in (("train", cfg.train_images), ("test", cfg.test_images)))
     if len(x_train) < cfg.batch_size:
         raise SmiError(f"must not exceed the {len(x_train)} training images, got {cfg.batch_size}",
                        param="batch_size")
@@ -108,7 +134,7 @@ def _prepare(cfg: TeacherTrainConfig, device: torch.device | str, progress: bool
     kwargs = {k: v for k, v in built.items() if k not in ("num_classes", "drop_path_rate")}
     data_config = {"input_size": list(input_size), "mean": list(mean), "std": list(std), "crop_pct": 1.0,
                    "interpolation": "bilinear", "dataset": dataset.spec}
-    return dataset, model, kwargs, data_config, (x_train, y_train, x_test, y_test)
+    return dataset, model, kwargs, data_config, (x_train, y_train, x_test, y_test), (classes, segment)
 
 
 def train_teacher(
@@ -122,7 +148,8 @@ def train_teacher(
     model and one forward pass check out; the result is ``<arch>.safetensors`` + ``<arch>.json``, a
     checkpoint every smi command reads, recording the dataset, input size and normalization.
     """
-    dataset, model, model_kwargs, data_config, (x_train, y_train, x_test, y_test) = _prepare(cfg, device, progress)
+    dataset, model, model_kwargs, data_config, (x_train, y_train, x_test, y_test), (classes, segment) = _prepare(
+        cfg, device, progress)
     mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
     run = RunFolder(out_dir, {"config": asdict(cfg)}, fmt=TRAIN_FORMAT, what="training run",
                     products=(f"{cfg.arch}.safetensors", f"{cfg.arch}.json"))
@@ -137,27 +164,36 @@ def train_teacher(
         order = torch.randperm(len(x_train), generator=gen)
         for i in range(steps):
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            yield _augment(x_train[idx].float() / 255.0, cfg, gen).to(device), y_train[idx].to(device)
+            x = x_train[idx].float() / 255.0
+            if not segment:
+                yield _augment(x, cfg, gen).to(device), y_train[idx].to(device)
+                continue
+            x, y = _augment_with_labels(x, y_train[idx], cfg, gen)
+            yield x.to(device), y.to(device)
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         logits = model((x - m) / s)
-        seen["correct"] += (logits.argmax(-1) == y).sum().item()
-        seen["n"] += len(y)
+        seen["correct"] += (logits.argmax(1) == y).sum().item()
+        seen["n"] += y.numel()  # images, or pixels for a segmenter
         return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
 
     def end_of_epoch(epoch: int) -> dict[str, Any]:
         train_acc = round(100 * seen["correct"] / max(1, seen["n"]), 2)
         seen.update(correct=0, n=0)
+        if segment:
+            res = evaluate_segmentation(model, test, batch_size=500, device=device, progress=False)
+            return {"train_acc": train_acc, "miou": round(res["miou"], 2), "pixel_acc": round(res["pixel_acc"], 2)}
         top1 = evaluate(model, test, batch_size=500, device=device, progress=False)["top1"]
         return {"train_acc": train_acc, "top1": round(top1, 2)}
 
     fit_cfg = FitConfig(epochs=cfg.epochs, steps_per_epoch=steps, lr=cfg.lr, min_lr=cfg.min_lr,
                         warmup_epochs=cfg.warmup_epochs, schedule="cosine", seed=cfg.seed, desc="epoch")
     log = fit(run, model, opt, fit_cfg, batches, step, end_of_epoch=end_of_epoch, progress=progress)
-    plot_accuracy(run, log, cfg.arch, f"training {cfg.arch} on {dataset.name}")
+    metric = "miou" if segment else "top1"
+    plot_accuracy(run, log, cfg.arch, f"training {cfg.arch} on {dataset.name}", metric=metric)
     model.eval()
     final = save_teacher(model, run.out / f"{cfg.arch}.safetensors", arch=cfg.arch, model_kwargs=model_kwargs,
-                         class_names=dataset.class_names, data_config=data_config,
-                         extra={"test_top1": log[-1]["top1"], "train_config": asdict(cfg)})
-    return {"test_top1": log[-1]["top1"], "weights": str(final), "epochs": len(log)}
+                         class_names=classes, data_config=data_config,
+                         extra={f"test_{metric}": log[-1][metric], "train_config": asdict(cfg)})
+    return {f"test_{metric}": log[-1][metric], "weights": str(final), "epochs": len(log)}
