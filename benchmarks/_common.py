@@ -26,6 +26,16 @@ def machine() -> dict[str, Any]:
             "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}
 
 
+def test_split(teacher: Any, limit: int | None = None) -> tuple[Any, str]:
+    """The test split of the dataset ``teacher`` was trained on, as it reads it, and how a table note names it
+    (e.g. "all 10,000 fashion-mnist test images")."""
+    from smi.data.datasets import eval_dataset, model_dataset
+
+    spec = model_dataset(teacher)
+    data = eval_dataset(spec, teacher, limit)
+    return data, f"{'all ' if limit is None else 'the first '}{len(data):,} {spec} test images"  # type: ignore[arg-type]
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 

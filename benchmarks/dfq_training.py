@@ -3,7 +3,7 @@
 For each teacher, bit setting and quantizer preset: rows = stages (calibration only, + activation
 correction, + block reconstruction, + QAT after reconstruction on the same images), columns = data source (real
 training images as the upper bound, Gaussian noise, dense synthetic, sparse synthetic pools);
-top-1 on all 10,000 Fashion-MNIST test images, mean ± std over seeds (calibration draw, pool and
+top-1 on all test images of the teacher's dataset (``--teacher``), mean ± std over seeds (calibration draw, pool and
 reconstruction seed), and the wall time of synthesis + calibration + training per cell. Dense
 and sparse use the same image budget (the pools of ``benchmarks/dfq_accuracy.py``: 32 images,
 4000 iterations, one pool per seed; reused if present). Finished cells are cached, so an
@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, bits, publish, synthetic_pools  # noqa: E402
-from smi.data.datasets import eval_dataset  # noqa: E402
+from _common import RESULTS, bits, publish, synthetic_pools, test_split  # noqa: E402
 from smi.data.sources import PoolSource, parse_source  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
@@ -42,7 +41,8 @@ STAGES = {"calib": "calibration only", "correct": "+ activation correction", "re
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["fmnist_vit_tiny"])
+    p.add_argument("--teacher", "--models", dest="models", nargs="+", default=["fmnist_vit_tiny"],
+                   help="teachers (shipped names or checkpoints), each evaluated on its own dataset's test split")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--settings", nargs="+", default=["W4A4", "W3A3"])
     p.add_argument("--quantizers", nargs="+", default=["repq"])
@@ -69,10 +69,10 @@ def main() -> None:
         return QatConfig(epochs=args.qat_epochs, steps_per_epoch=args.qat_steps, train_images=args.calib_images,
                          seed=seed)
 
-    rows, table = [], []
+    rows, table, tested = [], [], {}
     for model_name in args.models:
         teacher = load_teacher(model_name)
-        data = eval_dataset("fashion-mnist", teacher, args.limit)
+        data, tested[model_name] = test_split(teacher, args.limit)
         key = f"{model_name}|fp32|{args.limit}"
         if key not in done:
             done[key] = evaluate(teacher.model, data, progress=False)
@@ -144,9 +144,10 @@ def main() -> None:
     header = ["model", "bits", "quantizer", "stage"] + [
         {"real": "real", "noise": "noise", "dense": "dense synthetic", "sparse": "sparse synthetic"}[s]
         for s in SOURCES]
-    note = (f"\nTop-1 (%) on {'all 10,000' if args.limit is None else f'the first {args.limit}'} Fashion-MNIST test "
-            f"images, mean ± std over seeds {args.seeds} (wall seconds of synthesis + calibration + training per "
-            f"cell, mean). {args.calib_images} images per cell for every source (dense and sparse: the same budget, "
+    tested_on = "; ".join(f"{v} ({k})" for k, v in tested.items())
+    note = (f"\nTop-1 (%) on {tested_on}, mean ± std over seeds {args.seeds} (wall seconds of synthesis + "
+            f"calibration + training per cell, mean). {args.calib_images} images per cell for every source "
+            f"(dense and sparse: the same budget, "
             f"pools of {args.iterations} inversion iterations, one per seed); reconstruction: "
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}; QAT after "
             f"it: "

@@ -5,6 +5,7 @@ A contender is named ``TEACHER>STUDENT[:PROTOCOL]/DATA``:
 
 - teacher > student: ``vit`` is fmnist_vit_tiny as a teacher and fmnist_vit_mini as a student,
   ``cnn`` is fmnist_resnet_tiny for both (``vit>vit``, ``vit>cnn``, ``cnn>cnn``, ``cnn>vit``);
+  ``scene`` is fmnist_scene_vit as a teacher (56x56 fmnist-scenes; students are built for its input);
 - protocol: ``scratch`` (default; a fresh student), ``probe`` (the SMI paper's transfer protocol:
   a student backbone trained on *other* real data, scikit-learn's handwritten digits at 28x28, frozen,
   and a new linear head trained by KL at T=20) and ``finetune`` (the same backbone, every weight
@@ -13,12 +14,12 @@ A contender is named ``TEACHER>STUDENT[:PROTOCOL]/DATA``:
   ``--iterations`` steps into the run's pool, sparse with the paper's schedule scaled to the
   iterations; CNN teachers invert dense, with DeepInversion's BatchNorm prior), then trains
   ``--online-steps`` steps on the whole pool; ``real`` training images (the upper bound: the same
-  student trained on the teacher's outputs over real Fashion-MNIST) and fresh Gaussian ``noise``
+  student trained on the teacher's outputs over its real training images) and fresh Gaussian ``noise``
   (the lower bound).
 
 Every contender uses AdamW at a constant learning rate after one warm-up epoch (so that accuracy at
 any time is comparable; ``--probe-lr`` for linear heads), KL at T=20, batch 64 and ``--mixup`` (the
-teacher labels mixtures of pool images). Top-1 on all 10,000 Fashion-MNIST test images after every
+teacher labels mixtures of pool images). Top-1 on the teacher's whole test split after every
 epoch; evaluation time is not counted. Contenders run one after another (each is one long run).
 
 Resuming: a run folder under ``--work`` resumes after an interruption, and every finished contender
@@ -37,8 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, Cells, Settings, parse_settings, publish  # noqa: E402
-from smi.data.datasets import eval_dataset  # noqa: E402
+from _common import RESULTS, Cells, Settings, parse_settings, publish, test_split  # noqa: E402
 from smi.data.sources import NoiseSource, RealSource  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import SparsityConfig  # noqa: E402
@@ -49,7 +49,8 @@ from smi.models.training import TeacherTrainConfig, train_teacher  # noqa: E402
 from smi.transfer import DistillConfig, build_student, distill  # noqa: E402
 from smi.viz import save_curves  # noqa: E402
 
-MODELS = {"vit": ("fmnist_vit_tiny", "fmnist_vit_mini"), "cnn": ("fmnist_resnet_tiny", "fmnist_resnet_tiny")}
+MODELS = {"vit": ("fmnist_vit_tiny", "fmnist_vit_mini"), "cnn": ("fmnist_resnet_tiny", "fmnist_resnet_tiny"),
+          "scene": ("fmnist_scene_vit", "fmnist_vit_mini")}  # name: (as a teacher, as a student)
 PROTOCOLS = ("scratch", "probe", "finetune")
 DATA = ("sparse", "dense", "real", "noise")
 BACKBONE_DATA, BACKBONE_EPOCHS = "digits", 60  # the other real data the probe/finetune backbones learn first
@@ -141,8 +142,7 @@ def main() -> None:
         steps = over.get("steps", args.online_steps if online else args.real_steps)
         if t not in teachers:
             teachers[t] = load_teacher(t)
-            teacher_top1[t] = evaluate(teachers[t].model, eval_dataset("fashion-mnist", teachers[t]),
-                                       progress=False)["top1"]
+            teacher_top1[t] = evaluate(teachers[t].model, test_split(teachers[t])[0], progress=False)["top1"]
         teacher = teachers[t]
         if kind == "sparse" and not hasattr(teacher.model, "blocks"):
             raise SystemExit(f"error: {spec}: a CNN teacher inverts dense only")
@@ -229,7 +229,7 @@ def main() -> None:
             f"{args.synth_batch} images per epoch, {args.iterations} iterations "
             f"(sparse: stops {SparsityConfig().scaled(args.iterations / 4000).spec()}; CNN teachers dense with the "
             f"BatchNorm prior), then {args.online_steps} training steps on the whole pool; real images and noise: "
-            f"{args.real_steps} steps per epoch. Top-1 on all 10,000 test images.\n")
+            f"{args.real_steps} steps per epoch. Top-1 on all test images of each teacher's dataset.\n")
     for arch, b in backbones.items():
         note += (f"probe/finetune backbone: {arch} trained on {b['data']} (28x28, {b['epochs']} epochs, seed 0): "
                  f"{b['top1_on_its_data']:.2f} % top-1 on its own test split.\n")

@@ -1,9 +1,9 @@
 """The synthesis-method zoo: every method, dense and sparse, on the shipped teachers.
 
-For each shipped teacher (ViT and CNN), each method x {dense, sparse (ViTs only)} x seed: one
-pool of 32 images, its synthesis wall time per image, the teacher's top-1 on its own synthetic
-images (kept patches only), and the top-1 on all 10,000 Fashion-MNIST test images after
-quantization calibrated on that pool: W4A8 and W4A4 with ``repq``, W8A8 with ``baseline``.
+For each teacher (``--teacher``; default the two Fashion-MNIST ones, ViT and CNN), each method x
+{dense, sparse (ViTs only)} x seed: one pool of 32 images, its synthesis wall time per image, the
+teacher's top-1 on its own synthetic images (kept patches only), and the top-1 on all test images of
+the teacher's dataset after quantization calibrated on that pool: W4A8 and W4A4 with ``repq``, W8A8 with ``baseline``.
 Mean and standard deviation over seeds. Attention-reading methods (psaq, sardfq, mimiq) do not
 apply to the CNN. A PNG grid per method puts the dense and sparse pools side by side.
 
@@ -24,8 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, publish  # noqa: E402
-from smi.data.datasets import eval_dataset  # noqa: E402
+from _common import RESULTS, publish, test_split  # noqa: E402
 from smi.data.pool import load_pool, read_manifest  # noqa: E402
 from smi.data.sources import PoolSource  # noqa: E402
 from smi.errors import SmiError  # noqa: E402
@@ -68,7 +67,8 @@ def _side_by_side(dense: Path, sparse: Path | None, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["fmnist_vit_tiny", "fmnist_resnet_tiny"])
+    p.add_argument("--teacher", "--models", dest="models", nargs="+", default=["fmnist_vit_tiny", "fmnist_resnet_tiny"],
+                   help="teachers (shipped names or checkpoints), each evaluated on its own dataset's test split")
     p.add_argument("--methods", nargs="+", default=METHODS.names())
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--iterations", type=int, default=1000)
@@ -80,11 +80,11 @@ def main() -> None:
     partial_path = work / "partial.json"
     done: dict = json.loads(partial_path.read_text()) if partial_path.exists() else {}
 
-    rows, table = [], []
+    rows, table, tested = [], [], {}
     for model_name in args.models:
         teacher = load_teacher(model_name)
         vit = _is_vit(teacher)
-        data = eval_dataset("fashion-mnist", teacher)
+        data, tested[model_name] = test_split(teacher)
         for method in args.methods:
             if method in ATTENTION and not vit:
                 continue
@@ -136,7 +136,8 @@ def main() -> None:
 
     header = ["model", "method", "sparsity", "synthesis s / image", "teacher top-1 on own images (%)",
               "W4A8 repq", "W4A4 repq", "W8A8 baseline"]
-    note = (f"\nTop-1 (%) on all 10,000 Fashion-MNIST test images after quantization calibrated on {args.images} "
+    tested_on = "; ".join(f"{v} ({k})" for k, v in tested.items())
+    note = (f"\nTop-1 (%) on {tested_on} after quantization calibrated on {args.images} "
             f"synthetic images, mean ± std over seeds {args.seeds}; {args.iterations} iterations per method, batch "
             f"{args.images}; sparse: the paper's schedule (50/100/200/300, 0.3 each). Grids: "
             "`results/method_zoo/MODEL_METHOD.png` (dense above sparse).\n")
