@@ -72,8 +72,13 @@ def save_curves(
 def save_grid(
     images: torch.Tensor, masks: torch.Tensor | None, patch: int, path: str | Path, mean: Sequence[float],
     std: Sequence[float], titles: Sequence[str] | None = None, max_images: int = 64, columns: int = 8,
+    dim_stopped: bool = False, outlines: torch.Tensor | None = None,
 ) -> Path:
-    """Write a PNG grid; stopped patches are drawn in a flat dark blue so the mask is visible."""
+    """Write a PNG grid; stopped patches are drawn in a flat dark blue so the mask is visible.
+
+    ``dim_stopped``: stopped patches keep their content, darkened and tinted blue (for real images, where
+    what was left out matters). ``outlines``: ``(N, H, W)`` pixel masks (e.g. an object's) drawn as green
+    contours."""
     plt = _pyplot()
     n = min(len(images), max_images)
     px = denormalize(images[:n].float().cpu(), mean, std)  # (n, C, H, W) in [0, 1]
@@ -83,7 +88,7 @@ def save_grid(
         gh, gw = px.shape[2] // patch, px.shape[3] // patch
         m = masks[:n].view(n, 1, gh, 1, gw, 1).expand(-1, 1, -1, patch, -1, patch).reshape(n, 1, *px.shape[2:])
         stopped = torch.tensor([0.05, 0.1, 0.3]).view(1, 3, 1, 1)
-        px = torch.where(m.bool(), px, stopped)
+        px = torch.where(m.bool(), px, 0.25 * px + 0.4 * stopped if dim_stopped else stopped)
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
@@ -91,6 +96,8 @@ def save_grid(
         ax.axis("off")
         if i < n:
             ax.imshow(px[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            if outlines is not None:
+                ax.contour(outlines[i].float().numpy(), levels=[0.5], colors="lime", linewidths=0.8)
             if titles is not None:
                 ax.set_title(titles[i], fontsize=7)
     return _save_figure(fig, path)

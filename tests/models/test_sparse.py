@@ -4,7 +4,7 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 
 from smi.errors import SmiError
-from smi.models.sparse import AttentionCapture, patchify, sparse_forward
+from smi.models.sparse import AttentionCapture, patchify, rank_patches, sparse_forward
 from tests.conftest import tiny_vit
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2)
@@ -113,3 +113,20 @@ def test_unsupported_models_raise_one_clear_error(name, kwargs):
     model = timm.create_model(name, **kwargs).eval()
     with pytest.raises(SmiError, match="VisionTransformer"):
         sparse_forward(model, torch.randn(1, 3, 224, 224), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_rank_patches_follows_the_schedule_over_the_kept_tokens():
+    model = tiny_vit()
+    x = _input(model)
+    n = model.patch_embed.num_patches
+    with torch.no_grad():
+        first = sparse_forward(model, x, torch.arange(n).expand(2, n), return_importance=True).importance
+    one = rank_patches(model, x, [n // 2])
+    # one stop: the n/2 patches of highest class-token attention over all of them
+    assert torch.equal(one, first.topk(n // 2, dim=1).indices.sort(dim=1).values)
+    two = rank_patches(model, x, [n // 2, n // 4])
+    assert two.shape == (2, n // 4) and all(set(b.tolist()) <= set(a.tolist()) for a, b in zip(one, two, strict=True))
+    # the second stop ranks by attention among the kept tokens only (not the first ranking cut shorter)
+    with torch.no_grad():
+        again = sparse_forward(model, x, one, return_importance=True).importance
+    assert torch.equal(two, one.gather(1, again.topk(n // 4, dim=1).indices).sort(dim=1).values)

@@ -29,8 +29,8 @@ from smi.data.scenes import SEGMENT_CLASSES
 from smi.errors import SmiError
 from smi.registry import Registry
 
-__all__ = ["DATASETS", "ImageDataset", "ModelSpec", "data_help", "eval_dataset", "fit_images", "load_split",
-           "model_dataset", "model_input", "open_dataset"]
+__all__ = ["DATASETS", "ImageDataset", "ModelSpec", "data_help", "eval_dataset", "fit_images", "fit_masks",
+           "load_split", "model_dataset", "model_input", "open_dataset"]
 
 Split = Literal["train", "test"]
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F", "La"})

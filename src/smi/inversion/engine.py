@@ -18,7 +18,7 @@ from smi.inversion.priors import blur_
 from smi.inversion.recipe import Recipe
 from smi.inversion.terms import Step
 from smi.models.loading import Teacher
-from smi.models.sparse import SparseOutput, check_sparse_capable, sparse_forward
+from smi.models.sparse import SparseOutput, check_sparse_capable, narrow_keep, sparse_forward
 from smi.utils.schedule import scheduled_lr
 
 __all__ = ["Batch", "StepInfo", "invert", "valid_range"]
@@ -204,8 +204,7 @@ def invert(
                     x.copy_(torch.where(pixel_mask.bool(), x, frozen))  # Adam momentum must not move stopped pixels
                 if rank_now:
                     k_new = next(counts)
-                    top = out.importance.topk(k_new, dim=1).indices  # (B, k_new) positions within keep
-                    keep = keep.gather(1, top).sort(dim=1).values
+                    keep = narrow_keep(keep, out.importance, k_new)
                     pixel_mask = pixel_mask_from_indices(keep, grid, patch)
                     frozen = x.detach().clone()
             if callback is not None:

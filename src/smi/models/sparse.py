@@ -20,8 +20,8 @@ from timm.models.vision_transformer import VisionTransformer
 from smi.errors import SmiError
 
 __all__ = [
-    "AttentionCapture", "SparseOutput", "check_sparse_capable", "grid_size", "mask_to_indices",
-    "patchify", "sparse_forward",
+    "AttentionCapture", "SparseOutput", "check_sparse_capable", "grid_size", "mask_to_indices", "narrow_keep",
+    "patchify", "rank_patches", "sparse_forward",
 ]  # fmt: skip
 
 
@@ -188,3 +188,26 @@ def sparse_forward(
         x = vit.norm(vit.blocks(x))
     logits = vit.forward_head(x)
     return SparseOutput(logits, _importance(vit, cap.attn.detach()))
+
+
+def narrow_keep(keep: torch.Tensor, importance: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` most important of the kept patches ``keep`` (B, K), importance given in ``keep``'s order; sorted."""
+    return keep.gather(1, importance.topk(k, dim=1).indices).sort(dim=1).values
+
+
+@torch.no_grad()
+def rank_patches(model: nn.Module, images: torch.Tensor, counts: list[int], importance_block: int = -1
+                 ) -> torch.Tensor:
+    """The patches sparse inversion's schedule keeps of fixed ``images`` (e.g. real ones): from all patches, at each
+    of ``counts`` in turn the most important of those still kept, ranked by ``importance_block``'s attention over
+    the kept tokens alone, as inversion ranks them at its stops. Returns (B, counts[-1]) indices, sorted.
+
+    >>> keep = rank_patches(teacher.model, x, SparsityConfig().kept_counts(196)[1:])  # 196 -> 137 -> ... -> 46
+    """
+    vit = check_sparse_capable(model)
+    B, N = images.shape[0], vit.patch_embed.num_patches
+    keep = torch.arange(N, device=images.device).expand(B, N)
+    for k in counts:
+        out = sparse_forward(vit, images, keep, importance_block=importance_block, return_importance=True)
+        keep = narrow_keep(keep, out.importance, k)
+    return keep
