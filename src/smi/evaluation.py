@@ -32,6 +32,9 @@ def evaluate(model: torch.nn.Module, ds: Dataset, batch_size: int = 250, device:
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
     for x, y in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
         logits = model(x.to(device)).cpu()
+        if logits.ndim != 2:
+            raise SmiError(f"the model gives {tuple(logits.shape[1:])} outputs per image, not class logits; a "
+                           "segmenter is measured with evaluate_segmentation (smi eval does this)")
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         correct1 += (top[:, 0] == y).sum().item()

@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 import smi.data.datasets as datasets
 from smi.cli import main
 from smi.errors import SmiError
-from smi.evaluation import evaluate_segmentation
+from smi.evaluation import evaluate, evaluate_segmentation
 from smi.models.loading import load_teacher
 from smi.models.training import TeacherTrainConfig, _augment_with_labels, train_teacher
 
@@ -101,3 +101,23 @@ def test_a_segmenter_needs_a_dataset_with_masks(tmp_path):
         train_teacher(TeacherTrainConfig(arch="fmnist_scene_segmenter", data="fashion-mnist", model_kwargs=SMALL),
                       tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_paths_that_need_class_logits_refuse_a_segmenter_in_one_line(tmp_path, small_scenes):
+    from smi.data.sources import RealSource
+    from smi.inversion import InversionConfig, synthesize
+    from smi.models.loading import save_teacher
+    from smi.transfer import build_student, distill
+
+    model = timm.create_model("fmnist_scene_segmenter", **SMALL)
+    path = save_teacher(model, tmp_path / "seg.safetensors", arch="fmnist_scene_segmenter", model_kwargs=SMALL,
+                        data_config={"dataset": "fmnist-scenes"})
+    teacher = load_teacher(str(path))
+    with pytest.raises(SmiError, match="is a segmentation model; inversion needs a classifier"):
+        synthesize(teacher, InversionConfig(iterations=400, batch_size=2), 2, tmp_path / "pool", progress=False)
+    with pytest.raises(SmiError, match="distillation needs a classifier"):
+        distill(teacher, build_student("fmnist_vit_mini", teacher), RealSource(), tmp_path / "kd", progress=False)
+    with pytest.raises(SmiError, match="not class logits"):
+        evaluate(teacher.model, TensorDataset(torch.zeros(2, 1, 56, 56), torch.zeros(2, dtype=torch.long)),
+                 progress=False)
+    assert not (tmp_path / "pool").exists() and not (tmp_path / "kd").exists()

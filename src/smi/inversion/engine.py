@@ -17,7 +17,7 @@ from smi.inversion.config import InversionConfig
 from smi.inversion.priors import blur_
 from smi.inversion.recipe import Recipe
 from smi.inversion.terms import Step
-from smi.models.loading import Teacher
+from smi.models.loading import Teacher, require_classifier
 from smi.models.sparse import SparseOutput, check_sparse_capable, narrow_keep, sparse_forward
 from smi.utils.schedule import scheduled_lr
 
@@ -81,6 +81,7 @@ def check_invertible(teacher: Teacher, config: InversionConfig, student: nn.Modu
         if needy:
             raise SmiError(f"the {needy[0]} term needs a student to synthesize against: use it in online training "
                            "(smi distill --online, smi qat --online), not on its own", param="terms")
+    require_classifier(teacher, "inversion")
     if teacher.num_classes < 2:
         raise SmiError(f"{teacher.spec} has {teacher.num_classes} output classes: inversion needs a classifier head "
                        "(a timm model made with num_classes=0, or a feature extractor, has none)")

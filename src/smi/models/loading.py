@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from smi.errors import SmiError
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
 
-__all__ = ["Teacher", "check_fits", "create_model", "in_channels", "load_teacher", "save_teacher", "TEACHER_FORMAT"]
+__all__ = ["Teacher", "check_fits", "create_model", "in_channels", "load_teacher", "require_classifier", "save_teacher",
+           "TEACHER_FORMAT"]
 
 TEACHER_FORMAT = "smi-teacher/1"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")  # read with torch.load(weights_only=True), never plain unpickling
@@ -60,6 +61,13 @@ class Teacher:
         """What a pool or quantized model records to say which teacher made it."""
         return {"spec": self.spec, "arch": self.arch, "fingerprint": self.fingerprint,
                 "num_classes": self.num_classes, "input_size": list(self.input_size)}
+
+
+def require_classifier(teacher: Teacher, what: str) -> None:
+    """One clear error where a segmenter reaches a path that needs per-image class logits."""
+    if teacher.task != "classification":
+        raise SmiError(f"{teacher.spec} is a {teacher.task} model; {what} needs a classifier (segmenters train "
+                       "with smi train-teacher, are measured with smi eval and quantized with smi quantize)")
 
 
 def did_you_mean(name: str) -> str:

@@ -145,10 +145,12 @@ def quantize_and_evaluate(
     teacher: Teacher, config: QuantConfig, source: DataSource | str, data: Dataset, *, calib_images: int = 32,
     seed: int = 0, device: str = "cpu", progress: bool = False,
 ) -> dict[str, Any]:
-    """Quantize a copy of ``teacher.model`` calibrated on ``source`` and evaluate it on ``data``."""
-    from smi.evaluation import evaluate
+    """Quantize a copy of ``teacher.model`` calibrated on ``source`` and evaluate it on ``data`` (top-1, or mIoU
+    for a segmenter)."""
+    from smi.evaluation import evaluate, evaluate_segmentation
 
     res = quantize_teacher(teacher, config, source, num_images=calib_images, seed=seed, copy_model=True)
     calib = res.calibration
-    return {**evaluate(res.model, data, device=device, progress=progress), "calib": calib.source,
+    score = evaluate_segmentation if teacher.task == "segmentation" else evaluate
+    return {**score(res.model, data, device=device, progress=progress), "calib": calib.source,
             "calib_images": len(calib.images), "sparse_calib": calib.masks is not None}

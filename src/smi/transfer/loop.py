@@ -30,7 +30,7 @@ from smi.errors import SmiError
 from smi.evaluation import evaluate
 from smi.inversion.augment import apply_jitter, color_shift, fill_background, jitter_indices, sample_jitter
 from smi.inversion.engine import valid_range
-from smi.models.loading import Teacher, save_teacher
+from smi.models.loading import Teacher, require_classifier, save_teacher
 from smi.models.sparse import mask_to_indices, sparse_forward
 from smi.runner import FitConfig, RunFolder, adamw, fit, plot_accuracy
 from smi.transfer.config import DistillConfig
@@ -112,6 +112,7 @@ def distill(
 
     >>> distill(teacher, build_student("fmnist_vit_mini", teacher), PoolSource("pool/"), "runs/kd")
     """
+    require_classifier(teacher, "distillation")
     cfg = config or DistillConfig()
     run, images, probe, test = open_run(teacher, data, out, cfg, {"student": student.identity()},
                                         fmt=DISTILL_FORMAT, what="distillation run", eval_data=eval_data,
