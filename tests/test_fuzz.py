@@ -33,6 +33,8 @@ QUICK, CI = 120, 1500  # cases per test: make test / make test-all (two tests: 3
 CHEAP = {
     "invert": ["--iterations", "3", "--num-images", "2", "--batch-size", "2", "--sparsity", "dense", "--no-grid"],
     "quantize": ["--calib-images", "2"],
+    "train-generator": ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--latent-dim", "4",
+                        "--width", "4"],
     "eval": ["--limit", "4"],
     "distill": ["--epochs", "1", "--batch-size", "2", "--online-steps", "1", "--steps-per-epoch", "1",
                 "--iterations", "3", "--synth-batch-size", "2", "--eval-data", "none", "--eval-images", "4"],
@@ -45,7 +47,7 @@ CHEAP = {
 # so these draw small and invalid values only
 WORK_FLAGS = {"--img-size", "--epochs", "--batch-size", "--iterations", "--num-images", "--steps-per-epoch",
               "--online-steps", "--online-images", "--eval-images", "--distill-seconds", "--calib-images", "--limit",
-              "--synth-batch-size", "--time-budget", "--train-images"}
+              "--synth-batch-size", "--time-budget", "--train-images", "--latent-dim", "--width"}
 # options fixed by CHEAP for a command: a drawn value could make a valid run of minutes (the demo of a shipped
 # teacher, a teacher trained on all of Fashion-MNIST)
 FIXED = {"demo": {"--model", "--data"}, "train-teacher": {"--data"}}
@@ -87,7 +89,7 @@ def _values(w: dict, flag: str) -> st.SearchStrategy[str]:
         return st.sampled_from([w["ckpt"], "fmnist_vit_tiny", str(d / "nope.safetensors"), w["pool"], "deit_tiny_pat"])
     if flag == "--quantized":
         return st.sampled_from([w["quant"], w["pool"], str(d / "afile.txt"), str(d / "nope"), str(d / "out"), ""])
-    if flag in ("--calib", "--pool", "--data", "--eval-data", "--real", "--out", "folder"):
+    if flag in ("--calib", "--pool", "--data", "--eval-data", "--real", "--out", "folder", "--generator"):
         return st.sampled_from(paths)
     return st.sampled_from(numbers + words)
 

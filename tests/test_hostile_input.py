@@ -75,6 +75,13 @@ def _cases():
         # missing paths
         "invert: missing model": (lambda w: ["invert", "--model", "/nope/x.safetensors", *INV, "--out", "{d}/o"],
                                   "not found"),
+        "quantize: a folder that holds no generator": (
+            lambda w: ["quantize", "--model", w["ckpt"], "--calib", "generator:{d}", "--out", "{d}/q"],
+            "holds no trained generator"),
+        "train-generator: batch of one": (lambda w: ["train-generator", "--model", w["ckpt"], "--batch-size", "1",
+                                                     "--out", "{d}/o"], "--batch-size"),
+        "train-generator: negative BN weight": (lambda w: ["train-generator", "--model", w["ckpt"], "--bn-weight",
+                                                           "-1", "--out", "{d}/o"], "--bn-weight"),
         "quantize: missing pool": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "/nope/pool",
                                               "--out", "{d}/q"], "does not exist"),
         "eval: missing quantized": (lambda w: ["eval", "--model", w["ckpt"], "--quantized", "/nope/q"], "/nope/q"),

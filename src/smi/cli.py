@@ -120,6 +120,52 @@ def _add_train_teacher(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train_teacher, parser=p)
 
 
+def _cmd_train_generator(args: argparse.Namespace) -> int:
+    import json
+
+    from smi.generators import GeneratorConfig, train_generator
+    from smi.models.loading import load_teacher
+
+    with _flags(args):
+        cfg = GeneratorConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                              lr=args.lr, latent_dim=args.latent_dim, width=args.width, bn_weight=args.bn_weight,
+                              psaq_weight=args.psaq_weight, seed=args.seed)
+        teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
+        res = train_generator(teacher, args.out, cfg, device=args.device, overwrite=args.overwrite)
+    print(json.dumps(res) if args.json else
+          f"teacher top-1 on generated images {res['teacher_top1']:.2f}% after {res['epochs']} epochs, "
+          f"{res['wall_s']:.0f} s; generator: {res['out']} (use it as generator:{res['out']})")
+    return 0
+
+
+def _add_train_generator(sub: argparse._SubParsersAction) -> None:
+    from smi.generators import GeneratorConfig
+
+    d = GeneratorConfig()
+    p = sub.add_parser("train-generator", help="train a conditional generator against a teacher (GDFQ)",
+                       formatter_class=_Formatter,
+                       description="Train GDFQ's conditional generator (class embedding x noise -> upsampling convs) "
+                       "so that the teacher classifies its images as their class, with BatchNorm statistics matched "
+                       "for a CNN teacher or PSAQ-ViT's patch-similarity entropy maximized for a ViT. The folder is "
+                       "then a data source: `smi quantize --calib generator:OUT`, `smi distill --generator OUT`, "
+                       "`smi qat --generator OUT`, each draw fresh images. Rerun the same command to resume.")
+    _add_model(p, what="teacher")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, help="generator steps per epoch")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument("--lr", type=_number, default=d.lr, help="peak Adam learning rate (betas 0.5, 0.999; cosine)")
+    p.add_argument("--latent-dim", type=int, default=d.latent_dim, help="noise and class-embedding size")
+    p.add_argument("--width", type=int, default=d.width, help="channels of the first upsampling block")
+    p.add_argument("--bn-weight", type=_number, default=d.bn_weight,
+                   help="weight of the BatchNorm-statistics loss (teachers with BatchNorm)")
+    p.add_argument("--psaq-weight", type=_number, default=d.psaq_weight,
+                   help="weight of minus the patch-similarity entropy (ViT teachers)")
+    _add_run(p, out="run folder (checkpoints, log, generator.safetensors + generator.json)",
+             seed="seed of the generator's initialization and noise", overwrite="replace a run with other settings",
+             json=True)
+    p.set_defaults(func=_cmd_train_generator, parser=p)
+
+
 def _literal(text: str) -> Any:
     """A --model-kwarg value: a JSON number, boolean, list or null, else the text itself."""
     import json
@@ -260,6 +306,10 @@ def _training_source(args: argparse.Namespace) -> Any:
     from smi.data.sources import NoiseSource, PoolSource, RealSource
     from smi.inversion.synthesis import OnlineSource
 
+    if args.generator is not None:
+        from smi.generators import GeneratorSource
+
+        return GeneratorSource(args.generator)
     return (OnlineSource(_inversion_config(args)) if args.online else RealSource(args.real or None)
             if args.real is not None else NoiseSource() if args.noise else PoolSource(args.pool))
 
@@ -284,6 +334,9 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     src.add_argument("--real", nargs="?", const="", metavar="DATASET",
                      help=f"train on real training images, an upper bound: the teacher's dataset, or {data_help()}")
     src.add_argument("--noise", action="store_true", help="train on fresh Gaussian noise (a lower bound)")
+    src.add_argument("--generator", metavar="DIR",
+                     help="train on fresh images from a generator trained by `smi train-generator` (--online-steps "
+                          "per epoch)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     p.add_argument("--lr", type=_number, default=d.lr,
@@ -295,9 +348,9 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
                    help="weight of cross-entropy on the teacher's argmax")
     p.add_argument("--steps-per-epoch", type=int,
                    help="training steps per epoch (default: one pass over a pool or real images; --online-steps "
-                        "for online and noise)")
+                        "for online, noise and a generator)")
     p.add_argument("--online-steps", type=int, default=d.online_steps,
-                   help="training steps per epoch with --online or --noise")
+                   help="training steps per epoch with --online, --noise or --generator")
     p.add_argument("--no-augment", action="store_true", help="no random whole-patch shift and flip")
     p.add_argument("--augment-color", type=_number, default=d.color_shift, metavar="S",
                    help="random contrast exp(U(-S, S)) and brightness U(-S, S) of every training image, kept in the "
@@ -613,6 +666,7 @@ def _add_pool(sub: argparse._SubParsersAction) -> None:
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_invert, _add_quantize, _add_qat, _add_eval, _add_distill, _add_pool, _add_demo, _add_train_teacher,
+    _add_train_generator,
 ]
 
 

@@ -58,6 +58,11 @@ class ImageSet:
         """True when there is no natural epoch (noise; online synthesis)."""
         return self.noise_shape is not None
 
+    @property
+    def fresh(self) -> bool:
+        """True when every draw is new images (noise, a generator): nothing is held to count."""
+        return self.noise_shape is not None
+
     def __len__(self) -> int:
         return 0 if self.images is None else len(self.images)
 
@@ -190,18 +195,24 @@ class NoiseSource(DataSource):
 
 
 def source_help() -> str:
-    return f"POOL_DIR (pool:PATH), real (the model's own dataset), {data_help()}, or noise"
+    return (f"POOL_DIR (pool:PATH), generator:PATH (smi train-generator's folder), real (the model's own dataset), "
+            f"{data_help()}, or noise")
 
 
 def parse_source(spec: str) -> DataSource:
     """How the CLI's ``--calib`` names a source: ``real`` (the model's dataset), ``noise``, a dataset
-    (``fashion-mnist``, ``imagefolder:PATH``, ...; its train split), ``pool:PATH`` or ``PATH`` (a pool folder).
+    (``fashion-mnist``, ``imagefolder:PATH``, ...; its train split), ``generator:PATH`` (a trained generator),
+    ``pool:PATH`` or ``PATH`` (a pool folder).
 
     A bare word that names a source and also an existing folder is ambiguous and refused.
     """
     kind, sep, arg = spec.partition(":")
     if sep and kind == "pool":
         return PoolSource(arg)
+    if sep and kind == "generator":
+        from smi.generators.train import GeneratorSource  # registers itself; imports torch-heavy terms
+
+        return GeneratorSource(arg)
     if sep and kind in DATASETS:
         return RealSource(spec)
     if spec in ("real", "noise") or spec in DATASETS:

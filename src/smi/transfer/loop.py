@@ -105,7 +105,8 @@ def distill(
     Args:
         data: a :class:`~smi.data.sources.PoolSource` (offline), an
             :class:`~smi.inversion.synthesis.OnlineSource` (one synthesized batch per epoch),
-            :class:`~smi.data.sources.RealSource` or :class:`~smi.data.sources.NoiseSource`.
+            :class:`~smi.data.sources.RealSource`, :class:`~smi.data.sources.NoiseSource` or a trained
+            generator (:class:`~smi.generators.GeneratorSource`).
         eval_data: test data for the per-epoch top-1 (see ``smi eval --data``); ``"teacher"``: the
             dataset the teacher records (none if it records none); None: no evaluation.
         dist: under ``torchrun``, :func:`smi.distributed.from_env`; data parallel, process 0 writes.
@@ -192,7 +193,7 @@ def train_on_teacher(
         return loss if extra_loss is None else loss + extra_loss()
 
     def end_of_epoch(epoch: int) -> dict[str, Any]:
-        seen = (epoch + 1) * steps * cfg.batch_size if images.noise_shape is not None else len(images)
+        seen = (epoch + 1) * steps * cfg.batch_size if images.fresh else len(images)
         return {"top1": evaluate(model, test, device=device, progress=False)["top1"] if test is not None else None,
                 "synthesis_s": round(images.seconds, 2), "images": seen}
 

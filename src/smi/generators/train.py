@@ -1,0 +1,254 @@
+"""Training a conditional generator against a frozen full-precision teacher, and using it as a data source.
+
+GDFQ's generator objective, teacher-only: for noise ``z`` and uniformly drawn classes ``y``, the
+images ``G(z, y)`` must be classified as ``y`` by the teacher (cross-entropy) and, for a teacher
+with BatchNorm, reproduce every BN layer's running statistics in their batch statistics
+(DeepInversion's prior, :func:`smi.inversion.terms.bn.bn_statistics`). A ViT teacher has no BN
+statistics; in their place the generator maximizes PSAQ-ViT's patch-similarity entropy
+(:func:`smi.inversion.terms.psaq.patch_similarity_entropy`), as PSAQ-ViT does for pixels. Adam
+(lr 1e-3, betas 0.5/0.999 as GDFQ) with a cosine schedule; the run folder resumes after an
+interruption like every other smi training run.
+
+Once trained, ``generator:PATH`` is a data source (:class:`GeneratorSource`): every draw is a
+fresh batch of images from new noise, one forward pass each, so calibration (``smi quantize
+--calib generator:PATH``) and training loops (``smi distill --generator PATH``) read it like a
+pool that never runs out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from smi.data.sources import SOURCES, DataSource, ImageSet, ModelSpec
+from smi.errors import SmiError
+from smi.generators.model import ConditionalGenerator
+from smi.inversion.terms._base import Captures
+from smi.inversion.terms.bn import bn_statistics
+from smi.inversion.terms.psaq import patch_similarity_entropy
+from smi.models.loading import Teacher, require_classifier
+from smi.runner import FitConfig, RunFolder, fit
+from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
+
+__all__ = ["GENERATOR_FORMAT", "GeneratorConfig", "GeneratorSource", "generator_loss", "load_generator",
+           "sample_labels", "train_generator"]
+
+GENERATOR_FORMAT = "smi-generator/1"
+RUN_FORMAT = "smi-generator-run/1"
+WEIGHTS, META = "generator.safetensors", "generator.json"
+
+
+@dataclass
+class GeneratorConfig:
+    """How a generator is trained against the teacher (GDFQ's settings where it states them)."""
+
+    epochs: int = 10
+    steps_per_epoch: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    latent_dim: int = 100
+    width: int = 128
+    ce_weight: float = 1.0
+    bn_weight: float = 0.1  # BatchNorm teachers: GDFQ's weight of the BN-statistics loss
+    bn_first_weight: float = 1.0  # GDFQ weighs every BN layer alike (DeepInversion: 10 on the first)
+    psaq_weight: float = 1.0  # ViT teachers: minus the patch-similarity entropy, summed over blocks
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "steps_per_epoch", "batch_size", "latent_dim", "width"):
+            if getattr(self, name) < 1:
+                raise SmiError(f"must be >= 1, got {getattr(self, name)}", param=name)
+        if self.batch_size < 2:
+            raise SmiError(f"must be >= 2 (the generator's BatchNorm needs two images), got {self.batch_size}",
+                           param="batch_size")
+        if not 0 < self.lr < 1:
+            raise SmiError(f"must be in (0, 1), got {self.lr}", param="lr")
+        for name in ("ce_weight", "bn_weight", "bn_first_weight", "psaq_weight"):
+            if getattr(self, name) < 0:
+                raise SmiError(f"must be >= 0, got {getattr(self, name)}", param=name)
+
+
+def sample_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` labels, each class equally often (up to one) in a random order."""
+    return (torch.arange(n) % num_classes)[torch.randperm(n, generator=generator)]
+
+
+class _Objective:
+    """The generator's loss against one teacher: the priors its architecture allows."""
+
+    def __init__(self, teacher: Teacher, cfg: GeneratorConfig) -> None:
+        self.teacher, self.cfg = teacher, cfg
+        model = teacher.model
+        self.bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.vit = not self.bns and hasattr(model, "blocks")
+        kinds = {"bn_inputs"} if self.bns and cfg.bn_weight else {"attn_out"} if self.vit and cfg.psaq_weight else set()
+        self.captures = Captures(model, kinds, "the generator's objective")
+        self.num_prefix = getattr(model, "num_prefix_tokens", 0)
+
+    def __enter__(self) -> _Objective:
+        self.captures.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.captures.__exit__(*exc)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, cap = self.captures.record(lambda: self.teacher.model(x))
+        ce = F.cross_entropy(logits, y)
+        loss, parts = self.cfg.ce_weight * ce, {"ce": ce.item()}
+        if cap.bn_inputs:
+            bn = bn_statistics(cap.bn_inputs, [(m.running_mean, m.running_var) for m in self.bns],
+                               self.cfg.bn_first_weight)
+            loss = loss + self.cfg.bn_weight * bn
+            parts["bn"] = bn.item()
+        if cap.attn_out:
+            entropy = sum(patch_similarity_entropy(a, self.num_prefix).mean() for a in cap.attn_out)
+            loss = loss - self.cfg.psaq_weight * entropy
+            parts["entropy"] = entropy.item()
+        parts["teacher_acc"] = 100.0 * (logits.argmax(1) == y).float().mean().item()
+        return loss, parts
+
+
+def generator_loss(teacher: Teacher, generator: ConditionalGenerator, z: torch.Tensor, y: torch.Tensor,
+                   cfg: GeneratorConfig | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of ``generator`` on one batch (``z``, ``y``), and its parts."""
+    with _Objective(teacher, cfg or GeneratorConfig()) as objective:
+        return objective(generator(z, y), y)
+
+
+def train_generator(teacher: Teacher, out: str | Path, cfg: GeneratorConfig | None = None, *,
+                    device: torch.device | str = "cpu", overwrite: bool = False, progress: bool = True
+                    ) -> dict[str, Any]:
+    """Train a :class:`ConditionalGenerator` for ``teacher`` in the run folder ``out`` (resumable).
+
+    Writes ``generator.safetensors`` + ``generator.json`` (its architecture, the teacher's identity, the
+    config and the teacher's top-1 on a fixed batch of generated images after each epoch), which
+    :func:`load_generator` and ``generator:OUT`` read.
+    """
+    cfg = cfg or GeneratorConfig()
+    require_classifier(teacher, "a generator")
+    C, H, W = teacher.input_size
+    torch.manual_seed(cfg.seed)
+    gen_model = ConditionalGenerator(teacher.num_classes, (C, H, W), cfg.latent_dim, cfg.width).to(device)
+    run = RunFolder(out, {"config": asdict(cfg), "teacher": teacher.identity()}, fmt=RUN_FORMAT,
+                    what="generator training run", products=(WEIGHTS, META), overwrite=overwrite)
+    opt = torch.optim.Adam(gen_model.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    probe_gen = torch.Generator().manual_seed(cfg.seed + 7)
+    probe_z = torch.randn(max(100, teacher.num_classes), cfg.latent_dim, generator=probe_gen).to(device)
+    probe_y = sample_labels(len(probe_z), teacher.num_classes, probe_gen).to(device)
+    seen: dict[str, float] = {}
+
+    def batches(epoch: int, g: torch.Generator):
+        for _ in range(cfg.steps_per_epoch):
+            z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=g)
+            yield z.to(device), sample_labels(cfg.batch_size, teacher.num_classes, g).to(device)
+
+    with _Objective(teacher, cfg) as objective:
+        def step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            z, y = batch
+            loss, parts = objective(gen_model(z, y), y)
+            for k, v in parts.items():
+                seen[k] = seen.get(k, 0.0) + v
+            seen["n"] = seen.get("n", 0) + 1
+            return loss
+
+        def end_of_epoch(epoch: int) -> dict[str, Any]:
+            row = {f"train_{k}": round(v / seen["n"], 4) for k, v in seen.items() if k != "n"}
+            seen.clear()
+            gen_model.eval()
+            with torch.no_grad():
+                row["teacher_top1"] = round(100.0 * (teacher.model(gen_model(probe_z, probe_y)).argmax(1)
+                                                     == probe_y).float().mean().item(), 2)
+            gen_model.train()
+            return row
+
+        fit_cfg = FitConfig(epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, lr=cfg.lr, min_lr=cfg.lr / 100,
+                            schedule="cosine", seed=cfg.seed, desc="generator epoch")
+        log = fit(run, gen_model, opt, fit_cfg, batches, step, end_of_epoch=end_of_epoch, progress=progress)
+    gen_model.eval()
+    state = {k: v.detach().cpu().contiguous() for k, v in gen_model.state_dict().items()}
+    atomic_save_tensors(run.out / WEIGHTS, state)
+    meta = {"format": GENERATOR_FORMAT, "generator": gen_model.config(), "teacher": teacher.identity(),
+            "train_config": asdict(cfg), "teacher_top1": log[-1]["teacher_top1"],
+            "train_s": log[-1]["train_s"], "epochs": len(log)}
+    atomic_write_json(run.out / META, meta)
+    return {"out": str(run.out), "teacher_top1": log[-1]["teacher_top1"], "epochs": len(log),
+            "wall_s": log[-1]["wall_s"]}
+
+
+def load_generator(path: str | Path, teacher: ModelSpec, device: torch.device | str = "cpu"
+                   ) -> tuple[ConditionalGenerator, dict[str, Any]]:
+    """A trained generator (eval mode, frozen) from its run folder, refused if another teacher trained it."""
+    folder = Path(path)
+    if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
+        raise SmiError(f"{folder} holds no trained generator ({META} and {WEIGHTS}; smi train-generator writes them)")
+    meta = read_format_json(folder / META, GENERATOR_FORMAT, "generator")
+    if meta.get("teacher", {}).get("fingerprint") != teacher.fingerprint:
+        raise SmiError(f"generator {folder} was trained for another teacher ({meta.get('teacher', {}).get('spec')}), "
+                       f"not {teacher.spec}")
+    try:
+        arch = meta["generator"]
+        model = ConditionalGenerator(int(arch["num_classes"]), tuple(int(v) for v in arch["input_size"]),
+                                     int(arch["latent_dim"]), int(arch["width"]))
+        model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError, OSError) as e:
+        raise SmiError(f"{folder}: unreadable generator ({(str(e).splitlines() or [type(e).__name__])[0][:160]})"
+                       ) from None
+    model.eval().requires_grad_(False).to(device)
+    return model, meta
+
+
+class _Generated(ImageSet):
+    """Endless images from a frozen generator: each draw is new noise and balanced classes, one forward pass."""
+
+    def __init__(self, model: ConditionalGenerator, identity: dict[str, Any], seconds: float) -> None:
+        super().__init__(identity=identity, seconds=seconds)
+        self.model = model
+
+    @property
+    def endless(self) -> bool:
+        return True
+
+    @property
+    def fresh(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return 0
+
+    @torch.no_grad()
+    def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        z = torch.randn(n, self.model.latent_dim, generator=generator)
+        y = sample_labels(n, self.model.num_classes, generator)
+        device = self.model.embed.weight.device
+        return self.model(z.to(device), y.to(device)).cpu()
+
+    def take(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._draw(n, generator), None
+
+    def batches(self, steps: int, batch_size: int, generator: torch.Generator):
+        for _ in range(steps):
+            yield self._draw(batch_size, generator), None
+
+
+@SOURCES.register("generator")
+@dataclass(frozen=True)
+class GeneratorSource(DataSource):
+    """A generator trained by `smi train-generator`: fresh images from new noise at every draw."""
+
+    path: str
+    kind: ClassVar[str] = "generator"
+
+    def open(self, model: ModelSpec, **context: Any) -> ImageSet:
+        gen, meta = load_generator(self.path, model)
+        identity = {"kind": "generator", "weights": sha256_file(Path(self.path) / WEIGHTS)}
+        return _Generated(gen, identity, float(meta.get("train_s", 0.0)))
+
+    def describe(self) -> str:
+        return f"generator:{self.path}"

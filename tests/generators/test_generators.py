@@ -1,0 +1,128 @@
+"""The GDFQ generator: shapes, conditioning, its loss against a hand computation, training, use as a source."""
+
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from smi.cli import main
+from smi.data.sources import parse_source
+from smi.errors import SmiError
+from smi.generators import ConditionalGenerator, GeneratorConfig, GeneratorSource, generator_loss, train_generator
+from smi.generators.train import load_generator, sample_labels
+from smi.inversion.terms.psaq import kde_entropy
+from smi.models.loading import load_teacher
+from tests.conftest import as_teacher, tiny_vit
+
+
+def _tiny_cnn():
+    torch.manual_seed(0)
+    return timm.create_model("resnet10t", num_classes=5, in_chans=3).eval()
+
+
+def test_shapes_and_conditioning():
+    torch.manual_seed(0)
+    g = ConditionalGenerator(5, (3, 32, 32), latent_dim=8, width=16).eval()
+    z = torch.randn(6, 8)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    x = g(z, y)
+    assert x.shape == (6, 3, 32, 32)
+    torch.testing.assert_close(g(z, F.one_hot(y, 5).float()), x)  # one-hot weights are the labels
+    assert not torch.allclose(g(z, (y + 1) % 5), x)  # the class changes the image
+    # superposed embeddings: weights mix the class embeddings linearly
+    w = torch.zeros(6, 5)
+    w[:, 1], w[:, 3] = 0.3, 0.7
+    torch.testing.assert_close(g.embedding(w), 0.3 * g.embed.weight[1] + 0.7 * g.embed.weight[3]
+                               + torch.zeros(6, 8))
+    with pytest.raises(SmiError, match="multiple of 4"):
+        ConditionalGenerator(5, (1, 30, 30))
+
+
+def test_labels_are_balanced():
+    y = sample_labels(23, 5, torch.Generator().manual_seed(0))
+    assert sorted(torch.bincount(y, minlength=5).tolist()) == [4, 4, 5, 5, 5]
+
+
+def test_cnn_loss_is_cross_entropy_plus_bn_statistics_by_hand():
+    teacher = as_teacher(_tiny_cnn())
+    g = ConditionalGenerator(5, (3, 32, 32), latent_dim=8, width=16)
+    z, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    cfg = GeneratorConfig(bn_weight=0.1, bn_first_weight=1.0)
+    torch.manual_seed(1)
+    loss, parts = generator_loss(teacher, g, z, y, cfg)
+    # independent: record every BN layer's input with plain hooks, then the formula
+    inputs, hooks = [], [m.register_forward_hook(lambda m, i, o: inputs.append((m, i[0])))
+                         for m in teacher.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    torch.manual_seed(1)
+    x = g(z, y)
+    logits = teacher.model(x)
+    for h in hooks:
+        h.remove()
+    bn = sum(torch.sqrt(((a.mean((0, 2, 3)) - m.running_mean) ** 2).sum())
+             + torch.sqrt(((a.transpose(0, 1).flatten(1).var(1, unbiased=False) - m.running_var) ** 2).sum())
+             for m, a in inputs)
+    expected = F.cross_entropy(logits, y) + 0.1 * bn
+    torch.testing.assert_close(loss, expected)
+    assert parts["bn"] == pytest.approx(bn.item(), rel=1e-5) and "entropy" not in parts
+
+
+def test_vit_loss_is_cross_entropy_minus_patch_similarity_entropy_by_hand():
+    teacher = as_teacher(tiny_vit())
+    g = ConditionalGenerator(5, (3, 32, 32), latent_dim=8, width=16)
+    z, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(1)
+    loss, parts = generator_loss(teacher, g, z, y, GeneratorConfig(psaq_weight=0.5))
+    outs, hooks = [], [b.attn.proj.register_forward_pre_hook(lambda m, i: outs.append(i[0]))
+                       for b in teacher.model.blocks]
+    torch.manual_seed(1)
+    logits = teacher.model(g(z, y))
+    for h in hooks:
+        h.remove()
+    entropy = 0.0
+    for o in outs:  # (B, T, D): the heads' outputs side by side; their mean over heads, patch tokens only
+        t = F.normalize(o.view(4, o.shape[1], 2, -1).mean(2)[:, 1:], dim=-1)
+        sim = t @ t.transpose(1, 2)
+        off = ~torch.eye(sim.shape[1], dtype=torch.bool)
+        entropy = entropy + kde_entropy(sim[:, off]).mean()
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y) - 0.5 * entropy)
+    assert "bn" not in parts
+
+
+def test_training_lowers_the_bn_loss_and_the_generator_is_a_source(tmp_path, capsys):
+    cfg = GeneratorConfig(epochs=3, steps_per_epoch=8, batch_size=16, latent_dim=16, width=16)
+    teacher = load_teacher("fmnist_resnet_tiny")
+    res = train_generator(teacher, tmp_path / "gen", cfg, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "gen" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and log[-1]["train_bn"] < log[0]["train_bn"]
+    meta = json.loads((tmp_path / "gen" / "generator.json").read_text())
+    assert meta["format"] == "smi-generator/1" and meta["teacher_top1"] == res["teacher_top1"]
+    # a data source: fresh images each draw, the teacher's input size
+    source = parse_source(f"generator:{tmp_path / 'gen'}")
+    assert isinstance(source, GeneratorSource)
+    images = source.open(teacher)
+    a, _ = images.take(4, torch.Generator().manual_seed(0))
+    b, _ = images.take(4, torch.Generator().manual_seed(0))
+    c, _ = images.take(4, torch.Generator().manual_seed(1))
+    assert a.shape == (4, 1, 28, 28) and torch.equal(a, b) and not torch.equal(a, c)
+    # another teacher's generator is refused
+    with pytest.raises(SmiError, match="another teacher"):
+        load_generator(tmp_path / "gen", load_teacher("fmnist_vit_tiny"))
+    # the CLI: calibration and distillation read it
+    assert main(["quantize", "--model", "fmnist_resnet_tiny", "--calib", f"generator:{tmp_path / 'gen'}",
+                 "--calib-images", "8", "--w-bits", "8", "--a-bits", "8", "--out", str(tmp_path / "q")]) == 0
+    assert main(["distill", "--teacher", "fmnist_resnet_tiny", "--student", "fmnist_vit_mini", "--generator",
+                 str(tmp_path / "gen"), "--epochs", "1", "--online-steps", "3", "--batch-size", "8",
+                 "--eval-images", "50", "--out", str(tmp_path / "kd"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["epochs"] == 1
+    row = json.loads((tmp_path / "kd" / "log.jsonl").read_text().splitlines()[0])
+    assert row["images"] == 24  # fresh images: steps x batch
+
+
+def test_bad_generator_settings_are_refused():
+    with pytest.raises(SmiError, match="two images"):
+        GeneratorConfig(batch_size=1)
+    with pytest.raises(SmiError, match="must be >= 0"):
+        GeneratorConfig(bn_weight=-1)
