@@ -252,6 +252,8 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     from smi.inversion.synthesis import synthesize
     from smi.models.loading import load_teacher
 
+    if args.generator is not None:
+        return _invert_from_generator(args)
     cfg = _inversion_config(args)
     dist = from_env(args.device)  # torchrun: one process per rank, gloo on CPU, nccl on CUDA
     device = dist.device
@@ -266,6 +268,33 @@ def _cmd_invert(args: argparse.Namespace) -> int:
               + (f", {dist.world} processes" if dist.active else "") + ")")
         if result.grid is not None:
             print(f"grid: {result.grid}")
+    return 0
+
+
+PIXEL_ONLY = ("iterations", "synth_lr", "tv_l2", "tv_l1", "l2", "jitter", "color_shift", "blur", "labels",
+              "curriculum", "term", "option")  # `smi invert` options that shape pixel optimization only
+
+
+def _invert_from_generator(args: argparse.Namespace) -> int:
+    from smi.generators.pool import generate_pool
+    from smi.inversion import SparsityConfig
+    from smi.models.loading import load_teacher
+
+    given = [name for name in PIXEL_ONLY if getattr(args, name, None) is not None]
+    if given or args.method != "deepinversion":
+        flag = "--method" if not given else "--" + given[0].replace("synth_", "").replace("_", "-")
+        raise SmiError(f"{flag} shapes pixel optimization; a pool from --generator is sampled, not optimized "
+                       "(its training settings are smi train-generator's)")
+    with _flags(args, batch_size="synth_batch_size"):
+        teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
+        result = generate_pool(teacher, args.generator, args.num_images, args.out,
+                               sparsity=SparsityConfig.parse(args.sparsity or "default"),
+                               batch_size=args.synth_batch_size,
+                               seed=args.seed, device=args.device, overwrite=args.overwrite, grid=not args.no_grid)
+    print(f"pool: {result.folder} ({result.num_images} images from generator {args.generator}, "
+          f"{result.seconds:.1f} s)")
+    if result.grid is not None:
+        print(f"grid: {result.grid}")
     return 0
 
 
@@ -285,6 +314,10 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
     )
     _add_model(p, what="teacher")
     p.add_argument("--num-images", type=int, default=32, help="images to synthesize")
+    p.add_argument("--generator", metavar="DIR",
+                   help="sample the pool from a generator trained by `smi train-generator` instead of optimizing "
+                        "pixels (sparse: each image keeps the patches the teacher attends to most, ranked by the "
+                        "--sparsity schedule's stops)")
     _add_inversion_args(p)
     _add_run(p, out="pool folder to write (or resume)", seed="seed of targets, initial noise and jitter",
              overwrite="replace a pool made with other settings")

@@ -126,3 +126,40 @@ def test_bad_generator_settings_are_refused():
         GeneratorConfig(batch_size=1)
     with pytest.raises(SmiError, match="must be >= 0"):
         GeneratorConfig(bn_weight=-1)
+
+
+def test_a_trained_generator_writes_pools_that_verify_dense_and_sparse(tmp_path, capsys):
+    teacher = load_teacher("fmnist_vit_tiny")
+    train_generator(teacher, tmp_path / "gen", GeneratorConfig(epochs=1, steps_per_epoch=2, batch_size=8,
+                                                               latent_dim=8, width=8), progress=False)
+    from smi.data.pool import load_pool, pool_info
+    from smi.generators.pool import generate_pool
+
+    for sparsity in ("dense", "default"):
+        out = tmp_path / sparsity
+        assert main(["invert", "--model", "fmnist_vit_tiny", "--generator", str(tmp_path / "gen"), "--num-images",
+                     "10", "--batch-size", "4", "--sparsity", sparsity, "--out", str(out)]) == 0
+        assert main(["pool", "verify", str(out)]) == 0
+        pool = load_pool(out)
+        assert len(pool) == 10 and pool_info(out)["method"] == "generator"
+        kept = pool.masks.sum(1)
+        assert (kept == (49 if sparsity == "dense" else 11)).all()  # 49 -> 34 -> 23 -> 16 -> 11
+    # sparse: stopped patches are zero, and the kept ones are what the teacher ranks highest
+    from smi.inversion import SparsityConfig
+    from smi.models.sparse import rank_patches
+
+    dense, sparse = load_pool(tmp_path / "dense"), load_pool(tmp_path / "default")
+    torch.testing.assert_close(dense.labels, sparse.labels)
+    keep = rank_patches(teacher.model, dense.images, SparsityConfig().kept_counts(49)[1:])
+    assert torch.equal(torch.zeros(10, 49, dtype=torch.bool).scatter_(1, keep, True), sparse.masks)
+    stopped = ~sparse.masks.view(10, 1, 7, 1, 7, 1).expand(-1, -1, -1, 4, -1, 4).reshape(10, 1, 28, 28)
+    assert (sparse.images[stopped] == 0).all()
+    # resuming rewrites nothing; pixel-optimization flags are refused with the generator
+    before = (tmp_path / "dense" / "manifest.json").read_text()
+    generate_pool(teacher, tmp_path / "gen", 10, tmp_path / "dense", sparsity=SparsityConfig(()), batch_size=4)
+    assert (tmp_path / "dense" / "manifest.json").read_text() == before
+    capsys.readouterr()
+    assert main(["invert", "--model", "fmnist_vit_tiny", "--generator", str(tmp_path / "gen"), "--iterations", "5",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--iterations shapes pixel optimization" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,84 @@
+"""A normal synthetic pool sampled from a trained generator, dense or sparse.
+
+Batch ``b`` draws its noise and (balanced) classes from a generator seeded by (``seed``, ``b``), so
+an interrupted run resumes with exactly the images an uninterrupted one writes. Sparse: each
+generated image keeps the patches the teacher attends to most, ranked as sparse inversion ranks
+them at its stops (:func:`smi.models.sparse.rank_patches` over the schedule's kept counts); the
+stopped patches are zero and the pool records the kept-patch mask, so every consumer treats it as
+it treats a sparse inversion pool (the ViT teacher sees the kept patches only).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from smi.data.pool import PoolWriter, load_pool
+from smi.errors import SmiError
+from smi.generators.train import WEIGHTS, load_generator, sample_labels
+from smi.inversion.augment import pixel_mask_from_indices
+from smi.inversion.config import SparsityConfig
+from smi.inversion.synthesis import SynthesisResult
+from smi.models.loading import Teacher
+from smi.models.sparse import check_sparse_capable, rank_patches, sparse_forward
+from smi.utils.io import atomic_write_json, sha256_file
+from smi.viz import save_grid
+
+__all__ = ["generate_pool"]
+
+
+@torch.no_grad()
+def generate_pool(teacher: Teacher, generator: str | Path, num_images: int, out: str | Path, *,
+                  sparsity: SparsityConfig | None = None, batch_size: int = 64, seed: int = 0,
+                  device: torch.device | str = "cpu", overwrite: bool = False, grid: bool = True) -> SynthesisResult:
+    """Write ``num_images`` images of the generator in ``generator`` (a `smi train-generator` folder) as a pool."""
+    sparsity = sparsity or SparsityConfig(())
+    if num_images < 1 or batch_size < 1:
+        raise SmiError(f"must be positive, got {num_images if num_images < 1 else batch_size}",
+                       param="num_images" if num_images < 1 else "batch_size")
+    gen, meta = load_generator(generator, teacher, device)
+    if not sparsity.dense:
+        check_sparse_capable(teacher.model)
+    identity = {"method": "generator", "generator": {"weights": sha256_file(Path(generator) / WEIGHTS),
+                                                     "train_config": meta.get("train_config")},
+                "config": {"batch_size": batch_size}, "seed": seed, "num_images": num_images,
+                "teacher": teacher.identity(), "sparsity": sparsity.spec()}
+    writer = PoolWriter(out, identity, overwrite=overwrite)
+    atomic_write_json(writer.folder / "config.json", identity)
+    patch = getattr(getattr(teacher.model, "patch_embed", None), "patch_size", (1,))[0]
+    grid_hw = (teacher.input_size[1] // patch, teacher.input_size[2] // patch)
+    N = grid_hw[0] * grid_hw[1]
+    for b, start in enumerate(range(0, num_images, batch_size)):
+        if writer.done(b):
+            continue
+        t0 = time.perf_counter()
+        n = min(batch_size, num_images - start)
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, b, 2]).generate_state(1)[0]))
+        z = torch.randn(n, gen.latent_dim, generator=g).to(device)
+        y = sample_labels(n, teacher.num_classes, g).to(device)
+        x = gen(z, y)
+        if sparsity.dense:
+            mask = torch.ones(n, N, dtype=torch.bool, device=device)
+            logits = teacher.model(x)
+        else:
+            keep = rank_patches(teacher.model, x, sparsity.kept_counts(N)[1:])
+            mask = torch.zeros(n, N, dtype=torch.bool, device=device).scatter_(1, keep, True)
+            x = x * pixel_mask_from_indices(keep, grid_hw, patch)
+            logits = sparse_forward(teacher.model, x, keep).logits
+        tensors = {"images": x.cpu().contiguous(), "mask": mask.cpu(), "targets": y.cpu(),
+                   "loss": F.cross_entropy(logits, y, reduction="none").float().cpu(),
+                   "index": torch.arange(start, start + n)}
+        classes = torch.bincount(y.cpu(), minlength=teacher.num_classes).tolist()
+        writer.write(b, tensors, time.perf_counter() - t0, {"classes": classes, "kept": int(mask[0].sum())})
+    writer.finish()
+    grid_path = None
+    if grid:
+        pool = load_pool(writer.folder)
+        names = teacher.class_names or [str(i) for i in range(teacher.num_classes)]
+        grid_path = save_grid(pool.images, None if sparsity.dense else pool.masks, patch, writer.folder / "grid.png",
+                              teacher.mean, teacher.std, titles=[names[int(i)] for i in pool.labels])
+    return SynthesisResult(writer.folder, num_images, writer.seconds_total, grid_path)
