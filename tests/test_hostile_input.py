@@ -80,6 +80,11 @@ def _cases():
             "holds no trained generator"),
         "train-generator: batch of one": (lambda w: ["train-generator", "--model", w["ckpt"], "--batch-size", "1",
                                                      "--out", "{d}/o"], "--batch-size"),
+        "train-generator: unknown kind": (lambda w: ["train-generator", "--model", w["ckpt"], "--kind", "gdfqq",
+                                                     "--out", "{d}/o"], "unknown generator 'gdfqq'"),
+        "train-generator: superposition above one": (
+            lambda w: ["train-generator", "--model", w["ckpt"], "--superpose-prob", "1.5", "--out", "{d}/o"],
+            "--superpose-prob"),
         "train-generator: negative BN weight": (lambda w: ["train-generator", "--model", w["ckpt"], "--bn-weight",
                                                            "-1", "--out", "{d}/o"], "--bn-weight"),
         "quantize: missing pool": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "/nope/pool",

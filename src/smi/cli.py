@@ -127,9 +127,11 @@ def _cmd_train_generator(args: argparse.Namespace) -> int:
     from smi.models.loading import load_teacher
 
     with _flags(args):
-        cfg = GeneratorConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-                              lr=args.lr, latent_dim=args.latent_dim, width=args.width, bn_weight=args.bn_weight,
-                              psaq_weight=args.psaq_weight, seed=args.seed)
+        cfg = GeneratorConfig(kind=args.kind, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                              batch_size=args.batch_size, lr=args.lr, latent_dim=args.latent_dim, width=args.width,
+                              superpose_prob=args.superpose_prob, superpose_classes=args.superpose_classes,
+                              mapped_dim=args.mapped_dim, init_from_head=not args.random_embeddings,
+                              bn_weight=args.bn_weight, psaq_weight=args.psaq_weight, seed=args.seed)
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
         res = train_generator(teacher, args.out, cfg, device=args.device, overwrite=args.overwrite)
     print(json.dumps(res) if args.json else
@@ -139,23 +141,34 @@ def _cmd_train_generator(args: argparse.Namespace) -> int:
 
 
 def _add_train_generator(sub: argparse._SubParsersAction) -> None:
-    from smi.generators import GeneratorConfig
+    from smi.generators import GENERATORS, GeneratorConfig
 
     d = GeneratorConfig()
-    p = sub.add_parser("train-generator", help="train a conditional generator against a teacher (GDFQ)",
+    p = sub.add_parser("train-generator", help="train a conditional generator against a teacher (GDFQ, Qimera)",
                        formatter_class=_Formatter,
-                       description="Train GDFQ's conditional generator (class embedding x noise -> upsampling convs) "
-                       "so that the teacher classifies its images as their class, with BatchNorm statistics matched "
-                       "for a CNN teacher or PSAQ-ViT's patch-similarity entropy maximized for a ViT. The folder is "
-                       "then a data source: `smi quantize --calib generator:OUT`, `smi distill --generator OUT`, "
-                       "`smi qat --generator OUT`, each draw fresh images. Rerun the same command to resume.")
+                       description="Train a conditional generator (a class code -> upsampling convolutions) so that "
+                       "the teacher classifies its images as their class, with BatchNorm statistics matched for a "
+                       "CNN teacher or PSAQ-ViT's patch-similarity entropy maximized for a ViT. The folder is then a "
+                       "data source: `smi quantize --calib generator:OUT`, `smi distill --generator OUT`, `smi qat "
+                       "--generator OUT` (fresh images every draw), and `smi invert --generator OUT` writes a pool "
+                       f"from it. Rerun the same command to resume.\n\ngenerators (--kind):\n{GENERATORS.help_lines()}")
     _add_model(p, what="teacher")
+    p.add_argument("--kind", default=d.kind, help=f"generator: {', '.join(GENERATORS.names())}")
     p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, help="generator steps per epoch")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
     p.add_argument("--lr", type=_number, default=d.lr, help="peak Adam learning rate (betas 0.5, 0.999; cosine)")
     p.add_argument("--latent-dim", type=int, default=d.latent_dim, help="noise and class-embedding size")
     p.add_argument("--width", type=int, default=d.width, help="channels of the first upsampling block")
+    p.add_argument("--superpose-prob", type=_number,
+                   help="share of batches whose images mix several classes, trained toward the mixing weights "
+                        "(Qimera; default: 0.4 for qimera, 0 for gdfq)")
+    p.add_argument("--superpose-classes", type=int, default=d.superpose_classes,
+                   help="classes mixed in a superposed image (Qimera's K)")
+    p.add_argument("--mapped-dim", type=int, default=d.mapped_dim,
+                   help="qimera: output size of the disentanglement mapping layer")
+    p.add_argument("--random-embeddings", action="store_true",
+                   help="qimera: random class embeddings instead of the teacher's classifier weights")
     p.add_argument("--bn-weight", type=_number, default=d.bn_weight,
                    help="weight of the BatchNorm-statistics loss (teachers with BatchNorm)")
     p.add_argument("--psaq-weight", type=_number, default=d.psaq_weight,

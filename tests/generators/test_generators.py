@@ -10,8 +10,16 @@ import torch.nn.functional as F
 from smi.cli import main
 from smi.data.sources import parse_source
 from smi.errors import SmiError
-from smi.generators import ConditionalGenerator, GeneratorConfig, GeneratorSource, generator_loss, train_generator
-from smi.generators.train import load_generator, sample_labels
+from smi.generators import (
+    ConditionalGenerator,
+    GeneratorConfig,
+    GeneratorSource,
+    QimeraGenerator,
+    build_generator,
+    generator_loss,
+    train_generator,
+)
+from smi.generators.train import load_generator, sample_labels, sample_targets
 from smi.inversion.terms.psaq import kde_entropy
 from smi.models.loading import load_teacher
 from tests.conftest import as_teacher, tiny_vit
@@ -163,3 +171,58 @@ def test_a_trained_generator_writes_pools_that_verify_dense_and_sparse(tmp_path,
                  "--out", str(tmp_path / "x")]) == 2
     assert "--iterations shapes pixel optimization" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_superposed_targets_mix_distinct_classes_with_weights_summing_to_one():
+    g = torch.Generator().manual_seed(0)
+    y = sample_targets(12, 5, g, superpose_prob=1.0, superpose_classes=3)
+    assert y.shape == (12, 5) and ((y > 0).sum(1) == 3).all()
+    torch.testing.assert_close(y.sum(1), torch.ones(12))
+    assert sample_targets(12, 5, g, superpose_prob=0.0).shape == (12,)
+
+
+def test_qimera_mixes_mapped_codes_of_the_classes_by_hand():
+    torch.manual_seed(0)
+    g = QimeraGenerator(5, (3, 32, 32), latent_dim=6, width=8, mapped_dim=4)
+    z = torch.randn(3, 6)
+    w = torch.zeros(3, 5)
+    w[0, [1, 2]] = torch.tensor([0.25, 0.75])
+    w[1, [0, 4]] = torch.tensor([0.5, 0.5])
+    w[2, [3, 1]] = torch.tensor([0.9, 0.1])
+    classes = w.topk(2, dim=1).indices
+    rows = (g.embed.weight[classes] + z[:, None]).flatten(0, 1)  # (6, 6): each (image, class) pair
+    normed = (rows - rows.mean(0)) / torch.sqrt(rows.var(0, unbiased=False) + 1e-5)  # batch statistics only
+    mapped = (normed @ g.mapping.weight.T + g.mapping.bias).view(3, 2, 4)
+    expected = (w.gather(1, classes)[..., None] * mapped).sum(1)
+    torch.testing.assert_close(g.code(z, w), expected)
+    assert g(z, w).shape == (3, 3, 32, 32)
+
+
+def test_qimera_embeddings_start_as_the_teacher_classifier_and_its_pool_holds_soft_targets(tmp_path):
+    teacher = load_teacher("fmnist_resnet_tiny")
+    g = build_generator(teacher, GeneratorConfig(kind="qimera"))
+    head = teacher.model.get_classifier()
+    assert g.latent_dim == head.in_features and torch.equal(g.embed.weight, head.weight)
+    cfg = GeneratorConfig(kind="qimera", epochs=1, steps_per_epoch=2, batch_size=8, width=8, mapped_dim=8,
+                          superpose_prob=1.0)
+    train_generator(teacher, tmp_path / "gen", cfg, progress=False)
+    assert main(["invert", "--model", "fmnist_resnet_tiny", "--generator", str(tmp_path / "gen"), "--sparsity",
+                 "dense", "--num-images", "6", "--batch-size", "3", "--out", str(tmp_path / "pool")]) == 0
+    assert main(["pool", "verify", str(tmp_path / "pool")]) == 0
+    from safetensors.torch import load_file
+
+    shard = load_file(str(tmp_path / "pool" / "shard-00000.safetensors"))
+    torch.testing.assert_close(shard["soft"].sum(1), torch.ones(3))
+    assert ((shard["soft"] > 0).sum(1) == 2).all() and torch.equal(shard["soft"].argmax(1), shard["targets"])
+
+
+def test_soft_targets_give_the_soft_cross_entropy():
+    teacher = as_teacher(_tiny_cnn())
+    g = ConditionalGenerator(5, (3, 32, 32), latent_dim=8, width=16)
+    z = torch.randn(4, 8)
+    w = sample_targets(4, 5, torch.Generator().manual_seed(0), superpose_prob=1.0)
+    torch.manual_seed(1)
+    loss, _ = generator_loss(teacher, g, z, w, GeneratorConfig(bn_weight=0.0))
+    torch.manual_seed(1)
+    expected = -(w * teacher.model(g(z, w)).log_softmax(1)).sum(1).mean()
+    torch.testing.assert_close(loss, expected)

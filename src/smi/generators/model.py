@@ -1,4 +1,4 @@
-"""The conditional generator of GDFQ (ECCV 2020), the base of the generator family (Qimera, AKT, ...).
+"""Conditional generators: GDFQ's (ECCV 2020), the base of the family, and Qimera's (NeurIPS 2021).
 
 A class embedding multiplies the noise; a linear layer maps the product to a ``width`` x H/4 x W/4
 map, and two nearest-neighbour upsamplings, each followed by conv 3x3 -> BatchNorm -> LeakyReLU(0.2),
@@ -6,6 +6,9 @@ bring it to the teacher's size; a last conv 3x3 -> tanh -> BatchNorm without aff
 gives images in the teacher's normalized input space (zero mean, unit variance per channel, as
 normalized real images roughly are). GDFQ's BatchNorm layers after the convolutions use eps 0.8,
 a value inherited from the DCGAN code it builds on; kept here.
+
+Qimera changes only how the class reaches that decoder (:class:`QimeraGenerator`). Each kind is one
+class registered in :data:`GENERATORS`; ``smi train-generator --kind NAME`` reads the registry.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ import torch
 import torch.nn as nn
 
 from smi.errors import SmiError
+from smi.registry import Registry
 
-__all__ = ["ConditionalGenerator"]
+__all__ = ["GENERATORS", "ConditionalGenerator", "QimeraGenerator"]
+
+GENERATORS: Registry[type[ConditionalGenerator]] = Registry("generator")
 
 
 class ConditionalGenerator(nn.Module):
-    """``G(z, y)``: noise ``z`` (B, latent_dim) and labels ``y`` -> images (B, C, H, W).
+    """GDFQ: the class embedding times the noise, decoded by upsampling convolutions (ECCV 2020).
+
+    ``G(z, y)``: noise ``z`` (B, latent_dim) and labels ``y`` -> images (B, C, H, W).
 
     ``y`` is either class indices (B,) or class weights (B, num_classes) whose rows sum to one; a
     weight row mixes the class embeddings (Qimera's superposed embeddings), so ``G(z, one_hot(y))``
@@ -27,7 +35,7 @@ class ConditionalGenerator(nn.Module):
     """
 
     def __init__(self, num_classes: int, input_size: tuple[int, int, int], latent_dim: int = 100,
-                 width: int = 128) -> None:
+                 width: int = 128, code_dim: int | None = None) -> None:
         super().__init__()
         C, H, W = input_size
         if H % 4 or W % 4:
@@ -39,7 +47,7 @@ class ConditionalGenerator(nn.Module):
         self.num_classes, self.input_size = num_classes, (C, H, W)
         self.latent_dim, self.width = latent_dim, width
         self.embed = nn.Embedding(num_classes, latent_dim)
-        self.fc = nn.Linear(latent_dim, width * (H // 4) * (W // 4))
+        self.fc = nn.Linear(code_dim or latent_dim, width * (H // 4) * (W // 4))
         self.body = nn.Sequential(
             nn.BatchNorm2d(width),
             nn.Upsample(scale_factor=2),
@@ -59,12 +67,51 @@ class ConditionalGenerator(nn.Module):
         """The class embedding of labels (B,) or the weighted mixture of embeddings for weights (B, classes)."""
         return self.embed(y) if y.ndim == 1 else y.to(self.embed.weight.dtype) @ self.embed.weight
 
+    def code(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What the decoder reads for noise ``z`` and labels (or class weights) ``y``: GDFQ's embedding x noise."""
+        return self.embedding(y) * z
+
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _, H, W = self.input_size
-        h = self.fc(self.embedding(y) * z)
+        h = self.fc(self.code(z, y))
         return self.body(h.view(len(z), self.width, H // 4, W // 4))
 
     def config(self) -> dict[str, object]:
-        """What rebuilds this generator (saved beside its weights)."""
-        return {"num_classes": self.num_classes, "input_size": list(self.input_size), "latent_dim": self.latent_dim,
-                "width": self.width}
+        """What rebuilds this generator (saved beside its weights): ``GENERATORS.get(kind)(**rest)``."""
+        return {"kind": "gdfq", "num_classes": self.num_classes, "input_size": list(self.input_size),
+                "latent_dim": self.latent_dim, "width": self.width}
+
+
+GENERATORS.register("gdfq")(ConditionalGenerator)
+
+
+@GENERATORS.register("qimera")
+class QimeraGenerator(ConditionalGenerator):
+    """Qimera: class embeddings (initialized from the teacher's classifier weights) plus noise, normalized over the
+    batch and mapped by a linear disentanglement layer; superposed samples mix the mapped codes (NeurIPS 2021).
+
+    For class weights ``y`` (B, classes), each class with a non-zero weight gets its own code
+    ``mapping(normalize(embed[c] + z))`` and the decoder reads their weighted sum: the mixing
+    happens after the mapping layer, which learns to place mixtures between the classes. The
+    normalization uses the statistics of the batch, in training and sampling alike (no running
+    statistics, as in Qimera), so an image depends on the other codes of its batch.
+    """
+
+    def __init__(self, num_classes: int, input_size: tuple[int, int, int], latent_dim: int = 100,
+                 width: int = 128, mapped_dim: int = 100) -> None:
+        super().__init__(num_classes, input_size, latent_dim, width, code_dim=mapped_dim)
+        self.mapped_dim = mapped_dim
+        self.normalize = nn.BatchNorm1d(latent_dim, affine=False, track_running_stats=False)
+        self.mapping = nn.Linear(latent_dim, mapped_dim)
+
+    def code(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y.ndim == 1:
+            return self.mapping(self.normalize(self.embed(y) + z))
+        k = int((y > 0).sum(1).max())
+        weights, classes = y.topk(k, dim=1)  # (B, k): every class with a non-zero weight
+        e = (self.embed(classes) + z[:, None]).flatten(0, 1)  # (B * k, latent)
+        h = self.mapping(self.normalize(e)).view(len(z), k, -1)
+        return (weights[..., None].to(h.dtype) * h).sum(1)
+
+    def config(self) -> dict[str, object]:
+        return {**super().config(), "kind": "qimera", "mapped_dim": self.mapped_dim}

@@ -1,5 +1,9 @@
 """A normal synthetic pool sampled from a trained generator, dense or sparse.
 
+A superposing generator (Qimera) draws superposed batches as it was trained to, and the pool's
+shards then hold every image's class weights (``soft``; one-hot for the others) beside its label
+(the largest weight).
+
 Batch ``b`` draws its noise and (balanced) classes from a generator seeded by (``seed``, ``b``), so
 an interrupted run resumes with exactly the images an uninterrupted one writes. Sparse: each
 generated image keeps the patches the teacher attends to most, ranked as sparse inversion ranks
@@ -19,7 +23,7 @@ import torch.nn.functional as F
 
 from smi.data.pool import PoolWriter, load_pool
 from smi.errors import SmiError
-from smi.generators.train import WEIGHTS, load_generator, sample_labels
+from smi.generators.train import WEIGHTS, load_generator, sample_targets
 from smi.inversion.augment import pixel_mask_from_indices
 from smi.inversion.config import SparsityConfig
 from smi.inversion.synthesis import SynthesisResult
@@ -41,6 +45,8 @@ def generate_pool(teacher: Teacher, generator: str | Path, num_images: int, out:
         raise SmiError(f"must be positive, got {num_images if num_images < 1 else batch_size}",
                        param="num_images" if num_images < 1 else "batch_size")
     gen, meta = load_generator(generator, teacher, device)
+    train = meta.get("train_config") or {}
+    superpose = (float(train.get("superpose_prob") or 0.0), int(train.get("superpose_classes", 2)))
     if not sparsity.dense:
         check_sparse_capable(teacher.model)
     identity = {"method": "generator", "generator": {"weights": sha256_file(Path(generator) / WEIGHTS),
@@ -59,8 +65,9 @@ def generate_pool(teacher: Teacher, generator: str | Path, num_images: int, out:
         n = min(batch_size, num_images - start)
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, b, 2]).generate_state(1)[0]))
         z = torch.randn(n, gen.latent_dim, generator=g).to(device)
-        y = sample_labels(n, teacher.num_classes, g).to(device)
+        y = sample_targets(n, teacher.num_classes, g, *superpose).to(device)
         x = gen(z, y)
+        labels = y if y.ndim == 1 else y.argmax(1)
         if sparsity.dense:
             mask = torch.ones(n, N, dtype=torch.bool, device=device)
             logits = teacher.model(x)
@@ -69,10 +76,13 @@ def generate_pool(teacher: Teacher, generator: str | Path, num_images: int, out:
             mask = torch.zeros(n, N, dtype=torch.bool, device=device).scatter_(1, keep, True)
             x = x * pixel_mask_from_indices(keep, grid_hw, patch)
             logits = sparse_forward(teacher.model, x, keep).logits
-        tensors = {"images": x.cpu().contiguous(), "mask": mask.cpu(), "targets": y.cpu(),
+        tensors = {"images": x.cpu().contiguous(), "mask": mask.cpu(), "targets": labels.cpu(),
                    "loss": F.cross_entropy(logits, y, reduction="none").float().cpu(),
                    "index": torch.arange(start, start + n)}
-        classes = torch.bincount(y.cpu(), minlength=teacher.num_classes).tolist()
+        if superpose[0] > 0:  # a superposing generator: every shard holds the images' class weights
+            soft = y if y.ndim == 2 else F.one_hot(y, teacher.num_classes)
+            tensors["soft"] = soft.float().cpu()
+        classes = torch.bincount(labels.cpu(), minlength=teacher.num_classes).tolist()
         writer.write(b, tensors, time.perf_counter() - t0, {"classes": classes, "kept": int(mask[0].sum())})
     writer.finish()
     grid_path = None

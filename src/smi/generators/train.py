@@ -1,5 +1,11 @@
 """Training a conditional generator against a frozen full-precision teacher, and using it as a data source.
 
+The generator is any kind in :data:`smi.generators.GENERATORS` (``gdfq``, ``qimera``). Qimera's
+superposed samples (``superpose_prob``: the share of batches whose images each mix
+``superpose_classes`` random classes with softmax(N(0, 1)) weights) are trained toward those weights
+as soft targets, and a trained Qimera generator keeps drawing them as a source and into pools
+(where the weights are the images' soft targets).
+
 GDFQ's generator objective, teacher-only: for noise ``z`` and uniformly drawn classes ``y``, the
 images ``G(z, y)`` must be classified as ``y`` by the teacher (cross-entropy) and, for a teacher
 with BatchNorm, reproduce every BN layer's running statistics in their batch statistics
@@ -28,7 +34,7 @@ from safetensors.torch import load_file
 
 from smi.data.sources import SOURCES, DataSource, ImageSet, ModelSpec
 from smi.errors import SmiError
-from smi.generators.model import ConditionalGenerator
+from smi.generators.model import GENERATORS, ConditionalGenerator
 from smi.inversion.terms._base import Captures
 from smi.inversion.terms.bn import bn_statistics
 from smi.inversion.terms.psaq import patch_similarity_entropy
@@ -36,8 +42,8 @@ from smi.models.loading import Teacher, require_classifier
 from smi.runner import FitConfig, RunFolder, fit
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
 
-__all__ = ["GENERATOR_FORMAT", "GeneratorConfig", "GeneratorSource", "generator_loss", "load_generator",
-           "sample_labels", "train_generator"]
+__all__ = ["GENERATOR_FORMAT", "GeneratorConfig", "GeneratorSource", "build_generator", "generator_loss",
+           "load_generator", "sample_labels", "sample_targets", "train_generator"]
 
 GENERATOR_FORMAT = "smi-generator/1"
 RUN_FORMAT = "smi-generator-run/1"
@@ -48,12 +54,17 @@ WEIGHTS, META = "generator.safetensors", "generator.json"
 class GeneratorConfig:
     """How a generator is trained against the teacher (GDFQ's settings where it states them)."""
 
+    kind: str = "gdfq"  # a smi.generators.GENERATORS name
     epochs: int = 10
     steps_per_epoch: int = 100
     batch_size: int = 64
     lr: float = 1e-3
-    latent_dim: int = 100
+    latent_dim: int = 100  # qimera with init_from_head: the classifier's input width instead
     width: int = 128
+    superpose_prob: float | None = None  # share of superposed batches; None: the kind's (qimera 0.4, gdfq 0)
+    superpose_classes: int = 2  # classes mixed in a superposed image (Qimera's K)
+    mapped_dim: int = 100  # qimera: output size of the disentanglement mapping layer
+    init_from_head: bool = True  # qimera: class embeddings start as the teacher's classifier weights
     ce_weight: float = 1.0
     bn_weight: float = 0.1  # BatchNorm teachers: GDFQ's weight of the BN-statistics loss
     bn_first_weight: float = 1.0  # GDFQ weighs every BN layer alike (DeepInversion: 10 on the first)
@@ -61,7 +72,14 @@ class GeneratorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "steps_per_epoch", "batch_size", "latent_dim", "width"):
+        GENERATORS.get(self.kind, param="kind")
+        if self.superpose_prob is None:
+            self.superpose_prob = 0.4 if self.kind == "qimera" else 0.0
+        if not 0 <= self.superpose_prob <= 1:
+            raise SmiError(f"must be in [0, 1], got {self.superpose_prob}", param="superpose_prob")
+        if self.superpose_classes < 2:
+            raise SmiError(f"must be >= 2, got {self.superpose_classes}", param="superpose_classes")
+        for name in ("epochs", "steps_per_epoch", "batch_size", "latent_dim", "width", "mapped_dim"):
             if getattr(self, name) < 1:
                 raise SmiError(f"must be >= 1, got {getattr(self, name)}", param=name)
         if self.batch_size < 2:
@@ -77,6 +95,33 @@ class GeneratorConfig:
 def sample_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
     """``n`` labels, each class equally often (up to one) in a random order."""
     return (torch.arange(n) % num_classes)[torch.randperm(n, generator=generator)]
+
+
+def sample_targets(n: int, num_classes: int, generator: torch.Generator, superpose_prob: float = 0.0,
+                   superpose_classes: int = 2) -> torch.Tensor:
+    """A batch's targets: balanced labels (n,), or with probability ``superpose_prob`` class weights (n, classes)
+    mixing ``superpose_classes`` distinct random classes per image with softmax(N(0, 1)) weights (Qimera)."""
+    superpose = superpose_prob > 0 and bool(torch.rand((), generator=generator) < superpose_prob)
+    if not superpose:
+        return sample_labels(n, num_classes, generator)
+    k = min(superpose_classes, num_classes)
+    classes = torch.rand(n, num_classes, generator=generator).argsort(1)[:, :k]
+    weights = torch.randn(n, k, generator=generator).softmax(1)
+    return torch.zeros(n, num_classes).scatter_(1, classes, weights)
+
+
+def build_generator(teacher: Teacher, cfg: GeneratorConfig) -> ConditionalGenerator:
+    """A fresh generator of ``cfg.kind`` for ``teacher``'s classes and input (Qimera: embeddings from its head)."""
+    kind = GENERATORS.get(cfg.kind, param="kind")
+    head = teacher.model.get_classifier() if hasattr(teacher.model, "get_classifier") else None
+    from_head = cfg.kind == "qimera" and cfg.init_from_head and isinstance(head, torch.nn.Linear)
+    latent = head.in_features if from_head else cfg.latent_dim  # type: ignore[union-attr]
+    extra = {"mapped_dim": cfg.mapped_dim} if cfg.kind == "qimera" else {}
+    model = kind(teacher.num_classes, teacher.input_size, latent, cfg.width, **extra)
+    if from_head:
+        with torch.no_grad():
+            model.embed.weight.copy_(head.weight)  # type: ignore[union-attr]
+    return model
 
 
 class _Objective:
@@ -99,8 +144,9 @@ class _Objective:
         self.captures.__exit__(*exc)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss on images ``x`` of targets ``y``: labels (B,) or class weights (B, classes), a soft target."""
         logits, cap = self.captures.record(lambda: self.teacher.model(x))
-        ce = F.cross_entropy(logits, y)
+        ce = F.cross_entropy(logits, y)  # class weights are probability targets
         loss, parts = self.cfg.ce_weight * ce, {"ce": ce.item()}
         if cap.bn_inputs:
             bn = bn_statistics(cap.bn_inputs, [(m.running_mean, m.running_var) for m in self.bns],
@@ -111,7 +157,8 @@ class _Objective:
             entropy = sum(patch_similarity_entropy(a, self.num_prefix).mean() for a in cap.attn_out)
             loss = loss - self.cfg.psaq_weight * entropy
             parts["entropy"] = entropy.item()
-        parts["teacher_acc"] = 100.0 * (logits.argmax(1) == y).float().mean().item()
+        label = y if y.ndim == 1 else y.argmax(1)
+        parts["teacher_acc"] = 100.0 * (logits.argmax(1) == label).float().mean().item()
         return loss, parts
 
 
@@ -133,21 +180,22 @@ def train_generator(teacher: Teacher, out: str | Path, cfg: GeneratorConfig | No
     """
     cfg = cfg or GeneratorConfig()
     require_classifier(teacher, "a generator")
-    C, H, W = teacher.input_size
     torch.manual_seed(cfg.seed)
-    gen_model = ConditionalGenerator(teacher.num_classes, (C, H, W), cfg.latent_dim, cfg.width).to(device)
+    gen_model = build_generator(teacher, cfg).to(device)
     run = RunFolder(out, {"config": asdict(cfg), "teacher": teacher.identity()}, fmt=RUN_FORMAT,
                     what="generator training run", products=(WEIGHTS, META), overwrite=overwrite)
     opt = torch.optim.Adam(gen_model.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     probe_gen = torch.Generator().manual_seed(cfg.seed + 7)
-    probe_z = torch.randn(max(100, teacher.num_classes), cfg.latent_dim, generator=probe_gen).to(device)
+    probe_z = torch.randn(max(100, teacher.num_classes), gen_model.latent_dim, generator=probe_gen).to(device)
     probe_y = sample_labels(len(probe_z), teacher.num_classes, probe_gen).to(device)
     seen: dict[str, float] = {}
 
     def batches(epoch: int, g: torch.Generator):
         for _ in range(cfg.steps_per_epoch):
-            z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=g)
-            yield z.to(device), sample_labels(cfg.batch_size, teacher.num_classes, g).to(device)
+            z = torch.randn(cfg.batch_size, gen_model.latent_dim, generator=g)
+            y = sample_targets(cfg.batch_size, teacher.num_classes, g, cfg.superpose_prob,  # type: ignore[arg-type]
+                               cfg.superpose_classes)
+            yield z.to(device), y.to(device)
 
     with _Objective(teacher, cfg) as objective:
         def step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -193,11 +241,12 @@ def load_generator(path: str | Path, teacher: ModelSpec, device: torch.device | 
         raise SmiError(f"generator {folder} was trained for another teacher ({meta.get('teacher', {}).get('spec')}), "
                        f"not {teacher.spec}")
     try:
-        arch = meta["generator"]
-        model = ConditionalGenerator(int(arch["num_classes"]), tuple(int(v) for v in arch["input_size"]),
-                                     int(arch["latent_dim"]), int(arch["width"]))
+        arch = dict(meta["generator"])
+        kind = GENERATORS.get(str(arch.pop("kind", "gdfq")))
+        model = kind(int(arch.pop("num_classes")), tuple(int(v) for v in arch.pop("input_size")),
+                     **{k: int(v) for k, v in arch.items()})
         model.load_state_dict(load_file(str(folder / WEIGHTS)))
-    except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError, OSError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError, OSError, SmiError) as e:
         raise SmiError(f"{folder}: unreadable generator ({(str(e).splitlines() or [type(e).__name__])[0][:160]})"
                        ) from None
     model.eval().requires_grad_(False).to(device)
@@ -207,9 +256,10 @@ def load_generator(path: str | Path, teacher: ModelSpec, device: torch.device | 
 class _Generated(ImageSet):
     """Endless images from a frozen generator: each draw is new noise and balanced classes, one forward pass."""
 
-    def __init__(self, model: ConditionalGenerator, identity: dict[str, Any], seconds: float) -> None:
+    def __init__(self, model: ConditionalGenerator, identity: dict[str, Any], seconds: float,
+                 superpose: tuple[float, int] = (0.0, 2)) -> None:
         super().__init__(identity=identity, seconds=seconds)
-        self.model = model
+        self.model, self.superpose = model, superpose
 
     @property
     def endless(self) -> bool:
@@ -225,7 +275,7 @@ class _Generated(ImageSet):
     @torch.no_grad()
     def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         z = torch.randn(n, self.model.latent_dim, generator=generator)
-        y = sample_labels(n, self.model.num_classes, generator)
+        y = sample_targets(n, self.model.num_classes, generator, *self.superpose)
         device = self.model.embed.weight.device
         return self.model(z.to(device), y.to(device)).cpu()
 
@@ -248,7 +298,9 @@ class GeneratorSource(DataSource):
     def open(self, model: ModelSpec, **context: Any) -> ImageSet:
         gen, meta = load_generator(self.path, model)
         identity = {"kind": "generator", "weights": sha256_file(Path(self.path) / WEIGHTS)}
-        return _Generated(gen, identity, float(meta.get("train_s", 0.0)))
+        train = meta.get("train_config", {})
+        return _Generated(gen, identity, float(meta.get("train_s", 0.0)),
+                          (float(train.get("superpose_prob") or 0.0), int(train.get("superpose_classes", 2))))
 
     def describe(self) -> str:
         return f"generator:{self.path}"
