@@ -356,6 +356,12 @@ def _training_source(args: argparse.Namespace) -> Any:
         from smi.generators import GeneratorSource
 
         return GeneratorSource(args.generator)
+    if args.online_generator is not None:
+        from smi.generators import GeneratorConfig, OnlineGeneratorSource
+
+        with _flags(args, kind="online_generator", steps="generator_steps", adversarial="generator_adversarial"):
+            return OnlineGeneratorSource(GeneratorConfig(kind=args.online_generator, seed=args.seed),
+                                         steps=args.generator_steps, adversarial=args.generator_adversarial)
     return (OnlineSource(_inversion_config(args)) if args.online else RealSource(args.real or None)
             if args.real is not None else NoiseSource() if args.noise else PoolSource(args.pool))
 
@@ -383,6 +389,14 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     src.add_argument("--generator", metavar="DIR",
                      help="train on fresh images from a generator trained by `smi train-generator` (--online-steps "
                           "per epoch)")
+    src.add_argument("--online-generator", metavar="KIND",
+                     help="train a generator of this kind (gdfq, qimera) alongside: --generator-steps steps against "
+                          "the teacher before each epoch, then --online-steps on fresh images from it")
+    p.add_argument("--generator-steps", type=int, default=50,
+                   help="--online-generator: generator steps per epoch (batch 64, Adam 1e-3)")
+    p.add_argument("--generator-adversarial", type=_number, default=0.0,
+                   help="--online-generator: weight of minus the teacher-student JS divergence in the generator's "
+                        "loss (images the student still gets wrong, as DFAD)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     p.add_argument("--lr", type=_number, default=d.lr,
@@ -396,7 +410,7 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
                    help="training steps per epoch (default: one pass over a pool or real images; --online-steps "
                         "for online, noise and a generator)")
     p.add_argument("--online-steps", type=int, default=d.online_steps,
-                   help="training steps per epoch with --online, --noise or --generator")
+                   help="training steps per epoch with --online, --noise, --generator or --online-generator")
     p.add_argument("--no-augment", action="store_true", help="no random whole-patch shift and flip")
     p.add_argument("--augment-color", type=_number, default=d.color_shift, metavar="S",
                    help="random contrast exp(U(-S, S)) and brightness U(-S, S) of every training image, kept in the "

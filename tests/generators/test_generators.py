@@ -226,3 +226,55 @@ def test_soft_targets_give_the_soft_cross_entropy():
     torch.manual_seed(1)
     expected = -(w * teacher.model(g(z, w)).log_softmax(1)).sum(1).mean()
     torch.testing.assert_close(loss, expected)
+
+
+def test_online_generator_trains_alongside_the_student_and_resumes_exactly(tmp_path, monkeypatch):
+    import smi.runner as runner_mod
+    from smi.generators import OnlineGeneratorSource
+    from smi.transfer import DistillConfig, Student, distill
+
+    teacher = as_teacher(tiny_vit())
+
+    def student():
+        torch.manual_seed(1)
+        return Student(tiny_vit(embed_dim=16).train(), "vit_tiny_test", {}, "scratch", tokens=False)
+
+    source = OnlineGeneratorSource(GeneratorConfig(batch_size=4, latent_dim=8, width=8), steps=3, adversarial=1.0)
+    cfg = DistillConfig(epochs=3, batch_size=4, online_steps=2)
+    full = distill(teacher, student(), source, tmp_path / "full", cfg, eval_data=None, progress=False)
+    assert (tmp_path / "full" / "generator" / "state.safetensors").is_file()
+    assert [r["images"] for r in full.log] == [8, 16, 24] and full.log[-1]["synthesis_s"] > 0
+
+    real_save, calls = runner_mod.save_checkpoint, {"n": 0}
+
+    def dies_saving_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "save_checkpoint", dies_saving_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, student(), source, tmp_path / "resumed", cfg, eval_data=None, progress=False)
+    monkeypatch.setattr(runner_mod, "save_checkpoint", real_save)
+    resumed = distill(teacher, student(), source, tmp_path / "resumed", cfg, eval_data=None, progress=False)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full.weights)), load_file(str(resumed.weights))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in full.log] == [r["loss"] for r in resumed.log]
+    # another generator setting is another run
+    with pytest.raises(SmiError, match="other settings"):
+        distill(teacher, student(), OnlineGeneratorSource(source.config, steps=4), tmp_path / "full", cfg,
+                eval_data=None, progress=False)
+
+
+def test_online_generator_from_the_cli_and_its_bad_settings(tmp_path, capsys):
+    assert main(["distill", "--teacher", "fmnist_resnet_tiny", "--student", "fmnist_vit_mini", "--online-generator",
+                 "qimera", "--generator-steps", "2", "--epochs", "1", "--online-steps", "2", "--batch-size", "8",
+                 "--eval-images", "20", "--out", str(tmp_path / "kd"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 1
+    assert main(["distill", "--teacher", "fmnist_resnet_tiny", "--online-generator", "qimera", "--generator-steps",
+                 "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--generator-steps" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["quantize", "--model", "fmnist_resnet_tiny", "--calib", "online", "--out", str(tmp_path / "q")]) != 0

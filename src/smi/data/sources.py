@@ -115,6 +115,8 @@ class DataSource:
     """Where images come from. Subclasses are frozen dataclasses registered in :data:`SOURCES`."""
 
     kind: ClassVar[str] = ""
+    grows: ClassVar[bool] = False  # made while a loop trains (online synthesis, an online generator)
+    folder: ClassVar[str] = ""  # a growing source's sub-folder of the run folder
 
     def open(self, model: ModelSpec, **context: Any) -> ImageSet:
         """The images, for ``model``. ``context`` carries what a growing source needs (run folder, seed, ...)."""
@@ -122,6 +124,10 @@ class DataSource:
 
     def describe(self) -> str:
         return self.kind
+
+    def identity(self) -> dict[str, Any]:
+        """A growing source's identity, known before any image exists (what a run records and resumes on)."""
+        raise NotImplementedError
 
 
 SOURCES: Registry[type[DataSource]] = Registry("data source")

@@ -10,11 +10,13 @@ from smi.generators.model import GENERATORS, ConditionalGenerator, QimeraGenerat
 from smi.generators.train import (
     GeneratorConfig,
     GeneratorSource,
+    OnlineGeneratorSource,
     build_generator,
     generator_loss,
     load_generator,
     train_generator,
 )
 
-__all__ = ["GENERATORS", "ConditionalGenerator", "GeneratorConfig", "GeneratorSource", "QimeraGenerator",
+__all__ = ["GENERATORS", "ConditionalGenerator", "GeneratorConfig", "GeneratorSource", "OnlineGeneratorSource",
+           "QimeraGenerator",
            "build_generator", "generator_loss", "load_generator", "train_generator"]

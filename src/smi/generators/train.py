@@ -23,10 +23,12 @@ pool that never runs out.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -41,13 +43,15 @@ from smi.inversion.terms.psaq import patch_similarity_entropy
 from smi.models.loading import Teacher, require_classifier
 from smi.runner import FitConfig, RunFolder, fit
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
+from smi.utils.state import load_checkpoint, save_checkpoint
 
-__all__ = ["GENERATOR_FORMAT", "GeneratorConfig", "GeneratorSource", "build_generator", "generator_loss",
-           "load_generator", "sample_labels", "sample_targets", "train_generator"]
+__all__ = ["GENERATOR_FORMAT", "GeneratorConfig", "GeneratorSource", "OnlineGeneratorSource", "build_generator",
+           "generator_loss", "load_generator", "sample_labels", "sample_targets", "train_generator"]
 
 GENERATOR_FORMAT = "smi-generator/1"
 RUN_FORMAT = "smi-generator-run/1"
 WEIGHTS, META = "generator.safetensors", "generator.json"
+STATE = "state.safetensors"  # an online generator's weights and optimizer after its last trained epoch
 
 
 @dataclass
@@ -304,3 +308,102 @@ class GeneratorSource(DataSource):
 
     def describe(self) -> str:
         return f"generator:{self.path}"
+
+
+class _OnlineGenerated(_Generated):
+    """A generator that trains while the loop trains: ``steps`` generator steps before each epoch's batches."""
+
+    def __init__(self, teacher: Teacher, source: OnlineGeneratorSource, folder: Path, seed: int,
+                 device: torch.device | str, progress: bool, student: torch.nn.Module | None) -> None:
+        cfg = source.config
+        torch.manual_seed(cfg.seed)
+        model = build_generator(teacher, cfg).to(device)
+        super().__init__(model, source.identity(), 0.0, (float(cfg.superpose_prob or 0.0), cfg.superpose_classes))
+        self.teacher, self.source, self.seed, self.device, self.progress = teacher, source, seed, device, progress
+        self.student = student
+        self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        self.folder = folder
+        self.state = folder / STATE
+        self.trained_epochs, self._seconds = 0, 0.0
+        if self.state.exists():
+            meta = load_checkpoint(self.state, model, self.opt)
+            self.trained_epochs, self._seconds = int(meta["epoch"]), float(meta["seconds"])
+        model.eval()  # draws use the running statistics; before_epoch trains in train mode
+
+    def before_epoch(self, epoch: int, progress: bool = True) -> None:
+        """Train the generator for this epoch (unless a resumed run already did), then draw from it."""
+        from tqdm.auto import tqdm
+
+        from smi.inversion.synthesis import _frozen
+        from smi.inversion.terms.adversarial import divergence
+
+        if self.trained_epochs > epoch:
+            if self.trained_epochs > epoch + 1:
+                raise SmiError(f"{self.state} is {self.trained_epochs} epochs ahead of the run's checkpoint "
+                               f"(epoch {epoch}); the folder was changed by hand: use --overwrite")
+            return
+        src, cfg, model = self.source, self.source.config, self.model
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, 3]).generate_state(1)[0]))
+        t0 = time.perf_counter()
+        model.train()
+        with _frozen(self.student), _Objective(self.teacher, cfg) as objective:
+            for _ in tqdm(range(src.steps), desc=f"epoch {epoch + 1}: generator", leave=False,
+                          disable=not (self.progress and progress)):
+                z = torch.randn(cfg.batch_size, model.latent_dim, generator=g).to(self.device)
+                y = sample_targets(cfg.batch_size, model.num_classes, g, cfg.superpose_prob or 0.0,
+                                   cfg.superpose_classes).to(self.device)
+                x = model(z, y)
+                loss, _ = objective(x, y)
+                if src.adversarial and self.student is not None:
+                    with torch.no_grad():
+                        t_logits = self.teacher.model(x)
+                    loss = loss - src.adversarial * divergence(t_logits, self.student(x))
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+        model.eval()
+        self._seconds += time.perf_counter() - t0
+        self.trained_epochs = epoch + 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.state, model, self.opt, {"epoch": self.trained_epochs, "seconds": self._seconds})
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds
+
+
+@SOURCES.register("online-generator")
+@dataclass(frozen=True)
+class OnlineGeneratorSource(DataSource):
+    """A generator trained while the loop trains (GDFQ's joint loop): before every epoch ``steps`` generator
+    steps against the teacher and, with ``adversarial`` > 0, toward images the current student gets wrong
+    (minus the teacher-student JS divergence, as DFAD and Adaptive DeepInversion); the epoch then trains on
+    fresh draws. ``config``'s epochs and steps_per_epoch do not apply (the loop's epochs do), and its learning
+    rate stays constant."""
+
+    config: GeneratorConfig
+    steps: int = 50
+    adversarial: float = 0.0
+    kind: ClassVar[str] = "online-generator"
+    grows: ClassVar[bool] = True  # made while the loop trains: open_run opens it with the run's folder
+    folder: ClassVar[str] = "generator"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise SmiError(f"must be >= 1, got {self.steps}", param="generator_steps")
+        if self.adversarial < 0:
+            raise SmiError(f"must be >= 0, got {self.adversarial}", param="generator_adversarial")
+
+    def identity(self) -> dict[str, Any]:
+        """What the run records before any image exists (a resumed run must have the same)."""
+        return {"kind": self.kind, "generator": asdict(self.config), "steps": self.steps,
+                "adversarial": self.adversarial}
+
+    def open(self, model: Teacher, *, folder: str | Path, seed: int = 0,  # type: ignore[override]
+             device: torch.device | str = "cpu", progress: bool = True, student: torch.nn.Module | None = None,
+             **context: Any) -> ImageSet:
+        require_classifier(model, "a generator")
+        return _OnlineGenerated(model, self, Path(folder), seed, device, progress, student)
+
+    def describe(self) -> str:
+        return f"online {self.config.kind} generator"

@@ -231,6 +231,14 @@ class OnlineSource(DataSource):
 
     synthesis: InversionConfig
     kind = "online"
+    grows = True
+    folder = "pool"
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "online", "synthesis": self.synthesis.to_dict()}
+
+    def describe(self) -> str:
+        return "online synthesis"
 
     def open(self, model: Teacher, *, folder: str | Path, epochs: int, seed: int = 0,  # type: ignore[override]
              device: torch.device | str = "cpu", progress: bool = True, student: nn.Module | None = None,

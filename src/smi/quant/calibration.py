@@ -49,7 +49,8 @@ def calibration_set(model: ModelSpec, source: DataSource | str, num_images: int 
     if batch_size < 1:
         raise SmiError(f"must be positive, got {batch_size}", param="batch_size")
     source = parse_source(source) if isinstance(source, str) else source
-    if source.kind == "online":
-        raise SmiError("online synthesis feeds training loops; calibrate from a pool it wrote", param="source")
+    if source.grows:
+        raise SmiError(f"{source.describe()} feeds training loops; calibrate from a pool (or a trained generator) "
+                       "instead", param="source")
     images, masks = source.open(model).take(num_images, torch.Generator().manual_seed(seed))
     return CalibrationSet(source.describe(), images, masks, batch_size)

@@ -81,8 +81,13 @@ def _logits(model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) -> tor
 
 def _remove_online_pool(out: Path):
     def remove(old: dict[str, Any]) -> None:
-        if old.get("data", {}).get("kind") == "online" and (out / "pool").is_dir():
+        kind = old.get("data", {}).get("kind")
+        if kind == "online" and (out / "pool").is_dir():
             clear_pool(out / "pool")  # only what the pool's manifests recorded
+        if kind == "online-generator":
+            from smi.generators.train import STATE
+
+            (out / "generator" / STATE).unlink(missing_ok=True)
 
     return remove
 
@@ -219,19 +224,19 @@ def open_run(
     manifests, when ``overwrite`` replaces an online run); it synthesizes against ``student`` (the model being
     trained) for terms that read it. Under ``torchrun`` process 0 claims the folder before the others open it."""
     dist = dist or Dist()
-    if dist.active and data.kind == "online":
-        raise SmiError("online synthesis under torchrun is not supported yet: make a pool with `torchrun ... smi "
+    if dist.active and data.grows:
+        raise SmiError(f"{data.describe()} under torchrun is not supported yet: make a pool with `torchrun ... smi "
                        "invert` and train on it with --pool", param="data")
     if not isinstance(data, DataSource):
         raise SmiError(f"must be a DataSource (PoolSource, OnlineSource, RealSource, NoiseSource), got {data!r}",
                        param="data")
     out = Path(out)
     eval_data = teacher.dataset if eval_data == "teacher" else eval_data
-    if data.kind == "online" and cfg.train_images is not None:
-        raise SmiError("online synthesis makes its own images; train_images applies to pools, real images and noise",
-                       param="train_images")
-    if data.kind == "online":  # its identity is known before any image exists
-        probe = {"kind": "online", "synthesis": data.synthesis.to_dict()}  # type: ignore[attr-defined]
+    if data.grows and cfg.train_images is not None:
+        raise SmiError(f"{data.describe()} makes its own images; train_images applies to pools, real images and "
+                       "noise", param="train_images")
+    if data.grows:  # its identity is known before any image exists
+        probe = data.identity()
     else:
         images = data.open(teacher)
         probe = images.identity
@@ -248,8 +253,8 @@ def open_run(
         raise error or SmiError(f"process 0 refused the run folder {out}; see its message")
     if dist.rank != 0:  # the folder is claimed and holds this identity now
         run = RunFolder(out, full, fmt=fmt, what=what, products=products)
-    if data.kind == "online":
-        images = data.open(teacher, folder=out / "pool", epochs=cfg.epochs, seed=cfg.seed, device=device,
+    if data.grows:
+        images = data.open(teacher, folder=out / data.folder, epochs=cfg.epochs, seed=cfg.seed, device=device,
                            progress=progress, student=student, student_tokens=student_tokens)
     elif cfg.train_images is not None:
         images = images.subset(cfg.train_images, torch.Generator().manual_seed(cfg.seed))
