@@ -15,7 +15,9 @@ A contender is named ``TEACHER>STUDENT[:PROTOCOL]/DATA``:
   iterations; CNN teachers invert dense, with DeepInversion's BatchNorm prior), then trains
   ``--online-steps`` steps on the whole pool; ``real`` training images (the upper bound: the same
   student trained on the teacher's outputs over its real training images) and fresh Gaussian ``noise``
-  (the lower bound).
+  (the lower bound); ``gdfq`` / ``qimera``: a generator of that kind trained alongside the student
+  (``smi distill --online-generator``: 50 generator steps before each epoch, then ``--online-steps``
+  on fresh draws; ``adv=W`` adds the adversarial term).
 
 Every contender uses AdamW at a constant learning rate after one warm-up epoch (so that accuracy at
 any time is comparable; ``--probe-lr`` for linear heads), KL at T=20, batch 64 and ``--mixup`` (the
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, Cells, Settings, parse_settings, publish, test_split  # noqa: E402
 from smi.data.sources import NoiseSource, RealSource  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
+from smi.generators import GeneratorConfig, OnlineGeneratorSource  # noqa: E402
 from smi.inversion import SparsityConfig  # noqa: E402
 from smi.inversion.methods import METHODS  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
@@ -52,11 +55,12 @@ from smi.viz import save_curves  # noqa: E402
 MODELS = {"vit": ("fmnist_vit_tiny", "fmnist_vit_mini"), "cnn": ("fmnist_resnet_tiny", "fmnist_resnet_tiny"),
           "scene": ("fmnist_scene_vit", "fmnist_vit_mini")}  # name: (as a teacher, as a student)
 PROTOCOLS = ("scratch", "probe", "finetune")
-DATA = ("sparse", "dense", "real", "noise")
+DATA = ("sparse", "dense", "real", "noise", "gdfq", "qimera")  # the last two: a generator trained alongside
 BACKBONE_DATA, BACKBONE_EPOCHS = "digits", 60  # the other real data the probe/finetune backbones learn first
 
 
-OWN = {"images": int, "steps": int, "mixup": float, "epochs": int}  # settings after '@' that are not synthesis's
+OWN = {"images": int, "steps": int, "mixup": float, "epochs": int,  # settings after '@' that are not synthesis's
+       "gsteps": int, "adv": float}  # an online generator's steps per epoch and adversarial weight
 
 
 def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settings]:
@@ -64,7 +68,9 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
 
     After ``@``, comma-separated: a budget in seconds, and ``images=N`` (synthesized per epoch),
     ``steps=N`` (training steps per epoch), ``mixup=P``, ``epochs=N`` (a cosine learning rate over N
-    epochs instead of the constant one; the budget still stops the run), the student's augmentations
+    epochs instead of the constant one; the budget still stops the run), ``gsteps=N`` and ``adv=W`` (data
+    ``gdfq``/``qimera``: generator steps per epoch, default 50, and the weight of its adversarial term, default 0:
+    ``smi distill --online-generator KIND --generator-steps N --generator-adversarial W``), the student's augmentations
     (``augment_color=S``, ``augment_background=P``: ``smi distill --augment-color``, ``--augment-background``)
     and synthesis settings (``iterations=N`` per synthesized batch, ``color_shift=S``, ``blur=F``,
     ``jitter_unit=pixel``, ``lr=LR``, ``tv_l2=W``, ..., ``term.NAME=W`` for an extra term of this contender only)."""
@@ -82,7 +88,8 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     s, _, protocol = s.partition(":")
     protocol = protocol or "scratch"
     if data not in DATA or protocol not in PROTOCOLS or t not in MODELS or s not in MODELS \
-            or not all(v > 0 for k, v in settings.other.items() if k != "mixup"):
+            or not all(v > 0 for k, v in settings.other.items() if k not in ("mixup", "adv")) \
+            or settings.other.get("adv", 0.0) < 0:
         raise SystemExit(f"error: contender {spec!r}: expected TEACHER>STUDENT[:PROTOCOL]/DATA[@SECONDS,NAME=VALUE...] "
                          f"with TEACHER, STUDENT in {'|'.join(MODELS)}, PROTOCOL in {'|'.join(PROTOCOLS)}, DATA in "
                          f"{'|'.join(DATA)} and {'|'.join(OWN)} positive")
@@ -139,7 +146,8 @@ def main() -> None:
         over = settings.other
         budget = args.budget if budget is None else budget
         images, iterations = over.get("images", args.synth_batch), settings.synthesis.get("iterations", args.iterations)
-        steps = over.get("steps", args.online_steps if online else args.real_steps)
+        generated = kind in ("gdfq", "qimera")
+        steps = over.get("steps", args.online_steps if online or generated else args.real_steps)
         if t not in teachers:
             teachers[t] = load_teacher(t)
             teacher_top1[t] = evaluate(teachers[t].model, test_split(teachers[t])[0], progress=False)["top1"]
@@ -167,15 +175,19 @@ def main() -> None:
                     .synthesis_config(args.method, batch_size=images, sparsity=stops)
             name = spec.replace(">", "_to_").replace("=", "")
             key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
+            generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed), steps=over.get("gsteps", 50),
+                                              adversarial=over.get("adv", 0.0)) if generated else None
             setting = {"teacher": t, "student": s, "protocol": protocol, "data": kind, "config": cfg.to_dict(),
                        "synthesis": synthesis.to_dict() if synthesis else None,
+                       **({"generator": generator.identity()} if generator else {}),
                        "backbone": {k: v for k, v in backbones.get(s, {}).items() if k != "weights"}
                        if checkpoint else None}
             run = cells.get(key, setting)
             if run is not None:
                 print(f"{spec} seed {seed}: cached, top-1 {run['top1']:.2f} %", file=sys.stderr, flush=True)
             else:
-                data = OnlineSource(synthesis) if synthesis else {"real": RealSource(), "noise": NoiseSource()}[kind]
+                data = OnlineSource(synthesis) if synthesis else generator or \
+                    {"real": RealSource(), "noise": NoiseSource()}[kind]
                 student = build_student(None if checkpoint else s, teacher, checkpoint=checkpoint,
                                         linear_probe=protocol == "probe", seed=seed)
                 res = distill(teacher, student, data, work / key, cfg)
