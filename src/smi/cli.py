@@ -359,9 +359,11 @@ def _training_source(args: argparse.Namespace) -> Any:
     if args.online_generator is not None:
         from smi.generators import GeneratorConfig, OnlineGeneratorSource
 
-        with _flags(args, kind="online_generator", steps="generator_steps", adversarial="generator_adversarial"):
+        with _flags(args, kind="online_generator", steps="generator_steps", adversarial="generator_adversarial",
+                    game="generator_game"):
             return OnlineGeneratorSource(GeneratorConfig(kind=args.online_generator, seed=args.seed),
-                                         steps=args.generator_steps, adversarial=args.generator_adversarial)
+                                         steps=args.generator_steps, adversarial=args.generator_adversarial,
+                                         game=args.generator_game)
     return (OnlineSource(_inversion_config(args)) if args.online else RealSource(args.real or None)
             if args.real is not None else NoiseSource() if args.noise else PoolSource(args.pool))
 
@@ -395,8 +397,12 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     p.add_argument("--generator-steps", type=int, default=50,
                    help="--online-generator: generator steps per epoch (batch 64, Adam 1e-3)")
     p.add_argument("--generator-adversarial", type=_number, default=0.0,
-                   help="--online-generator: weight of minus the teacher-student JS divergence in the generator's "
-                        "loss (images the student still gets wrong, as DFAD)")
+                   help="--online-generator: weight of the student term in the generator's loss (see "
+                        "--generator-game)")
+    p.add_argument("--generator-game", choices=["js", "adadfq"], default="js",
+                   help="--online-generator's student term: js = minus the teacher-student JS divergence (images "
+                        "the student still gets wrong, DFAD); adadfq = AdaDFQ's margin on the entropy of the "
+                        "teacher-student logit difference (AKT's generator; with --feature-loss akt in smi qat)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     p.add_argument("--lr", type=_number, default=d.lr,

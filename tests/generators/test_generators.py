@@ -278,3 +278,18 @@ def test_online_generator_from_the_cli_and_its_bad_settings(tmp_path, capsys):
                  "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--generator-steps" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["quantize", "--model", "fmnist_resnet_tiny", "--calib", "online", "--out", str(tmp_path / "q")]) != 0
+
+
+def test_adadfq_margin_by_hand():
+    from smi.generators.train import adadfq_margin
+
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(6, 4, generator=g) * 3, torch.randn(6, 4, generator=g) * 3
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    p = torch.softmax(t - s, 1)
+    h = -(p * p.log()).sum(1)
+    h = (h - h.min()) / (torch.log(torch.tensor(4.0)) - h.min())
+    margin = torch.clamp(0.1 - h, min=0).mean() + torch.clamp(h - 0.8, min=0).mean()
+    ce = lambda z: -torch.log_softmax(z, 1)[torch.arange(6), y].mean()  # noqa: E731
+    torch.testing.assert_close(adadfq_margin(t, s, y), margin + 0.2 * ce(t - s) + 0.1 * ce(t + s))
+    assert margin > 0  # the rescaled entropies span [0, ...]: the smallest sits below the lower bound

@@ -23,6 +23,7 @@ pool that never runs out.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from smi.data.sources import SOURCES, DataSource, ImageSet, ModelSpec
 from smi.errors import SmiError
 from smi.generators.model import GENERATORS, ConditionalGenerator
 from smi.inversion.terms._base import Captures
+from smi.inversion.terms.adversarial import divergence
 from smi.inversion.terms.bn import bn_statistics
 from smi.inversion.terms.psaq import patch_similarity_entropy
 from smi.models.loading import Teacher, require_classifier
@@ -45,8 +47,8 @@ from smi.runner import FitConfig, RunFolder, fit
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
 from smi.utils.state import load_checkpoint, save_checkpoint
 
-__all__ = ["GENERATOR_FORMAT", "GeneratorConfig", "GeneratorSource", "OnlineGeneratorSource", "build_generator",
-           "generator_loss", "load_generator", "sample_labels", "sample_targets", "train_generator"]
+__all__ = ["GENERATOR_FORMAT", "GeneratorConfig", "GeneratorSource", "OnlineGeneratorSource", "adadfq_margin",
+           "build_generator", "generator_loss", "load_generator", "sample_labels", "sample_targets", "train_generator"]
 
 GENERATOR_FORMAT = "smi-generator/1"
 RUN_FORMAT = "smi-generator-run/1"
@@ -147,8 +149,9 @@ class _Objective:
     def __exit__(self, *exc: object) -> None:
         self.captures.__exit__(*exc)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss on images ``x`` of targets ``y``: labels (B,) or class weights (B, classes), a soft target."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """Loss on images ``x`` of targets ``y`` (labels (B,) or class weights (B, classes), a soft target), its
+        parts, and the teacher's logits (with their graph, for terms that also read the student)."""
         logits, cap = self.captures.record(lambda: self.teacher.model(x))
         ce = F.cross_entropy(logits, y)  # class weights are probability targets
         loss, parts = self.cfg.ce_weight * ce, {"ce": ce.item()}
@@ -163,14 +166,14 @@ class _Objective:
             parts["entropy"] = entropy.item()
         label = y if y.ndim == 1 else y.argmax(1)
         parts["teacher_acc"] = 100.0 * (logits.argmax(1) == label).float().mean().item()
-        return loss, parts
+        return loss, parts, logits
 
 
 def generator_loss(teacher: Teacher, generator: ConditionalGenerator, z: torch.Tensor, y: torch.Tensor,
                    cfg: GeneratorConfig | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of ``generator`` on one batch (``z``, ``y``), and its parts."""
     with _Objective(teacher, cfg or GeneratorConfig()) as objective:
-        return objective(generator(z, y), y)
+        return objective(generator(z, y), y)[:2]
 
 
 def train_generator(teacher: Teacher, out: str | Path, cfg: GeneratorConfig | None = None, *,
@@ -204,7 +207,7 @@ def train_generator(teacher: Teacher, out: str | Path, cfg: GeneratorConfig | No
     with _Objective(teacher, cfg) as objective:
         def step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             z, y = batch
-            loss, parts = objective(gen_model(z, y), y)
+            loss, parts, _ = objective(gen_model(z, y), y)
             for k, v in parts.items():
                 seen[k] = seen.get(k, 0.0) + v
             seen["n"] = seen.get("n", 0) + 1
@@ -310,6 +313,26 @@ class GeneratorSource(DataSource):
         return f"generator:{self.path}"
 
 
+GAMES = ("js", "adadfq")
+
+
+def adadfq_margin(t_logits: torch.Tensor, s_logits: torch.Tensor, y: torch.Tensor, low: float = 0.1,
+                  high: float = 0.8, disagree: float = 0.2, agree: float = 0.1) -> torch.Tensor:
+    """AdaDFQ's generator term (CVPR 2023; AKT's generator): images neither too easy nor too hard for the student.
+
+    The entropy of softmax(teacher logits - student logits) per image, rescaled to [0, 1] between the
+    batch's smallest value and log(classes), is kept inside [``low``, ``high``] by two hinges (the
+    margin between disagreement and agreement samples), plus ``disagree`` x CE(softmax(t - s), y) and
+    ``agree`` x CE(softmax(t + s), y) (its one-hot terms). Settings: AdaDFQ's CIFAR-10 ones. ``y``: labels,
+    or class weights (soft targets)."""
+    diff = (t_logits - s_logits).log_softmax(1)
+    h = -(diff.exp() * diff).sum(1)
+    top = math.log(t_logits.shape[1])
+    h = (h - h.min()) / (top - h.min()).clamp_min(1e-12)
+    margin = F.relu(low - h).mean() + F.relu(h - high).mean()
+    return margin + disagree * F.cross_entropy(t_logits - s_logits, y) + agree * F.cross_entropy(t_logits + s_logits, y)
+
+
 class _OnlineGenerated(_Generated):
     """A generator that trains while the loop trains: ``steps`` generator steps before each epoch's batches."""
 
@@ -335,7 +358,6 @@ class _OnlineGenerated(_Generated):
         from tqdm.auto import tqdm
 
         from smi.inversion.synthesis import _frozen
-        from smi.inversion.terms.adversarial import divergence
 
         if self.trained_epochs > epoch:
             if self.trained_epochs > epoch + 1:
@@ -353,11 +375,11 @@ class _OnlineGenerated(_Generated):
                 y = sample_targets(cfg.batch_size, model.num_classes, g, cfg.superpose_prob or 0.0,
                                    cfg.superpose_classes).to(self.device)
                 x = model(z, y)
-                loss, _ = objective(x, y)
+                loss, _, t_logits = objective(x, y)
                 if src.adversarial and self.student is not None:
-                    with torch.no_grad():
-                        t_logits = self.teacher.model(x)
-                    loss = loss - src.adversarial * divergence(t_logits, self.student(x))
+                    s_logits = self.student(x)
+                    game = -divergence(t_logits, s_logits) if src.game == "js" else adadfq_margin(t_logits, s_logits, y)
+                    loss = loss + src.adversarial * game
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
@@ -376,14 +398,16 @@ class _OnlineGenerated(_Generated):
 @dataclass(frozen=True)
 class OnlineGeneratorSource(DataSource):
     """A generator trained while the loop trains (GDFQ's joint loop): before every epoch ``steps`` generator
-    steps against the teacher and, with ``adversarial`` > 0, toward images the current student gets wrong
-    (minus the teacher-student JS divergence, as DFAD and Adaptive DeepInversion); the epoch then trains on
-    fresh draws. ``config``'s epochs and steps_per_epoch do not apply (the loop's epochs do), and its learning
+    steps against the teacher and, with ``adversarial`` > 0, a term that reads the current student: ``game``
+    ``"js"``, minus the teacher-student JS divergence (images it still gets wrong, as DFAD and Adaptive
+    DeepInversion), or ``"adadfq"``, :func:`adadfq_margin` (AdaDFQ's, the generator of AKT); the epoch then
+    trains on fresh draws. ``config``'s epochs and steps_per_epoch do not apply (the loop's epochs do), and its learning
     rate stays constant."""
 
     config: GeneratorConfig
     steps: int = 50
     adversarial: float = 0.0
+    game: str = "js"  # the student term: "js" (minus JS, DFAD) or "adadfq" (AdaDFQ's margin; AKT's generator)
     kind: ClassVar[str] = "online-generator"
     grows: ClassVar[bool] = True  # made while the loop trains: open_run opens it with the run's folder
     folder: ClassVar[str] = "generator"
@@ -393,11 +417,13 @@ class OnlineGeneratorSource(DataSource):
             raise SmiError(f"must be >= 1, got {self.steps}", param="generator_steps")
         if self.adversarial < 0:
             raise SmiError(f"must be >= 0, got {self.adversarial}", param="generator_adversarial")
+        if self.game not in GAMES:
+            raise SmiError(f"must be one of {', '.join(GAMES)}, got {self.game!r}", param="generator_game")
 
     def identity(self) -> dict[str, Any]:
         """What the run records before any image exists (a resumed run must have the same)."""
         return {"kind": self.kind, "generator": asdict(self.config), "steps": self.steps,
-                "adversarial": self.adversarial}
+                "adversarial": self.adversarial, "game": self.game}
 
     def open(self, model: Teacher, *, folder: str | Path, seed: int = 0,  # type: ignore[override]
              device: torch.device | str = "cpu", progress: bool = True, student: torch.nn.Module | None = None,
