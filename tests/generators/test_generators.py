@@ -293,3 +293,14 @@ def test_adadfq_margin_by_hand():
     ce = lambda z: -torch.log_softmax(z, 1)[torch.arange(6), y].mean()  # noqa: E731
     torch.testing.assert_close(adadfq_margin(t, s, y), margin + 0.2 * ce(t - s) + 0.1 * ce(t + s))
     assert margin > 0  # the rescaled entropies span [0, ...]: the smallest sits below the lower bound
+
+
+def test_akt_recipe_runs_from_the_cli(tmp_path):
+    """AKT = QAT with a generator trained alongside (AdaDFQ's game) and refined feature distillation."""
+    assert main(["quantize", "--model", "fmnist_vit_tiny", "--calib", "noise", "--calib-images", "8", "--w-bits", "4",
+                 "--a-bits", "4", "--out", str(tmp_path / "q")]) == 0
+    assert main(["qat", "--model", "fmnist_vit_tiny", "--quantized", str(tmp_path / "q"), "--online-generator", "gdfq",
+                 "--generator-game", "adadfq", "--generator-adversarial", "1", "--generator-steps", "2",
+                 "--feature-loss", "akt", "--epochs", "1", "--online-steps", "2", "--batch-size", "8",
+                 "--eval-images", "20", "--out", str(tmp_path / "akt")]) == 0
+    assert (tmp_path / "akt" / "generator" / "state.safetensors").is_file()
