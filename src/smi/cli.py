@@ -131,6 +131,7 @@ def _cmd_train_generator(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, lr=args.lr, latent_dim=args.latent_dim, width=args.width,
                               superpose_prob=args.superpose_prob, superpose_classes=args.superpose_classes,
                               mapped_dim=args.mapped_dim, init_from_head=not args.random_embeddings,
+                              texture_pool=args.texture_pool, texture_weight=args.texture_weight,
                               bn_weight=args.bn_weight, psaq_weight=args.psaq_weight, seed=args.seed)
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
         res = train_generator(teacher, args.out, cfg, device=args.device, overwrite=args.overwrite)
@@ -169,6 +170,10 @@ def _add_train_generator(sub: argparse._SubParsersAction) -> None:
                    help="qimera: output size of the disentanglement mapping layer")
     p.add_argument("--random-embeddings", action="store_true",
                    help="qimera: random class embeddings instead of the teacher's classifier weights")
+    p.add_argument("--texture-pool", metavar="POOL",
+                   help="texq: a pool of this teacher (smi invert) whose images give each class's texture centre")
+    p.add_argument("--texture-weight", type=_number, default=d.texture_weight,
+                   help="texq: weight of the squared distance of an image's Laws texture energy to its class centre")
     p.add_argument("--bn-weight", type=_number, default=d.bn_weight,
                    help="weight of the BatchNorm-statistics loss (teachers with BatchNorm)")
     p.add_argument("--psaq-weight", type=_number, default=d.psaq_weight,

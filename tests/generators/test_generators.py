@@ -304,3 +304,50 @@ def test_akt_recipe_runs_from_the_cli(tmp_path):
                  "--feature-loss", "akt", "--epochs", "1", "--online-steps", "2", "--batch-size", "8",
                  "--eval-images", "20", "--out", str(tmp_path / "akt")]) == 0
     assert (tmp_path / "akt" / "generator" / "state.safetensors").is_file()
+
+
+def test_laws_features_by_direct_convolution():
+    from smi.generators.texture import LAWS_VECTORS, laws_features
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 12, 12, generator=g)
+    grey = F.pad(x.mean(1, keepdim=True), (2, 2, 2, 2), mode="reflect")[:, 0]  # (2, 16, 16)
+    patches = grey.unfold(1, 5, 1).unfold(2, 5, 1)  # (2, 12, 12, 5, 5): every 5x5 window
+    names = list(LAWS_VECTORS)
+    energy = {}
+    for a in names:
+        for b in names:
+            mask = torch.outer(torch.tensor(LAWS_VECTORS[a]), torch.tensor(LAWS_VECTORS[b]))
+            energy[a, b] = (patches * mask).sum((-1, -2)).abs().mean((1, 2))  # cross-correlation, as conv2d
+    expected = torch.stack([(energy[a, b] + energy[b, a]) / 2 / energy["L5", "L5"]
+                            for i, a in enumerate(names) for b in names[i:] if (a, b) != ("L5", "L5")], 1)
+    torch.testing.assert_close(laws_features(x), expected)
+    flat = torch.full((1, 1, 12, 12), 0.7)
+    assert laws_features(flat).abs().max() < 1e-6  # no texture in a flat image
+
+
+def test_texq_needs_its_pool_and_trains_toward_the_texture_centres(tmp_path):
+    from smi.generators.texture import laws_features, texture_centres
+    from smi.inversion import InversionConfig, SparsityConfig, synthesize
+
+    with pytest.raises(SmiError, match="texq needs a pool"):
+        GeneratorConfig(kind="texq")
+    with pytest.raises(SmiError, match="only texq reads one"):
+        GeneratorConfig(kind="gdfq", texture_pool="x")
+    teacher = load_teacher("fmnist_resnet_tiny")
+    pool = synthesize(teacher, InversionConfig(iterations=20, batch_size=10, sparsity=SparsityConfig(()),
+                                               jitter_unit="pixel"), 10, tmp_path / "pool", progress=False,
+                      grid=False).folder
+    from smi.data.pool import load_pool
+
+    p = load_pool(pool)
+    centres = texture_centres(p.images, p.labels, 10)
+    feats = laws_features(p.images)
+    for c in range(10):  # each planned class has one image here: its centre is that image's features
+        torch.testing.assert_close(centres[c], feats[p.labels == c].mean(0))
+    # the texture term alone (no CE, no BN statistics) moves the images' textures toward the centres
+    cfg = GeneratorConfig(kind="texq", texture_pool=str(pool), epochs=3, steps_per_epoch=5, batch_size=10,
+                          latent_dim=8, width=8, ce_weight=0.0, bn_weight=0.0)
+    train_generator(teacher, tmp_path / "gen", cfg, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "gen" / "log.jsonl").read_text().splitlines()]
+    assert "train_texture" in log[0] and log[-1]["train_texture"] < 0.5 * log[0]["train_texture"], log

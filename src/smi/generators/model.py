@@ -19,7 +19,7 @@ import torch.nn as nn
 from smi.errors import SmiError
 from smi.registry import Registry
 
-__all__ = ["GENERATORS", "ConditionalGenerator", "QimeraGenerator"]
+__all__ = ["GENERATORS", "ConditionalGenerator", "QimeraGenerator", "TexQGenerator"]
 
 GENERATORS: Registry[type[ConditionalGenerator]] = Registry("generator")
 
@@ -115,3 +115,12 @@ class QimeraGenerator(ConditionalGenerator):
 
     def config(self) -> dict[str, object]:
         return {**super().config(), "kind": "qimera", "mapped_dim": self.mapped_dim}
+
+
+@GENERATORS.register("texq")
+class TexQGenerator(ConditionalGenerator):
+    """TexQ: GDFQ's generator pulled toward per-class texture calibration centres (Laws' texture energy of
+    calibration images; needs --texture-pool) (NeurIPS 2023)."""
+
+    def config(self) -> dict[str, object]:
+        return {**super().config(), "kind": "texq"}

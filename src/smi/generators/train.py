@@ -35,9 +35,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from smi.data.pool import check_pool_teacher, load_pool, read_manifest
 from smi.data.sources import SOURCES, DataSource, ImageSet, ModelSpec
 from smi.errors import SmiError
 from smi.generators.model import GENERATORS, ConditionalGenerator
+from smi.generators.texture import texture_centres, texture_loss
 from smi.inversion.terms._base import Captures
 from smi.inversion.terms.adversarial import divergence
 from smi.inversion.terms.bn import bn_statistics
@@ -71,6 +73,8 @@ class GeneratorConfig:
     superpose_classes: int = 2  # classes mixed in a superposed image (Qimera's K)
     mapped_dim: int = 100  # qimera: output size of the disentanglement mapping layer
     init_from_head: bool = True  # qimera: class embeddings start as the teacher's classifier weights
+    texture_pool: str | None = None  # texq: the pool whose images give the per-class texture centres
+    texture_weight: float = 1.0  # texq: weight of the squared distance to the class's texture centre
     ce_weight: float = 1.0
     bn_weight: float = 0.1  # BatchNorm teachers: GDFQ's weight of the BN-statistics loss
     bn_first_weight: float = 1.0  # GDFQ weighs every BN layer alike (DeepInversion: 10 on the first)
@@ -93,7 +97,10 @@ class GeneratorConfig:
                            param="batch_size")
         if not 0 < self.lr < 1:
             raise SmiError(f"must be in (0, 1), got {self.lr}", param="lr")
-        for name in ("ce_weight", "bn_weight", "bn_first_weight", "psaq_weight"):
+        if (self.kind == "texq") != (self.texture_pool is not None):
+            raise SmiError("texq needs a pool of calibration images for its texture centres (texture_pool), and only "
+                           "texq reads one", param="texture_pool")
+        for name in ("ce_weight", "bn_weight", "bn_first_weight", "psaq_weight", "texture_weight"):
             if getattr(self, name) < 0:
                 raise SmiError(f"must be >= 0, got {getattr(self, name)}", param=name)
 
@@ -141,6 +148,12 @@ class _Objective:
         kinds = {"bn_inputs"} if self.bns and cfg.bn_weight else {"attn_out"} if self.vit and cfg.psaq_weight else set()
         self.captures = Captures(model, kinds, "the generator's objective")
         self.num_prefix = getattr(model, "num_prefix_tokens", 0)
+        self.centres = None
+        if cfg.texture_pool is not None:  # TexQ: the per-class texture calibration centres of a pool of this teacher
+            pool = load_pool(cfg.texture_pool)
+            check_pool_teacher(pool, teacher.fingerprint, teacher.spec, cfg.texture_pool)
+            device = next(model.parameters()).device
+            self.centres = texture_centres(pool.images.to(device), pool.labels.to(device), teacher.num_classes)
 
     def __enter__(self) -> _Objective:
         self.captures.__enter__()
@@ -164,6 +177,10 @@ class _Objective:
             entropy = sum(patch_similarity_entropy(a, self.num_prefix).mean() for a in cap.attn_out)
             loss = loss - self.cfg.psaq_weight * entropy
             parts["entropy"] = entropy.item()
+        if self.centres is not None:
+            texture = texture_loss(x, y, self.centres)
+            loss = loss + self.cfg.texture_weight * texture
+            parts["texture"] = texture.item()
         label = y if y.ndim == 1 else y.argmax(1)
         parts["teacher_acc"] = 100.0 * (logits.argmax(1) == label).float().mean().item()
         return loss, parts, logits
@@ -189,7 +206,9 @@ def train_generator(teacher: Teacher, out: str | Path, cfg: GeneratorConfig | No
     require_classifier(teacher, "a generator")
     torch.manual_seed(cfg.seed)
     gen_model = build_generator(teacher, cfg).to(device)
-    run = RunFolder(out, {"config": asdict(cfg), "teacher": teacher.identity()}, fmt=RUN_FORMAT,
+    texture = {} if cfg.texture_pool is None else {  # what the centres are made of, not only where it was
+        "texture_pool_shards": [sh["sha256"] for sh in read_manifest(cfg.texture_pool)["shards"]]}
+    run = RunFolder(out, {"config": asdict(cfg), "teacher": teacher.identity(), **texture}, fmt=RUN_FORMAT,
                     what="generator training run", products=(WEIGHTS, META), overwrite=overwrite)
     opt = torch.optim.Adam(gen_model.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     probe_gen = torch.Generator().manual_seed(cfg.seed + 7)
