@@ -132,6 +132,7 @@ def _cmd_train_generator(args: argparse.Namespace) -> int:
                               superpose_prob=args.superpose_prob, superpose_classes=args.superpose_classes,
                               mapped_dim=args.mapped_dim, init_from_head=not args.random_embeddings,
                               texture_pool=args.texture_pool, texture_weight=args.texture_weight,
+                              centre_weight=args.centre_weight, seek_weight=args.seek_weight,
                               bn_weight=args.bn_weight, psaq_weight=args.psaq_weight, seed=args.seed)
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
         res = train_generator(teacher, args.out, cfg, device=args.device, overwrite=args.overwrite)
@@ -174,6 +175,10 @@ def _add_train_generator(sub: argparse._SubParsersAction) -> None:
                    help="texq: a pool of this teacher (smi invert) whose images give each class's texture centre")
     p.add_argument("--texture-weight", type=_number, default=d.texture_weight,
                    help="texq: weight of the squared distance of an image's Laws texture energy to its class centre")
+    p.add_argument("--centre-weight", type=_number, default=d.centre_weight,
+                   help="acq: weight of the squared distance of the teacher's attention centre to the one asked for")
+    p.add_argument("--seek-weight", type=_number, default=d.seek_weight,
+                   help="acq: weight of the mode-seeking loss between images of one condition")
     p.add_argument("--bn-weight", type=_number, default=d.bn_weight,
                    help="weight of the BatchNorm-statistics loss (teachers with BatchNorm)")
     p.add_argument("--psaq-weight", type=_number, default=d.psaq_weight,

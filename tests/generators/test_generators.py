@@ -163,9 +163,10 @@ def test_a_trained_generator_writes_pools_that_verify_dense_and_sparse(tmp_path,
     stopped = ~sparse.masks.view(10, 1, 7, 1, 7, 1).expand(-1, -1, -1, 4, -1, 4).reshape(10, 1, 28, 28)
     assert (sparse.images[stopped] == 0).all()
     # resuming rewrites nothing; pixel-optimization flags are refused with the generator
-    before = (tmp_path / "dense" / "manifest.json").read_text()
+    shards = sorted((tmp_path / "dense").glob("shard-*.safetensors"))
+    before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in shards]
     generate_pool(teacher, tmp_path / "gen", 10, tmp_path / "dense", sparsity=SparsityConfig(()), batch_size=4)
-    assert (tmp_path / "dense" / "manifest.json").read_text() == before
+    assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in shards] == before
     capsys.readouterr()
     assert main(["invert", "--model", "fmnist_vit_tiny", "--generator", str(tmp_path / "gen"), "--iterations", "5",
                  "--out", str(tmp_path / "x")]) == 2
@@ -351,3 +352,46 @@ def test_texq_needs_its_pool_and_trains_toward_the_texture_centres(tmp_path):
     train_generator(teacher, tmp_path / "gen", cfg, progress=False)
     log = [json.loads(line) for line in (tmp_path / "gen" / "log.jsonl").read_text().splitlines()]
     assert "train_texture" in log[0] and log[-1]["train_texture"] < 0.5 * log[0]["train_texture"], log
+
+
+def test_attention_centre_and_the_teacher_maps_it_reads():
+    from smi.generators.attention import AttentionMap, attention_centre
+    from smi.models.sparse import sparse_forward
+
+    delta = torch.zeros(1, 4, 8)
+    delta[0, 1, 6] = 1.0
+    torch.testing.assert_close(attention_centre(delta), torch.tensor([[6.5 / 8, 1.5 / 4]]))
+    torch.testing.assert_close(attention_centre(torch.ones(2, 3, 5)), torch.full((2, 2), 0.5))
+    vit = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), AttentionMap(vit) as att:
+        vit(x)
+        cls = sparse_forward(vit, x, torch.arange(16).expand(2, 16), return_importance=True).importance
+    torch.testing.assert_close(att.map, cls.view(2, 4, 4))
+    cnn = _tiny_cnn()
+    with torch.no_grad(), AttentionMap(cnn) as att:
+        cnn(x)
+        torch.testing.assert_close(att.map, cnn.forward_features(x).pow(2).mean(1))
+
+
+def test_acq_pairs_conditions_and_its_losses_by_hand(tmp_path):
+    from smi.generators import ACQGenerator
+    from smi.generators.train import mode_seeking
+
+    g = ACQGenerator(5, (3, 32, 32), latent_dim=6, width=8)
+    z, y = torch.randn(6, 6), torch.tensor([0, 1, 2, 3, 4, 0])
+    z2, y2 = g.training_batch(z, y)
+    assert torch.equal(z2[3:, :2], z2[:3, :2]) and torch.equal(y2[3:], y2[:3]) and torch.equal(z2[:, 2:], z[:, 2:])
+    c = g.condition(z2)
+    assert ((c > 0) & (c < 1)).all() and torch.equal(c[3:], c[:3])
+    x = torch.randn(6, 3, 4, 4)
+    dz = (z2[:3, 2:] - z2[3:, 2:]).abs().mean(1)
+    dx = (x[:3] - x[3:]).abs().mean((1, 2, 3))
+    torch.testing.assert_close(mode_seeking(x, z2[:, 2:]), (dz / (dx + 1e-5)).mean())
+    teacher = as_teacher(tiny_vit())
+    train_generator(teacher, tmp_path / "gen", GeneratorConfig(kind="acq", epochs=1, steps_per_epoch=2, batch_size=8,
+                                                               latent_dim=8, width=8), progress=False)
+    row = json.loads((tmp_path / "gen" / "log.jsonl").read_text().splitlines()[0])
+    assert row["train_centre"] >= 0 and row["train_seek"] > 0
+    gen, meta = load_generator(tmp_path / "gen", teacher)
+    assert isinstance(gen, ACQGenerator) and meta["generator"]["kind"] == "acq"

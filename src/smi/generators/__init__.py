@@ -1,12 +1,13 @@
 """Generator-based synthesis: a conditional generator trained against the teacher emits images in one pass.
 
-:data:`GENERATORS` holds the kinds (GDFQ's ``ConditionalGenerator``, ``QimeraGenerator``);
+:data:`GENERATORS` holds the kinds (GDFQ's ``ConditionalGenerator``, ``QimeraGenerator``,
+``TexQGenerator``, ``ACQGenerator``);
 :func:`train_generator` trains one against a frozen teacher (cross-entropy + BatchNorm statistics,
 or PSAQ-ViT's patch-similarity entropy for ViTs); ``generator:PATH`` (:class:`GeneratorSource`) is
 a data source like a pool folder, and :func:`smi.generators.pool.generate_pool` writes a pool.
 """
 
-from smi.generators.model import GENERATORS, ConditionalGenerator, QimeraGenerator
+from smi.generators.model import GENERATORS, ACQGenerator, ConditionalGenerator, QimeraGenerator, TexQGenerator
 from smi.generators.train import (
     GeneratorConfig,
     GeneratorSource,
@@ -17,6 +18,7 @@ from smi.generators.train import (
     train_generator,
 )
 
-__all__ = ["GENERATORS", "ConditionalGenerator", "GeneratorConfig", "GeneratorSource", "OnlineGeneratorSource",
-           "QimeraGenerator",
-           "build_generator", "generator_loss", "load_generator", "train_generator"]
+__all__ = [
+    "GENERATORS", "ACQGenerator", "ConditionalGenerator", "GeneratorConfig", "GeneratorSource", "OnlineGeneratorSource",
+    "QimeraGenerator", "TexQGenerator", "build_generator", "generator_loss", "load_generator", "train_generator",
+]

@@ -19,7 +19,7 @@ import torch.nn as nn
 from smi.errors import SmiError
 from smi.registry import Registry
 
-__all__ = ["GENERATORS", "ConditionalGenerator", "QimeraGenerator", "TexQGenerator"]
+__all__ = ["GENERATORS", "ACQGenerator", "ConditionalGenerator", "QimeraGenerator", "TexQGenerator"]
 
 GENERATORS: Registry[type[ConditionalGenerator]] = Registry("generator")
 
@@ -70,6 +70,10 @@ class ConditionalGenerator(nn.Module):
     def code(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """What the decoder reads for noise ``z`` and labels (or class weights) ``y``: GDFQ's embedding x noise."""
         return self.embedding(y) * z
+
+    def training_batch(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """How a training batch is laid out (ACQ pairs images of one condition); the drawn batch as it is here."""
+        return z, y
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _, H, W = self.input_size
@@ -124,3 +128,37 @@ class TexQGenerator(ConditionalGenerator):
 
     def config(self) -> dict[str, object]:
         return {**super().config(), "kind": "texq"}
+
+
+@GENERATORS.register("acq")
+class ACQGenerator(ConditionalGenerator):
+    """ACQ: GDFQ's generator also conditioned on where the teacher should look, with an attention-centre matching
+    loss and a mode-seeking loss between images of one condition (for ViTs: the class token's attention)."""
+
+    def __init__(self, num_classes: int, input_size: tuple[int, int, int], latent_dim: int = 100,
+                 width: int = 128) -> None:
+        if latent_dim < 3:
+            raise SmiError(f"acq reads its attention centre from 2 noise dimensions: latent_dim must be >= 3, "
+                           f"got {latent_dim}")
+        super().__init__(num_classes, input_size, latent_dim, width)
+        self.centre = nn.Linear(2, latent_dim)
+
+    @staticmethod
+    def condition(z: torch.Tensor) -> torch.Tensor:
+        """The attention centre (x, y) in [0, 1] that noise ``z`` asks for: the normal CDF of its first two values,
+        so that centres are uniform over the image."""
+        return 0.5 * (1 + torch.erf(z[:, :2] / 2**0.5))
+
+    def code(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return super().code(z, y) + self.centre(self.condition(z) * 2 - 1)
+
+    def training_batch(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The second half of the batch repeats the first half's conditions (class and centre) with other noise."""
+        h = len(z) // 2
+        z, y = z.clone(), y.clone()
+        z[h:2 * h, :2] = z[:h, :2]
+        y[h:2 * h] = y[:h]
+        return z, y
+
+    def config(self) -> dict[str, object]:
+        return {**super().config(), "kind": "acq"}

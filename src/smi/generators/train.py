@@ -38,7 +38,8 @@ from safetensors.torch import load_file
 from smi.data.pool import check_pool_teacher, load_pool, read_manifest
 from smi.data.sources import SOURCES, DataSource, ImageSet, ModelSpec
 from smi.errors import SmiError
-from smi.generators.model import GENERATORS, ConditionalGenerator
+from smi.generators.attention import AttentionMap, attention_centre
+from smi.generators.model import GENERATORS, ACQGenerator, ConditionalGenerator
 from smi.generators.texture import texture_centres, texture_loss
 from smi.inversion.terms._base import Captures
 from smi.inversion.terms.adversarial import divergence
@@ -50,7 +51,8 @@ from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_jso
 from smi.utils.state import load_checkpoint, save_checkpoint
 
 __all__ = ["GENERATOR_FORMAT", "GeneratorConfig", "GeneratorSource", "OnlineGeneratorSource", "adadfq_margin",
-           "build_generator", "generator_loss", "load_generator", "sample_labels", "sample_targets", "train_generator"]
+           "build_generator", "generator_loss", "load_generator", "mode_seeking", "sample_labels", "sample_targets",
+           "train_generator"]
 
 GENERATOR_FORMAT = "smi-generator/1"
 RUN_FORMAT = "smi-generator-run/1"
@@ -75,6 +77,8 @@ class GeneratorConfig:
     init_from_head: bool = True  # qimera: class embeddings start as the teacher's classifier weights
     texture_pool: str | None = None  # texq: the pool whose images give the per-class texture centres
     texture_weight: float = 1.0  # texq: weight of the squared distance to the class's texture centre
+    centre_weight: float = 10.0  # acq: weight of the squared distance of the attention centre to the asked one
+    seek_weight: float = 1.0  # acq: weight of the mode-seeking loss between images of one condition
     ce_weight: float = 1.0
     bn_weight: float = 0.1  # BatchNorm teachers: GDFQ's weight of the BN-statistics loss
     bn_first_weight: float = 1.0  # GDFQ weighs every BN layer alike (DeepInversion: 10 on the first)
@@ -100,7 +104,8 @@ class GeneratorConfig:
         if (self.kind == "texq") != (self.texture_pool is not None):
             raise SmiError("texq needs a pool of calibration images for its texture centres (texture_pool), and only "
                            "texq reads one", param="texture_pool")
-        for name in ("ce_weight", "bn_weight", "bn_first_weight", "psaq_weight", "texture_weight"):
+        for name in ("ce_weight", "bn_weight", "bn_first_weight", "psaq_weight", "texture_weight", "centre_weight",
+                     "seek_weight"):
             if getattr(self, name) < 0:
                 raise SmiError(f"must be >= 0, got {getattr(self, name)}", param=name)
 
@@ -137,11 +142,21 @@ def build_generator(teacher: Teacher, cfg: GeneratorConfig) -> ConditionalGenera
     return model
 
 
+def mode_seeking(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """MSGAN's mode-seeking loss over the pairs (i, i + B/2) of a batch laid out by ACQ: mean |z_i - z_j| over
+    mean |x_i - x_j| (smaller when images of one condition differ more for the same change of noise)."""
+    h = len(x) // 2
+    dx = (x[:h] - x[h:2 * h]).abs().flatten(1).mean(1)
+    dz = (z[:h] - z[h:2 * h]).abs().mean(1)
+    return (dz / (dx + 1e-5)).mean()
+
+
 class _Objective:
     """The generator's loss against one teacher: the priors its architecture allows."""
 
     def __init__(self, teacher: Teacher, cfg: GeneratorConfig) -> None:
         self.teacher, self.cfg = teacher, cfg
+        self.attention = AttentionMap(teacher.model) if cfg.kind == "acq" else None
         model = teacher.model
         self.bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         self.vit = not self.bns and hasattr(model, "blocks")
@@ -157,14 +172,20 @@ class _Objective:
 
     def __enter__(self) -> _Objective:
         self.captures.__enter__()
+        if self.attention is not None:
+            self.attention.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.attention is not None:
+            self.attention.__exit__(*exc)
         self.captures.__exit__(*exc)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-        """Loss on images ``x`` of targets ``y`` (labels (B,) or class weights (B, classes), a soft target), its
-        parts, and the teacher's logits (with their graph, for terms that also read the student)."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """Loss on images ``x`` of targets ``y`` (labels (B,) or class weights (B, classes), a soft target) made
+        from noise ``z`` (ACQ reads its conditions there), its parts, and the teacher's logits (with their
+        graph, for terms that also read the student)."""
         logits, cap = self.captures.record(lambda: self.teacher.model(x))
         ce = F.cross_entropy(logits, y)  # class weights are probability targets
         loss, parts = self.cfg.ce_weight * ce, {"ce": ce.item()}
@@ -177,6 +198,11 @@ class _Objective:
             entropy = sum(patch_similarity_entropy(a, self.num_prefix).mean() for a in cap.attn_out)
             loss = loss - self.cfg.psaq_weight * entropy
             parts["entropy"] = entropy.item()
+        if self.attention is not None and z is not None:  # ACQ: the teacher looks where the noise asks
+            centre = ((attention_centre(self.attention.map) - ACQGenerator.condition(z)) ** 2).sum(1).mean()
+            seek = mode_seeking(x, z[:, 2:])
+            loss = loss + self.cfg.centre_weight * centre + self.cfg.seek_weight * seek
+            parts.update(centre=centre.item(), seek=seek.item())
         if self.centres is not None:
             texture = texture_loss(x, y, self.centres)
             loss = loss + self.cfg.texture_weight * texture
@@ -190,7 +216,7 @@ def generator_loss(teacher: Teacher, generator: ConditionalGenerator, z: torch.T
                    cfg: GeneratorConfig | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of ``generator`` on one batch (``z``, ``y``), and its parts."""
     with _Objective(teacher, cfg or GeneratorConfig()) as objective:
-        return objective(generator(z, y), y)[:2]
+        return objective(generator(z, y), y, z)[:2]
 
 
 def train_generator(teacher: Teacher, out: str | Path, cfg: GeneratorConfig | None = None, *,
@@ -225,8 +251,8 @@ def train_generator(teacher: Teacher, out: str | Path, cfg: GeneratorConfig | No
 
     with _Objective(teacher, cfg) as objective:
         def step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            z, y = batch
-            loss, parts, _ = objective(gen_model(z, y), y)
+            z, y = gen_model.training_batch(*batch)
+            loss, parts, _ = objective(gen_model(z, y), y, z)
             for k, v in parts.items():
                 seen[k] = seen.get(k, 0.0) + v
             seen["n"] = seen.get("n", 0) + 1
@@ -393,8 +419,9 @@ class _OnlineGenerated(_Generated):
                 z = torch.randn(cfg.batch_size, model.latent_dim, generator=g).to(self.device)
                 y = sample_targets(cfg.batch_size, model.num_classes, g, cfg.superpose_prob or 0.0,
                                    cfg.superpose_classes).to(self.device)
+                z, y = model.training_batch(z, y)
                 x = model(z, y)
-                loss, _, t_logits = objective(x, y)
+                loss, _, t_logits = objective(x, y, z)
                 if src.adversarial and self.student is not None:
                     s_logits = self.student(x)
                     game = -divergence(t_logits, s_logits) if src.game == "js" else adadfq_margin(t_logits, s_logits, y)
