@@ -133,6 +133,7 @@ def _cmd_train_generator(args: argparse.Namespace) -> int:
                               mapped_dim=args.mapped_dim, init_from_head=not args.random_embeddings,
                               texture_pool=args.texture_pool, texture_weight=args.texture_weight,
                               centre_weight=args.centre_weight, seek_weight=args.seek_weight,
+                              style_weight=args.style_weight,
                               bn_weight=args.bn_weight, psaq_weight=args.psaq_weight, seed=args.seed)
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
         res = train_generator(teacher, args.out, cfg, device=args.device, overwrite=args.overwrite)
@@ -179,6 +180,8 @@ def _add_train_generator(sub: argparse._SubParsersAction) -> None:
                    help="acq: weight of the squared distance of the teacher's attention centre to the one asked for")
     p.add_argument("--seek-weight", type=_number, default=d.seek_weight,
                    help="acq: weight of the mode-seeking loss between images of one condition")
+    p.add_argument("--style-weight", type=_number, default=d.style_weight,
+                   help="causal: weight of the teacher's disagreement between two styles of one class")
     p.add_argument("--bn-weight", type=_number, default=d.bn_weight,
                    help="weight of the BatchNorm-statistics loss (teachers with BatchNorm)")
     p.add_argument("--psaq-weight", type=_number, default=d.psaq_weight,
@@ -355,7 +358,8 @@ def _kd_config(args: argparse.Namespace, cls: type, **extra: Any) -> Any:
                    temperature=args.temperature, ce_weight=args.ce_weight, steps_per_epoch=args.steps_per_epoch,
                    online_steps=args.online_steps, augment=not args.no_augment, mixup=args.mixup,
                    color_shift=args.augment_color, background=args.augment_background, time_budget_s=args.time_budget,
-                   eval_images=args.eval_images, train_images=args.train_images, seed=args.seed, **extra)
+                   eval_images=args.eval_images, train_images=args.train_images, style_pairs=args.style_pairs,
+                   seed=args.seed, **extra)
 
 
 def _training_source(args: argparse.Namespace) -> Any:
@@ -409,6 +413,10 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     p.add_argument("--generator-adversarial", type=_number, default=0.0,
                    help="--online-generator: weight of the student term in the generator's loss (see "
                         "--generator-game)")
+    p.add_argument("--style-pairs", type=_number, default=d.style_pairs,
+                   help="Causal-DFQ's discrepancy reduction: with a --generator (or --online-generator) of kind "
+                        "causal, whose batches are one class in two styles, the model on each image also matches "
+                        "the teacher on its restyled twin, at this weight (KL at --temperature)")
     p.add_argument("--generator-game", choices=["js", "adadfq"], default="js",
                    help="--online-generator's student term: js = minus the teacher-student JS divergence (images "
                         "the student still gets wrong, DFAD); adadfq = AdaDFQ's margin on the entropy of the "

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from smi.cli import main
-from smi.data.sources import parse_source
+from smi.data.sources import NoiseSource, parse_source
 from smi.errors import SmiError
 from smi.generators import (
     ConditionalGenerator,
@@ -395,3 +395,46 @@ def test_acq_pairs_conditions_and_its_losses_by_hand(tmp_path):
     assert row["train_centre"] >= 0 and row["train_seek"] > 0
     gen, meta = load_generator(tmp_path / "gen", teacher)
     assert isinstance(gen, ACQGenerator) and meta["generator"]["kind"] == "acq"
+
+
+def test_causal_generator_separates_content_from_style_and_the_student_matches_across_styles(tmp_path):
+    from smi.generators import CausalGenerator
+    from smi.generators.train import pair_disagreement
+    from smi.transfer import DistillConfig, Student, distill
+
+    g = CausalGenerator(5, (3, 32, 32), latent_dim=6, width=8)
+    z, y = torch.randn(6, 6), torch.tensor([0, 1, 2, 3, 4, 0])
+    z2, y2 = g.training_batch(z, y)
+    assert torch.equal(y2[3:], y2[:3]) and torch.equal(z2, z)  # same contents, their own styles
+    torch.testing.assert_close(g.code(z2, y2), torch.cat([g.embed(y2), z2], 1))
+    # the pair term by hand: teacher on one style against the student on the other
+    t, s = torch.randn(6, 5), torch.randn(6, 5)
+
+    def kl(a, b):
+        p = a.softmax(1)
+        return (p * (p.log() - b.log_softmax(1))).sum(1).mean()
+
+    torch.testing.assert_close(pair_disagreement(t, s), 0.5 * (kl(t[:3], s[3:]) + kl(t[3:], s[:3])))
+    torch.testing.assert_close(pair_disagreement(t), 0.5 * (kl(t[:3], t[3:]) + kl(t[3:], t[:3])))
+    # a causal generator's batches are pairs, and the loop adds the pair term only then
+    teacher = as_teacher(tiny_vit())
+    train_generator(teacher, tmp_path / "gen", GeneratorConfig(kind="causal", epochs=1, steps_per_epoch=2,
+                                                               batch_size=8, latent_dim=8, width=8), progress=False)
+    assert "train_style" in json.loads((tmp_path / "gen" / "log.jsonl").read_text().splitlines()[0])
+    images = GeneratorSource(str(tmp_path / "gen")).open(teacher)
+    assert images.paired
+
+    def student():
+        torch.manual_seed(1)
+        return Student(tiny_vit(embed_dim=16).train(), "vit_tiny_test", {}, "scratch", tokens=False)
+
+    cfg = DistillConfig(epochs=1, batch_size=8, online_steps=2, style_pairs=1.0, augment=False)
+    plain = DistillConfig(epochs=1, batch_size=8, online_steps=2, augment=False)
+    with_pairs = distill(teacher, student(), GeneratorSource(str(tmp_path / "gen")), tmp_path / "a", cfg,
+                         eval_data=None, progress=False)
+    without = distill(teacher, student(), GeneratorSource(str(tmp_path / "gen")), tmp_path / "b", plain,
+                      eval_data=None, progress=False)
+    assert with_pairs.log[0]["loss"] > without.log[0]["loss"]  # the same first batch, plus a positive term
+    with pytest.raises(SmiError, match="style pairs"):
+        distill(teacher, student(), NoiseSource(), tmp_path / "c", cfg, eval_data=None, progress=False)
+    assert not (tmp_path / "c").exists()

@@ -63,6 +63,11 @@ class ImageSet:
         """True when every draw is new images (noise, a generator): nothing is held to count."""
         return self.noise_shape is not None
 
+    @property
+    def paired(self) -> bool:
+        """True when batches hold pairs (i, i + B/2) of one class in two styles (a Causal-DFQ generator)."""
+        return False
+
     def __len__(self) -> int:
         return 0 if self.images is None else len(self.images)
 
@@ -128,6 +133,11 @@ class DataSource:
     def identity(self) -> dict[str, Any]:
         """A growing source's identity, known before any image exists (what a run records and resumes on)."""
         raise NotImplementedError
+
+    @property
+    def paired(self) -> bool:
+        """A growing source's batches are style pairs (see :attr:`ImageSet.paired`), known before it opens."""
+        return False
 
 
 SOURCES: Registry[type[DataSource]] = Registry("data source")

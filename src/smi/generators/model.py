@@ -19,7 +19,7 @@ import torch.nn as nn
 from smi.errors import SmiError
 from smi.registry import Registry
 
-__all__ = ["GENERATORS", "ACQGenerator", "ConditionalGenerator", "QimeraGenerator", "TexQGenerator"]
+__all__ = ["GENERATORS", "ACQGenerator", "CausalGenerator", "ConditionalGenerator", "QimeraGenerator", "TexQGenerator"]
 
 GENERATORS: Registry[type[ConditionalGenerator]] = Registry("generator")
 
@@ -70,6 +70,8 @@ class ConditionalGenerator(nn.Module):
     def code(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """What the decoder reads for noise ``z`` and labels (or class weights) ``y``: GDFQ's embedding x noise."""
         return self.embedding(y) * z
+
+    paired = False  # True: batches laid out by training_batch hold pairs (i, i + B/2) of one condition
 
     def training_batch(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """How a training batch is laid out (ACQ pairs images of one condition); the drawn batch as it is here."""
@@ -162,3 +164,28 @@ class ACQGenerator(ConditionalGenerator):
 
     def config(self) -> dict[str, object]:
         return {**super().config(), "kind": "acq"}
+
+
+@GENERATORS.register("causal")
+class CausalGenerator(ConditionalGenerator):
+    """Causal-DFQ: content (the class embedding) and style (the noise) enter apart; images of one class under two
+    styles must get one prediction, from the teacher (generator) and the quantized model (ICCV 2023)."""
+
+    paired = True  # training batches and draws come as style interventions: image i + B/2 is image i restyled
+
+    def __init__(self, num_classes: int, input_size: tuple[int, int, int], latent_dim: int = 100,
+                 width: int = 128) -> None:
+        super().__init__(num_classes, input_size, latent_dim, width, code_dim=2 * latent_dim)
+
+    def code(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.embedding(y), z], 1)
+
+    def training_batch(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The second half of the batch is the first half's content (class) under new styles (its own noise)."""
+        h = len(z) // 2
+        y = y.clone()
+        y[h:2 * h] = y[:h]
+        return z, y
+
+    def config(self) -> dict[str, object]:
+        return {**super().config(), "kind": "causal"}

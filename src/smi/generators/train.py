@@ -51,8 +51,8 @@ from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_jso
 from smi.utils.state import load_checkpoint, save_checkpoint
 
 __all__ = ["GENERATOR_FORMAT", "GeneratorConfig", "GeneratorSource", "OnlineGeneratorSource", "adadfq_margin",
-           "build_generator", "generator_loss", "load_generator", "mode_seeking", "sample_labels", "sample_targets",
-           "train_generator"]
+           "build_generator", "generator_loss", "load_generator", "mode_seeking", "pair_disagreement", "sample_labels",
+           "sample_targets", "train_generator"]
 
 GENERATOR_FORMAT = "smi-generator/1"
 RUN_FORMAT = "smi-generator-run/1"
@@ -79,6 +79,7 @@ class GeneratorConfig:
     texture_weight: float = 1.0  # texq: weight of the squared distance to the class's texture centre
     centre_weight: float = 10.0  # acq: weight of the squared distance of the attention centre to the asked one
     seek_weight: float = 1.0  # acq: weight of the mode-seeking loss between images of one condition
+    style_weight: float = 1.0  # causal: weight of the teacher's disagreement between two styles of one content
     ce_weight: float = 1.0
     bn_weight: float = 0.1  # BatchNorm teachers: GDFQ's weight of the BN-statistics loss
     bn_first_weight: float = 1.0  # GDFQ weighs every BN layer alike (DeepInversion: 10 on the first)
@@ -105,7 +106,7 @@ class GeneratorConfig:
             raise SmiError("texq needs a pool of calibration images for its texture centres (texture_pool), and only "
                            "texq reads one", param="texture_pool")
         for name in ("ce_weight", "bn_weight", "bn_first_weight", "psaq_weight", "texture_weight", "centre_weight",
-                     "seek_weight"):
+                     "seek_weight", "style_weight"):
             if getattr(self, name) < 0:
                 raise SmiError(f"must be >= 0, got {getattr(self, name)}", param=name)
 
@@ -142,6 +143,24 @@ def build_generator(teacher: Teacher, cfg: GeneratorConfig) -> ConditionalGenera
     return model
 
 
+def pair_disagreement(logits: torch.Tensor, others: torch.Tensor | None = None,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Symmetric KL between the predictions on the pairs (i, i + B/2) of a batch (Causal-DFQ's style
+    interventions): ``logits`` on both halves, or with ``others`` the first model's logits against the second's
+    on the swapped halves (the teacher on one style, the quantized model on the other)."""
+    h = len(logits) // 2
+    a, b = logits[:h], logits[h:2 * h]
+    if others is None:
+        return 0.5 * (_kl(a, b, temperature) + _kl(b, a, temperature))
+    return 0.5 * (_kl(a, others[h:2 * h], temperature) + _kl(b, others[:h], temperature))
+
+
+def _kl(target_logits: torch.Tensor, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(target / T) || softmax(logits / T)), batch mean."""
+    p = F.log_softmax(target_logits / temperature, 1)
+    return (p.exp() * (p - F.log_softmax(logits / temperature, 1))).sum(1).mean()
+
+
 def mode_seeking(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """MSGAN's mode-seeking loss over the pairs (i, i + B/2) of a batch laid out by ACQ: mean |z_i - z_j| over
     mean |x_i - x_j| (smaller when images of one condition differ more for the same change of noise)."""
@@ -157,6 +176,7 @@ class _Objective:
     def __init__(self, teacher: Teacher, cfg: GeneratorConfig) -> None:
         self.teacher, self.cfg = teacher, cfg
         self.attention = AttentionMap(teacher.model) if cfg.kind == "acq" else None
+        self.styles = cfg.kind == "causal"
         model = teacher.model
         self.bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         self.vit = not self.bns and hasattr(model, "blocks")
@@ -203,6 +223,10 @@ class _Objective:
             seek = mode_seeking(x, z[:, 2:])
             loss = loss + self.cfg.centre_weight * centre + self.cfg.seek_weight * seek
             parts.update(centre=centre.item(), seek=seek.item())
+        if self.styles:  # Causal-DFQ: the class is the content; the teacher must not care about the style
+            style = pair_disagreement(logits)
+            loss = loss + self.cfg.style_weight * style
+            parts["style"] = style.item()
         if self.centres is not None:
             texture = texture_loss(x, y, self.centres)
             loss = loss + self.cfg.texture_weight * texture
@@ -321,6 +345,11 @@ class _Generated(ImageSet):
     def fresh(self) -> bool:
         return True
 
+    @property
+    def paired(self) -> bool:
+        """Draws are pairs (i, i + B/2) of one class in two styles (a Causal-DFQ generator)."""
+        return self.model.paired
+
     def __len__(self) -> int:
         return 0
 
@@ -328,6 +357,8 @@ class _Generated(ImageSet):
     def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         z = torch.randn(n, self.model.latent_dim, generator=generator)
         y = sample_targets(n, self.model.num_classes, generator, *self.superpose)
+        if self.paired:
+            z, y = self.model.training_batch(z, y)
         device = self.model.embed.weight.device
         return self.model(z.to(device), y.to(device)).cpu()
 
@@ -465,6 +496,10 @@ class OnlineGeneratorSource(DataSource):
             raise SmiError(f"must be >= 0, got {self.adversarial}", param="generator_adversarial")
         if self.game not in GAMES:
             raise SmiError(f"must be one of {', '.join(GAMES)}, got {self.game!r}", param="generator_game")
+
+    @property
+    def paired(self) -> bool:
+        return GENERATORS.get(self.config.kind).paired
 
     def identity(self) -> dict[str, Any]:
         """What the run records before any image exists (a resumed run must have the same)."""

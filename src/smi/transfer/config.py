@@ -40,6 +40,7 @@ class DistillConfig:
     time_budget_s: float | None = None  # stop after the epoch at which synthesis + training exceed this
     eval_images: int | None = None  # first N test images for the per-epoch evaluation (None: all)
     train_images: int | None = None  # train on a fixed set of N images of the source (as calibration draws them)
+    style_pairs: float = 0.0  # Causal-DFQ: weight of the student matching the teacher across style pairs
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,8 +58,9 @@ class DistillConfig:
         for name in ("mixup", "background"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SmiError(f"must be a probability in [0, 1], got {getattr(self, name)}", param=name)
-        if not self.ce_weight >= 0:
-            raise SmiError(f"must be >= 0, got {self.ce_weight}", param="ce_weight")
+        for name in ("ce_weight", "style_pairs"):
+            if not getattr(self, name) >= 0:
+                raise SmiError(f"must be >= 0, got {getattr(self, name)}", param=name)
         for name in ("steps_per_epoch", "eval_images", "train_images"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -68,7 +70,8 @@ class DistillConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for name, unset in (("train_images", None), ("mixup", 0.0), ("color_shift", 0.0), ("background", 0.0)):
+        for name, unset in (("train_images", None), ("mixup", 0.0), ("color_shift", 0.0), ("background", 0.0),
+                            ("style_pairs", 0.0)):
             if d[name] == unset:  # runs recorded before the field existed still resume
                 del d[name]
         return d

@@ -169,8 +169,11 @@ def train_on_teacher(
     jitter_limit = max(1, round(0.125 * teacher.input_size[1] / patch))
     lo, hi = valid_range(teacher.mean, teacher.std, "cpu")
 
+    pairs = cfg.style_pairs > 0 and images.paired  # open_run refused style_pairs without pairs
+
     def batches(epoch: int, gen: torch.Generator):
         for x, masks in images.batches(steps, cfg.batch_size, gen):
+            paired = pairs
             keep = None if masks is None else mask_to_indices(masks)
             if cfg.augment:
                 j = sample_jitter(jitter_limit, patch, True, gen)
@@ -180,6 +183,7 @@ def train_on_teacher(
                 x = color_shift(x, cfg.color_shift, gen).clamp(lo, hi)
             if cfg.mixup and torch.rand((), generator=gen) < cfg.mixup:
                 x = mix_images(x, gen)
+                paired = False  # mixtures of other images: no longer pairs
             # the teacher labels the object (its kept patches); the student sees it on a random background
             whole = fill_background(x, keep, grid, patch, lo, hi, BACKGROUND_NOISE, gen) if keep is not None \
                 and cfg.background and torch.rand((), generator=gen) < cfg.background else None
@@ -187,14 +191,19 @@ def train_on_teacher(
                 x = x.chunk(dist.world)[dist.rank]
                 keep = None if keep is None else keep.chunk(dist.world)[dist.rank]
                 whole = None if whole is None else whole.chunk(dist.world)[dist.rank]
-            yield x.to(device), None if keep is None else keep.to(device), None if whole is None else whole.to(device)
+            yield (x.to(device), None if keep is None else keep.to(device), None if whole is None else whole.to(device),
+                   paired)
 
-    def step(batch: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:
-        x, keep, whole = batch
+    def step(batch: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool]) -> torch.Tensor:
+        x, keep, whole, paired = batch
         with torch.no_grad():
             t_logits = _logits(teacher.model, x, keep)
         s_logits = _logits(model, x, keep if tokens else None) if whole is None else _logits(model, whole, None)
         loss = kd_loss(s_logits, t_logits, cfg.temperature, cfg.ce_weight)
+        if paired:  # Causal-DFQ's discrepancy reduction: on one style, match the teacher on the other
+            from smi.generators.train import pair_disagreement
+
+            loss = loss + cfg.style_pairs * pair_disagreement(t_logits, s_logits, cfg.temperature) * cfg.temperature**2
         return loss if extra_loss is None else loss + extra_loss()
 
     def end_of_epoch(epoch: int) -> dict[str, Any]:
@@ -236,10 +245,16 @@ def open_run(
         raise SmiError(f"{data.describe()} makes its own images; train_images applies to pools, real images and "
                        "noise", param="train_images")
     if data.grows:  # its identity is known before any image exists
-        probe = data.identity()
+        probe, paired = data.identity(), data.paired
     else:
         images = data.open(teacher)
-        probe = images.identity
+        probe, paired = images.identity, images.paired
+    if cfg.style_pairs > 0 and not paired:
+        raise SmiError("needs a source whose batches are style pairs (a Causal-DFQ generator: smi train-generator "
+                       "--kind causal)", param="style_pairs")
+    if cfg.style_pairs > 0 and dist.active:
+        raise SmiError("style pairs span the whole batch, which torchrun splits between processes: run it in one "
+                       "process", param="style_pairs")
     full = {"teacher": teacher.identity(), **identity, "data": probe, "config": cfg.to_dict(),
             "eval_data": eval_data}
     ok, error = True, None
