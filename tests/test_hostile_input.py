@@ -85,6 +85,10 @@ def _cases():
         "train-generator: superposition above one": (
             lambda w: ["train-generator", "--model", w["ckpt"], "--superpose-prob", "1.5", "--out", "{d}/o"],
             "--superpose-prob"),
+        "train-generator: texq without its pool": (lambda w: ["train-generator", "--model", w["ckpt"], "--kind",
+                                                              "texq", "--out", "{d}/o"], "texq needs a pool"),
+        "distill: style pairs from noise": (lambda w: ["distill", "--teacher", w["ckpt"], "--noise", "--style-pairs",
+                                                       "1", "--out", "{d}/o"], "style pairs"),
         "train-generator: negative BN weight": (lambda w: ["train-generator", "--model", w["ckpt"], "--bn-weight",
                                                            "-1", "--out", "{d}/o"], "--bn-weight"),
         "quantize: missing pool": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "/nope/pool",
