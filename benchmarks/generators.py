@@ -1,0 +1,171 @@
+"""Generator-based data-free quantization, each method against pixel inversion at the same wall time.
+
+For each teacher (``--teacher``; default the shipped CNN and ViT), method and seed:
+
+1. train the method's generator against the teacher (``smi train-generator``: ``--gen-epochs`` x
+   ``--gen-steps`` steps of batch 64; texq's texture centres come from a dense DeepInversion pool
+   of 64 images, whose synthesis time is counted);
+2. per bit setting (``--settings``): quantize with ``repq`` calibrated on 32 generated images, then
+   quantization-aware training on fresh generated images (``--qat-epochs`` x ``--qat-steps``,
+   batch 32; causal adds ``--style-pairs 1``); ``akt`` instead trains a gdfq generator alongside
+   the quantized model with AdaDFQ's game and AKT's feature distillation (``smi qat
+   --online-generator gdfq --generator-game adadfq --generator-adversarial 1 --feature-loss akt``;
+   the feature term reads transformer blocks, so on a CNN teacher the row is AdaDFQ's game alone);
+3. top-1 on the teacher's whole test split, the trained generator's images per second, and the
+   wall time (generator training + calibration + QAT).
+
+Pixel rows spend the same wall time on pixel inversion: QAT from online synthesis (dense; and
+sparse for a ViT teacher), each epoch inverting 32 images for 200 iterations, stopped at the mean
+wall time of the generator rows of that teacher and setting. Rows without a trained generator
+(pixel, akt) are calibrated on a pool of 32 images inverted the same way, its time counted. Finished cells are kept in
+``results/NAME_cells.json``, so a rerun only runs what is missing.
+
+Run:  python benchmarks/generators.py        (hours on 2 CPU cores; --methods / --settings / --seeds to split it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, Cells, bits, publish, test_split  # noqa: E402
+from smi.data.sources import PoolSource  # noqa: E402
+from smi.evaluation import evaluate  # noqa: E402
+from smi.generators import GeneratorConfig, GeneratorSource, OnlineGeneratorSource, train_generator  # noqa: E402
+from smi.generators.train import load_generator  # noqa: E402
+from smi.inversion import InversionConfig, SparsityConfig, synthesize  # noqa: E402
+from smi.inversion.synthesis import OnlineSource  # noqa: E402
+from smi.models.loading import load_teacher  # noqa: E402
+from smi.quant import QuantConfig  # noqa: E402
+from smi.quant.pipeline import quantize_teacher  # noqa: E402
+from smi.quant.qat import QatConfig, qat  # noqa: E402
+
+METHODS = ["gdfq", "qimera", "texq", "acq", "causal", "akt"]
+
+
+def images_per_second(folder: Path, teacher, n: int = 256) -> float:
+    gen, _ = load_generator(folder, teacher)
+    z = torch.randn(n, gen.latent_dim)
+    y = torch.arange(n) % gen.num_classes
+    with torch.no_grad():
+        gen(z[:8], y[:8])  # warm-up
+        t0 = time.perf_counter()
+        gen(z, y)
+    return n / (time.perf_counter() - t0)
+
+
+def configs(method: str, seed: int, args: argparse.Namespace, work: Path, tname: str, budget: float | None,
+            vit: bool) -> tuple[QatConfig, GeneratorConfig | None]:
+    """The QAT settings of a cell, and its generator's (None for pixel rows). AKT's feature distillation reads
+    transformer blocks: on a CNN teacher the akt row is AdaDFQ's game alone."""
+    qat_cfg = QatConfig(epochs=args.qat_epochs, online_steps=args.qat_steps, steps_per_epoch=args.qat_steps, seed=seed,
+                        style_pairs=1.0 if method == "causal" else 0.0,
+                        feature_loss="akt" if method == "akt" and vit else "none",
+                        time_budget_s=budget if method.startswith("pixel") else None)
+    if method.startswith("pixel"):
+        return qat_cfg, None
+    pool = str(work / f"{tname}_texq_pool_seed{seed}") if method == "texq" else None
+    return qat_cfg, GeneratorConfig(kind="gdfq" if method == "akt" else method, epochs=args.gen_epochs,
+                                    steps_per_epoch=args.gen_steps, seed=seed, texture_pool=pool)
+
+
+def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, gen_cfg: GeneratorConfig | None,
+             folder: Path, data, vit: bool, gen_steps: int) -> dict:  # noqa: ANN001
+    """Train (generator), calibrate and fine-tune one cell; its top-1, wall time and images per second."""
+    w, a = bits(setting)
+    t0 = time.perf_counter()
+    rate = None
+    if method == "texq":  # the texture centres' calibration images
+        synthesize(teacher, InversionConfig(iterations=500, batch_size=64, sparsity=SparsityConfig(()),
+                                            jitter_unit="pixel"), 64, gen_cfg.texture_pool, seed=seed,
+                   progress=False, grid=False)
+    if method == "akt" or method.startswith("pixel"):  # no trained generator: calibrated on a small pixel pool
+        sparse = method == "pixel-sparse"
+        synth = InversionConfig(iterations=200, batch_size=32, jitter_unit="patch" if vit else "pixel",
+                                sparsity=SparsityConfig().scaled(200 / 4000) if sparse else SparsityConfig(()))
+        calib = PoolSource(str(synthesize(teacher, synth, 32, folder / "calib_pool", seed=seed, progress=False,
+                                          grid=False, overwrite=True).folder))
+        source = OnlineSource(synth) if method != "akt" else OnlineGeneratorSource(
+            gen_cfg, steps=gen_steps, adversarial=1.0, game="adadfq")
+    else:
+        train_generator(teacher, folder / "generator", gen_cfg, progress=False)
+        rate = images_per_second(folder / "generator", teacher)
+        source = calib = GeneratorSource(str(folder / "generator"))
+    quantize_teacher(teacher, QuantConfig.create("repq", w_bits=w, a_bits=a), calib, num_images=32, seed=seed,
+                     out=folder / f"q_{setting}", overwrite=True)
+    res = qat(teacher, folder / f"q_{setting}", source, folder / f"qat_{setting}", qat_cfg, eval_data=None,
+              progress=False, overwrite=True)
+    wall = time.perf_counter() - t0
+    top1 = evaluate(res.model, data, progress=False)["top1"]
+    return {"top1": top1, "wall_s": round(wall, 1), "images_per_s": rate}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", nargs="+", default=["fmnist_resnet_tiny", "fmnist_vit_tiny"])
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--settings", nargs="+", default=["W4A4", "W3A3"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--pixel", nargs="*", default=["dense", "sparse"], help="pixel-inversion rows at equal time")
+    p.add_argument("--gen-epochs", type=int, default=10)
+    p.add_argument("--gen-steps", type=int, default=100)
+    p.add_argument("--qat-epochs", type=int, default=5)
+    p.add_argument("--qat-steps", type=int, default=50)
+    p.add_argument("--work", default=str(RESULTS / "generators_work"), help="generators, pools and QAT runs")
+    p.add_argument("--name", default="generators")
+    args = p.parse_args()
+    work, cells = Path(args.work), Cells(args.name)
+    rows, table = [], []
+    for tname in args.teacher:
+        teacher = load_teacher(tname)
+        data, tested = test_split(teacher)
+        vit = hasattr(teacher.model, "blocks")
+        fp32 = evaluate(teacher.model, data, progress=False)["top1"]
+        table.append([tname, "FP32", "-", f"{fp32:.2f}", "", "", tested])
+        for setting in args.settings:
+            walls: list[float] = []
+            for method in args.methods + [f"pixel-{k}" for k in args.pixel if k == "dense" or vit]:
+                accs, secs, rates = [], [], []
+                for seed in args.seeds:
+                    budget = statistics.mean(walls) if walls else None
+                    qat_cfg, gen_cfg = configs(method, seed, args, work, tname, budget, vit)
+                    key = f"{tname}|{setting}|{method}|{seed}"
+                    spec = {"qat": qat_cfg.to_dict(), "generator": None if gen_cfg is None else asdict(gen_cfg)}
+                    cell = cells.get(key, spec)
+                    if cell is None:
+                        cell = {"setting": spec, **run_cell(teacher, method, setting, seed, qat_cfg, gen_cfg,
+                                                            work / f"{tname}_{method}_seed{seed}", data, vit,
+                                                            args.gen_steps)}
+                        cells.put(key, cell)
+                        print(f"{tname} {setting} {method} seed {seed}: {cell['top1']:.2f} ({cell['wall_s']:.0f} s)",
+                              file=sys.stderr, flush=True)
+                    accs.append(cell["top1"])
+                    secs.append(cell["wall_s"])
+                    if cell["images_per_s"]:
+                        rates.append(cell["images_per_s"])
+                if not method.startswith("pixel"):
+                    walls.extend(secs)
+                mean, std = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
+                rows.append({"teacher": tname, "setting": setting, "method": method, "top1": round(mean, 2),
+                             "top1_std": round(std, 2), "top1_per_seed": accs, "seeds": args.seeds,
+                             "wall_s": round(statistics.mean(secs), 1),
+                             "images_per_s": round(statistics.mean(rates), 1) if rates else None})
+                table.append([tname, setting, method, f"{mean:.2f} ± {std:.2f}", f"{statistics.mean(secs):.0f}",
+                              f"{statistics.mean(rates):.0f}" if rates else "-", tested])
+    header = ["teacher", "bits", "method", "top-1 (%)", "wall s", "generated images / s", "test data"]
+    note = (f"\nrepq W/A bits, 32 calibration images, QAT {args.qat_epochs} x {args.qat_steps} steps of batch 32 "
+            f"on fresh images; generators trained {args.gen_epochs} x {args.gen_steps} steps of batch 64; mean ± std "
+            f"over seeds {args.seeds}. pixel-*: QAT from online pixel inversion (32 images x 200 iterations per "
+            "epoch), stopped at the generator rows' mean wall time.\n")
+    publish(args.name, "generators", vars(args), header, table, note, rows)
+
+
+if __name__ == "__main__":
+    main()
