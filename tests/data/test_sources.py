@@ -9,7 +9,7 @@ from smi.quant.calibration import calibration_set
 
 
 def test_registry_holds_every_source_kind():
-    assert set(SOURCES.names()) == {"pool", "real", "noise", "online"}
+    assert set(SOURCES.names()) == {"pool", "real", "noise", "online", "generator", "online-generator"}
     for name, cls in SOURCES.items():
         assert cls.kind == name and SOURCES.help(name)
 
