@@ -2,12 +2,14 @@
 
 import json
 
+import pytest
 import timm
 import torch
 
 from smi.data import load_pool
 from smi.data.datasets import eval_dataset
 from smi.data.fashion_mnist import load_fashion_mnist
+from smi.data.scenes import SCENES_MEAN
 from smi.evaluation import evaluate, teacher_accuracy_on_pool
 from smi.inversion import InversionConfig, SparsityConfig, synthesize
 from smi.models.loading import load_teacher
@@ -81,3 +83,27 @@ def test_shipped_cnn_teacher_accuracy_timm_loading_and_bn_inversion(monkeypatch)
     batch = invert(teacher, cfg, torch.arange(10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (teacher.model(batch.images).argmax(1) == torch.arange(10)).float().mean() >= 0.8
+
+
+def test_scene_teacher_loads_through_timm_on_deits_grid(monkeypatch):
+    """fmnist_scene_vit: 196 patches of 4x4 on 56x56 scenes, weights in the package, no download."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    teacher = load_teacher("fmnist_scene_vit")
+    assert teacher.input_size == (1, 56, 56) and teacher.dataset == "fmnist-scenes"
+    assert teacher.model.patch_embed.num_patches == 196 and teacher.mean == SCENES_MEAN
+    cfg = timm.models.get_pretrained_cfg("fmnist_scene_vit")
+    assert cfg.hf_hub_id is None and cfg.url is None
+    assert (WEIGHTS_DIR / "fmnist_scene_vit.safetensors").samefile(cfg.file)
+    model = timm.create_model("fmnist_scene_vit", pretrained=True).eval()
+    x = torch.randn(2, 1, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), teacher.model(x))
+
+
+@pytest.mark.slow
+def test_scene_teacher_accuracy_on_all_10000_test_scenes():
+    teacher = load_teacher("fmnist_scene_vit")
+    top1 = evaluate(teacher.model, eval_dataset("fmnist-scenes", teacher), progress=False)["top1"]
+    meta = json.loads((WEIGHTS_DIR / "fmnist_scene_vit.json").read_text())
+    assert abs(top1 - meta["test_top1"]) < 0.05  # the metadata's figure is what the weights give
+    assert top1 >= 78.5
