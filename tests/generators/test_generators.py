@@ -438,3 +438,26 @@ def test_causal_generator_separates_content_from_style_and_the_student_matches_a
     with pytest.raises(SmiError, match="style pairs"):
         distill(teacher, student(), NoiseSource(), tmp_path / "c", cfg, eval_data=None, progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_overwriting_an_online_generator_run_removes_only_its_state(tmp_path):
+    """--overwrite replaces an online-generator run: smi's state file goes, a user's file beside it stays."""
+    from smi.generators import OnlineGeneratorSource
+    from smi.transfer import DistillConfig, Student, distill
+
+    teacher = as_teacher(tiny_vit())
+
+    def student():
+        torch.manual_seed(1)
+        return Student(tiny_vit(embed_dim=16).train(), "vit_tiny_test", {}, "scratch", tokens=False)
+
+    source = OnlineGeneratorSource(GeneratorConfig(batch_size=4, latent_dim=8, width=8), steps=2)
+    cfg = DistillConfig(epochs=1, batch_size=4, online_steps=1)
+    distill(teacher, student(), source, tmp_path / "kd", cfg, eval_data=None, progress=False)
+    state = tmp_path / "kd" / "generator" / "state.safetensors"
+    mine = tmp_path / "kd" / "generator" / "my_notes.txt"
+    mine.write_text("mine")
+    before = state.read_bytes()
+    distill(teacher, student(), NoiseSource(), tmp_path / "kd", cfg, eval_data=None, progress=False, overwrite=True)
+    assert not state.exists() and mine.read_text() == "mine"
+    assert before  # it was there before the overwrite
