@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from smi.data.pool import PoolWriter, load_pool
 from smi.errors import SmiError
-from smi.generators.train import WEIGHTS, load_generator, sample_targets
+from smi.generators.train import WEIGHTS, load_generator, sample_targets, superposition
 from smi.inversion.augment import pixel_mask_from_indices
 from smi.inversion.config import SparsityConfig
 from smi.inversion.synthesis import SynthesisResult
@@ -45,8 +45,7 @@ def generate_pool(teacher: Teacher, generator: str | Path, num_images: int, out:
         raise SmiError(f"must be positive, got {num_images if num_images < 1 else batch_size}",
                        param="num_images" if num_images < 1 else "batch_size")
     gen, meta = load_generator(generator, teacher, device)
-    train = meta.get("train_config") or {}
-    superpose = (float(train.get("superpose_prob") or 0.0), int(train.get("superpose_classes", 2)))
+    superpose = superposition(meta)
     if not sparsity.dense:
         check_sparse_capable(teacher.model)
     identity = {"method": "generator", "generator": {"weights": sha256_file(Path(generator) / WEIGHTS),

@@ -329,6 +329,12 @@ def load_generator(path: str | Path, teacher: ModelSpec, device: torch.device | 
     return model, meta
 
 
+def superposition(meta: dict[str, Any]) -> tuple[float, int]:
+    """A trained generator's (superpose_prob, superpose_classes), as its metadata records them."""
+    train = meta.get("train_config") or {}
+    return float(train.get("superpose_prob") or 0.0), int(train.get("superpose_classes", 2))
+
+
 class _Generated(ImageSet):
     """Endless images from a frozen generator: each draw is new noise and balanced classes, one forward pass."""
 
@@ -381,9 +387,7 @@ class GeneratorSource(DataSource):
     def open(self, model: ModelSpec, **context: Any) -> ImageSet:
         gen, meta = load_generator(self.path, model)
         identity = {"kind": "generator", "weights": sha256_file(Path(self.path) / WEIGHTS)}
-        train = meta.get("train_config", {})
-        return _Generated(gen, identity, float(meta.get("train_s", 0.0)),
-                          (float(train.get("superpose_prob") or 0.0), int(train.get("superpose_classes", 2))))
+        return _Generated(gen, identity, float(meta.get("train_s", 0.0)), superposition(meta))
 
     def describe(self) -> str:
         return f"generator:{self.path}"
