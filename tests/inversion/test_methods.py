@@ -23,10 +23,31 @@ def ckpt(tmp_path_factory):
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("m")))
 
 
+@pytest.fixture(scope="module")
+def seg_ckpt(tmp_path_factory):
+    from smi.models.loading import save_teacher
+
+    torch.manual_seed(0)
+    small = {"embed_dim": 32, "depth": 1, "num_heads": 1}
+    model = timm.create_model("fmnist_scene_segmenter", **small)
+    return str(save_teacher(model, tmp_path_factory.mktemp("s") / "seg.safetensors", arch="fmnist_scene_segmenter",
+                            model_kwargs=small))
+
+
 @pytest.mark.parametrize("sparsity", ["dense", "2:0.5,4:0.5"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_runs_dense_and_sparse_from_the_cli(method, sparsity, ckpt, tmp_path, capsys):
+def test_every_method_runs_dense_and_sparse_from_the_cli(method, sparsity, ckpt, seg_ckpt, tmp_path, capsys):
     out = tmp_path / "pool"
+    if METHODS.get(method).task == "segmentation":  # a classifier is refused; a segmenter (196 patches) runs
+        assert main(["invert", "--model", ckpt, "--method", method, "--sparsity", sparsity, *FAST,
+                     "--out", str(out)]) == 2
+        assert "synthesizes for a segmenter" in capsys.readouterr().err and not out.exists()
+        assert main(["invert", "--model", seg_ckpt, "--method", method, "--sparsity", sparsity, *FAST,
+                     "--out", str(out)]) == 0
+        pool = load_pool(out)
+        assert pool.maps is not None and pool.maps.shape == (4, 56, 56) and torch.isfinite(pool.images).all()
+        assert pool.masks.sum(1).tolist() == ([196] * 4 if sparsity == "dense" else [49] * 4)
+        return
     if any(TERMS.get(n).needs_student for n in InversionConfig.for_method(method).terms):
         # synthesizes against a student: refused on its own (nothing written), run inside online training
         assert main(["invert", "--model", ckpt, "--method", method, "--sparsity", sparsity, *FAST,

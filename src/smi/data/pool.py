@@ -248,6 +248,7 @@ class SyntheticPool(Dataset):
     labels: torch.Tensor  # (N,)
     losses: torch.Tensor  # (N,)
     manifest: dict[str, Any]
+    maps: torch.Tensor | None = None  # (N, H, W) uint8 per-pixel target classes, in a segmenter's pool
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -269,6 +270,7 @@ def load_pool(folder: str | Path, verify: bool = True) -> SyntheticPool:
     folder = Path(folder)
     manifest = read_manifest(folder)
     parts: dict[str, list[torch.Tensor]] = {"images": [], "mask": [], "targets": [], "loss": []}
+    maps: list[torch.Tensor | None] = []  # a segmenter's pool: per-pixel targets
     for s in manifest.get("shards", []):
         path = folder / s["file"]
         if not path.is_file():
@@ -284,10 +286,12 @@ def load_pool(folder: str | Path, verify: bool = True) -> SyntheticPool:
             raise SmiError(f"{path}: shard lacks {missing} or holds another count than its manifest record")
         for k in parts:
             parts[k].append(t[k])
+        maps.append(t.get("maps"))
     if not parts["targets"]:
         raise SmiError(f"pool {folder} is empty")
     return SyntheticPool(torch.cat(parts["images"]), torch.cat(parts["mask"]), torch.cat(parts["targets"]),
-                         torch.cat(parts["loss"]), manifest)
+                         torch.cat(parts["loss"]), manifest,
+                         torch.cat(maps) if all(m is not None for m in maps) else None)
 
 
 

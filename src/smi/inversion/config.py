@@ -9,14 +9,16 @@ from typing import Any, Literal
 from smi.errors import SmiError
 from smi.inversion.labels import CURRICULA, LABELS
 from smi.inversion.methods import METHODS
+from smi.inversion.segmentation import SEGMENTATION_OPTIONS
 from smi.inversion.terms import TERMS
 
 __all__ = ["SparsityConfig", "InversionConfig", "known_options"]
 
 
 def known_options() -> dict[str, float]:
-    """Every knob a registered term, label sampler or curriculum reads, with its default."""
-    return {**TERMS.all_options(), **LABELS.all_options(), **CURRICULA.all_options()}
+    """Every knob a registered term, label sampler or curriculum reads, with its default; and a segmenter's
+    target maps' (:mod:`smi.inversion.segmentation`)."""
+    return {**TERMS.all_options(), **LABELS.all_options(), **CURRICULA.all_options(), **SEGMENTATION_OPTIONS}
 
 
 @dataclass(frozen=True)

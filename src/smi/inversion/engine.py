@@ -16,8 +16,9 @@ from smi.inversion.augment import apply_jitter, color_shift, jitter_indices, pix
 from smi.inversion.config import InversionConfig
 from smi.inversion.priors import blur_
 from smi.inversion.recipe import Recipe
+from smi.inversion.segmentation import is_segmenter
 from smi.inversion.terms import Step
-from smi.models.loading import Teacher, require_classifier
+from smi.models.loading import Teacher
 from smi.models.sparse import SparseOutput, check_sparse_capable, narrow_keep, sparse_forward
 from smi.utils.schedule import scheduled_lr
 
@@ -34,6 +35,7 @@ class Batch:
     loss: torch.Tensor  # (B,) final cross-entropy of each image on its kept patches, un-jittered
     seconds: float  # wall time of the optimisation loop
     soft: torch.Tensor | None = None  # (B, num_classes) the target distributions, for soft-label methods
+    maps: torch.Tensor | None = None  # (B, H, W) a segmenter's final per-pixel target classes
 
 
 @dataclass
@@ -81,12 +83,36 @@ def check_invertible(teacher: Teacher, config: InversionConfig, student: nn.Modu
         if needy:
             raise SmiError(f"the {needy[0]} term needs a student to synthesize against: use it in online training "
                            "(smi distill --online, smi qat --online), not on its own", param="terms")
-    require_classifier(teacher, "inversion")
+    check_task(teacher, config)
     if teacher.num_classes < 2:
         raise SmiError(f"{teacher.spec} has {teacher.num_classes} output classes: inversion needs a classifier head "
                        "(a timm model made with num_classes=0, or a feature extractor, has none)")
     if not config.sparsity.dense:
         check_sparse_capable(teacher.model)
+
+
+def check_task(teacher: Teacher, config: InversionConfig) -> None:
+    """A segmentation method needs a segmenter; a segmenter needs a recipe that reads no per-image class."""
+    from smi.inversion.methods import METHODS
+    from smi.inversion.recipe import active_terms
+    from smi.inversion.terms import TERMS
+
+    method = METHODS.get(config.method, param="method")
+    if not is_segmenter(teacher.model):
+        if method.task == "segmentation":
+            raise SmiError(f"{config.method} synthesizes for a segmenter, and {teacher.spec} is a {teacher.task} "
+                           "model; choose a classifier method (smi invert --help lists them)", param="method")
+        return
+    if method.task is None and config.method not in ("deepinversion", "psaq"):
+        raise SmiError(f"{config.method} is made for classifiers; for the segmenter {teacher.spec} use dfq-sam, "
+                       "deepinversion or psaq", param="method")
+    classifier_only = [n for n in active_terms(config, teacher.model) if not TERMS.get(n).segmentation]
+    if classifier_only:
+        raise SmiError(f"the {classifier_only[0]} term reads per-image classes or features, which the segmenter "
+                       f"{teacher.spec} does not have", param="terms")
+    if config.labels != "hard" or config.curriculum != "none":
+        raise SmiError(f"a segmenter's targets are per-pixel maps: labels must be hard and curriculum none, got "
+                       f"{config.labels} / {config.curriculum}", param="labels")
 
 
 def invert(
@@ -140,6 +166,9 @@ def invert(
     B = targets.shape[0]
     if targets.ndim != 1 or B == 0 or targets.min() < 0 or targets.max() >= teacher.num_classes:
         raise SmiError(f"must be a non-empty 1-D tensor of classes in [0, {teacher.num_classes})", param="targets")
+    if is_segmenter(model) and targets.min() < 1:
+        raise SmiError("a segmenter's targets are each image's object class, 1 or more (0 is the background)",
+                       param="targets")
     if init is not None and tuple(init.shape) != (B, C, H, W):
         raise SmiError(f"has shape {tuple(init.shape)}, expected {(B, C, H, W)}", param="init")
     targets = targets.cpu()
@@ -205,7 +234,9 @@ def invert(
                     x.copy_(torch.where(pixel_mask.bool(), x, frozen))  # Adam momentum must not move stopped pixels
                 if rank_now:
                     k_new = next(counts)
-                    keep = narrow_keep(keep, out.importance, k_new)
+                    importance = (out.importance if recipe.maps is None
+                                  else recipe.maps.importance(out.logits, j, idx_t, patch))
+                    keep = narrow_keep(keep, importance, k_new)
                     pixel_mask = pixel_mask_from_indices(keep, grid, patch)
                     frozen = x.detach().clone()
             if callback is not None:
@@ -218,7 +249,10 @@ def invert(
             logits = sparse_forward(vit, final, keep).logits
         else:
             logits = model(final)
-        per_image = recipe.labels.cross_entropy(logits, reduction="none")
+        if recipe.maps is not None:
+            per_image = recipe.maps.per_image(logits, pixel_mask)
+        else:
+            per_image = recipe.labels.cross_entropy(logits, reduction="none")
         region = pixel_mask if pixel_mask is not None else torch.ones_like(x[:, :1])  # the optimized pixels
         at_bounds = float((((x <= lo) | (x >= hi)) & region.bool()).sum() / (region.sum() * C))
     if at_bounds > SATURATED:
@@ -227,4 +261,4 @@ def invert(
     mask = torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(1, keep, True)
     soft = recipe.labels.soft
     return Batch(final.cpu(), mask.cpu(), recipe.labels.hard.cpu(), per_image.cpu(), seconds,
-                 None if soft is None else soft.cpu())
+                 None if soft is None else soft.cpu(), None if recipe.maps is None else recipe.maps.maps.cpu())

@@ -21,16 +21,18 @@ __all__ = ["METHODS", "Method", "register_method"]
 class Method:
     name: str
     defaults: Mapping[str, Any]  # InversionConfig fields the method sets
+    task: str | None = None  # "segmentation": made for segmenters only; None: any teacher the terms allow
 
 
 METHODS: Registry[Method] = Registry("method")
 
 
-def register_method(name: str) -> Callable[[Callable[[], dict[str, Any]]], Method]:
-    """Decorator: the function returns the method's config defaults; its docstring says what it is."""
+def register_method(name: str, task: str | None = None) -> Callable[[Callable[[], dict[str, Any]]], Method]:
+    """Decorator: the function returns the method's config defaults; its docstring says what it is.
+    ``task="segmentation"``: the method synthesizes for segmenters only."""
 
     def add(fn: Callable[[], dict[str, Any]]) -> Method:
-        method = Method(name, MappingProxyType(fn()))
+        method = Method(name, MappingProxyType(fn()), task)
         METHODS.register(name, help=fn.__doc__ or name)(method)
         return method
 
@@ -91,3 +93,11 @@ def e2h() -> dict[str, Any]:
     """DFQ-ViT's easy-to-hard curriculum on deepinversion: later batches ask for less confident targets, near a
     boundary with a second class (2025)."""
     return dict(curriculum="e2h")
+
+
+@register_method("dfq-sam", task="segmentation")
+def dfq_sam() -> dict[str, Any]:
+    """DFQ-SAM, for segmenters: per-pixel targets that start as random object-shaped blobs and evolve toward the
+    segmenter's own confident labels (pseudo-positive label evolution) + psaq's patch-similarity entropy and TV
+    (2024)."""
+    return dict(psaq.defaults, terms={"psaq": 1.0, "tv_target": 0.05}, options={"seg_evolve": 1.0})

@@ -15,6 +15,7 @@ import torch.nn as nn
 from smi.inversion.config import InversionConfig
 from smi.inversion.labels import CURRICULA, LABELS, Labels
 from smi.inversion.priors import image_l2
+from smi.inversion.segmentation import TargetMaps, is_segmenter
 from smi.inversion.terms import TERMS, Captures, Context, Step, Term
 
 __all__ = ["Recipe", "active_terms"]
@@ -49,6 +50,9 @@ class Recipe:
         labels = LABELS.get(config.labels)(targets, num_classes, generator, config.option)
         self.labels: Labels = CURRICULA.get(config.curriculum)(labels, num_classes, difficulty, generator,
                                                                config.option)
+        # a segmenter's targets are per-pixel maps (drawn after the labels, which then only name each image's class)
+        self.maps = (TargetMaps(targets, num_classes, (grid[0] * patch, grid[1] * patch), generator, config.option,
+                                config.iterations) if is_segmenter(model) else None)
         # set up in registry order, after the labels: every random draw has a fixed place in the batch's stream
         self.terms: dict[str, Term] = {name: TERMS.get(name)(ctx) for name in self.weights}
 
@@ -60,9 +64,12 @@ class Recipe:
         self.captures.__exit__(*exc)
 
     def loss(self, step: Step) -> torch.Tensor:
-        """CE (hard or soft), TV, L2 and the active terms, weighted, for one step."""
+        """CE (hard or soft; per pixel for a segmenter), TV, L2 and the active terms, weighted, for one step."""
         cfg = self.config
-        loss = cfg.ce_weight * self.labels.cross_entropy(step.logits)
+        if self.maps is not None:
+            loss = cfg.ce_weight * self.maps.loss(step.logits, step.pixel_mask, step.jitter)
+        else:
+            loss = cfg.ce_weight * self.labels.cross_entropy(step.logits)
         if cfg.tv_l2 or cfg.tv_l1:
             tv_l1, tv_l2 = step.tv()
             loss = loss + cfg.tv_l2 * tv_l2 + cfg.tv_l1 * tv_l1

@@ -23,6 +23,7 @@ from smi.errors import SmiError
 from smi.inversion.config import InversionConfig
 from smi.inversion.engine import StepInfo, check_invertible, invert
 from smi.inversion.recipe import active_terms
+from smi.inversion.segmentation import is_segmenter, planned_classes
 from smi.inversion.terms import TERMS
 from smi.inversion.terms.contrastive import pool_features
 from smi.models.loading import Teacher
@@ -89,7 +90,8 @@ class PoolSynthesis:
         self.writer = PoolWriter(out, self.identity, overwrite=overwrite, part=part, normalize=_normalize_identity)
         self.folder = self.writer.folder
         atomic_write_json(self.folder / "config.json", self.identity)
-        self.targets = plan_targets(num_images, teacher.num_classes, seed)
+        self.targets = (planned_classes(num_images, teacher.num_classes, seed) if is_segmenter(teacher.model)
+                        else plan_targets(num_images, teacher.num_classes, seed))
         self.reads_pool = any(TERMS.get(n).reads_pool for n in active_terms(config, teacher.model))
         self._features: dict[int, torch.Tensor] = {}  # batch -> teacher features of its images (reads_pool)
         B = config.batch_size
@@ -133,6 +135,8 @@ class PoolSynthesis:
                    "loss": result.loss.float(), "index": torch.arange(idx.start, idx.stop)}
         if result.soft is not None:
             tensors["soft"] = result.soft.float()  # the target distributions of soft-label methods
+        if result.maps is not None:
+            tensors["maps"] = result.maps.to(torch.uint8 if self.teacher.num_classes <= 256 else torch.int16)
         classes = torch.bincount(result.targets, minlength=self.teacher.num_classes).tolist()
         self.writer.write(b, tensors, result.seconds, {"classes": classes, "kept": int(result.mask[0].sum())})
         return tensors

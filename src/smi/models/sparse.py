@@ -26,7 +26,7 @@ __all__ = [
 
 
 class SparseOutput(NamedTuple):
-    logits: torch.Tensor  # (B, num_classes)
+    logits: torch.Tensor  # (B, num_classes); a segmenter's (B, num_classes, H, W), zero outside the kept patches
     importance: torch.Tensor | None  # (B, K), same order as the kept indices; None unless requested
 
 
@@ -183,11 +183,18 @@ def sparse_forward(
     x = vit.norm_pre(x)
     if not return_importance:
         x = vit.norm(vit.blocks(x))
-        return SparseOutput(vit.forward_head(x), None)
+        return SparseOutput(_head(vit, x, keep_idx), None)
     with AttentionCapture(vit.blocks[importance_block].attn) as cap:
         x = vit.norm(vit.blocks(x))
-    logits = vit.forward_head(x)
+    logits = _head(vit, x, keep_idx)
     return SparseOutput(logits, _importance(vit, cap.attn.detach()))
+
+
+def _head(vit: VisionTransformer, x: torch.Tensor, keep_idx: torch.Tensor | None) -> torch.Tensor:
+    """timm's head; a segmenter (``task == "segmentation"``) is told which patch each token is."""
+    if keep_idx is not None and getattr(vit, "task", "classification") == "segmentation":
+        return vit.forward_head(x, keep=keep_idx)
+    return vit.forward_head(x)
 
 
 def narrow_keep(keep: torch.Tensor, importance: torch.Tensor, k: int) -> torch.Tensor:

@@ -71,13 +71,22 @@ class TokenSegmenter(VisionTransformer):
         p = self.patch_embed.patch_size
         self.head = nn.Linear(self.embed_dim, self.num_classes * p[0] * p[1])
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, keep: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """``x``: (B, P + K, D) block outputs; ``keep``: (B, K) the patch of each token (None: all, in order).
+
+        Returns (B, num_classes, H, W); the pixels of patches without a token (a sparse forward pass)
+        get zero logits, which no loss should read (they are outside the kept-pixel mask).
+        """
         x = self.head_drop(x[:, self.num_prefix_tokens:])
         if pre_logits:
             return x
         (h, w), (p, q) = self.patch_embed.grid_size, self.patch_embed.patch_size
-        B = x.shape[0]
-        x = self.head(x).view(B, h, w, self.num_classes, p, q)
+        B, K = x.shape[:2]
+        x = self.head(x)  # (B, K, num_classes * p * q)
+        if keep is not None:
+            x = x.new_zeros(B, h * w, x.shape[-1]).scatter(1, keep[:, :, None].expand(-1, -1, x.shape[-1]), x)
+        x = x.view(B, h, w, self.num_classes, p, q)
         return x.permute(0, 3, 1, 4, 2, 5).reshape(B, self.num_classes, h * p, w * q)
 
 

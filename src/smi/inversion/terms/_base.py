@@ -172,6 +172,7 @@ class Term:
     captures: ClassVar[frozenset[str]] = frozenset()  # kinds from CAPTURE_KINDS the term reads
     needs_student: ClassVar[bool] = False  # reads Context.student (online synthesis only)
     reads_pool: ClassVar[bool] = False  # reads Context.bank (the pool's earlier images)
+    segmentation: ClassVar[bool] = False  # also serves a segmenter (reads no per-image class logits or features)
     options: ClassVar[dict[str, float]] = {}  # knobs and their defaults
 
     def __init__(self, ctx: Context) -> None:

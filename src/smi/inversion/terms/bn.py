@@ -33,6 +33,8 @@ def bn_statistics(inputs: list[torch.Tensor], running: list[tuple[torch.Tensor, 
 class BatchNormStatistics(Term):
     """Distance of each BatchNorm layer's batch mean and variance to its running statistics (CNN teachers)."""
 
+    segmentation = True
+
     captures = frozenset({"bn_inputs"})
     options = {"bn_first_weight": 10.0}
 

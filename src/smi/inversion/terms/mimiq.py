@@ -35,6 +35,8 @@ def head_agreement(attn: torch.Tensor) -> torch.Tensor:
 class HeadAgreement(Term):
     """1 - SSIM^2 between the min-max-normalized attention rows of head pairs, every block."""
 
+    segmentation = True
+
     captures = frozenset({"attn"})
 
     def __call__(self, step: Step) -> torch.Tensor:

@@ -51,6 +51,8 @@ def patch_similarity_entropy(attn_out: torch.Tensor, num_prefix: int, **kde: flo
 class PatchSimilarityEntropy(Term):
     """Minus the KDE entropy of patch-to-patch cosine similarities of each block's attention output."""
 
+    segmentation = True
+
     captures = frozenset({"attn_out"})
     options = {"kde_bandwidth": 0.01, "kde_points": 10}
 

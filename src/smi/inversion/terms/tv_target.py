@@ -20,6 +20,8 @@ def tv_target(tv: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
 class TVTarget(Term):
     """|TV_l2(x) - v|, v ~ U(tv_target_low, tv_target_high) scaled to the batch and image size."""
 
+    segmentation = True
+
     options = {"tv_target_low": 2500.0, "tv_target_high": 3000.0}  # PSAQ-ViT's, for batch 32 at 3x224x224
 
     def __init__(self, ctx: Context) -> None:
