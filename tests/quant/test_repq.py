@@ -112,3 +112,44 @@ def test_repq_save_load_round_trip(tmp_path):
     again, _ = load_quantized(tmp_path / "q", load_teacher(str(path)))
     with torch.no_grad():
         torch.testing.assert_close(again(_x()), ref, rtol=0, atol=0)
+
+
+def test_dfq_sams_scale_reparameterization_is_repqs_fold_and_covers_the_segmenter():
+    """DFQ-SAM's scale reparameterization of post-LayerNorm activations is RepQ-ViT's: on the segmenter every block's
+    two LayerNorm -> Linear pairs fold, the float function is unchanged, and the folded per-tensor quantizer gives the
+    per-channel integers, per pixel of the output."""
+    import timm
+
+    torch.manual_seed(0)
+    seg = timm.create_model("fmnist_scene_segmenter", embed_dim=32, depth=2, num_heads=1).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for blk in seg.blocks:
+            for norm in (blk.norm1, blk.norm2):
+                norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=g))
+                norm.bias.copy_(0.6 * torch.rand(norm.bias.shape, generator=g) - 0.3)
+    x = torch.randn(4, 1, 56, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = seg(x)
+        model = prepare(copy.deepcopy(seg), REPQ)
+        model(torch.randn(8, 1, 56, 56, generator=torch.Generator().manual_seed(2)))
+    per_channel = copy.deepcopy(model)
+    _set_modes(per_channel, "off")
+    for _, lin in ln_linear_pairs(per_channel):
+        lin.input_quant.freeze()
+    reparameterize_(model)
+    assert len(ln_linear_pairs(model)) == 4 and all(lin.input_quant.granularity == "tensor"
+                                                     for _, lin in ln_linear_pairs(model))
+    float_folded = copy.deepcopy(model)
+    _set_modes(float_folded, "off")
+    for m in float_folded.modules():
+        if hasattr(m, "w_quant"):
+            m.w_quant = False
+    _set_modes(model, "off")
+    for _, lin in ln_linear_pairs(model):
+        lin.input_quant.mode = "quant"
+    with torch.no_grad():
+        torch.testing.assert_close(float_folded(x), ref, atol=1e-4, rtol=1e-4)
+        out = model(x)
+        assert out.shape == (4, 2, 56, 56)
+        torch.testing.assert_close(out, per_channel(x), atol=1e-4, rtol=1e-3)
