@@ -275,11 +275,14 @@ def _add_inversion_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 def _cmd_invert(args: argparse.Namespace) -> int:
     from smi.distributed import from_env
+    from smi.inversion import METHODS
     from smi.inversion.synthesis import synthesize
     from smi.models.loading import load_teacher
 
     if args.generator is not None:
         return _invert_from_generator(args)
+    if METHODS.get(args.method, param="method").task == "diffusion" or args.diffusion_model is not None:
+        return _invert_from_diffusion(args)
     cfg = _inversion_config(args)
     dist = from_env(args.device)  # torchrun: one process per rank, gloo on CPU, nccl on CUDA
     device = dist.device
@@ -324,6 +327,33 @@ def _invert_from_generator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _invert_from_diffusion(args: argparse.Namespace) -> int:
+    from smi.generators.diffusion import GenQConfig, diffusion_pool
+    from smi.inversion import METHODS
+    from smi.models.loading import load_teacher
+
+    if METHODS.get(args.method, param="method").task != "diffusion":
+        raise SmiError(f"--diffusion-model is read by the diffusion methods (genq, genq-mix), not by {args.method}")
+    if args.diffusion_model is None:
+        raise SmiError(f"--method {args.method} samples a local text-to-image diffusers pipeline: give its folder "
+                       "with --diffusion-model PATH (nothing is downloaded)")
+    given = [name for name in PIXEL_ONLY if name != "option" and getattr(args, name, None) is not None]
+    if given:
+        raise SmiError(f"--{given[0].replace('synth_', '').replace('_', '-')} shapes pixel optimization; "
+                       f"{args.method} samples a diffusion model (its knobs: --option genq_...=VALUE)")
+    cfg = _inversion_config(args)  # the method's and the user's --option knobs, validated
+    with _flags(args, batch_size="synth_batch_size", options="option"):
+        genq = GenQConfig.from_options(cfg.option, args.synth_batch_size)
+        teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
+        result = diffusion_pool(teacher, args.diffusion_model, args.num_images, args.out, genq, method=args.method,
+                                sparsity=cfg.sparsity, seed=args.seed,
+                                device=args.device, overwrite=args.overwrite, grid=not args.no_grid)
+    print(f"pool: {result.folder} ({result.num_images} images from {args.diffusion_model}, {result.seconds:.1f} s)")
+    if result.grid is not None:
+        print(f"grid: {result.grid}")
+    return 0
+
+
 def _add_invert(sub: argparse._SubParsersAction) -> None:
     from smi.inversion import CURRICULA, LABELS, METHODS, TERMS
 
@@ -348,6 +378,10 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
                    help="sample the pool from a generator trained by `smi train-generator` instead of optimizing "
                         "pixels (sparse: each image keeps the patches the teacher attends to most, ranked by the "
                         "--sparsity schedule's stops)")
+    p.add_argument("--diffusion-model", metavar="PATH",
+                   help="genq / genq-mix: a local diffusers text-to-image pipeline folder (pipeline.save_pretrained; "
+                        "safetensors weights, nothing downloaded); sparse pools keep the patches the teacher attends "
+                        "to most")
     _add_inversion_args(p)
     _add_run(p, out="pool folder to write (or resume)", seed="seed of targets, initial noise and jitter",
              overwrite="replace a pool made with other settings")

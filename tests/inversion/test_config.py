@@ -54,3 +54,11 @@ def test_fields_added_later_stay_out_of_the_record_while_off():
     assert not {"blur", "color_shift"} & set(InversionConfig().to_dict())
     on = InversionConfig(blur=0.3, color_shift=1.0)
     assert InversionConfig.from_dict(on.to_dict()) == on
+
+
+def test_setting_one_knob_keeps_the_methods_other_knobs():
+    from smi.inversion import InversionConfig
+
+    cfg = InversionConfig.for_method("dfq-sam", options={"seg_confidence": 0.8})
+    assert cfg.option("seg_evolve") == 1.0 and cfg.option("seg_confidence") == 0.8
+    assert InversionConfig.for_method("dfq-sam", options={"seg_evolve": 0.0}).option("seg_evolve") == 0.0

@@ -38,6 +38,20 @@ def seg_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_dense_and_sparse_from_the_cli(method, sparsity, ckpt, seg_ckpt, tmp_path, capsys):
     out = tmp_path / "pool"
+    if METHODS.get(method).task == "diffusion":  # sampled from a local pipeline: needs its folder
+        assert main(["invert", "--model", ckpt, "--method", method, *FAST, "--out", str(out)]) == 2
+        assert "--diffusion-model" in capsys.readouterr().err and not out.exists()
+        pytest.importorskip("diffusers")
+        from tests.helpers import write_tiny_pipeline
+
+        pipe = write_tiny_pipeline(tmp_path / "diffusion")
+        assert main(["invert", "--model", ckpt, "--method", method, "--sparsity", sparsity, "--diffusion-model",
+                     str(pipe), "--option", "genq_steps=1", "--num-images", "4", "--batch-size", "2", "--no-grid",
+                     "--out", str(out)]) == 0
+        pool = load_pool(out)
+        assert len(pool) == 4 and torch.isfinite(pool.images).all()
+        assert pool.masks.sum(1).tolist() == ([16] * 4 if sparsity == "dense" else [4] * 4)
+        return
     if METHODS.get(method).task == "segmentation":  # a classifier is refused; a segmenter (196 patches) runs
         assert main(["invert", "--model", ckpt, "--method", method, "--sparsity", sparsity, *FAST,
                      "--out", str(out)]) == 2
@@ -183,7 +197,7 @@ def test_every_term_changes_the_loss_and_its_gradient(name, sparse):
 def test_every_method_changes_what_deepinversion_optimizes(method):
     """A method's preset is a real change: its config differs from deepinversion's, and on the tiny ViT its
     first step's loss or labels differ too (every name in the registry, nothing hard-coded)."""
-    if method == "deepinversion":
+    if method == "deepinversion" or METHODS.get(method).task == "diffusion":  # diffusion: sampled, not optimized
         return
     model = tiny_vit().requires_grad_(False)
     cfg = InversionConfig.for_method(method, iterations=1000, batch_size=2)

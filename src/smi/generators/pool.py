@@ -15,7 +15,9 @@ it treats a sparse inversion pool (the ViT teacher sees the kept patches only).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,12 +29,12 @@ from smi.generators.train import WEIGHTS, load_generator, sample_targets, superp
 from smi.inversion.augment import pixel_mask_from_indices
 from smi.inversion.config import SparsityConfig
 from smi.inversion.synthesis import SynthesisResult
-from smi.models.loading import Teacher
+from smi.models.loading import Teacher, require_classifier
 from smi.models.sparse import check_sparse_capable, rank_patches, sparse_forward
 from smi.utils.io import atomic_write_json, sha256_file
 from smi.viz import save_grid
 
-__all__ = ["generate_pool"]
+__all__ = ["check_sampled", "generate_pool", "write_sampled_pool"]
 
 
 @torch.no_grad()
@@ -41,17 +43,43 @@ def generate_pool(teacher: Teacher, generator: str | Path, num_images: int, out:
                   device: torch.device | str = "cpu", overwrite: bool = False, grid: bool = True) -> SynthesisResult:
     """Write ``num_images`` images of the generator in ``generator`` (a `smi train-generator` folder) as a pool."""
     sparsity = sparsity or SparsityConfig(())
-    if num_images < 1 or batch_size < 1:
-        raise SmiError(f"must be positive, got {num_images if num_images < 1 else batch_size}",
-                       param="num_images" if num_images < 1 else "batch_size")
+    check_sampled(teacher, num_images, batch_size, sparsity)
     gen, meta = load_generator(generator, teacher, device)
     superpose = superposition(meta)
-    if not sparsity.dense:
-        check_sparse_capable(teacher.model)
     identity = {"method": "generator", "generator": {"weights": sha256_file(Path(generator) / WEIGHTS),
                                                      "train_config": meta.get("train_config")},
                 "config": {"batch_size": batch_size}, "seed": seed, "num_images": num_images,
                 "teacher": teacher.identity(), "sparsity": sparsity.spec()}
+
+    def draw(b: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, b, 2]).generate_state(1)[0]))
+        z = torch.randn(n, gen.latent_dim, generator=g).to(device)
+        y = sample_targets(n, teacher.num_classes, g, *superpose).to(device)
+        return gen(z, y), y
+
+    return write_sampled_pool(teacher, identity, num_images, out, draw, sparsity=sparsity, batch_size=batch_size,
+                              device=device, overwrite=overwrite, grid=grid, soft=superpose[0] > 0)
+
+
+def check_sampled(teacher: Teacher, num_images: int, batch_size: int, sparsity: SparsityConfig) -> None:
+    """What a sampled pool checks before it loads anything or makes a folder."""
+    if num_images < 1 or batch_size < 1:
+        raise SmiError(f"must be positive, got {num_images if num_images < 1 else batch_size}",
+                       param="num_images" if num_images < 1 else "batch_size")
+    require_classifier(teacher, "a sampled pool")
+    if not sparsity.dense:
+        check_sparse_capable(teacher.model)
+
+
+@torch.no_grad()
+def write_sampled_pool(teacher: Teacher, identity: dict[str, Any], num_images: int, out: str | Path,
+                       draw: Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]], *,
+                       sparsity: SparsityConfig, batch_size: int, device: torch.device | str = "cpu",
+                       overwrite: bool = False, grid: bool = True, soft: bool = False) -> SynthesisResult:
+    """A pool from a sampler, resumably: ``draw(b, start, n)`` returns batch ``b``'s ``n`` images (normalized
+    teacher inputs) and their classes (``(n,)``) or class weights (``(n, classes)``), and must depend on ``b``
+    only. Sparse: each image keeps the patches the teacher attends to most (``sparsity``'s kept counts).
+    ``soft``: every shard records the class weights (one-hot for plain classes)."""
     writer = PoolWriter(out, identity, overwrite=overwrite)
     atomic_write_json(writer.folder / "config.json", identity)
     patch = getattr(getattr(teacher.model, "patch_embed", None), "patch_size", (1,))[0]
@@ -62,10 +90,8 @@ def generate_pool(teacher: Teacher, generator: str | Path, num_images: int, out:
             continue
         t0 = time.perf_counter()
         n = min(batch_size, num_images - start)
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, b, 2]).generate_state(1)[0]))
-        z = torch.randn(n, gen.latent_dim, generator=g).to(device)
-        y = sample_targets(n, teacher.num_classes, g, *superpose).to(device)
-        x = gen(z, y)
+        x, y = draw(b, start, n)
+        x, y = x.to(device), y.to(device)
         labels = y if y.ndim == 1 else y.argmax(1)
         if sparsity.dense:
             mask = torch.ones(n, N, dtype=torch.bool, device=device)
@@ -78,9 +104,8 @@ def generate_pool(teacher: Teacher, generator: str | Path, num_images: int, out:
         tensors = {"images": x.cpu().contiguous(), "mask": mask.cpu(), "targets": labels.cpu(),
                    "loss": F.cross_entropy(logits, y, reduction="none").float().cpu(),
                    "index": torch.arange(start, start + n)}
-        if superpose[0] > 0:  # a superposing generator: every shard holds the images' class weights
-            soft = y if y.ndim == 2 else F.one_hot(y, teacher.num_classes)
-            tensors["soft"] = soft.float().cpu()
+        if soft:
+            tensors["soft"] = (y if y.ndim == 2 else F.one_hot(y, teacher.num_classes)).float().cpu()
         classes = torch.bincount(labels.cpu(), minlength=teacher.num_classes).tolist()
         writer.write(b, tensors, time.perf_counter() - t0, {"classes": classes, "kept": int(mask[0].sum())})
     writer.finish()

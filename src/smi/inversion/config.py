@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from smi.errors import SmiError
 from smi.inversion.labels import CURRICULA, LABELS
-from smi.inversion.methods import METHODS
+from smi.inversion.methods import GENQ_OPTIONS, METHODS
 from smi.inversion.segmentation import SEGMENTATION_OPTIONS
 from smi.inversion.terms import TERMS
 
@@ -17,8 +17,9 @@ __all__ = ["SparsityConfig", "InversionConfig", "known_options"]
 
 def known_options() -> dict[str, float]:
     """Every knob a registered term, label sampler or curriculum reads, with its default; and a segmenter's
-    target maps' (:mod:`smi.inversion.segmentation`)."""
-    return {**TERMS.all_options(), **LABELS.all_options(), **CURRICULA.all_options(), **SEGMENTATION_OPTIONS}
+    target maps' (:mod:`smi.inversion.segmentation`) and the diffusion methods' (:mod:`smi.generators.diffusion`)."""
+    return {**TERMS.all_options(), **LABELS.all_options(), **CURRICULA.all_options(), **SEGMENTATION_OPTIONS,
+            **GENQ_OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -124,12 +125,16 @@ class InversionConfig:
 
     @classmethod
     def for_method(cls, method: str = "deepinversion", **overrides: Any) -> InversionConfig:
-        """The method's defaults (``METHODS[method].defaults``), with ``overrides`` on top.
+        """The method's defaults (``METHODS[method].defaults``), with ``overrides`` on top; ``options`` are
+        merged knob by knob (setting one knob keeps the method's others), every other field is replaced.
 
         >>> InversionConfig.for_method("psaq", lr=0.1).terms
         {'psaq': 1.0, 'tv_target': 0.05}
         """
-        return cls(method=method, **{**METHODS.get(method, param="method").defaults, **overrides})
+        defaults = METHODS.get(method, param="method").defaults
+        if "options" in overrides:
+            overrides = {**overrides, "options": {**defaults.get("options", {}), **overrides["options"]}}
+        return cls(method=method, **{**defaults, **overrides})
 
     def option(self, name: str) -> float:
         if name in self.options:

@@ -98,6 +98,9 @@ def check_task(teacher: Teacher, config: InversionConfig) -> None:
     from smi.inversion.terms import TERMS
 
     method = METHODS.get(config.method, param="method")
+    if method.task == "diffusion":
+        raise SmiError(f"{config.method} samples a text-to-image diffusion model rather than inverting the teacher: "
+                       "smi invert --method {config.method} --diffusion-model PATH", param="method")
     if not is_segmenter(teacher.model):
         if method.task == "segmentation":
             raise SmiError(f"{config.method} synthesizes for a segmenter, and {teacher.spec} is a {teacher.task} "

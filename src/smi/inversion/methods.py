@@ -14,14 +14,14 @@ from typing import Any
 
 from smi.registry import Registry
 
-__all__ = ["METHODS", "Method", "register_method"]
+__all__ = ["GENQ_OPTIONS", "METHODS", "Method", "register_method"]
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     defaults: Mapping[str, Any]  # InversionConfig fields the method sets
-    task: str | None = None  # "segmentation": made for segmenters only; None: any teacher the terms allow
+    task: str | None = None  # "segmentation": for segmenters only; "diffusion": sampled from a diffusion model
 
 
 METHODS: Registry[Method] = Registry("method")
@@ -101,3 +101,28 @@ def dfq_sam() -> dict[str, Any]:
     segmenter's own confident labels (pseudo-positive label evolution) + psaq's patch-similarity entropy and TV
     (2024)."""
     return dict(psaq.defaults, terms={"psaq": 1.0, "tv_target": 0.05}, options={"seg_evolve": 1.0})
+
+
+# the knobs of the diffusion methods (smi.generators.diffusion); p_mix and mix_k are shared with qimera's labels
+GENQ_OPTIONS: dict[str, float] = {
+    "genq_mix": 0.0,  # 1: mixup-class prompting (genq-mix), else one class per image (genq)
+    "genq_fuse": 0.0,  # 1: one prompt naming the mixed classes; 0: their text embeddings mixed
+    "genq_steps": 25,  # denoising steps
+    "genq_guidance": 7.5,  # classifier-free guidance scale
+    "genq_min_confidence": 0.0,  # keep images the teacher agrees with at least this much (0: keep all)
+    "genq_max_tries": 8,  # rounds of drawing per batch before the confidence filter gives up
+}
+
+
+@register_method("genq", task="diffusion")
+def genq() -> dict[str, Any]:
+    """GenQ: a local text-to-image diffusion model (--diffusion-model PATH) prompted "a photo of a CLASS" with the
+    teacher's class names; sampled, not optimized (CVPR 2024)."""
+    return {}
+
+
+@register_method("genq-mix", task="diffusion")
+def genq_mix() -> dict[str, Any]:
+    """Mixup-class prompting: genq, with mix_k classes per image (probability p_mix), their text embeddings mixed
+    by softmax(N(0, 1)) weights (genq_fuse=1: one prompt naming them all), the weights kept as soft targets."""
+    return dict(options={"genq_mix": 1.0, "p_mix": 1.0})
