@@ -148,10 +148,11 @@ def bits(setting: str) -> tuple[int, int]:
 
 
 def synthetic_pools(teacher: Any, model_name: str, seeds: list[int], kinds: list[str], folder: Path,
-                    iterations: int, num_images: int, grid_seed: int | None = None
+                    iterations: int, num_images: int, grid_seed: int | None = None, method: str = "deepinversion"
                     ) -> tuple[dict[tuple[str, int], str], dict[tuple[str, int], float]]:
-    """One pool per (kind, seed) in ``folder`` (dense or the default sparse schedule, batch min(32, images));
-    an existing pool resumes or is reused. Returns the folders and each pool's synthesis seconds."""
+    """One pool of ``method`` per (kind, seed) in ``folder`` (dense or the default sparse schedule, batch
+    min(32, images)); an existing pool resumes or is reused. Returns the folders and each pool's synthesis
+    seconds."""
     import sys
     import time
 
@@ -162,8 +163,10 @@ def synthetic_pools(teacher: Any, model_name: str, seeds: list[int], kinds: list
     for seed in seeds:
         for kind in kinds:
             sparsity = SparsityConfig(()) if kind == "dense" else SparsityConfig()
-            cfg = InversionConfig(iterations=iterations, batch_size=min(32, num_images), sparsity=sparsity)
-            out = folder / f"{model_name}_{kind}_seed{seed}"
+            cfg = InversionConfig.for_method(method, iterations=iterations, batch_size=min(32, num_images),
+                                             sparsity=sparsity)
+            tag = "" if method == "deepinversion" else f"{method}_"  # deepinversion pools keep their older names
+            out = folder / f"{model_name}_{tag}{kind}_seed{seed}"
             t0 = time.perf_counter()
             synthesize(teacher, cfg, num_images, out, seed=seed, grid=seed == grid_seed)
             print(f"{out.name}: ready ({time.perf_counter() - t0:.0f} s this run)", file=sys.stderr)
