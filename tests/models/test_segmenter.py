@@ -121,3 +121,23 @@ def test_paths_that_need_class_logits_refuse_a_segmenter_in_one_line(tmp_path, s
         evaluate(teacher.model, TensorDataset(torch.zeros(2, 1, 56, 56), torch.zeros(2, dtype=torch.long)),
                  progress=False)
     assert not (tmp_path / "pool").exists() and not (tmp_path / "kd").exists()
+
+
+def test_a_sparse_dfq_sam_pool_calibrates_a_quantized_segmenter_that_smi_eval_scores_by_miou(tmp_path, small_scenes,
+                                                                                           capsys):
+    """The DFQ-SAM path end to end from the CLI: invert (sparse), quantize (repq, W4A4) on the pool, eval."""
+    from smi.models.loading import save_teacher
+
+    torch.manual_seed(0)
+    seg = save_teacher(timm.create_model("fmnist_scene_segmenter", **SMALL), tmp_path / "seg.safetensors",
+                       arch="fmnist_scene_segmenter", model_kwargs=SMALL, class_names=["background", "object"],
+                       data_config={"dataset": "fmnist-scenes"})
+    assert main(["invert", "--model", str(seg), "--method", "dfq-sam", "--iterations", "12", "--sparsity",
+                 "4:0.5,8:0.5", "--num-images", "4", "--batch-size", "4", "--no-grid", "--out",
+                 str(tmp_path / "pool")]) == 0
+    assert main(["quantize", "--model", str(seg), "--calib", str(tmp_path / "pool"), "--calib-images", "4",
+                 "--quantizer", "repq", "--w-bits", "4", "--a-bits", "4", "--out", str(tmp_path / "q")]) == 0
+    assert "4 sparse" in capsys.readouterr().out  # calibrated on the kept patches only
+    assert main(["eval", "--model", str(seg), "--quantized", str(tmp_path / "q"), "--limit", "50", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n"] == 50 and 0 <= res["miou"] <= 100 and "pixel_acc" in res
