@@ -10,7 +10,7 @@ from smi.data import load_pool
 from smi.data.datasets import eval_dataset
 from smi.data.fashion_mnist import load_fashion_mnist
 from smi.data.scenes import SCENES_MEAN
-from smi.evaluation import evaluate, teacher_accuracy_on_pool
+from smi.evaluation import evaluate, evaluate_segmentation, teacher_accuracy_on_pool
 from smi.inversion import InversionConfig, SparsityConfig, synthesize
 from smi.models.loading import load_teacher
 from smi.models.teachers import WEIGHTS_DIR
@@ -107,3 +107,42 @@ def test_scene_teacher_accuracy_on_all_10000_test_scenes():
     meta = json.loads((WEIGHTS_DIR / "fmnist_scene_vit.json").read_text())
     assert abs(top1 - meta["test_top1"]) < 0.05  # the metadata's figure is what the weights give
     assert top1 >= 78.5
+
+
+def test_scene_segmenter_loads_through_timm_on_deits_grid(monkeypatch):
+    """fmnist_scene_segmenter: the scene teacher's shape with a per-token pixel head, weights in the package."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    teacher = load_teacher("fmnist_scene_segmenter")
+    assert teacher.task == "segmentation" and teacher.input_size == (1, 56, 56) and teacher.num_classes == 2
+    assert teacher.class_names == ["background", "object"] and teacher.dataset == "fmnist-scenes"
+    cfg = timm.models.get_pretrained_cfg("fmnist_scene_segmenter")
+    assert cfg.hf_hub_id is None and cfg.url is None
+    assert (WEIGHTS_DIR / "fmnist_scene_segmenter.safetensors").samefile(cfg.file)
+    model = timm.create_model("fmnist_scene_segmenter", pretrained=True).eval()
+    x = torch.randn(2, 1, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), teacher.model(x))
+
+
+def test_the_scene_segmenter_segments_its_dfq_sam_images_as_their_target_maps():
+    """Data-free images of the shipped segmenter: it labels the kept pixels as the (evolved) maps say."""
+    from smi.inversion import InversionConfig, SparsityConfig, invert
+
+    teacher = load_teacher("fmnist_scene_segmenter")
+    cfg = InversionConfig.for_method("dfq-sam", iterations=200, batch_size=4, sparsity=SparsityConfig(((40, 0.5),)),
+                                     rounds=(), warmup=20)
+    batch = invert(teacher, cfg, torch.ones(4, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pred = teacher.model(batch.images).argmax(1)
+    kept = torch.nn.functional.interpolate(batch.mask.view(4, 1, 14, 14).float(), scale_factor=4)[:, 0].bool()
+    agree = (pred == batch.maps)[kept].float().mean()
+    assert agree >= 0.9 and (batch.maps > 0).float().mean() > 0.05  # an object, drawn where the map has it
+
+
+@pytest.mark.slow
+def test_scene_segmenter_miou_on_all_10000_test_scenes():
+    teacher = load_teacher("fmnist_scene_segmenter")
+    res = evaluate_segmentation(teacher.model, eval_dataset("fmnist-scenes", teacher), progress=False)
+    meta = json.loads((WEIGHTS_DIR / "fmnist_scene_segmenter.json").read_text())
+    assert abs(res["miou"] - meta["test_miou"]) < 0.05  # the metadata's figure is what the weights give
+    assert res["miou"] >= 90
