@@ -87,17 +87,23 @@ def test_shipped_cnn_teacher_accuracy_timm_loading_and_bn_inversion(monkeypatch)
 
 def test_scene_teacher_loads_through_timm_on_deits_grid(monkeypatch):
     """fmnist_scene_vit: 196 patches of 4x4 on 56x56 scenes, weights in the package, no download."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    teacher = load_teacher("fmnist_scene_vit")
+    teacher = _loads_offline_through_timm("fmnist_scene_vit", monkeypatch)
     assert teacher.input_size == (1, 56, 56) and teacher.dataset == "fmnist-scenes"
     assert teacher.model.patch_embed.num_patches == 196 and teacher.mean == SCENES_MEAN
-    cfg = timm.models.get_pretrained_cfg("fmnist_scene_vit")
+
+
+def _loads_offline_through_timm(name: str, monkeypatch):
+    """The shipped ``name`` loads with no download, and timm's ``pretrained=True`` gives the same model."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    teacher = load_teacher(name)
+    cfg = timm.models.get_pretrained_cfg(name)
     assert cfg.hf_hub_id is None and cfg.url is None
-    assert (WEIGHTS_DIR / "fmnist_scene_vit.safetensors").samefile(cfg.file)
-    model = timm.create_model("fmnist_scene_vit", pretrained=True).eval()
-    x = torch.randn(2, 1, 56, 56)
+    assert (WEIGHTS_DIR / f"{name}.safetensors").samefile(cfg.file)
+    model = timm.create_model(name, pretrained=True).eval()
+    x = torch.randn(2, *teacher.input_size)
     with torch.no_grad():
         torch.testing.assert_close(model(x), teacher.model(x))
+    return teacher
 
 
 @pytest.mark.slow
@@ -111,17 +117,9 @@ def test_scene_teacher_accuracy_on_all_10000_test_scenes():
 
 def test_scene_segmenter_loads_through_timm_on_deits_grid(monkeypatch):
     """fmnist_scene_segmenter: the scene teacher's shape with a per-token pixel head, weights in the package."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    teacher = load_teacher("fmnist_scene_segmenter")
+    teacher = _loads_offline_through_timm("fmnist_scene_segmenter", monkeypatch)
     assert teacher.task == "segmentation" and teacher.input_size == (1, 56, 56) and teacher.num_classes == 2
     assert teacher.class_names == ["background", "object"] and teacher.dataset == "fmnist-scenes"
-    cfg = timm.models.get_pretrained_cfg("fmnist_scene_segmenter")
-    assert cfg.hf_hub_id is None and cfg.url is None
-    assert (WEIGHTS_DIR / "fmnist_scene_segmenter.safetensors").samefile(cfg.file)
-    model = timm.create_model("fmnist_scene_segmenter", pretrained=True).eval()
-    x = torch.randn(2, 1, 56, 56)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), teacher.model(x))
 
 
 def test_the_scene_segmenter_segments_its_dfq_sam_images_as_their_target_maps():
