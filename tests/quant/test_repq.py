@@ -6,7 +6,7 @@ from smi.models.loading import load_teacher
 from smi.quant import RepQConfig, calibrate, convert, prepare
 from smi.quant.io import load_quantized, save_quantized
 from smi.quant.presets.repq import ln_linear_pairs, reparameterize_
-from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer, mse_weight_scale, quantize_weight
+from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer, fake_quantize, mse_weight_scale, quantize_weight
 from tests.conftest import tiny_vit
 from tests.helpers import write_tiny_checkpoint
 
@@ -153,3 +153,27 @@ def test_dfq_sams_scale_reparameterization_is_repqs_fold_and_covers_the_segmente
         out = model(x)
         assert out.shape == (4, 2, 56, 56)
         torch.testing.assert_close(out, per_channel(x), atol=1e-4, rtol=1e-3)
+
+
+def test_in_place_inference_paths_are_bit_equal_to_the_formulas():
+    # evaluation runs the quantizers in place (no autograd); it must give exactly what the plain formulas give
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 7, 9, generator=g) * 3
+    s, z = torch.tensor(0.11), torch.tensor(5.0)
+    expected = (torch.clamp(torch.round(x / s) + z, 0, 15) - z) * s
+    assert torch.equal(fake_quantize(x, s, z, 0, 15), expected)
+    xg = x.clone().requires_grad_()
+    assert torch.equal(fake_quantize(xg, s, z, 0, 15).detach(), expected)  # the autograd path agrees
+    q = LogSqrt2Quantizer(4)
+    q.mode = "observe"
+    p = torch.rand(2, 3, 11, 11, generator=g).softmax(-1)
+    q(p)
+    q.freeze()
+    k = torch.round(-2 * torch.log2((p / q.scale).clamp_min(1e-30)))
+    ref = torch.where(k > 15, torch.zeros_like(p), q.scale * torch.pow(2.0, -k.clamp(0, 15) / 2))
+    assert torch.equal(q(p), ref)
+    pg = p.clone().requires_grad_()
+    out = q(pg)
+    assert torch.equal(out.detach(), ref)
+    out.sum().backward()
+    assert torch.equal(pg.grad, torch.ones_like(p))  # straight-through
