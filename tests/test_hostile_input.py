@@ -134,6 +134,8 @@ def _cases():
                                              "--calib-images", "0", "--out", "{d}/q"], "--calib-images"),
         "eval: zero limit": (lambda w: ["eval", "--model", w["ckpt"], "--data", "imagefolder:{d}", "--limit", "0"],
                              "--limit"),
+        "distill: a segmenter teacher": (lambda w: ["distill", "--teacher", "fmnist_scene_segmenter", "--noise",
+                                                    "--out", "{d}/o"], "needs a classifier"),
         "distill: zero epochs": (lambda w: ["distill", "--teacher", w["ckpt"], "--pool", w["pool"], "--epochs", "0",
                                             "--out", "{d}/k"], "--epochs"),
         "distill: negative temperature": (lambda w: ["distill", "--teacher", w["ckpt"], "--pool", w["pool"],

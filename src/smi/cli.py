@@ -521,10 +521,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     dist = from_env(args.device)  # torchrun: data-parallel processes, gloo on CPU, nccl on CUDA
     try:
         teacher = load_teacher(args.teacher, pretrained=args.pretrained, device=dist.device)
-        eval_data = _eval_data(args, teacher, "student", quiet=dist.rank != 0)
         arch = args.student or (None if args.student_checkpoint else "fmnist_vit_mini")
         student = build_student(arch, teacher, checkpoint=args.student_checkpoint, linear_probe=args.linear_probe,
                                 seed=args.seed, device=dist.device)
+        eval_data = _eval_data(args, teacher, "student", quiet=dist.rank != 0)
         result = distill(teacher, student, data, args.out, cfg, eval_data=eval_data, device=dist.device,
                          overwrite=args.overwrite, dist=dist)
     finally:

@@ -127,7 +127,7 @@ def test_the_scene_segmenter_segments_its_dfq_sam_images_as_their_target_maps():
     from smi.inversion import InversionConfig, SparsityConfig, invert
 
     teacher = load_teacher("fmnist_scene_segmenter")
-    cfg = InversionConfig.for_method("dfq-sam", iterations=200, batch_size=4, sparsity=SparsityConfig(((40, 0.5),)),
+    cfg = InversionConfig.for_method("dfq-sam", iterations=300, batch_size=4, sparsity=SparsityConfig(((40, 0.5),)),
                                      rounds=(), warmup=20)
     batch = invert(teacher, cfg, torch.ones(4, dtype=torch.long), generator=torch.Generator().manual_seed(0))
     from smi.models.sparse import mask_to_indices, sparse_forward

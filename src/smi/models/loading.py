@@ -67,7 +67,8 @@ def require_classifier(teacher: Teacher, what: str) -> None:
     """One clear error where a segmenter reaches a path that needs per-image class logits."""
     if teacher.task != "classification":
         raise SmiError(f"{teacher.spec} is a {teacher.task} model; {what} needs a classifier (segmenters train "
-                       "with smi train-teacher, are measured with smi eval and quantized with smi quantize)")
+                       "with smi train-teacher, invert with --method dfq-sam or deepinversion, are quantized with smi "
+                       "quantize and measured with smi eval)")
 
 
 def did_you_mean(name: str) -> str:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from smi.errors import SmiError, SmiWarning
-from smi.models.loading import Teacher, check_fits, create_model, load_teacher
+from smi.models.loading import Teacher, check_fits, create_model, load_teacher, require_classifier
 from smi.models.sparse import check_sparse_capable
 
 __all__ = ["Student", "build_student"]
@@ -65,6 +65,7 @@ def build_student(
     ``linear_probe`` its head is replaced by a new one for the teacher's classes and everything
     else is frozen.
     """
+    require_classifier(teacher, "distillation")
     if checkpoint is not None:
         loaded = load_teacher(checkpoint, device=device)
         if arch is not None and arch != loaded.arch:
