@@ -733,7 +733,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantized", help="folder written by `smi quantize` for this model")
     p.add_argument("--data", help=f"test split of {data_help()} (default: the dataset the model records)")
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
-    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+    from smi.evaluation import EVAL_BATCH
+
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH, help="evaluation batch size")
     _add_run(p, out=None, json=True)
     p.set_defaults(func=_cmd_eval, parser=p)
 

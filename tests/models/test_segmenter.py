@@ -108,6 +108,7 @@ def test_paths_that_need_class_logits_refuse_a_segmenter_in_one_line(tmp_path, s
     from smi.inversion import InversionConfig, synthesize
     from smi.models.loading import save_teacher
     from smi.transfer import build_student, distill
+    from smi.transfer.student import Student
 
     model = timm.create_model("fmnist_scene_segmenter", **SMALL)
     path = save_teacher(model, tmp_path / "seg.safetensors", arch="fmnist_scene_segmenter", model_kwargs=SMALL,
@@ -116,7 +117,10 @@ def test_paths_that_need_class_logits_refuse_a_segmenter_in_one_line(tmp_path, s
     with pytest.raises(SmiError, match="sardfq is made for classifiers; for the segmenter"):
         synthesize(teacher, InversionConfig.for_method("sardfq", batch_size=2), 2, tmp_path / "pool", progress=False)
     with pytest.raises(SmiError, match="distillation needs a classifier"):
-        distill(teacher, build_student("fmnist_vit_mini", teacher), RealSource(), tmp_path / "kd", progress=False)
+        build_student("fmnist_vit_mini", teacher)
+    student = Student(timm.create_model("fmnist_vit_mini", num_classes=2), "fmnist_vit_mini", {}, "scratch", False)
+    with pytest.raises(SmiError, match="distillation needs a classifier"):  # built by hand: distill checks too
+        distill(teacher, student, RealSource(), tmp_path / "kd", progress=False)
     with pytest.raises(SmiError, match="not class logits"):
         evaluate(teacher.model, TensorDataset(torch.zeros(2, 1, 56, 56), torch.zeros(2, dtype=torch.long)),
                  progress=False)
