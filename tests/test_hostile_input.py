@@ -27,6 +27,9 @@ def world(tmp_path_factory):
     data = (d / "tiny.safetensors").read_bytes()
     (d / "trunc.safetensors").write_bytes(data[: len(data) // 2])
     (d / "trunc.json").write_text((d / "tiny.json").read_text())
+    (d / "neghead.safetensors").write_bytes(data)  # weights load, yet no image passes: num_heads = -1
+    (d / "neghead.json").write_text(json.dumps({**(meta := json.loads((d / "tiny.json").read_text())),
+                                                "model_kwargs": {**meta["model_kwargs"], "num_heads": -1}}))
     (d / "badjson").mkdir()
     (d / "badjson" / "manifest.json").write_text("{ not json")
     (d / "emptypool").mkdir()
@@ -49,7 +52,8 @@ def world(tmp_path_factory):
                        ("countpool", lambda m: m.update(num_images_done=400)),
                        ("escapepool", lambda m: m["shards"][0].update(file="../afile.txt")),
                        ("intconfigpool", lambda m: m["identity"].update(config=2**64)),
-                       ("keptpool", lambda m: m["shards"][-1].update(kept=""))):
+                       ("keptpool", lambda m: m["shards"][-1].update(kept="")),
+                       ("noteacherpool", lambda m: m["identity"].update(tEacher=m["identity"].pop("teacher")))):
         (d / name).mkdir()
         for f in (d / "pool").iterdir():
             (d / name / f.name).write_bytes(f.read_bytes())
@@ -254,6 +258,14 @@ def _cases():
         "pool info: a hand-edited count": (lambda w: ["pool", "info", "{d}/countpool"], "num_images_done"),
         "pool info: a number for the config": (lambda w: ["pool", "info", "{d}/intconfigpool"],
                                                "'identity.config' is not an object"),
+        "quantize: a manifest whose teacher key was renamed": (lambda w: ["quantize", "--model", w["ckpt"],
+                                                                          "--calib", "{d}/noteacherpool",
+                                                                          "--out", "{d}/q"],
+                                                               "names no teacher fingerprint"),
+        "quantize: model_kwargs that build a model no image passes": (lambda w: ["quantize", "--model",
+                                                                                 "{d}/neghead.safetensors", "--calib",
+                                                                                 "noise", "--out", "{d}/q"],
+                                                                        "cannot read a 3x32x32 image"),
         "pool info: a string for kept patches": (lambda w: ["pool", "info", "{d}/keptpool"], "malformed 'kept'"),
         "pool verify: a shard outside the folder": (lambda w: ["pool", "verify", "{d}/escapepool"],
                                                     "not a shard file"),

@@ -83,6 +83,8 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
         value = (m["identity"] if where else m).get(key, {})
         if not isinstance(value, dict):
             return f"'{where + '.' if where else ''}{key}' is not an object"
+    if not isinstance(m["identity"].get("teacher", {}).get("fingerprint"), str):
+        return "'identity.teacher' names no teacher fingerprint"
     shards = m.get("shards")
     if not isinstance(shards, list):
         return "'shards' is not a list"

@@ -239,6 +239,20 @@ def _check_input_size(model: nn.Module, input_size: tuple[int, ...], where: Path
                        f"for {size[0]}x{size[1]}")
 
 
+def _check_forward(model: nn.Module, input_size: tuple[int, ...], where: Path) -> None:
+    """One image through the model: a hand-edited ``model_kwargs`` (a negative head count, say) can build a
+    model whose weights load but whose forward pass fails; say so here rather than deep in a later command."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size))
+    except Exception as e:  # whatever the built model raises: the metadata is what is wrong
+        raise SmiError(f"{where}: the model its model_kwargs build cannot read a {'x'.join(map(str, input_size))} "
+                       f"image: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+    finally:
+        model.train(training)
+
+
 _INTERPOLATIONS = {"nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos"}  # torchvision's
 
 
@@ -296,6 +310,7 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
         raise SmiError(f"{weights}: weights do not match the metadata's {arch}: {detail}")
     model.load_state_dict(state)
     _check_input_size(model, input_size, meta_path)
+    _check_forward(model, input_size, meta_path)
     timm_cfg = _data_cfg(model)  # checkpoints written before smi recorded the transform: timm's
     return Teacher(
         model=_freeze(model, device), spec=spec or str(path), arch=arch, num_classes=num_classes,
