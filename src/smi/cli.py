@@ -707,12 +707,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from smi.evaluation import evaluate, evaluate_segmentation
     from smi.models.loading import load_teacher
 
+    if args.quantized and args.exported:
+        raise SmiError("give --quantized (the simulation) or --exported (the integer model), not both")
     teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
     model = teacher.model
     if args.quantized:
         from smi.quant.io import load_quantized
 
         model, _ = load_quantized(args.quantized, teacher)
+    if args.exported:
+        from smi.quant.export import load_exported
+
+        if args.device != "cpu":
+            raise SmiError("--exported runs on the CPU (onnxruntime's CPU provider); drop --device")
+        model, _ = load_exported(args.exported, teacher)
     ds = eval_dataset(model_dataset(teacher, args.data), teacher, args.limit)
     if teacher.task == "segmentation":
         res = evaluate_segmentation(model, ds, batch_size=args.batch_size, device=args.device)
@@ -731,6 +739,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                        formatter_class=_Formatter)
     _add_model(p)
     p.add_argument("--quantized", help="folder written by `smi quantize` for this model")
+    p.add_argument("--exported", help="folder written by `smi export` for this model: evaluates the integer model")
     p.add_argument("--data", help=f"test split of {data_help()} (default: the dataset the model records)")
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     from smi.evaluation import EVAL_BATCH
@@ -738,6 +747,40 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=EVAL_BATCH, help="evaluation batch size")
     _add_run(p, out=None, json=True)
     p.set_defaults(func=_cmd_eval, parser=p)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from smi.models.loading import load_teacher
+    from smi.quant.export import export_quantized
+
+    with _flags(args):
+        teacher = load_teacher(args.model, pretrained=args.pretrained)
+        res = export_quantized(teacher, args.quantized, args.format, args.out, overwrite=args.overwrite)
+    summary = {"out": str(res.folder), "file": str(res.file), "format": args.format,
+               "bytes": res.file.stat().st_size, **res.agreement}
+    print(json.dumps(summary) if args.json else
+          f"exported {args.quantized} as {args.format} -> {res.file} ({res.file.stat().st_size / 1e6:.2f} MB); "
+          f"on 8 check images it agrees with the simulation on {100 * res.agreement['argmax_agreement']:.0f} % of "
+          f"argmaxes, largest logit difference {res.agreement['max_abs_diff']:.3g}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from smi.quant.export import EXPORTERS
+
+    p = sub.add_parser("export", help="turn a quantized folder into a model an integer runtime runs (ONNX QDQ)",
+                       formatter_class=_Formatter,
+                       description="Export the model `smi quantize` calibrated, at its own scales, in a format whose "
+                       "runtime executes it in integers; `smi eval --exported FOLDER` measures it.\n\nformats:\n"
+                       f"{EXPORTERS.help_lines(width=10)}")
+    _add_model(p)
+    p.add_argument("--quantized", required=True, help="folder written by `smi quantize` for this model")
+    p.add_argument("--format", default="onnx", help=f"export format: {', '.join(EXPORTERS.names())}")
+    _add_run(p, out="folder for the exported model and export.json", overwrite="replace an earlier export",
+             json=True)
+    p.set_defaults(func=_cmd_export, parser=p)
 
 
 def _cmd_pool_verify(args: argparse.Namespace) -> int:
@@ -789,8 +832,8 @@ def _add_pool(sub: argparse._SubParsersAction) -> None:
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_invert, _add_quantize, _add_qat, _add_eval, _add_distill, _add_pool, _add_demo, _add_train_teacher,
-    _add_train_generator,
+    _add_invert, _add_quantize, _add_qat, _add_export, _add_eval, _add_distill, _add_pool, _add_demo,
+    _add_train_teacher, _add_train_generator,
 ]
 
 
