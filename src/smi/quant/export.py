@@ -5,12 +5,13 @@ model into a file an integer runtime runs, at **smi's own calibrated scales** (n
 recalibrated): one class per format, registered in :data:`EXPORTERS`.
 
 ``onnx``: the graph of the quantized model in ONNX with QuantizeLinear / DequantizeLinear pairs
-(the "QDQ" form onnxruntime fuses into integer kernels): every uniform activation quantizer becomes a
-Q/DQ pair with its scale and zero point (per tensor, per channel or per head, as calibrated; a
-width below 8 bits is a clamp to its range before the 8-bit pair, which is the same function), every
-weight is stored as its int8 codes with a DequantizeLinear per output channel. RepQ's log-sqrt(2)
-softmax quantizer has no integer form in ONNX and stays as float operations computing the same
-levels. The result is checked against the simulation when it is written.
+(the "QDQ" form onnxruntime fuses into integer kernels): every per-tensor activation quantizer becomes
+a uint8 Q/DQ pair with its scale and zero point (a width below 8 bits is a clamp to its range before
+the pair, which is the same function), every weight is stored as its int8 codes with a
+DequantizeLinear per output channel. Per-head and per-channel activation quantizers (RepQ's attention
+operands) and RepQ's log-sqrt(2) softmax quantizer stay float operations computing the same values:
+onnxruntime's integer matmul takes one zero point per operand, and ONNX has no log-domain type. The
+result is checked against the simulation when it is written.
 """
 
 from __future__ import annotations
