@@ -14,12 +14,10 @@ Run:  python benchmarks/deploy.py            (about 15 minutes on 2 CPU cores)
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -38,17 +36,9 @@ MODELS = ["fmnist_vit_tiny", "deit_tiny_patch16_224", "deit_small_patch16_224", 
 
 def _onnx_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path) -> torch.nn.Module:
     """The float model through onnxruntime: the runtime's own fp32 baseline."""
-    import onnx
+    from smi.quant.export import _OrtModule, write_onnx
 
-    from smi.quant.export import _OrtModule
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, input_names=["image"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    buf = io.BytesIO()
-    onnx.save(program.model_proto, buf)
-    path.write_bytes(buf.getvalue())
+    write_onnx(model, example, path, optimize=True, slim=False)
     return _OrtModule(path)
 
 

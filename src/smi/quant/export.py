@@ -180,6 +180,25 @@ def _slim(proto: Any) -> Any:
     return proto
 
 
+def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, optimize: bool, slim: bool) -> None:
+    """``model`` as ONNX (input ``image``, any batch size) written atomically to ``path``. ``optimize`` runs the
+    exporter's optimizer (constant folding: right for a float model, wrong for int8 weights); ``slim`` drops
+    unread state and per-node provenance (:func:`_slim`)."""
+    import io
+    import warnings
+
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), dynamo=True, optimize=optimize, verbose=False,
+                                    input_names=["image"], output_names=["logits"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    buf = io.BytesIO()
+    onnx.save(_slim(program.model_proto) if slim else program.model_proto, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 @EXPORTERS.register("onnx")
 class OnnxExporter(Exporter):
     """ONNX with QuantizeLinear/DequantizeLinear at smi's scales (int8 weights), run by onnxruntime."""
@@ -188,20 +207,7 @@ class OnnxExporter(Exporter):
     requires = ("onnx", "onnxscript", "onnxruntime")
 
     def write(self, model: nn.Module, example: torch.Tensor, path: Path) -> None:
-        import io
-        import warnings
-
-        import onnx
-
-        net = exportable(model)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(net, (example,), dynamo=True, optimize=False, verbose=False,
-                                        input_names=["image"], output_names=["logits"],
-                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-        buf = io.BytesIO()
-        onnx.save(_slim(program.model_proto), buf)
-        atomic_write_bytes(path, buf.getvalue())
+        write_onnx(exportable(model), example, path, optimize=False, slim=True)
 
     def load(self, path: Path, threads: int | None = None) -> nn.Module:
         return _OrtModule(path, threads)
