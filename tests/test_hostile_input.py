@@ -79,6 +79,12 @@ def _cases():
         # missing paths
         "invert: missing model": (lambda w: ["invert", "--model", "/nope/x.safetensors", *INV, "--out", "{d}/o"],
                                   "not found"),
+        "invert: --recompute always on a CNN": (
+            lambda w: ["invert", "--model", w["cnn"], *INV, "--sparsity", "dense", "--recompute", "always",
+                       "--out", "{d}/o"], "'always' recomputes the blocks of a timm ViT"),
+        "invert: --recompute with a generator": (
+            lambda w: ["invert", "--model", w["ckpt"], "--generator", "{d}", "--recompute", "never", "--out", "{d}/o"],
+            "--recompute shapes pixel optimization"),
         "quantize: a folder that holds no generator": (
             lambda w: ["quantize", "--model", w["ckpt"], "--calib", "generator:{d}", "--out", "{d}/q"],
             "holds no trained generator"),

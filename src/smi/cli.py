@@ -289,7 +289,8 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     try:
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=device)
         result = synthesize(teacher, cfg, args.num_images, args.out, seed=args.seed, device=device,
-                            overwrite=args.overwrite, grid=not args.no_grid, dist=dist)
+                            overwrite=args.overwrite, grid=not args.no_grid, dist=dist,
+                            recompute=args.recompute or "auto")
     finally:
         dist.close()
     if dist.rank == 0:
@@ -301,7 +302,7 @@ def _cmd_invert(args: argparse.Namespace) -> int:
 
 
 PIXEL_ONLY = ("iterations", "synth_lr", "tv_l2", "tv_l1", "l2", "jitter", "color_shift", "blur", "labels",
-              "curriculum", "term", "option")  # `smi invert` options that shape pixel optimization only
+              "curriculum", "term", "option", "recompute")  # `smi invert` options that shape pixel optimization only
 
 
 def _invert_from_generator(args: argparse.Namespace) -> int:
@@ -356,6 +357,7 @@ def _invert_from_diffusion(args: argparse.Namespace) -> int:
 
 def _add_invert(sub: argparse._SubParsersAction) -> None:
     from smi.inversion import CURRICULA, LABELS, METHODS, TERMS
+    from smi.inversion.engine import RECOMPUTE
 
     methods = METHODS.help_lines()
     methods += f"\n\nloss terms (--term NAME=WEIGHT):\n{TERMS.help_lines()}"
@@ -385,6 +387,13 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
     _add_inversion_args(p)
     _add_run(p, out="pool folder to write (or resume)", seed="seed of targets, initial noise and jitter",
              overwrite="replace a pool made with other settings")
+    p.add_argument("--recompute", choices=RECOMPUTE,
+                   help="recompute a ViT's block activations in backward instead of keeping them (activation "
+                        "checkpointing; the images are identical): auto (the default) while a sparse run still "
+                        "optimizes more patches than its final phase, so the whole run needs about the final "
+                        "phase's memory, for a few %% more time; always: every step, dense runs too (least "
+                        "memory, about a third more time); never: fastest, a sparse run's first phase then needs "
+                        "a dense run's memory")
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     p.set_defaults(func=_cmd_invert, parser=p)
 

@@ -141,3 +141,81 @@ def test_cnn_teachers_invert_dense_and_refuse_sparse():
     assert batch.images.shape == (3, 3, 32, 32) and torch.isfinite(batch.loss).all()
     with pytest.raises(SmiError, match="use --sparsity dense"):
         invert(cnn, SPARSE, TARGETS)
+
+
+@pytest.mark.parametrize("method", ["deepinversion", "psaq", "mimiq"])
+def test_recomputed_blocks_give_the_same_images_step_by_step(method):
+    from tests.conftest import as_teacher, tiny_vit
+
+    teacher = as_teacher(tiny_vit(depth=3))  # the ranking block (the last) has blocks before it
+    cfg = InversionConfig.for_method(method, iterations=10, batch_size=3,
+                                     sparsity=SparsityConfig.parse("3:0.5,6:0.5"))
+    runs = {mode: _run(teacher, cfg, recompute=mode) for mode in ("never", "auto", "always")}
+    (ref, ref_steps) = runs["never"]
+    for mode in ("auto", "always"):
+        batch, steps = runs[mode]
+        assert torch.equal(batch.images, ref.images) and torch.equal(batch.mask, ref.mask), mode
+        assert torch.equal(batch.loss, ref.loss), mode
+        assert all(torch.equal(a[1], b[1]) for a, b in zip(steps, ref_steps, strict=True)), mode
+
+
+def test_recompute_always_on_a_dense_run_gives_the_same_images(tiny_teacher):
+    dense = dataclasses.replace(SPARSE, sparsity=SparsityConfig(()))
+    a, _ = _run(tiny_teacher, dense, recompute="never")
+    b, _ = _run(tiny_teacher, dense, recompute="always")
+    assert torch.allclose(a.images, b.images, atol=1e-6, rtol=0)  # timm's forward vs smi's: same ops, maybe fused
+
+
+def test_auto_recomputes_exactly_the_steps_before_the_last_stop(tiny_teacher, monkeypatch):
+    import smi.models.sparse as sparse
+
+    tokens = []
+    real = sparse.checkpoint_seq
+
+    def spy(blocks, x, **kw):
+        tokens.append(x.shape[1])
+        return real(blocks, x, **kw)
+
+    monkeypatch.setattr(sparse, "checkpoint_seq", spy)
+    _run(tiny_teacher, recompute="auto")  # 16 patches -> 8 after step 3 -> 4 after step 6, 10 steps
+    # steps 1-6 run with 16 or 8 patches (+ the class token); the rank steps 3 and 6 checkpoint the blocks
+    # around the ranking block (the last here: one call, before it); steps 7-10 keep 4 patches and are not recomputed
+    assert tokens == [17, 17, 17, 9, 9, 9]
+    tokens.clear()
+    _run(tiny_teacher, recompute="never")
+    assert tokens == []
+
+
+def test_recompute_keeps_only_each_blocks_input_for_backward():
+    from smi.models.sparse import sparse_forward
+    from tests.conftest import tiny_vit
+
+    vit = tiny_vit(depth=6).requires_grad_(False)
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+
+    def saved_bytes(recompute):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = sparse_forward(vit, x, recompute=recompute).logits
+        out.sum().backward()  # and backward still works
+        return sum(total)
+
+    kept, recomputed = saved_bytes(False), saved_bytes(True)
+    assert recomputed < kept / 4, (kept, recomputed)
+
+
+def test_bad_recompute_settings_are_refused(tiny_teacher):
+    import timm
+
+    from tests.conftest import as_teacher
+
+    with pytest.raises(SmiError, match="must be one of auto, always, never"):
+        invert(tiny_teacher, SPARSE, TARGETS, recompute="sometimes")
+    cnn = as_teacher(timm.create_model("resnet10t", num_classes=5), spec="resnet10t")
+    with pytest.raises(SmiError, match="'always' recomputes the blocks of a timm ViT"):
+        invert(cnn, dataclasses.replace(SPARSE, sparsity=SparsityConfig(())), TARGETS, recompute="always")

@@ -22,7 +22,7 @@ from smi.models.loading import Teacher
 from smi.models.sparse import SparseOutput, check_sparse_capable, narrow_keep, sparse_forward
 from smi.utils.schedule import scheduled_lr
 
-__all__ = ["Batch", "StepInfo", "invert", "valid_range"]
+__all__ = ["RECOMPUTE", "Batch", "StepInfo", "check_recompute", "invert", "valid_range"]
 
 
 @dataclass
@@ -67,6 +67,20 @@ def _jitter_limit(cfg: InversionConfig, jitter: float, side: int, patch: int) ->
     if cfg.jitter_unit == "pixel":
         return int(jitter * side), 1
     return max(1, round(jitter * side / patch)), patch
+
+
+RECOMPUTE = ("auto", "always", "never")  # when block activations are recomputed in backward (invert's recompute=)
+
+
+def check_recompute(model: nn.Module, recompute: str) -> None:
+    if recompute not in RECOMPUTE:
+        raise SmiError(f"must be one of {', '.join(RECOMPUTE)}, got {recompute!r}", param="recompute")
+    if recompute == "always":
+        try:
+            check_sparse_capable(model)
+        except SmiError:
+            raise SmiError(f"'always' recomputes the blocks of a timm ViT that smi's token forward runs, and "
+                           f"{type(model).__name__} is not one; use auto or never", param="recompute") from None
 
 
 SATURATED = 0.5  # warn when more of the optimized pixels than this end clamped at the range's bounds
@@ -133,6 +147,7 @@ def invert(
     student: nn.Module | None = None,
     student_tokens: bool = False,
     bank: torch.Tensor | None = None,
+    recompute: str = "auto",
 ) -> Batch:
     """Synthesize one batch of images that ``teacher`` classifies as ``targets``.
 
@@ -151,6 +166,10 @@ def invert(
             ``student_tokens``: it reads kept patches as tokens.
         bank: (N, D) teacher features of images made before this batch, for terms that read the pool
             (``contrastive``); see :func:`~smi.inversion.terms.contrastive.pool_features`.
+        recompute: when the ViT's block activations are recomputed in backward instead of kept (activation
+            checkpointing; the images are the same either way, see :data:`RECOMPUTE`): ``auto`` while a sparse
+            run optimizes more patches than its final phase does, so the first phases' memory falls to about
+            the final phase's; ``always`` every step (a dense ViT run too); ``never``.
 
     Returns:
         A :class:`Batch`; ``mask`` is exactly the set of patches optimized to the last step.
@@ -164,7 +183,8 @@ def invert(
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     sparse = not config.sparsity.dense or keep is not None
     check_invertible(teacher, config, student)
-    vit = check_sparse_capable(model) if sparse else model
+    check_recompute(model, recompute)
+    vit = check_sparse_capable(model) if sparse or recompute == "always" else model
     C, H, W = teacher.input_size
     B = targets.shape[0]
     if targets.ndim != 1 or B == 0 or targets.min() < 0 or targets.max() >= teacher.num_classes:
@@ -198,9 +218,14 @@ def invert(
     rounds = config.rounds or (config.jitter,)
     per_round = config.iterations // len(rounds)
 
+    final_count = config.sparsity.kept_counts(N)[-1] if sparse else N
+
     def forward(view: torch.Tensor, idx: torch.Tensor | None, rank: bool = False) -> SparseOutput:
-        if sparse:
-            return sparse_forward(vit, view, idx, importance_block=config.importance_block, return_importance=rank)
+        kept = idx.shape[1] if idx is not None else N
+        again = recompute == "always" or (recompute == "auto" and sparse and kept > final_count)
+        if sparse or again:
+            return sparse_forward(vit, view, idx, importance_block=config.importance_block, return_importance=rank,
+                                  recompute=again)
         return SparseOutput(model(view), None)  # dense: timm's own forward, fused attention where nothing reads it
 
     def extra_forward(view: torch.Tensor, idx: torch.Tensor | None):

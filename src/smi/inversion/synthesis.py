@@ -21,7 +21,7 @@ from smi.data.sources import SOURCES, DataSource, ImageSet
 from smi.distributed import Dist
 from smi.errors import SmiError
 from smi.inversion.config import InversionConfig
-from smi.inversion.engine import StepInfo, check_invertible, invert
+from smi.inversion.engine import StepInfo, check_invertible, check_recompute, invert
 from smi.inversion.recipe import active_terms
 from smi.inversion.segmentation import is_segmenter, planned_classes
 from smi.inversion.terms import TERMS
@@ -78,10 +78,13 @@ class PoolSynthesis:
 
     def __init__(self, teacher: Teacher, config: InversionConfig, num_images: int, out: str | Path, *,
                  seed: int = 0, device: torch.device | str = "cpu", overwrite: bool = False,
-                 part: str | None = None, student: nn.Module | None = None, student_tokens: bool = False) -> None:
+                 part: str | None = None, student: nn.Module | None = None, student_tokens: bool = False,
+                 recompute: str = "auto") -> None:
         if num_images < 1:
             raise SmiError(f"must be positive, got {num_images}", param="num_images")
         check_invertible(teacher, config, student)  # before the folder exists
+        check_recompute(teacher.model, recompute)
+        self.recompute = recompute  # not part of the pool's identity: the images are the same either way
         self.teacher, self.config, self.num_images, self.seed, self.device = teacher, config, num_images, seed, device
         self.student, self.student_tokens = student, student_tokens
         self.identity: dict[str, Any] = {"method": config.method, "config": config.to_dict(), "seed": seed,
@@ -128,7 +131,8 @@ class PoolSynthesis:
         difficulty = b / max(1, len(self.batches) - 1)  # the e2h curriculum's place of this batch in the pool
         result = invert(self.teacher, self.config, self.targets[idx.start:idx.stop], init=init, generator=gen,
                         device=self.device, callback=callback, difficulty=difficulty,
-                        student=self.student, student_tokens=self.student_tokens, bank=self.bank(b))
+                        student=self.student, student_tokens=self.student_tokens, bank=self.bank(b),
+                        recompute=self.recompute)
         if self.reads_pool:
             self._features[b] = pool_features(self.teacher.model, result.images.to(self.device), result.mask)
         tensors = {"images": result.images, "mask": result.mask, "targets": result.targets,
@@ -167,8 +171,11 @@ def synthesize(
     grid: bool = True,
     dist: Dist | None = None,
     callback: Callable[[StepInfo], None] | None = None,
+    recompute: str = "auto",
 ) -> SynthesisResult:
     """Invert ``num_images`` images into the pool folder ``out``; rerunning resumes.
+
+    ``recompute``: activation checkpointing (:func:`~smi.inversion.engine.invert`'s); the pool is the same either way.
 
     Under ``torchrun`` (``dist`` from :func:`smi.distributed.from_env`), process ``r`` of ``K``
     inverts the batches ``b`` with ``b % K == r``; since a batch's targets and seeds depend only
@@ -178,6 +185,7 @@ def synthesize(
     >>> synthesize(load_teacher("fmnist_vit_tiny"), InversionConfig(iterations=400), 64, "out/pool")
     """
     dist = dist or Dist()
+    check_recompute(teacher.model, recompute)
     if dist.active and any(TERMS.get(n).reads_pool for n in active_terms(config, teacher.model)):
         raise SmiError("the pool's earlier batches are read by a term of this recipe (contrastive), and under "
                        "torchrun other processes are still making them: run it in one process", param="terms")
@@ -191,7 +199,7 @@ def synthesize(
     if not dist.all_ok(ok):
         raise error or SmiError(f"process 0 refused the pool folder {out}; see its message")
     part = f"rank{dist.rank}" if dist.active else None
-    job = PoolSynthesis(teacher, config, num_images, out, seed=seed, device=device, part=part)
+    job = PoolSynthesis(teacher, config, num_images, out, seed=seed, device=device, part=part, recompute=recompute)
     todo = [b for b in range(len(job.batches)) if b % dist.world == dist.rank and not job.done(b)]
     bar = tqdm(total=len(todo) * config.iterations, unit="it", disable=not progress or dist.rank != 0,
                dynamic_ncols=True, desc=f"{config.method} {'dense' if config.sparsity.dense else 'sparse'}")

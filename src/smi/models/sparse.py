@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention, PatchEmbed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 from smi.errors import SmiError
@@ -156,6 +157,7 @@ def sparse_forward(
     *,
     importance_block: int = -1,
     return_importance: bool = False,
+    recompute: bool = False,
 ) -> SparseOutput:
     """Run a timm ViT on the kept patches of ``images`` only.
 
@@ -166,6 +168,8 @@ def sparse_forward(
         keep_idx: (B, K) indices of the kept patches in timm's row-major order, or None for all.
         importance_block: the block whose attention ranks the patches (default: the last).
         return_importance: also return each kept patch's importance (detached).
+        recompute: keep only each block's input for backward and recompute the rest there (activation
+            checkpointing; identical results, less memory, about one more forward of time).
 
     Returns:
         ``SparseOutput(logits, importance)``; importance is (B, K) in ``keep_idx`` order.
@@ -182,12 +186,25 @@ def sparse_forward(
         x = _sparse_tokens(vit, images, keep_idx)  # (B, P + K, D)
     x = vit.norm_pre(x)
     if not return_importance:
-        x = vit.norm(vit.blocks(x))
+        x = vit.norm(_blocks(vit.blocks, x, recompute))
         return SparseOutput(_head(vit, x, keep_idx), None)
-    with AttentionCapture(vit.blocks[importance_block].attn) as cap:
-        x = vit.norm(vit.blocks(x))
+    i = importance_block % len(vit.blocks)
+    x = _blocks(vit.blocks[:i], x, recompute)
+    with AttentionCapture(vit.blocks[i].attn) as cap:
+        # never recomputed: the capture runs this block's unfused path only while the ``with`` lasts
+        x = vit.blocks[i](x)
+    x = vit.norm(_blocks(vit.blocks[i + 1:], x, recompute))
     logits = _head(vit, x, keep_idx)
     return SparseOutput(logits, _importance(vit, cap.attn.detach()))
+
+
+def _blocks(blocks: nn.Sequential, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """``blocks(x)``; with ``recompute``, autograd keeps only each block's input and recomputes the block's
+    activations in backward (non-reentrant checkpointing through timm's ``checkpoint_seq``): the same values and
+    gradients for about one more forward, and activation memory that no longer grows with the depth."""
+    if not recompute or not torch.is_grad_enabled() or len(blocks) == 0:
+        return blocks(x)
+    return checkpoint_seq(blocks, x, use_reentrant=False)
 
 
 def _head(vit: VisionTransformer, x: torch.Tensor, keep_idx: torch.Tensor | None) -> torch.Tensor:

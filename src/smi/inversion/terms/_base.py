@@ -71,6 +71,7 @@ class Captures:
             raise SmiError(f"{who} reads attention maps; {type(model).__name__} is not a timm ViT")
         self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.current = Captured()
+        self._recording = False
         self._stack = ExitStack()
 
     def __enter__(self) -> Captures:
@@ -80,19 +81,26 @@ class Captures:
                 old = blk.attn.fused_attn
                 blk.attn.fused_attn = False  # the explicit path runs the softmax through attn_drop, where we read it
                 stack.callback(setattr, blk.attn, "fused_attn", old)
-                hook(blk.attn.attn_drop.register_forward_hook(lambda _m, _i, out: self.current.attn.append(out)))
+                hook(blk.attn.attn_drop.register_forward_hook(lambda _m, _i, out: self._add("attn", out)))
         if "attn_out" in self.kinds:
             for blk in self.blocks:
                 heads = blk.attn.num_heads
                 hook(blk.attn.proj.register_forward_pre_hook(
-                    lambda _m, inp, heads=heads: self.current.attn_out.append(inp[0].unflatten(-1, (heads, -1)))))
+                    lambda _m, inp, heads=heads: self._add("attn_out", inp[0].unflatten(-1, (heads, -1)))))
         if "features" in self.kinds:
-            hook(self.model.get_classifier().register_forward_hook(
-                lambda _m, inp, _o: setattr(self.current, "features", inp[0])))
+            hook(self.model.get_classifier().register_forward_hook(lambda _m, inp, _o: self._add("features", inp[0])))
         if "bn_inputs" in self.kinds:
             for bn in self.bns:
-                hook(bn.register_forward_hook(lambda _m, inp, _o: self.current.bn_inputs.append(inp[0])))
+                hook(bn.register_forward_hook(lambda _m, inp, _o: self._add("bn_inputs", inp[0])))
         return self
+
+    def _add(self, kind: str, value: torch.Tensor) -> None:
+        if not self._recording:  # a block recomputed in backward (activation checkpointing) runs the hooks again
+            return
+        if kind == "features":
+            self.current.features = value
+        else:
+            getattr(self.current, kind).append(value)
 
     def _hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
         self._stack.callback(handle.remove)
@@ -102,8 +110,11 @@ class Captures:
 
     def record(self, fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Captured]:
         """Run ``fn`` (one forward pass) with a fresh capture buffer; returns its output and the buffer."""
-        self.current = Captured()
-        out = fn()
+        self.current, self._recording = Captured(), True
+        try:
+            out = fn()
+        finally:
+            self._recording = False
         captured, self.current = self.current, Captured()
         return out, captured
 
