@@ -28,6 +28,7 @@ from smi.utils.io import atomic_write_json  # noqa: E402
 
 SETTINGS = ["W8A8", "W6A6", "W4A8", "W4A4", "W3A3"]
 CALIBS = ["real", "noise", "dense", "sparse"]
+SYNTHETIC = ["dense", "sparse"]
 
 
 def main() -> None:
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--settings", nargs="+", default=SETTINGS)
     p.add_argument("--quantizers", nargs="+", default=["baseline", "repq"])
+    p.add_argument("--calibs", nargs="+", default=CALIBS, choices=CALIBS,
+                   help="calibration sources (sparse is left out for a teacher that cannot run sparse, a CNN)")
     p.add_argument("--calib-images", type=int, default=32)
     p.add_argument("--iterations", type=int, default=4000)
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (smoke runs)")
@@ -59,13 +62,14 @@ def main() -> None:
         rows.append({"model": model_name, "w_bits": 32, "a_bits": 32, "quantizer": "fp32", "calib": "-",
                      "top1": fp32, "top1_std": 0.0, "synthesis_s": 0.0})
         table.append([model_name, "FP32", "-", f"{fp32:.2f}", "", "", "", ""])
-        pools, synth_s = synthetic_pools(teacher, model_name, args.seeds, ["dense", "sparse"], work,
-                                         args.iterations, args.calib_images, grid_seed=args.seeds[0])
+        calibs = [c for c in args.calibs if c != "sparse" or hasattr(teacher.model, "blocks")]
+        pools, synth_s = synthetic_pools(teacher, model_name, args.seeds, [c for c in calibs if c in SYNTHETIC],
+                                         work, args.iterations, args.calib_images, grid_seed=args.seeds[0])
         for setting in args.settings:
             w, a = bits(setting)
             for quantizer in args.quantizers:
                 cells = {}
-                for calib in CALIBS:
+                for calib in calibs:
                     accs = []
                     for seed in args.seeds:
                         key = f"{model_name}|{setting}|{quantizer}|{calib}|{seed}|{args.limit}"
@@ -88,14 +92,15 @@ def main() -> None:
                                  "calib": calib, "top1": round(mean, 2), "top1_std": round(std, 2),
                                  "synthesis_s": round(syn, 1), "top1_per_seed": accs, "seeds": args.seeds,
                                  "calib_images": args.calib_images})
-                d, s = cells["dense"], cells["sparse"]
-                diff = s[0] - d[0]
-                within = abs(diff) < max(s[1], d[1])
-                table.append([model_name, setting, quantizer] +
-                             [f"{cells[c][0]:.2f} ± {cells[c][1]:.2f}" for c in CALIBS] +
-                             [f"{diff:+.2f}{' (within spread)' if within else ''}"])
+                shown = [f"{cells[c][0]:.2f} ± {cells[c][1]:.2f}" if c in cells else "-" for c in CALIBS]
+                if "dense" in cells and "sparse" in cells:
+                    (d, d_std), (s, s_std) = cells["dense"], cells["sparse"]
+                    shown.append(f"{s - d:+.2f}{' (within spread)' if abs(s - d) < max(s_std, d_std) else ''}")
+                else:
+                    shown.append("-")
+                table.append([model_name, setting, quantizer] + shown)
     syn_note = ", ".join(f"{k} {statistics.mean(v for (kk, _), v in synth_s.items() if kk == k):.0f} s"
-                         for k in ("dense", "sparse"))
+                         for k in SYNTHETIC if any(kk == k for kk, _ in synth_s))
     header = ["model", "bits", "quantizer", "real", "noise", "dense inversion", "sparse inversion",
               "sparse − dense"]
     tested_on = "; ".join(f"{v} ({k})" for k, v in tested.items())

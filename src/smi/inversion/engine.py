@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from smi.errors import SmiError, SmiWarning
 from smi.inversion.augment import apply_jitter, color_shift, jitter_indices, pixel_mask_from_indices, sample_jitter
@@ -238,23 +239,30 @@ def invert(
             limit, unit = _jitter_limit(config, rounds[min(r, len(rounds) - 1)], min(H, W), patch)
             for g in opt.param_groups:
                 g["lr"] = scheduled_lr(config.lr_schedule, step_in_round, per_round, config.warmup, config.lr)
-            j = sample_jitter(limit, unit, config.flip, generator)
-            xj = apply_jitter(x, j)
-            if config.color_shift:
-                xj = color_shift(xj, config.color_shift, generator)
-            rank_now = it in stops
-            idx_t = jitter_indices(keep, grid, patch, j) if sparse else None  # token j of image b: patch keep[b, j]
-            out, captured = recipe.captures.record(lambda: forward(xj, idx_t, rank_now))  # noqa: B023
-            loss = recipe.loss(Step(recipe.ctx, x, xj, j, limit, unit, idx_t, pixel_mask, out.logits,
-                                    captured, extra_forward))
-            loss_value = loss.item()
+            # the record_function labels name the parts of a step in a torch.profiler trace
+            # (benchmarks/inversion_profile.py); without a profiler they cost nothing measurable
+            with record_function("smi.view"):
+                j = sample_jitter(limit, unit, config.flip, generator)
+                xj = apply_jitter(x, j)
+                if config.color_shift:
+                    xj = color_shift(xj, config.color_shift, generator)
+                rank_now = it in stops
+                idx_t = jitter_indices(keep, grid, patch, j) if sparse else None  # token j of image b: keep[b, j]
+            with record_function("smi.forward"):
+                out, captured = recipe.captures.record(lambda: forward(xj, idx_t, rank_now))  # noqa: B023
+            with record_function("smi.loss"):
+                loss = recipe.loss(Step(recipe.ctx, x, xj, j, limit, unit, idx_t, pixel_mask, out.logits,
+                                        captured, extra_forward))
+                loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise SmiError(f"became {loss_value} at iteration {it}; lower the learning rate (now {config.lr}) "
                                "and check that the teacher gives finite outputs", param="loss")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
+            with record_function("smi.backward"):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            with record_function("smi.adam"):
+                opt.step()
+            with torch.no_grad(), record_function("smi.project"):
                 if config.blur:
                     blur_(x, config.blur)
                 x.clamp_(lo, hi)

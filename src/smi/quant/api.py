@@ -35,8 +35,9 @@ def default_filter(module: nn.Module, name: str) -> bool:
 def cnn_filter(module: nn.Module, name: str) -> bool:
     """For models without transformer blocks (timm CNNs): every convolution and Linear layer.
 
-    BatchNorm is not folded into the preceding convolution first (a simplification: the weights
-    are quantized as trained, BN stays in float).
+    The baseline and repq presets leave BatchNorm in float after the convolution (the weights are
+    quantized as trained, activations only where a convolution or Linear reads them); the ``integer``
+    preset folds it first and quantizes every tensor an integer runtime stores.
     """
     return isinstance(module, (nn.Conv2d, nn.Linear))
 
@@ -70,7 +71,7 @@ def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = 
 
     Without ``filter_fn``: :func:`default_filter` for ViTs, :func:`cnn_filter` for models without blocks.
     """
-    handler_for(config)  # an unregistered config type fails here, before any module is swapped
+    handler_for(config).before_prepare(model, config)  # an unregistered config type fails here, before any swap
     if filter_fn is None:
         filter_fn = default_filter if hasattr(model, "blocks") else cnn_filter
     _swap(model, filter_fn, config)

@@ -76,6 +76,10 @@ class QuantHandler:
         """The activation quantizer for ``role``: input, ln_out (after a LayerNorm), qk, v or softmax."""
         raise NotImplementedError
 
+    def before_prepare(self, model: nn.Module, config: QuantConfig) -> None:
+        """Runs on the float model before its layers are swapped (the integer preset folds BatchNorm here and
+        inserts its output quantizers); it also runs when a saved model is rebuilt, so it must be idempotent."""
+
     def before_convert(self, model: nn.Module, config: QuantConfig) -> None:
         """Runs on the calibrated model before ranges are frozen (RepQ folds its scales here)."""
 
