@@ -61,7 +61,7 @@ def test_stopped_patches_leave_the_forward_pass(tiny_teacher):
     tokens = []
     hook = tiny_teacher.model.blocks[0].register_forward_pre_hook(lambda m, a: tokens.append(a[0].shape[1]))
     try:
-        _run(tiny_teacher)
+        _run(tiny_teacher, recompute="never")  # recomputed blocks run their forward (and this hook) again
     finally:
         hook.remove()
     # 1 class token + kept patches; last entry is the final (un-jittered) evaluation

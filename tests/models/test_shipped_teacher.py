@@ -79,10 +79,11 @@ def test_shipped_cnn_teacher_accuracy_timm_loading_and_bn_inversion(monkeypatch)
         torch.testing.assert_close(model(x[:4].float()), teacher.model(x[:4].float()))
     from smi.inversion import invert
 
-    cfg = InversionConfig(iterations=60, batch_size=10, sparsity=SparsityConfig(()), jitter_unit="pixel")
+    # 200 steps: at 60 the share of hits depends on the CPU's kernels (0.7 on one machine, >= 0.8 on another)
+    cfg = InversionConfig(iterations=200, batch_size=10, sparsity=SparsityConfig(()), jitter_unit="pixel")
     batch = invert(teacher, cfg, torch.arange(10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert (teacher.model(batch.images).argmax(1) == torch.arange(10)).float().mean() >= 0.8
+        assert (teacher.model(batch.images).argmax(1) == torch.arange(10)).float().mean() >= 0.9
 
 
 def test_scene_teacher_loads_through_timm_on_deits_grid(monkeypatch):
