@@ -53,6 +53,7 @@ def test_two_processes_make_the_pool_one_process_makes(tmp_path):
     assert [s["index"] for s in load_pool(tmp_path / "dist").manifest["shards"]] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow  # end to end, 15-30 s: make test-all (CI) runs it
 def test_rerun_with_another_process_count_resumes(tmp_path):
     """A pool started by 2 processes (killed before the merge) is finished by 1 process, then by 3."""
     ckpt = str(write_tiny_checkpoint(tmp_path))
@@ -78,6 +79,7 @@ def _torchrun_cmd(nproc: int, *args: str, timeout: float = 240) -> subprocess.Co
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.slow  # end to end, 15-30 s: make test-all (CI) runs it
 def test_two_process_training_equals_one_process(tmp_path):
     """smi qat and smi distill under torchrun (gloo, data parallel): the same model as one process."""
     from safetensors.torch import load_file

@@ -22,6 +22,7 @@ def _ok(argv: list[str], capsys) -> str:
     return out
 
 
+@pytest.mark.slow  # end to end, 15-30 s: make test-all (CI) runs it
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_every_command_runs_on_a_users_image_folder_and_reads_the_last_ones_output(mode, tmp_path, capsys):
     """A 3-class 20x24 folder (no split folders: a seeded split); a ViT trained on it by smi; then everything."""

@@ -143,7 +143,7 @@ def test_cnn_teachers_invert_dense_and_refuse_sparse():
         invert(cnn, SPARSE, TARGETS)
 
 
-@pytest.mark.parametrize("method", ["deepinversion", "psaq", "mimiq"])
+@pytest.mark.parametrize("method", ["deepinversion", "psaq", "mimiq", "ris", "sardfq"])
 def test_recomputed_blocks_give_the_same_images_step_by_step(method):
     from tests.conftest import as_teacher, tiny_vit
 

@@ -123,6 +123,7 @@ def test_scene_segmenter_loads_through_timm_on_deits_grid(monkeypatch):
     assert teacher.class_names == ["background", "object"] and teacher.dataset == "fmnist-scenes"
 
 
+@pytest.mark.slow  # end to end, 15-30 s: make test-all (CI) runs it
 def test_the_scene_segmenter_segments_its_dfq_sam_images_as_their_target_maps():
     """Data-free images of the shipped segmenter: it labels the kept pixels as the (evolved) maps say."""
     from smi.inversion import InversionConfig, SparsityConfig, invert

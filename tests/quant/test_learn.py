@@ -121,6 +121,7 @@ def _errors(model, fp, x):
         return (model.forward_features(x) - fp.forward_features(x)).pow(2).sum(-1).mean().item()
 
 
+@pytest.mark.slow  # end to end, 15-30 s: make test-all (CI) runs it
 @pytest.mark.parametrize("config", [BaselineConfig(w_bits=3, a_bits=8), RepQConfig(w_bits=3, a_bits=6)])
 def test_reconstruction_lowers_every_unit_error_and_the_output_error(config):
     fp = tiny_vit()

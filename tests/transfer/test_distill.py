@@ -175,6 +175,7 @@ def test_fresh_student_is_built_for_the_teacher():
         build_student("fmnist_vit_mimi", teacher)
 
 
+@pytest.mark.slow  # end to end, 15-30 s: make test-all (CI) runs it
 def test_student_beats_chance_on_real_test_data(tmp_path):
     """The shipped teacher teaches a fresh fmnist_vit_mini for a few steps; the student learns the real classes.
 

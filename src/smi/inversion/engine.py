@@ -221,16 +221,18 @@ def invert(
 
     final_count = config.sparsity.kept_counts(N)[-1] if sparse else N
 
-    def forward(view: torch.Tensor, idx: torch.Tensor | None, rank: bool = False) -> SparseOutput:
+    def forward(view: torch.Tensor, idx: torch.Tensor | None, rank: bool = False, main: bool = True) -> SparseOutput:
         kept = idx.shape[1] if idx is not None else N
-        again = recompute == "always" or (recompute == "auto" and sparse and kept > final_count)
+        # only the main forward is recomputed: a term's extra forward may run under weights swapped in for that
+        # call alone (RIS's weight noise, torch.func.functional_call), which a recompute in backward would miss
+        again = main and (recompute == "always" or (recompute == "auto" and sparse and kept > final_count))
         if sparse or again:
             return sparse_forward(vit, view, idx, importance_block=config.importance_block, return_importance=rank,
                                   recompute=again)
         return SparseOutput(model(view), None)  # dense: timm's own forward, fused attention where nothing reads it
 
     def extra_forward(view: torch.Tensor, idx: torch.Tensor | None):
-        return recipe.captures.record(lambda: forward(view, idx).logits)
+        return recipe.captures.record(lambda: forward(view, idx, main=False).logits)
 
     t0 = time.perf_counter()
     with recipe:
