@@ -185,15 +185,14 @@ def synthesize(
     >>> synthesize(load_teacher("fmnist_vit_tiny"), InversionConfig(iterations=400), 64, "out/pool")
     """
     dist = dist or Dist()
-    check_recompute(teacher.model, recompute)
     if dist.active and any(TERMS.get(n).reads_pool for n in active_terms(config, teacher.model)):
         raise SmiError("the pool's earlier batches are read by a term of this recipe (contrastive), and under "
                        "torchrun other processes are still making them: run it in one process", param="terms")
     ok, error = True, None
     if dist.rank == 0:  # clears the folder (--overwrite) or refuses it, before anyone writes
         try:
-            PoolSynthesis(teacher, config, num_images, out, seed=seed, device=device,
-                          overwrite=overwrite).writer.remove_stale_temporaries()
+            PoolSynthesis(teacher, config, num_images, out, seed=seed, device=device, overwrite=overwrite,
+                          recompute=recompute).writer.remove_stale_temporaries()
         except SmiError as e:
             ok, error = False, e
     if not dist.all_ok(ok):
