@@ -30,13 +30,24 @@ from smi.evaluation import evaluate  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.quant import QuantConfig  # noqa: E402
 from smi.quant.pipeline import quantize_teacher  # noqa: E402
-from smi.quant.qat import QatConfig, qat  # noqa: E402
+from smi.quant.qat import FEATURE_LOSSES, QatConfig, qat  # noqa: E402
 from smi.quant.reconstruct import ReconstructConfig  # noqa: E402
 from smi.utils.io import atomic_write_json  # noqa: E402
 
 SOURCES = ["real", "noise", "dense", "sparse"]
 STAGES = {"calib": "calibration only", "correct": "+ activation correction", "recon": "+ reconstruction",
           "qat": "+ reconstruction + QAT"}
+
+
+def same_reconstruction(folder: Path, recon: ReconstructConfig) -> bool:
+    """Whether ``folder`` holds a model reconstructed with ``recon``'s settings (the seed aside): runs with
+    other reconstruction settings share the cell folders, so a cached key alone does not say what is there."""
+    path = folder / "quantized.json"
+    if not path.exists():
+        return False
+    made = json.loads(path.read_text()).get("reconstruct") or {}
+    want = recon.to_dict()
+    return {k: v for k, v in made.items() if k != "seed"} == {k: v for k, v in want.items() if k != "seed"}
 
 
 def main() -> None:
@@ -54,6 +65,11 @@ def main() -> None:
     p.add_argument("--recon-drop", type=float, default=0.0, help="QDrop probability during reconstruction")
     p.add_argument("--qat-epochs", type=int, default=5, help="QAT epochs")
     p.add_argument("--qat-steps", type=int, default=50, help="QAT steps per epoch (batch 32)")
+    p.add_argument("--qat-lr", type=float, default=QatConfig.lr, help="QAT learning rate (Adam, cosine to 0)")
+    p.add_argument("--qat-mixup", type=float, default=0.0,
+                   help="probability that a QAT batch is replaced by mixtures of its images (the teacher labels them)")
+    p.add_argument("--qat-feature-loss", default="none", choices=list(FEATURE_LOSSES),
+                   help="QAT's term on every block's output tokens (smi qat --feature-loss)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (smoke runs)")
     p.add_argument("--pools", default=str(RESULTS / "dfq_work"), help="synthetic pools (shared with dfq_accuracy)")
     p.add_argument("--work", default=str(RESULTS / "dfq_training_work"), help="partial results")
@@ -67,7 +83,7 @@ def main() -> None:
 
     def qat_cfg(seed: int) -> QatConfig:
         return QatConfig(epochs=args.qat_epochs, steps_per_epoch=args.qat_steps, train_images=args.calib_images,
-                         seed=seed)
+                         lr=args.qat_lr, mixup=args.qat_mixup, feature_loss=args.qat_feature_loss, seed=seed)
 
     rows, table, tested = [], [], {}
     for model_name in args.models:
@@ -112,7 +128,7 @@ def main() -> None:
                                         str(qat_cfg(seed).to_dict()))  # the recon cell's key has no QAT part
                                     model = units = None
                                     if stage == "recon" or recon_key not in done \
-                                            or not (cell / "recon" / "quantized.json").exists():
+                                            or not same_reconstruction(cell / "recon", recon):
                                         res = quantize_teacher(teacher, qcfg, source, num_images=args.calib_images,
                                                                seed=seed, copy_model=True, reconstruct=recon,
                                                                out=cell / "recon", overwrite=True)
@@ -150,8 +166,8 @@ def main() -> None:
             f"(dense and sparse: the same budget, "
             f"pools of {args.iterations} inversion iterations, one per seed); reconstruction: "
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}; QAT after "
-            f"it: "
-            f"{args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {QatConfig().lr:g} cosine, KL at T="
+            f"it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} cosine, mixup "
+            f"{args.qat_mixup:g}, feature loss {args.qat_feature_loss}, KL at T="
             f"{QatConfig().temperature:g}, on the same images. Wall time of '+ QAT' includes the reconstruction.\n")
     publish(args.name, "dfq_training", vars(args), header, table, note, rows)
 

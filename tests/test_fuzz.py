@@ -32,14 +32,16 @@ QUICK, CI = 120, 1500  # cases per test: make test / make test-all (two tests: 3
 # the drawn options come after them and override (argparse keeps the last)
 CHEAP = {
     "invert": ["--iterations", "3", "--num-images", "2", "--batch-size", "2", "--sparsity", "dense", "--no-grid"],
-    "quantize": ["--calib-images", "2"],
+    "quantize": ["--calib-images", "2", "--reconstruct-iterations", "2"],
     "train-generator": ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--latent-dim", "4",
                         "--width", "4"],
     "eval": ["--limit", "4"],
     "distill": ["--epochs", "1", "--batch-size", "2", "--online-steps", "1", "--steps-per-epoch", "1",
-                "--iterations", "3", "--synth-batch-size", "2", "--eval-data", "none", "--eval-images", "4"],
+                "--generator-steps", "1", "--iterations", "3", "--synth-batch-size", "2", "--eval-data", "none",
+                "--eval-images", "4"],
     "qat": ["--epochs", "1", "--batch-size", "2", "--online-steps", "1", "--steps-per-epoch", "1",
-            "--iterations", "3", "--synth-batch-size", "2", "--eval-data", "none", "--eval-images", "4"],
+            "--generator-steps", "1", "--iterations", "3", "--synth-batch-size", "2", "--eval-data", "none",
+            "--eval-images", "4"],
     "train-teacher": ["--epochs", "1", "--batch-size", "4"],
     "demo": ["--num-images", "2", "--iterations", "301", "--distill-seconds", "0.1"],
 }
@@ -47,7 +49,8 @@ CHEAP = {
 # so these draw small and invalid values only
 WORK_FLAGS = {"--img-size", "--epochs", "--batch-size", "--iterations", "--num-images", "--steps-per-epoch",
               "--online-steps", "--online-images", "--eval-images", "--distill-seconds", "--calib-images", "--limit",
-              "--synth-batch-size", "--time-budget", "--train-images", "--latent-dim", "--width"}
+              "--synth-batch-size", "--time-budget", "--train-images", "--latent-dim", "--width",
+              "--reconstruct-iterations", "--generator-steps", "--mapped-dim"}
 # options fixed by CHEAP for a command: a drawn value could make a valid run of minutes (the demo of a shipped
 # teacher, a teacher trained on all of Fashion-MNIST)
 FIXED = {"demo": {"--model", "--data"}, "train-teacher": {"--data"}}
