@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -115,6 +116,37 @@ def test_nan_loss_stops_with_a_message_naming_the_learning_rate(tiny_teacher):
     init = torch.full((3, 3, 32, 32), float("nan"))
     with pytest.raises(SmiError, match="learning rate"):
         invert(tiny_teacher, SPARSE, TARGETS, init=init)
+
+
+@pytest.mark.parametrize("every", [1, 4, 50])
+def test_a_loss_read_every_n_steps_stops_at_the_same_iteration(tiny_teacher, monkeypatch, every):
+    """On an accelerator the loop reads its finiteness check every SYNC_EVERY steps, not every step: the
+    error still names the first bad iteration and its value, and no image leaves invert."""
+    import smi.inversion.engine as engine
+
+    monkeypatch.setattr(engine, "sync_every", lambda device: every)
+    calls = {"n": 0}
+
+    def poison(_m, _inp, out):  # finite for the first 6 forwards (iterations), NaN from iteration 7
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] > 6 else out
+
+    cfg = InversionConfig(iterations=10, batch_size=3, sparsity=SparsityConfig.parse("dense"))
+    steps = []
+    handle = tiny_teacher.model.head.register_forward_hook(poison)
+    try:
+        with pytest.raises(SmiError, match="loss became nan at iteration 7; lower the learning rate"):
+            invert(tiny_teacher, cfg, TARGETS, callback=lambda i: steps.append(i.iteration))
+    finally:
+        handle.remove()
+    # the run stops at the first read after iteration 7: at 7 itself, at 8 (a multiple of 4), at 10 (the last)
+    assert steps == list(range(1, {1: 7, 4: 8, 50: 10}[every]))
+    losses = {}
+    for n in (1, 5):  # the same losses reach a callback whichever the read interval
+        monkeypatch.setattr(engine, "sync_every", lambda device, n=n: n)
+        losses[n] = []
+        invert(tiny_teacher, cfg, TARGETS, callback=lambda i, n=n: losses[n].append(i.loss))
+    assert losses[1] == losses[5] and all(math.isfinite(v) for v in losses[1])
 
 
 @pytest.mark.parametrize("targets", [torch.tensor([0, 7]), torch.tensor([-1]), torch.zeros(0, dtype=torch.long)])

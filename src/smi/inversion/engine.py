@@ -23,7 +23,7 @@ from smi.models.loading import Teacher
 from smi.models.sparse import SparseOutput, check_sparse_capable, narrow_keep, sparse_forward
 from smi.utils.schedule import scheduled_lr
 
-__all__ = ["RECOMPUTE", "Batch", "StepInfo", "check_recompute", "invert", "valid_range"]
+__all__ = ["RECOMPUTE", "SYNC_EVERY", "Batch", "StepInfo", "check_recompute", "invert", "sync_every", "valid_range"]
 
 
 @dataclass
@@ -39,13 +39,29 @@ class Batch:
     maps: torch.Tensor | None = None  # (B, H, W) a segmenter's final per-pixel target classes
 
 
+SYNC_EVERY = 50  # on an accelerator: steps between host reads of the loss check (each read stalls the device)
+
+
+def sync_every(device: torch.device) -> int:
+    """How often the loop reads its finiteness check on the host: every step on a CPU (a read costs nothing
+    there), every :data:`SYNC_EVERY` steps on an accelerator. Either way a non-finite loss stops the run with
+    the first iteration it happened at, before any image leaves :func:`invert`."""
+    return 1 if device.type == "cpu" else SYNC_EVERY
+
+
 @dataclass
 class StepInfo:
     iteration: int
-    loss: float
+    loss_tensor: torch.Tensor  # 0-d, detached, on the loop's device: reading it waits for the step
     kept: int  # patches per image still being optimized
     images: torch.Tensor  # (B, C, H, W) the live iterate (detached; copy it to keep it)
     keep: torch.Tensor  # (B, K) canonical indices of the patches still being optimized
+
+    @property
+    def loss(self) -> float:
+        """This step's loss. A host read: on an accelerator, a callback that reads it every step syncs every
+        step (the progress bar reads it at most twice a second)."""
+        return float(self.loss_tensor)
 
 
 def valid_range(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str):
@@ -234,6 +250,26 @@ def invert(
     def extra_forward(view: torch.Tensor, idx: torch.Tensor | None):
         return recipe.captures.record(lambda: forward(view, idx, main=False).logits)
 
+    every = sync_every(device)
+    bad_at = torch.zeros((), dtype=torch.long, device=device)  # first iteration with a non-finite loss (0: none)
+    bad_value = torch.zeros((), device=device)
+
+    def check_finite(it: int, loss: torch.Tensor) -> None:
+        nonlocal bad_at, bad_value
+        if every == 1:
+            value = loss.item()
+            at = it if not math.isfinite(value) else 0
+        else:  # recorded on the device, read every `every` steps and at the end
+            first = (bad_at == 0) & ~torch.isfinite(loss)
+            bad_at = torch.where(first, it, bad_at)
+            bad_value = torch.where(first, loss.float(), bad_value)
+            if it % every and it != config.iterations:
+                return
+            at, value = int(bad_at), float(bad_value)
+        if at:
+            raise SmiError(f"became {value} at iteration {at}; lower the learning rate (now {config.lr}) "
+                           "and check that the teacher gives finite outputs", param="loss")
+
     t0 = time.perf_counter()
     with recipe:
         for it in range(1, config.iterations + 1):
@@ -255,10 +291,7 @@ def invert(
             with record_function("smi.loss"):
                 loss = recipe.loss(Step(recipe.ctx, x, xj, j, limit, unit, idx_t, pixel_mask, out.logits,
                                         captured, extra_forward))
-                loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise SmiError(f"became {loss_value} at iteration {it}; lower the learning rate (now {config.lr}) "
-                               "and check that the teacher gives finite outputs", param="loss")
+                check_finite(it, loss.detach())
             with record_function("smi.backward"):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -278,7 +311,7 @@ def invert(
                     pixel_mask = pixel_mask_from_indices(keep, grid, patch)
                     frozen = x.detach().clone()
             if callback is not None:
-                callback(StepInfo(it, loss_value, keep.shape[1], x.detach(), keep))
+                callback(StepInfo(it, loss.detach(), keep.shape[1], x.detach(), keep))
     seconds = time.perf_counter() - t0
 
     with torch.no_grad():

@@ -22,9 +22,12 @@ def kde_entropy(samples: torch.Tensor, bandwidth: float = 0.01, points: int = 10
     through the span, so the entropy can only rise by spreading the samples inside it, not by
     moving its ends. Returns (R,).
     """
-    if span is None:
-        span = (samples.min().item(), samples.max().item())
-    t = torch.linspace(span[0], span[1], points, device=samples.device, dtype=samples.dtype)  # (P,)
+    unit = torch.linspace(0, 1, points, device=samples.device, dtype=samples.dtype)
+    if span is None:  # read on the device: no host sync per step on an accelerator
+        lo, hi = samples.detach().min(), samples.detach().max()
+        t = lo + (hi - lo) * unit  # (P,)
+    else:
+        t = span[0] + (span[1] - span[0]) * unit
     z = (t[None, :, None] - samples[:, None, :]) / bandwidth  # (R, P, n)
     p = torch.exp(-0.5 * z * z).mean(2) / (bandwidth * math.sqrt(2 * math.pi))  # (R, P)
     f = -p * torch.log(p + eps)
