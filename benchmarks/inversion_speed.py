@@ -36,6 +36,7 @@ from _common import median, publish  # noqa: E402
 
 MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 MODES = ["dense", "sparse", "sparse-never"]  # sparse: the default --recompute auto; sparse-never: activations kept
+BF16_MODES = ["dense-bf16", "sparse-bf16"]  # with --bf16: the same runs under bfloat16 autocast (--precision bf16)
 PAPER_ITERATIONS = 4000
 
 
@@ -54,7 +55,9 @@ def child(args: argparse.Namespace) -> None:
     teacher = load_teacher(args.model)
     factor = args.iterations / PAPER_ITERATIONS
     sparsity = SparsityConfig().scaled(factor) if args.mode.startswith("sparse") else SparsityConfig(stops=())
-    cfg = InversionConfig(iterations=args.iterations, batch_size=args.batch_size, sparsity=sparsity)
+    precision = "bf16" if args.mode.endswith("-bf16") else "fp32"
+    cfg = InversionConfig(iterations=args.iterations, batch_size=args.batch_size, sparsity=sparsity,
+                          precision=precision)
     targets = torch.arange(args.batch_size) % teacher.num_classes
     gen = torch.Generator().manual_seed(0)
     keep = None
@@ -134,21 +137,24 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--final-phase-iterations", type=int, default=10)
+    p.add_argument("--bf16", action="store_true",
+                   help="also time dense and sparse under bfloat16 autocast, alternating with the fp32 runs")
     p.add_argument("--name", default="inversion_speed", help="results/<name>.json and .md")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--mode", choices=list(MODES) + ["final-phase"], help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=MODES + BF16_MODES + ["final-phase"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
     if args.iterations % 80:
         p.error("--iterations must be a multiple of 80 so that the stops 50/100/200/300 of 4000 scale to integers")
 
+    modes = MODES + (BF16_MODES if args.bf16 else [])
     rows, table_rows = [], []
     for model in args.models:
-        runs = {mode: [] for mode in MODES}
+        runs = {mode: [] for mode in modes}
         for r in range(args.repeats):
-            order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]  # rotate who goes first
+            order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate who goes first
             for mode in order:
                 res = _run_child(model, mode, args, args.iterations)
                 runs[mode].append(res)
@@ -180,6 +186,13 @@ def main() -> None:
             "memory_reduction_final_phase": round(1 - final["peak_rise"] / d_m, 4),
             "dense_runs": runs["dense"], "sparse_runs": runs["sparse"], "sparse_never_runs": runs["sparse-never"],
         }
+        if args.bf16:
+            db_s = median([x["seconds"] for x in runs["dense-bf16"]])
+            sb_s = median([x["seconds"] for x in runs["sparse-bf16"]])
+            row.update({"dense_bf16_s": round(db_s, 2), "sparse_bf16_s": round(sb_s, 2),
+                        "bf16_speedup_dense": round(d_s / db_s, 2), "bf16_speedup_sparse": round(s_s / sb_s, 2),
+                        "sparse_bf16_over_dense_fp32": round(d_s / sb_s, 2),
+                        "dense_bf16_runs": runs["dense-bf16"], "sparse_bf16_runs": runs["sparse-bf16"]})
         rows.append(row)
         table_rows.append([
             model, f"{row['dense_s']:.1f}", f"{row['sparse_s']:.1f}", f"**{row['speedup']:.2f}x**",
@@ -189,10 +202,14 @@ def main() -> None:
             f"{row['final_phase_peak_mib']:.0f} ({100 * row['memory_reduction_final_phase']:.0f} %)",
             f"{row['speedup_never']:.2f}x, {row['sparse_never_peak_mib']:.0f} MiB "
             f"({100 * row['memory_reduction_never']:.0f} %)",
-        ])
+        ] + ([f"{row['dense_bf16_s']:.1f} / {row['sparse_bf16_s']:.1f} ({row['bf16_speedup_dense']:.2f}x / "
+              f"{row['bf16_speedup_sparse']:.2f}x)", f"{row['sparse_bf16_over_dense_fp32']:.2f}x"]
+             if args.bf16 else []))
     header = ["model", "dense s", "sparse s", "speed-up", "TFLOPs dense / sparse (4000 it)", "FLOPs saved",
               "peak MiB dense / sparse, whole run (saved)", "sparse final-phase peak MiB (saved)",
               "sparse with --recompute never: speed-up, whole-run peak (saved)"]
+    if args.bf16:
+        header += ["bf16 s dense / sparse (over fp32)", "sparse bf16 over dense fp32"]
     note = (f"\nBatch {args.batch_size}, 224x224, {args.iterations} iterations with stops at "
             f"{', '.join(str(s[0]) for s in rows[0]['stops'])} (the paper's 4000 with 50/100/200/300, scaled), "
             f"default ratios 0.3; medians of {args.repeats} alternating runs, each in its own process; CPU, "

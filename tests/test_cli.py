@@ -30,6 +30,16 @@ def test_invert_smoke(ckpt, tmp_path, capsys):
     assert main(["invert", "--model", ckpt, *FAST, "--sparsity", "2:0.5,4:0.5", "--out", str(out)]) == 0
 
 
+def test_invert_bf16_is_recorded_in_the_pool_and_a_resume_with_fp32_is_refused(ckpt, tmp_path, capsys):
+    out = tmp_path / "pool"
+    argv = ["invert", "--model", ckpt, *FAST, "--sparsity", "dense", "--out", str(out)]
+    assert main([*argv, "--precision", "bf16"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["identity"]["config"]["precision"] == "bf16"
+    assert main(argv) == 2  # other settings: no resume, nothing changed
+    assert "error:" in capsys.readouterr().err
+    assert len(load_pool(out)) == 4
+
+
 def test_help_lists_every_option_with_default(capsys):
     with pytest.raises(SystemExit):
         main(["invert", "--help"])

@@ -85,6 +85,12 @@ def _cases():
         "invert: --recompute with a generator": (
             lambda w: ["invert", "--model", w["ckpt"], "--generator", "{d}", "--recompute", "never", "--out", "{d}/o"],
             "--recompute shapes pixel optimization"),
+        "invert: --precision with a generator": (
+            lambda w: ["invert", "--model", w["ckpt"], "--generator", "{d}", "--precision", "bf16", "--out", "{d}/o"],
+            "--precision shapes pixel optimization"),
+        "invert: --precision fp16": (
+            lambda w: ["invert", "--model", w["ckpt"], *INV, "--precision", "fp16", "--out", "{d}/o"],
+            "invalid choice: 'fp16'"),
         "quantize: a folder that holds no generator": (
             lambda w: ["quantize", "--model", w["ckpt"], "--calib", "generator:{d}", "--out", "{d}/q"],
             "holds no trained generator"),

@@ -220,7 +220,8 @@ def _inversion_config(args: argparse.Namespace):
 
     given = {"iterations": args.iterations, "batch_size": args.synth_batch_size, "lr": args.synth_lr,
              "tv_l2": args.tv_l2, "tv_l1": args.tv_l1, "l2": args.l2, "jitter": args.jitter,
-             "color_shift": args.color_shift, "blur": args.blur, "labels": args.labels, "curriculum": args.curriculum}
+             "color_shift": args.color_shift, "blur": args.blur, "labels": args.labels, "curriculum": args.curriculum,
+             "precision": args.precision}
     overrides = {k: v for k, v in given.items() if v is not None}
     with _flags(args, batch_size="synth_batch_size", lr="synth_lr", terms="term", options="option"):
         terms = {**METHODS.get(args.method, param="method").defaults.get("terms", {}), **_pairs(args.term, "--term")}
@@ -263,6 +264,10 @@ def _add_inversion_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
                         "exp(U(-S, S)) and brightness U(-S, S) (default: 0, off; 1 is the paper's)")
     p.add_argument("--blur", type=_number, metavar="F",
                    help="after each step move the images a fraction F toward their 3x3-blurred selves (default: 0)")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="fp32 (the default) or bf16: the teacher's forward and the loss under bfloat16 autocast, "
+                        "faster on CPUs with AVX-512 BF16/AMX and on GPUs; the images and Adam stay float32, and "
+                        "the images differ from fp32's (see the README's speed table for the measured effect)")
     p.add_argument("--labels", help=f"label sampler: {', '.join(LABELS.names())} (default: the method's)")
     p.add_argument("--curriculum", help=f"{', '.join(CURRICULA.names())} (default: the method's)")
     p.add_argument("--term", action="append", metavar="NAME=WEIGHT",
@@ -301,8 +306,9 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     return 0
 
 
+# `smi invert` options that shape pixel optimization only
 PIXEL_ONLY = ("iterations", "synth_lr", "tv_l2", "tv_l1", "l2", "jitter", "color_shift", "blur", "labels",
-              "curriculum", "term", "option", "recompute")  # `smi invert` options that shape pixel optimization only
+              "curriculum", "term", "option", "recompute", "precision")
 
 
 def _invert_from_generator(args: argparse.Namespace) -> int:

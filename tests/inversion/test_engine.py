@@ -251,3 +251,30 @@ def test_bad_recompute_settings_are_refused(tiny_teacher):
     cnn = as_teacher(timm.create_model("resnet10t", num_classes=5), spec="resnet10t")
     with pytest.raises(SmiError, match="'always' recomputes the blocks of a timm ViT"):
         invert(cnn, dataclasses.replace(SPARSE, sparsity=SparsityConfig(())), TARGETS, recompute="always")
+
+
+@pytest.mark.parametrize("sparsity", ["dense", "3:0.5,6:0.5"])
+def test_bf16_runs_the_teachers_products_in_bf16_and_keeps_the_images_fp32(tiny_teacher, sparsity):
+    cfg = InversionConfig(iterations=30, batch_size=3, sparsity=SparsityConfig.parse(sparsity))
+    seen = []
+    handle = tiny_teacher.model.head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    try:
+        losses = []
+        half = invert(tiny_teacher, dataclasses.replace(cfg, precision="bf16"), TARGETS,
+                      callback=lambda i: losses.append(i.loss))
+    finally:
+        handle.remove()
+    full = invert(tiny_teacher, cfg, TARGETS)
+    assert torch.bfloat16 in seen  # the loop's forwards ran under autocast ...
+    assert half.images.dtype == torch.float32 and torch.isfinite(half.images).all()  # ... the images did not
+    assert not torch.equal(half.images, full.images)
+    assert sum(losses[-5:]) < sum(losses[:5])  # it still optimizes
+    assert half.loss.dtype == torch.float32  # the final per-image loss is measured in fp32 either way
+
+
+def test_precision_is_recorded_only_when_not_fp32():
+    assert "precision" not in InversionConfig().to_dict()  # pools made before the setting existed still resume
+    d = InversionConfig(precision="bf16").to_dict()
+    assert d["precision"] == "bf16" and InversionConfig.from_dict(d).precision == "bf16"
+    with pytest.raises(SmiError, match="precision.*fp32 or bf16"):
+        InversionConfig(precision="fp16")

@@ -122,6 +122,9 @@ class InversionConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine restarts each round
     warmup: int = 0  # linear warm-up steps at the start of each round
     bn_weight: float = 0.01  # batch-norm statistics prior, used when the teacher has BatchNorm layers
+    # bf16: the teacher's forward and the loss run under torch.autocast(bfloat16) (matrix products in bf16);
+    # the images, their gradients and Adam stay float32
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     @classmethod
     def for_method(cls, method: str = "deepinversion", **overrides: Any) -> InversionConfig:
@@ -164,6 +167,8 @@ class InversionConfig:
                 raise SmiError(f"{name} must be positive, got {v}", param="options")
         if not 0 < self.option("p_mix") <= 1 or self.option("mix_k") < 2:
             raise SmiError("p_mix must be in (0, 1] and mix_k >= 2", param="options")
+        if self.precision not in ("fp32", "bf16"):
+            raise SmiError(f"must be fp32 or bf16, got {self.precision!r}", param="precision")
         if self.lr_schedule not in ("constant", "cosine"):
             raise SmiError(f"must be constant or cosine, got {self.lr_schedule!r}", param="lr_schedule")
         for name in ("warmup", "bn_weight"):
@@ -202,8 +207,8 @@ class InversionConfig:
         d["betas"] = list(self.betas)
         d["sparsity"] = {"stops": [list(s) for s in self.sparsity.stops]}
         d["rounds"] = list(self.rounds)
-        for name in ("blur", "color_shift"):
-            if d[name] == 0.0:  # pools and runs recorded before the field existed still resume
+        for name, unset in (("blur", 0.0), ("color_shift", 0.0), ("precision", "fp32")):
+            if d[name] == unset:  # pools and runs recorded before the field existed still resume
                 del d[name]
         return d
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -270,6 +271,11 @@ def invert(
             raise SmiError(f"became {value} at iteration {at}; lower the learning rate (now {config.lr}) "
                            "and check that the teacher gives finite outputs", param="loss")
 
+    def amp():  # the forward and the loss; backward runs outside, as autocast asks
+        if config.precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     t0 = time.perf_counter()
     with recipe:
         for it in range(1, config.iterations + 1):
@@ -286,9 +292,9 @@ def invert(
                     xj = color_shift(xj, config.color_shift, generator)
                 rank_now = it in stops
                 idx_t = jitter_indices(keep, grid, patch, j) if sparse else None  # token j of image b: keep[b, j]
-            with record_function("smi.forward"):
+            with record_function("smi.forward"), amp():
                 out, captured = recipe.captures.record(lambda: forward(xj, idx_t, rank_now))  # noqa: B023
-            with record_function("smi.loss"):
+            with record_function("smi.loss"), amp():
                 loss = recipe.loss(Step(recipe.ctx, x, xj, j, limit, unit, idx_t, pixel_mask, out.logits,
                                         captured, extra_forward))
                 check_finite(it, loss.detach())
