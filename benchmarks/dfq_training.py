@@ -9,7 +9,10 @@ and sparse use the same image budget (the pools of ``benchmarks/dfq_accuracy.py`
 4000 iterations, one pool per seed; reused if present). Finished cells are cached, so an
 interrupted run resumes.
 
-Every stage sees only the cell's calibration images (QAT: ``train_images`` = the same draw).
+Every stage sees only the cell's calibration images (QAT: ``train_images`` = the same draw), except
+``--stages adaptive`` (PSAQ-ViT V2's loop, run only when named): from the same reconstruction, each QAT epoch
+first inverts 32 new psaq-v2 images against the quantized model as it is then (sparse or dense, as the
+column), and trains on all images made so far.
 
 Run:  python benchmarks/dfq_training.py          (about 75 minutes on 2 CPU cores)
 """
@@ -17,6 +20,7 @@ Run:  python benchmarks/dfq_training.py          (about 75 minutes on 2 CPU core
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -27,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, bits, publish, synthetic_pools, test_split  # noqa: E402
 from smi.data.sources import PoolSource, parse_source  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
+from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
+from smi.inversion.synthesis import OnlineSource  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.quant import QuantConfig  # noqa: E402
 from smi.quant.pipeline import quantize_teacher  # noqa: E402
@@ -36,7 +42,8 @@ from smi.utils.io import atomic_write_json  # noqa: E402
 
 SOURCES = ["real", "noise", "dense", "sparse"]
 STAGES = {"calib": "calibration only", "correct": "+ activation correction", "recon": "+ reconstruction",
-          "qat": "+ reconstruction + QAT"}
+          "qat": "+ reconstruction + QAT", "adaptive": "+ reconstruction + PSAQ-V2 adaptive QAT"}
+STARTS_FROM_RECON = ("recon", "qat", "adaptive")
 
 
 def same_reconstruction(folder: Path, recon: ReconstructConfig) -> bool:
@@ -57,7 +64,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--settings", nargs="+", default=["W4A4", "W3A3"])
     p.add_argument("--quantizers", nargs="+", default=["repq"])
-    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    p.add_argument("--stages", nargs="+", default=[s for s in STAGES if s != "adaptive"], choices=list(STAGES),
+                   help="adaptive (PSAQ-V2's loop after reconstruction) runs only when named")
     p.add_argument("--sources", nargs="+", default=SOURCES, choices=SOURCES)
     p.add_argument("--calib-images", type=int, default=32)
     p.add_argument("--iterations", type=int, default=4000, help="inversion iterations of the synthetic pools")
@@ -70,6 +78,8 @@ def main() -> None:
                    help="probability that a QAT batch is replaced by mixtures of its images (the teacher labels them)")
     p.add_argument("--qat-feature-loss", default="none", choices=list(FEATURE_LOSSES),
                    help="QAT's term on every block's output tokens (smi qat --feature-loss)")
+    p.add_argument("--adaptive-iterations", type=int, default=200,
+                   help="adaptive stage: inversion steps of each epoch's psaq-v2 batch (32 images)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (smoke runs)")
     p.add_argument("--pools", default=str(RESULTS / "dfq_work"), help="synthetic pools (shared with dfq_accuracy)")
     p.add_argument("--work", default=str(RESULTS / "dfq_training_work"), help="partial results")
@@ -80,6 +90,21 @@ def main() -> None:
     partial_path = work / "partial.json"
     done: dict[str, dict] = json.loads(partial_path.read_text()) if partial_path.exists() else {}
     recon = ReconstructConfig(iterations=args.recon_iterations, drop_prob=args.recon_drop)
+
+    def adaptive_synthesis(source_name: str) -> InversionConfig:
+        """PSAQ-V2's image step for the adaptive stage: psaq-v2 with its rounds and warm-up scaled to the
+        iterations, sparse (the paper's stops, scaled) for the sparse column, dense for the dense one."""
+        its = args.adaptive_iterations
+        sparsity = SparsityConfig().scaled(its / 4000) if source_name == "sparse" else SparsityConfig(())
+        return InversionConfig.for_method("psaq-v2", iterations=its, batch_size=32, warmup=its // 20,
+                                          sparsity=sparsity)
+
+    def cell_key(model_name: str, setting: str, quantizer: str, stage: str, source_name: str, seed: int) -> str:
+        extra = str(recon.to_dict()) if stage in STARTS_FROM_RECON else ""
+        extra += str(qat_cfg(seed).to_dict()) if stage in ("qat", "adaptive") else ""
+        extra += str(adaptive_synthesis(source_name).to_dict()) if stage == "adaptive" else ""
+        return (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
+                f"{args.calib_images}|{extra}")
 
     def qat_cfg(seed: int) -> QatConfig:
         return QatConfig(epochs=args.qat_epochs, steps_per_epoch=args.qat_steps, train_images=args.calib_images,
@@ -107,11 +132,11 @@ def main() -> None:
                         continue
                     cells = {}
                     for source_name in args.sources:
+                        if stage == "adaptive" and source_name not in ("dense", "sparse"):
+                            continue  # its images are synthesized: no real or noise column
                         accs, walls = [], []
                         for seed in args.seeds:
-                            key = (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
-                                   f"{args.calib_images}|{recon.to_dict() if stage in ('recon', 'qat') else ''}"
-                                   f"{qat_cfg(seed).to_dict() if stage == 'qat' else ''}")
+                            key = cell_key(model_name, setting, quantizer, stage, source_name, seed)
                             if key not in done:
                                 pool = pools.get((source_name, seed))
                                 source = PoolSource(pool) if pool else parse_source(source_name)
@@ -124,8 +149,7 @@ def main() -> None:
                                     model, units, seconds = res.model, res.correction, time.perf_counter() - t0
                                 else:  # the reconstructed folder is the QAT stage's start
                                     cell = work / "cells" / f"{model_name}_{setting}_{quantizer}_{source_name}_{seed}"
-                                    recon_key = key.replace("|qat|", "|recon|").removesuffix(
-                                        str(qat_cfg(seed).to_dict()))  # the recon cell's key has no QAT part
+                                    recon_key = cell_key(model_name, setting, quantizer, "recon", source_name, seed)
                                     model = units = None
                                     if stage == "recon" or recon_key not in done \
                                             or not same_reconstruction(cell / "recon", recon):
@@ -134,6 +158,14 @@ def main() -> None:
                                                                out=cell / "recon", overwrite=True)
                                         model, units = res.model, res.reconstruction
                                     seconds = time.perf_counter() - t0
+                                    if stage == "adaptive":  # psaq-v2 images against the model as it trains
+                                        seconds = done[recon_key]["seconds"] if recon_key in done else seconds
+                                        t1 = time.perf_counter()
+                                        online = OnlineSource(adaptive_synthesis(source_name))
+                                        cfg = dataclasses.replace(qat_cfg(seed), train_images=None)
+                                        q = qat(teacher, cell / "recon", online, cell / "adaptive", cfg,
+                                                eval_data=None, progress=False, overwrite=True)
+                                        model, seconds = q.model, seconds + time.perf_counter() - t1
                                     if stage == "qat":
                                         seconds = done[recon_key]["seconds"] if recon_key in done else seconds
                                         t1 = time.perf_counter()
@@ -168,7 +200,12 @@ def main() -> None:
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}; QAT after "
             f"it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} cosine, mixup "
             f"{args.qat_mixup:g}, feature loss {args.qat_feature_loss}, KL at T="
-            f"{QatConfig().temperature:g}, on the same images. Wall time of '+ QAT' includes the reconstruction.\n")
+            f"{QatConfig().temperature:g}, on the same images. Wall time of '+ QAT' includes the reconstruction."
+            + (f" PSAQ-V2 adaptive: from the same reconstruction, {args.qat_epochs} epochs, each inverting 32 new "
+               f"psaq-v2 images ({args.adaptive_iterations} iterations, sparse or dense as the column says) against "
+               f"the quantized model as it is, then {args.qat_steps} QAT steps on all images made so far (not the "
+               "cell's pool); its wall time includes that synthesis." if "adaptive" in args.stages else "")
+            + "\n")
     publish(args.name, "dfq_training", vars(args), header, table, note, rows)
 
 
