@@ -150,9 +150,9 @@ def bits(setting: str) -> tuple[int, int]:
 def synthetic_pools(teacher: Any, model_name: str, seeds: list[int], kinds: list[str], folder: Path,
                     iterations: int, num_images: int, grid_seed: int | None = None, method: str = "deepinversion"
                     ) -> tuple[dict[tuple[str, int], str], dict[tuple[str, int], float]]:
-    """One pool of ``method`` per (kind, seed) in ``folder`` (dense or the default sparse schedule, batch
-    min(32, images)); an existing pool resumes or is reused. Returns the folders and each pool's synthesis
-    seconds."""
+    """One pool of ``method`` per (kind, seed) in ``folder`` (a kind: ``dense`` or ``sparse``, the default
+    schedule; ``-bf16`` after it synthesizes under bfloat16 autocast; batch min(32, images)); an existing pool
+    resumes or is reused. Returns the folders and each pool's synthesis seconds."""
     import sys
     import time
 
@@ -162,9 +162,9 @@ def synthetic_pools(teacher: Any, model_name: str, seeds: list[int], kinds: list
     pools, seconds = {}, {}
     for seed in seeds:
         for kind in kinds:
-            sparsity = SparsityConfig(()) if kind == "dense" else SparsityConfig()
+            sparsity = SparsityConfig(()) if kind.startswith("dense") else SparsityConfig()
             cfg = InversionConfig.for_method(method, iterations=iterations, batch_size=min(32, num_images),
-                                             sparsity=sparsity)
+                                             sparsity=sparsity, precision="bf16" if kind.endswith("-bf16") else "fp32")
             tag = "" if method == "deepinversion" else f"{method}_"  # deepinversion pools keep their older names
             out = folder / f"{model_name}_{tag}{kind}_seed{seed}"
             t0 = time.perf_counter()
