@@ -158,18 +158,14 @@ def main() -> None:
                                                                out=cell / "recon", overwrite=True)
                                         model, units = res.model, res.reconstruction
                                     seconds = time.perf_counter() - t0
-                                    if stage == "adaptive":  # psaq-v2 images against the model as it trains
+                                    if stage in ("qat", "adaptive"):  # QAT from the reconstruction
                                         seconds = done[recon_key]["seconds"] if recon_key in done else seconds
                                         t1 = time.perf_counter()
-                                        online = OnlineSource(adaptive_synthesis(source_name))
-                                        cfg = dataclasses.replace(qat_cfg(seed), train_images=None)
-                                        q = qat(teacher, cell / "recon", online, cell / "adaptive", cfg,
-                                                eval_data=None, progress=False, overwrite=True)
-                                        model, seconds = q.model, seconds + time.perf_counter() - t1
-                                    if stage == "qat":
-                                        seconds = done[recon_key]["seconds"] if recon_key in done else seconds
-                                        t1 = time.perf_counter()
-                                        q = qat(teacher, cell / "recon", source, cell / "qat", qat_cfg(seed),
+                                        train, cfg = source, qat_cfg(seed)
+                                        if stage == "adaptive":  # psaq-v2 images against the model as it trains
+                                            train = OnlineSource(adaptive_synthesis(source_name))
+                                            cfg = dataclasses.replace(cfg, train_images=None)
+                                        q = qat(teacher, cell / "recon", train, cell / stage, cfg,
                                                 eval_data=None, progress=False, overwrite=True)
                                         model, seconds = q.model, seconds + time.perf_counter() - t1
                                 top1 = evaluate(model, data, progress=False)["top1"]
