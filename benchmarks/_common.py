@@ -62,6 +62,14 @@ def publish(name: str, benchmark: str, args: dict[str, Any], header: list[str], 
     print(f"wrote {', '.join(files[:-1])} and {files[-1]}")
 
 
+def mean_std(xs: list[float], digits: int = 2) -> str:
+    """``"mean ± std"`` of ``xs`` (std 0 for a single value), to ``digits`` decimals."""
+    import statistics
+
+    std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.{digits}f} ± {std:.{digits}f}"
+
+
 class Cells:
     """Finished cells of a benchmark in ``results/NAME_cells.json`` (committed), each kept with the settings that
     made it: a rerun with the same settings skips the cell, so a restarted benchmark runs only what is missing."""

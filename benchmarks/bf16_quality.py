@@ -13,12 +13,11 @@ Run:  python benchmarks/bf16_quality.py      (about 20 minutes on 2 CPU cores wi
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, Cells, bits, publish, synthetic_pools, test_split  # noqa: E402
+from _common import RESULTS, Cells, bits, mean_std, publish, synthetic_pools, test_split  # noqa: E402
 from smi.data.pool import load_pool  # noqa: E402
 from smi.data.sources import PoolSource  # noqa: E402
 from smi.evaluation import teacher_accuracy_on_pool  # noqa: E402
@@ -66,12 +65,9 @@ def main() -> None:
             for s in args.settings:
                 tops[s].append(cell[s])
 
-        def ms(xs: list[float]) -> str:
-            return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
-
         rows.append({"teacher": args.teacher, "precision": precision, "kind": args.kind, "seeds": args.seeds,
                      "teacher_top1_on_own": own, **{f"{s}_top1": tops[s] for s in args.settings}})
-        table.append([precision, ms(own)] + [ms(tops[s]) for s in args.settings])
+        table.append([precision, mean_std(own)] + [mean_std(tops[s]) for s in args.settings])
     header = ["synthesis precision", "teacher top-1 on its own images (%)"] + [
         f"{s} repq top-1 (%)" for s in args.settings]
     note = (f"\n{args.teacher}; deepinversion, {args.kind}, {args.iterations} iterations, batch 32, {args.images} "

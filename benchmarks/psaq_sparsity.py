@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import publish, test_split  # noqa: E402
+from _common import mean_std, publish, test_split  # noqa: E402
 from smi.data.pool import load_pool, read_manifest  # noqa: E402
 from smi.data.sources import PoolSource  # noqa: E402
 from smi.evaluation import teacher_accuracy_on_pool  # noqa: E402
@@ -37,7 +37,7 @@ SCHEDULES = {
 
 
 def _ms(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.1f}"
+    return mean_std(xs, digits=1)
 
 
 def main() -> None:

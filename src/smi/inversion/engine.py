@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -255,18 +254,14 @@ def invert(
     bad_at = torch.zeros((), dtype=torch.long, device=device)  # first iteration with a non-finite loss (0: none)
     bad_value = torch.zeros((), device=device)
 
-    def check_finite(it: int, loss: torch.Tensor) -> None:
+    def check_finite(it: int, loss: torch.Tensor) -> None:  # recorded on the device, read every `every` steps
         nonlocal bad_at, bad_value
-        if every == 1:
-            value = loss.item()
-            at = it if not math.isfinite(value) else 0
-        else:  # recorded on the device, read every `every` steps and at the end
-            first = (bad_at == 0) & ~torch.isfinite(loss)
-            bad_at = torch.where(first, it, bad_at)
-            bad_value = torch.where(first, loss.float(), bad_value)
-            if it % every and it != config.iterations:
-                return
-            at, value = int(bad_at), float(bad_value)
+        first = (bad_at == 0) & ~torch.isfinite(loss)
+        bad_at = torch.where(first, it, bad_at)
+        bad_value = torch.where(first, loss.float(), bad_value)
+        if it % every and it != config.iterations:
+            return
+        at, value = int(bad_at), float(bad_value)
         if at:
             raise SmiError(f"became {value} at iteration {at}; lower the learning rate (now {config.lr}) "
                            "and check that the teacher gives finite outputs", param="loss")

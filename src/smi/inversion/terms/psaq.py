@@ -22,12 +22,9 @@ def kde_entropy(samples: torch.Tensor, bandwidth: float = 0.01, points: int = 10
     through the span, so the entropy can only rise by spreading the samples inside it, not by
     moving its ends. Returns (R,).
     """
-    unit = torch.linspace(0, 1, points, device=samples.device, dtype=samples.dtype)
-    if span is None:  # read on the device: no host sync per step on an accelerator
-        lo, hi = samples.detach().min(), samples.detach().max()
-        t = lo + (hi - lo) * unit  # (P,)
-    else:
-        t = span[0] + (span[1] - span[0]) * unit
+    # the default span stays on the device: no host sync per step on an accelerator
+    lo, hi = span if span is not None else (samples.detach().min(), samples.detach().max())
+    t = lo + (hi - lo) * torch.linspace(0, 1, points, device=samples.device, dtype=samples.dtype)  # (P,)
     z = (t[None, :, None] - samples[:, None, :]) / bandwidth  # (R, P, n)
     p = torch.exp(-0.5 * z * z).mean(2) / (bandwidth * math.sqrt(2 * math.pi))  # (R, P)
     f = -p * torch.log(p + eps)
