@@ -373,8 +373,8 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
                 "they need a ViT; on a CNN teacher with BatchNorm every method adds DeepInversion's batch-norm "
                 "prior. A segmenter (fmnist_scene_segmenter) is inverted toward per-pixel target maps (random "
                 "object-shaped blobs; dfq-sam lets them evolve toward its confident labels) with dfq-sam, "
-                "deepinversion or psaq; the pool then also stores the maps, and sparse inversion stops the maps' "
-                "background first.")
+                "deepinversion, psaq or mimiq; the pool then also stores the maps, and sparse inversion stops "
+                "the maps' background first.")
     p = sub.add_parser(
         "invert", help="synthesize images from a teacher into a pool folder", formatter_class=_Formatter,
         description=f"Synthesize images by model inversion, dense or sparse.\n\nmethods:\n{methods}\n\n"

@@ -141,3 +141,25 @@ def test_segmentation_method_and_classifier_mismatches_are_refused_before_any_fo
     err = capsys.readouterr().err.strip()
     assert err.startswith("smi: error: --method dfq-sam synthesizes for a segmenter") and "\n" not in err
     assert not (tmp_path / "d").exists()
+
+
+def test_the_methods_a_refusal_names_for_a_segmenter_are_the_ones_that_run_on_it(tmp_path):
+    from smi.inversion.methods import METHODS
+
+    seg = segmenter()
+    with pytest.raises(SmiError, match="methods that fit it: ") as refused:
+        synthesize(seg, InversionConfig.for_method("sardfq"), 2, tmp_path / "refused", progress=False)
+    named = str(refused.value).split("methods that fit it: ")[1].split(", ")
+    assert {"deepinversion", "psaq", "mimiq", "dfq-sam"} <= set(named)
+    stops = SparsityConfig.parse("2:0.5")
+    for name in METHODS.names():
+        if METHODS.get(name).task == "diffusion":
+            continue
+        cfg = InversionConfig.for_method(name, batch_size=2, iterations=4, sparsity=stops)
+        if name in named:  # runs, sparse, and writes its maps
+            pool = load_pool(synthesize(seg, cfg, 2, tmp_path / name, progress=False).folder)
+            assert pool.maps is not None and len(pool.images) == 2
+        else:
+            with pytest.raises(SmiError):
+                synthesize(seg, cfg, 2, tmp_path / name, progress=False)
+            assert not (tmp_path / name).exists()

@@ -117,6 +117,7 @@ def test_head_agreement_is_zero_for_identical_heads_and_one_minus_ssim_squared_o
         rows.append(1 - ssim**2)
     assert head_agreement(two).item() == pytest.approx(sum(rows) / 4)
     assert head_agreement(two).item() > 0.01  # the two heads differ
+    assert head_agreement(one).item() == 0.0  # one head: no pair, zero (not the NaN of an empty mean)
 
 
 def test_sardfq_alignment_is_zero_on_the_prior_and_depth_weighted():

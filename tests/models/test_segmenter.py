@@ -114,7 +114,7 @@ def test_paths_that_need_class_logits_refuse_a_segmenter_in_one_line(tmp_path, s
     path = save_teacher(model, tmp_path / "seg.safetensors", arch="fmnist_scene_segmenter", model_kwargs=SMALL,
                         data_config={"dataset": "fmnist-scenes"})
     teacher = load_teacher(str(path))
-    with pytest.raises(SmiError, match="sardfq is made for classifiers; for the segmenter"):
+    with pytest.raises(SmiError, match="the sardfq term reads per-image classes.*methods that fit it: .*dfq-sam"):
         synthesize(teacher, InversionConfig.for_method("sardfq", batch_size=2), 2, tmp_path / "pool", progress=False)
     with pytest.raises(SmiError, match="distillation needs a classifier"):
         build_student("fmnist_vit_mini", teacher)

@@ -122,31 +122,40 @@ def check_invertible(teacher: Teacher, config: InversionConfig, student: nn.Modu
         check_sparse_capable(teacher.model)
 
 
+def _segmenter_problem(config: InversionConfig, teacher: Teacher) -> tuple[str, str] | None:
+    """Why a recipe cannot run on a segmenter (message, parameter), or None when it can."""
+    from smi.inversion.recipe import active_terms
+    from smi.inversion.terms import TERMS
+
+    classifier_only = [n for n in active_terms(config, teacher.model) if not TERMS.get(n).segmentation]
+    if classifier_only:
+        return (f"the {classifier_only[0]} term reads per-image classes or features, which the segmenter "
+                f"{teacher.spec} does not have"), "terms"
+    if config.labels != "hard" or config.curriculum != "none":
+        return (f"a segmenter's targets are per-pixel maps: labels must be hard and curriculum none, got "
+                f"{config.labels} / {config.curriculum}"), "labels"
+    return None
+
+
 def check_task(teacher: Teacher, config: InversionConfig) -> None:
     """A segmentation method needs a segmenter; a segmenter needs a recipe that reads no per-image class."""
     from smi.inversion.methods import METHODS
-    from smi.inversion.recipe import active_terms
-    from smi.inversion.terms import TERMS
 
     method = METHODS.get(config.method, param="method")
     if method.task == "diffusion":
         raise SmiError(f"{config.method} samples a text-to-image diffusion model rather than inverting the teacher: "
-                       "smi invert --method {config.method} --diffusion-model PATH", param="method")
+                       f"smi invert --method {config.method} --diffusion-model PATH", param="method")
     if not is_segmenter(teacher.model):
         if method.task == "segmentation":
             raise SmiError(f"{config.method} synthesizes for a segmenter, and {teacher.spec} is a {teacher.task} "
                            "model; choose a classifier method (smi invert --help lists them)", param="method")
         return
-    if method.task is None and config.method not in ("deepinversion", "psaq"):
-        raise SmiError(f"{config.method} is made for classifiers; for the segmenter {teacher.spec} use dfq-sam, "
-                       "deepinversion or psaq", param="method")
-    classifier_only = [n for n in active_terms(config, teacher.model) if not TERMS.get(n).segmentation]
-    if classifier_only:
-        raise SmiError(f"the {classifier_only[0]} term reads per-image classes or features, which the segmenter "
-                       f"{teacher.spec} does not have", param="terms")
-    if config.labels != "hard" or config.curriculum != "none":
-        raise SmiError(f"a segmenter's targets are per-pixel maps: labels must be hard and curriculum none, got "
-                       f"{config.labels} / {config.curriculum}", param="labels")
+    problem = _segmenter_problem(config, teacher)
+    if problem is not None:
+        fits = [n for n in METHODS.names() if METHODS.get(n).task in (None, "segmentation")
+                and _segmenter_problem(InversionConfig.for_method(n), teacher) is None]
+        message, param = problem
+        raise SmiError(f"{message} ({config.method}); methods that fit it: {', '.join(fits)}", param=param)
 
 
 def invert(

@@ -21,7 +21,10 @@ def head_agreement(attn: torch.Tensor) -> torch.Tensor:
     """MimiQ's term for one block: mean over head pairs and query rows of 1 - SSIM² of the rows.
 
     ``attn`` is (B, heads, T, T); each row is min-max normalized to [0, 1] before the comparison.
+    One head has no pair to agree with: the term is zero (not the mean of nothing).
     """
+    if attn.shape[1] < 2:
+        return attn.new_zeros(())
     lo = attn.amin(-1, keepdim=True)
     hi = attn.amax(-1, keepdim=True)
     a = (attn - lo) / (hi - lo).clamp_min(1e-8)
