@@ -150,9 +150,18 @@ def dump(obj: Any) -> str:
 
 
 def bits(setting: str) -> tuple[int, int]:
-    """``"W4A8"`` -> (4, 8)."""
-    w, a = setting[1:].split("A")
+    """``"W4A8"`` -> (4, 8); an edge suffix (``"W3A3E8"``) is read by :func:`quant_config`."""
+    w, a = setting[1:].split("E")[0].split("A")
     return int(w), int(a)
+
+
+def quant_config(quantizer: str, setting: str) -> Any:
+    """``("repq", "W3A3")`` -> RepQConfig(3, 3); ``"W3A3E8"``: the first layer and the head at 8 bits (edge_bits)."""
+    from smi.quant import QuantConfig
+
+    w, a = bits(setting)
+    edge = int(setting.split("E")[1]) if "E" in setting else None
+    return QuantConfig.create(quantizer, w_bits=w, a_bits=a, edge_bits=edge)
 
 
 def synthetic_pools(teacher: Any, model_name: str, seeds: list[int], kinds: list[str], folder: Path,

@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, bits, publish, synthetic_pools, test_split  # noqa: E402
+from _common import RESULTS, bits, publish, quant_config, synthetic_pools, test_split  # noqa: E402
 from smi.data.sources import PoolSource, parse_source  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
-from smi.quant import QuantConfig  # noqa: E402
 from smi.quant.pipeline import quantize_teacher  # noqa: E402
 from smi.quant.qat import FEATURE_LOSSES, QatConfig, qat  # noqa: E402
 from smi.quant.reconstruct import ReconstructConfig  # noqa: E402
@@ -62,7 +61,8 @@ def main() -> None:
     p.add_argument("--teacher", "--models", dest="models", nargs="+", default=["fmnist_vit_tiny"],
                    help="teachers (shipped names or checkpoints), each evaluated on its own dataset's test split")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--settings", nargs="+", default=["W4A4", "W3A3"])
+    p.add_argument("--settings", nargs="+", default=["W4A4", "W3A3"],
+                   help="WxAy, or WxAyEz: the first layer and the classifier head at z bits (smi quantize --edge-bits)")
     p.add_argument("--quantizers", nargs="+", default=["repq"])
     p.add_argument("--stages", nargs="+", default=[s for s in STAGES if s != "adaptive"], choices=list(STAGES),
                    help="adaptive (PSAQ-V2's loop after reconstruction) runs only when named")
@@ -140,7 +140,7 @@ def main() -> None:
                             if key not in done:
                                 pool = pools.get((source_name, seed))
                                 source = PoolSource(pool) if pool else parse_source(source_name)
-                                qcfg = QuantConfig.create(quantizer, w_bits=w, a_bits=a)
+                                qcfg = quant_config(quantizer, setting)
                                 t0 = time.perf_counter()
                                 if stage in ("calib", "correct"):
                                     res = quantize_teacher(teacher, qcfg, source, num_images=args.calib_images,
@@ -178,7 +178,8 @@ def main() -> None:
                         mean = statistics.mean(accs)
                         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
                         cells[source_name] = (mean, std, statistics.mean(walls))
-                        rows.append({"model": model_name, "w_bits": w, "a_bits": a, "quantizer": quantizer,
+                        rows.append({"model": model_name, "setting": setting, "w_bits": w, "a_bits": a,
+                                     "quantizer": quantizer,
                                      "stage": stage, "source": source_name, "top1": round(mean, 2),
                                      "top1_std": round(std, 2), "top1_per_seed": accs, "seeds": args.seeds,
                                      "wall_s": round(statistics.mean(walls), 1), "calib_images": args.calib_images})

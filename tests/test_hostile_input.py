@@ -146,6 +146,8 @@ def _cases():
                                                "--out", "{d}/q"], "w-bits"),
         "quantize: 1-bit activations": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise",
                                                    "--a-bits", "1", "--out", "{d}/q"], "a-bits"),
+        "quantize: 9-bit edges": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise", "--edge-bits",
+                                             "9", "--out", "{d}/q"], "edge-bits"),
         "quantize: zero images": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise",
                                              "--calib-images", "0", "--out", "{d}/q"], "--calib-images"),
         "eval: zero limit": (lambda w: ["eval", "--model", w["ckpt"], "--data", "imagefolder:{d}", "--limit", "0"],

@@ -663,7 +663,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from smi.quant.pipeline import quantize_teacher
 
     with _flags(args, num_images="calib_images", source="calib"):
-        cfg = QuantConfig.create(args.quantizer, w_bits=args.w_bits, a_bits=args.a_bits)
+        cfg = QuantConfig.create(args.quantizer, w_bits=args.w_bits, a_bits=args.a_bits, edge_bits=args.edge_bits)
         recon = None
         if args.reconstruct:
             from smi.quant.reconstruct import ReconstructConfig
@@ -681,7 +681,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     done = f", {len(res.reconstruction)} units reconstructed" if res.reconstruction else ""
     done += f", {len(res.correction)} branches corrected" if res.correction else ""
     print(json.dumps(summary) if args.json else
-          f"quantized {teacher.spec} to W{cfg.w_bits}A{cfg.a_bits} ({cfg.name}) on {len(calib.images)} "
+          f"quantized {teacher.spec} to {cfg.label()} ({cfg.name}) on {len(calib.images)} "
           f"{'sparse ' if calib.masks is not None else ''}{calib.source} images{done} -> {res.folder}")
     return 0
 
@@ -700,6 +700,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-images", type=int, default=32, help="calibration images")
     p.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8")
     p.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8")
+    p.add_argument("--edge-bits", type=int, metavar="BITS",
+                   help="bits of the first layer (patch embedding or stem convolution) and the classifier head, "
+                        "weights and input, 2..8 (default: --w-bits / --a-bits; low-bit QAT papers such as LSQ and "
+                        "Q-ViT keep both at 8)")
     p.add_argument("--quantizer", default="baseline", help=f"quantizer preset: {', '.join(PRESETS.names())}")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
     p.add_argument("--reconstruct", action="store_true",

@@ -9,7 +9,7 @@ from smi.errors import SmiError
 from smi.evaluation import evaluate
 from smi.inversion import InversionConfig, SparsityConfig, synthesize
 from smi.models.loading import load_teacher
-from smi.quant import BaselineConfig, calibrate, convert, prepare
+from smi.quant import BaselineConfig, QuantConfig, calibrate, convert, prepare
 from smi.quant.api import calibration_forward
 from smi.quant.calibration import calibration_set
 from smi.quant.io import load_quantized, save_quantized
@@ -119,6 +119,7 @@ def test_cli_quantize_then_eval(ckpt, tmp_path, capsys):
     (["--quantizer", "fancy"], "unknown quantizer"),
     (["--calib", "/nonexistent/pool"], "does not exist"),
     (["--calib-images", "0"], "--calib-images must be positive"),
+    (["--edge-bits", "1"], "edge-bits must be an integer from 2 to 8"),
 ])
 def test_cli_quantize_bad_input(ckpt, tmp_path, capsys, args, needle):
     base = ["quantize", "--model", ckpt, "--calib", "noise", "--out", str(tmp_path / "q")]
@@ -153,3 +154,20 @@ def test_quantize_never_silently_replaces_another_quantized_model(ckpt, tmp_path
     assert (tmp_path / "q" / "quantized.safetensors").read_bytes() == before  # untouched
     assert main(base + ["--w-bits", "4", "--overwrite"]) == 0
     assert json.loads((tmp_path / "q" / "quantized.json").read_text())["config"]["w_bits"] == 4
+
+
+def test_edge_bits_survive_the_saved_folder_and_the_cli(ckpt, tmp_path, capsys):
+    from smi.quant import RepQConfig
+    from smi.quant.modules import QuantConv2d
+
+    out = str(tmp_path / "q")
+    assert main(["quantize", "--model", ckpt, "--calib", "noise", "--calib-images", "4", "--w-bits", "3",
+                 "--a-bits", "3", "--edge-bits", "8", "--quantizer", "repq", "--out", out, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["edge_bits"] == 8
+    model, meta = load_quantized(out, load_teacher(ckpt))
+    assert QuantConfig.from_dict(meta["config"]) == RepQConfig(w_bits=3, a_bits=3, edge_bits=8)
+    convs = [m for m in model.modules() if isinstance(m, QuantConv2d)]
+    assert convs and all(m.w_bits == 8 and m.input_quant.bits == 8 for m in convs)  # the patch embedding
+    assert model.head.w_bits == 8 and model.head.input_quant.bits == 8
+    assert model.blocks[0].mlp.fc1.w_bits == 3 and model.blocks[0].attn.proj.input_quant.bits == 3
+    assert main(["eval", "--model", ckpt, "--quantized", out, "--data", "noise", "--json"]) in (0, 2)

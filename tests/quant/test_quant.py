@@ -139,3 +139,37 @@ def test_cnn_gets_every_conv_and_linear_quantized():
     out = q(x)
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
     assert not torch.equal(out, ref)
+
+
+def test_edge_bits_quantize_the_first_layer_and_the_head_on_their_own_grid():
+    import timm
+
+    from smi.quant.api import edge_layers
+    from smi.quant.modules import QuantConv2d
+
+    vit = tiny_vit()
+    assert edge_layers(vit) == {"patch_embed.proj", "head"}
+    cnn = timm.create_model("resnet10t", num_classes=5)
+    assert edge_layers(cnn) == {"conv1.0", "fc"}  # timm's first_conv names the stem's Sequential: its first conv
+    cfg = RepQConfig(w_bits=3, a_bits=3, edge_bits=8)
+    assert cfg.at_edge() == RepQConfig(w_bits=8, a_bits=8, edge_bits=8) and cfg.label() == "W3A3 (edges 8)"
+    assert RepQConfig(w_bits=3, a_bits=3).at_edge() == RepQConfig(w_bits=3, a_bits=3)
+    assert "edge_bits" not in RepQConfig().to_dict()  # older folders and their configs compare equal
+    x = _x(8)
+    model = quantize_(tiny_vit(), cfg, [x])
+    from smi.quant import config_of
+
+    assert config_of(model) == cfg  # one config per model; the edges read their bits from it
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            bits = 8 if name in ("patch_embed.proj", "head") else 3
+            assert m.w_bits == bits and m.input_quant.bits == bits, name
+            # independent of the module: the cached weight sits on a symmetric grid of 2^(bits-1)-1 steps
+            codes = m.weight_fq / m.weight_scale.view(-1, *[1] * (m.weight.dim() - 1))
+            assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 2 ** (bits - 1) - 1 + 1e-3
+    low = quantize_(tiny_vit(), RepQConfig(w_bits=3, a_bits=3), [x])
+    ref = tiny_vit()(x)
+    with torch.no_grad():  # 8-bit edges lose less of the float function than 3-bit ones
+        assert (model(x) - ref).abs().mean() < (low(x) - ref).abs().mean()
+    with pytest.raises(SmiError, match="edge_bits must be an integer from 2 to 8"):
+        RepQConfig(edge_bits=9)

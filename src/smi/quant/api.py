@@ -15,7 +15,7 @@ from smi.quant.modules import QuantAttention, QuantConv2d, QuantLinear, QuantMod
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
 
 __all__ = ["prepare", "calibrate", "convert", "quantize_", "config_of", "calibration_forward", "default_filter",
-           "cnn_filter"]
+           "cnn_filter", "edge_layers"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]  # images, or (images, kept-patch masks)
@@ -42,7 +42,23 @@ def cnn_filter(module: nn.Module, name: str) -> bool:
     return isinstance(module, (nn.Conv2d, nn.Linear))
 
 
+def edge_layers(model: nn.Module) -> set[str]:
+    """The first layer and the classifier head (``QuantConfig.edge_bits``): a ViT's patch-embedding convolutions
+    and ``head``/``head_dist``; otherwise timm's ``first_conv`` and ``classifier`` (by default, the first
+    convolution or Linear and the last Linear)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if hasattr(model, "blocks"):
+        return {n for n, _ in layers if n.startswith("patch_embed.") or n in ("head", "head_dist")}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = {n for n, _ in layers}
+    first = cfg.get("first_conv") if cfg.get("first_conv") in names else (layers[0][0] if layers else None)
+    linear = [n for n, m in layers if isinstance(m, nn.Linear)]
+    head = cfg.get("classifier") if cfg.get("classifier") in names else (linear[-1] if linear else None)
+    return {n for n in (first, head) if n is not None}
+
+
 def _swap(model: nn.Module, filter_fn: FilterFn, config: QuantConfig) -> None:
+    edges = edge_layers(model) if config.edge_bits is not None else set()
     for name, child in list(model.named_modules()):
         for cname, grandchild in list(child.named_children()):
             full = f"{name}.{cname}" if name else cname
@@ -52,9 +68,9 @@ def _swap(model: nn.Module, filter_fn: FilterFn, config: QuantConfig) -> None:
                 setattr(child, cname, QuantAttention(grandchild, config))
             elif isinstance(grandchild, nn.Linear):
                 role = "ln_out" if full.endswith("mlp.fc1") else "input"  # fc1 reads norm2's output
-                setattr(child, cname, QuantLinear(grandchild, config, role=role))
+                setattr(child, cname, QuantLinear(grandchild, config, role=role, edge=full in edges))
             elif isinstance(grandchild, nn.Conv2d):
-                setattr(child, cname, QuantConv2d(grandchild, config))
+                setattr(child, cname, QuantConv2d(grandchild, config, edge=full in edges))
 
 
 def config_of(model: nn.Module) -> QuantConfig:

@@ -8,7 +8,7 @@ type with :func:`register_handler`), which says which quantizer goes where and w
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from smi.errors import SmiError
@@ -33,6 +33,7 @@ class QuantConfig:
 
     w_bits: int = 8
     a_bits: int = 8
+    edge_bits: int | None = None  # the first layer's and the classifier head's weights and input; None: as the rest
 
     name: ClassVar[str] = ""  # the preset's name in PRESETS
     version: ClassVar[int] = 1  # bump when a preset's saved state changes meaning
@@ -40,13 +41,29 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if type(self) is QuantConfig:
             raise SmiError(f"QuantConfig is abstract; use a preset: {', '.join(PRESETS.names())}", param="quantizer")
-        for name in ("w_bits", "a_bits"):
+        for name in ("w_bits", "a_bits", "edge_bits"):
             bits = getattr(self, name)
+            if name == "edge_bits" and bits is None:
+                continue
             if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
                 raise SmiError(f"must be an integer from 2 to 8, got {bits!r}", param=name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"preset": self.name, "version": self.version, **asdict(self)}
+        fields = asdict(self)
+        if self.edge_bits is None:  # folders written before edge_bits existed read back as the same config
+            del fields["edge_bits"]
+        return {"preset": self.name, "version": self.version, **fields}
+
+    def at_edge(self) -> QuantConfig:
+        """The config of the first layer and the classifier head: ``edge_bits`` for weights and input, if set.
+
+        Low-bit quantization-aware training (LSQ, Q-ViT) keeps these two layers at 8 bits; they hold a
+        tiny share of the weights and compute and see the raw image and the logits' inputs."""
+        return self if self.edge_bits is None else replace(self, w_bits=self.edge_bits, a_bits=self.edge_bits)
+
+    def label(self) -> str:
+        """``W4A4``, or ``W3A3 (edges 8)`` with ``edge_bits``."""
+        return f"W{self.w_bits}A{self.a_bits}" + ("" if self.edge_bits is None else f" (edges {self.edge_bits})")
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> QuantConfig:

@@ -114,14 +114,15 @@ class QuantModule(nn.Module):
 
 
 class QuantLinear(WeightQuantMixin, QuantModule):
-    def __init__(self, linear: nn.Linear, config: QuantConfig, role: Role = "input") -> None:
+    def __init__(self, linear: nn.Linear, config: QuantConfig, role: Role = "input", edge: bool = False) -> None:
         super().__init__()
-        self.quant_config = config
+        self.quant_config = config  # the model's config; an edge layer (edge=True) takes config.at_edge()'s bits
+        bits = config.at_edge() if edge else config
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.role = role
-        self.input_quant = act_quantizer(config, role)
-        self._init_weight_quant(config.w_bits, _weight_search(config))
+        self.input_quant = act_quantizer(bits, role)
+        self._init_weight_quant(bits.w_bits, _weight_search(config))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quant(x), self.qweight(), self.bias)
@@ -131,15 +132,16 @@ class QuantLinear(WeightQuantMixin, QuantModule):
 
 
 class QuantConv2d(WeightQuantMixin, QuantModule):
-    def __init__(self, conv: nn.Conv2d, config: QuantConfig) -> None:
+    def __init__(self, conv: nn.Conv2d, config: QuantConfig, edge: bool = False) -> None:
         super().__init__()
-        self.quant_config = config
+        self.quant_config = config  # as QuantLinear's
+        bits = config.at_edge() if edge else config
         if conv.padding_mode != "zeros":
             raise ValueError(f"QuantConv2d supports zero padding only, got {conv.padding_mode!r}")
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.weight, self.bias = conv.weight, conv.bias
-        self.input_quant = act_quantizer(config, "input")
-        self._init_weight_quant(config.w_bits, _weight_search(config))
+        self.input_quant = act_quantizer(bits, "input")
+        self._init_weight_quant(bits.w_bits, _weight_search(config))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(self.input_quant(x), self.qweight(), self.bias, self.stride, self.padding, self.dilation,

@@ -163,7 +163,7 @@ def qat(
     if dist is not None and dist.rank != 0:
         return QatResult(run.out, log[-1]["top1"], log[-1]["wall_s"], len(log), log, model, None)
     cfg_q = config_of(model)
-    plot = plot_accuracy(run, log, f"W{cfg_q.w_bits}A{cfg_q.a_bits} {cfg_q.name} on {probe['kind']}",
+    plot = plot_accuracy(run, log, f"{cfg_q.label()} {cfg_q.name} on {probe['kind']}",
                          f"quantization-aware training of {teacher.spec}") if test is not None else None
     extra = {key: meta[key] for key in ("calibration", "reconstruct") if key in meta}
     extra["qat"] = {"from": start, "data": probe, "config": cfg.to_dict(), "epochs": len(log),
