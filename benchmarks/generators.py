@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -112,10 +113,12 @@ def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, 
             gen_cfg, steps=gen_steps, adversarial=1.0, game="adadfq")
     else:
         prep_s = trained_generator(teacher, method, gen_cfg, folder, seed)
-        rate = images_per_second(folder / "generator", teacher)
+        rate = images_per_second(folder / "generator", teacher)  # a measurement, not part of the cell's work
+        t0 = time.perf_counter()  # the training's seconds are prep_s, counted once below
         source = calib = GeneratorSource(str(folder / "generator"))
+    shutil.rmtree(folder / f"qat_{setting}", ignore_errors=True)  # a finished QAT run would resume in no time
     quantize_teacher(teacher, QuantConfig.create("repq", w_bits=w, a_bits=a), calib, num_images=32, seed=seed,
-                     out=folder / f"q_{setting}", overwrite=True)
+                     out=folder / f"q_{setting}", overwrite=True, copy_model=True)  # the teacher stays float
     res = qat(teacher, folder / f"q_{setting}", source, folder / f"qat_{setting}", qat_cfg, eval_data=None,
               progress=False, overwrite=True)
     wall = time.perf_counter() - t0 + prep_s
