@@ -16,8 +16,10 @@ For each teacher (``--teacher``; default the shipped CNN and ViT), method and se
    it is trained once per teacher, method and seed, and every setting's wall time counts its training.
 
 Pixel rows spend the same wall time on pixel inversion: QAT from online synthesis (dense; and
-sparse for a ViT teacher), each epoch inverting 32 images for 200 iterations, stopped at the mean
-wall time of the generator rows of that teacher and setting. Rows without a trained generator
+sparse for a ViT teacher), each epoch inverting 32 images for 200 iterations, with as many epochs
+(cosine learning rate over them) as the mean wall time of the generator rows of that teacher and
+setting holds, judged from the time of the calibration pool (one epoch's synthesis) times 1.3, and
+stopped at that time if the estimate was short. Rows without a trained generator
 (pixel, akt) are calibrated on a pool of 32 images inverted the same way, its time counted. Finished cells are kept in
 ``results/NAME_cells.json``, so a rerun only runs what is missing.
 
@@ -27,6 +29,7 @@ Run:  python benchmarks/generators.py        (hours on 2 CPU cores; --methods / 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -52,6 +55,7 @@ from smi.quant.qat import QatConfig, qat  # noqa: E402
 from smi.utils.io import atomic_write_json  # noqa: E402
 
 METHODS = ["gdfq", "qimera", "texq", "acq", "causal", "akt"]
+PIXEL_EPOCH_COST = 1.3  # a pixel epoch's seconds over its pool's synthesis seconds (the QAT steps on top), estimated
 
 
 def images_per_second(folder: Path, teacher, n: int = 256) -> float:
@@ -109,6 +113,10 @@ def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, 
                                 sparsity=SparsityConfig().scaled(200 / 4000) if sparse else SparsityConfig(()))
         calib = PoolSource(str(synthesize(teacher, synth, 32, folder / "calib_pool", seed=seed, progress=False,
                                           grid=False, overwrite=True).folder))
+        if qat_cfg.time_budget_s:  # as many epochs (each one such pool + its steps) as the budget holds, cosine
+            per_epoch = PIXEL_EPOCH_COST * (time.perf_counter() - t0)  # over them
+            fits = int((qat_cfg.time_budget_s - (time.perf_counter() - t0)) / per_epoch)
+            qat_cfg = dataclasses.replace(qat_cfg, epochs=max(qat_cfg.epochs, fits))
         source = OnlineSource(synth) if method != "akt" else OnlineGeneratorSource(
             gen_cfg, steps=gen_steps, adversarial=1.0, game="adadfq")
     else:
@@ -123,7 +131,7 @@ def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, 
               progress=False, overwrite=True)
     wall = time.perf_counter() - t0 + prep_s
     top1 = evaluate(res.model, data, progress=False)["top1"]
-    return {"top1": top1, "wall_s": round(wall, 1), "images_per_s": rate}
+    return {"top1": top1, "wall_s": round(wall, 1), "images_per_s": rate, "epochs": res.epochs}
 
 
 def main() -> None:
@@ -151,7 +159,7 @@ def main() -> None:
         for setting in args.settings:
             walls: list[float] = []
             for method in args.methods + [f"pixel-{k}" for k in args.pixel if k == "dense" or vit]:
-                accs, secs, rates = [], [], []
+                accs, secs, rates, epochs = [], [], [], []
                 for seed in args.seeds:
                     budget = statistics.mean(walls) if walls else None
                     qat_cfg, gen_cfg = configs(method, seed, args, work, tname, budget, vit)
@@ -166,6 +174,7 @@ def main() -> None:
                         print(f"{tname} {setting} {method} seed {seed}: {cell['top1']:.2f} ({cell['wall_s']:.0f} s)",
                               file=sys.stderr, flush=True)
                     accs.append(cell["top1"])
+                    epochs.append(cell.get("epochs"))
                     secs.append(cell["wall_s"])
                     if cell["images_per_s"]:
                         rates.append(cell["images_per_s"])
@@ -175,14 +184,17 @@ def main() -> None:
                 rows.append({"teacher": tname, "setting": setting, "method": method, "top1": round(mean, 2),
                              "top1_std": round(std, 2), "top1_per_seed": accs, "seeds": args.seeds,
                              "wall_s": round(statistics.mean(secs), 1),
-                             "images_per_s": round(statistics.mean(rates), 1) if rates else None})
+                             "images_per_s": round(statistics.mean(rates), 1) if rates else None,
+                             "qat_epochs_per_seed": epochs})
                 table.append([tname, setting, method, f"{mean:.2f} ± {std:.2f}", f"{statistics.mean(secs):.0f}",
                               f"{statistics.mean(rates):.0f}" if rates else "-", tested])
     header = ["teacher", "bits", "method", "top-1 (%)", "wall s", "generated images / s", "test data"]
     note = (f"\nrepq W/A bits, 32 calibration images, QAT {args.qat_epochs} x {args.qat_steps} steps of batch 32 "
             f"on fresh images; generators trained {args.gen_epochs} x {args.gen_steps} steps of batch 64; mean ± std "
             f"over seeds {args.seeds}. pixel-*: QAT from online pixel inversion (32 images x 200 iterations per "
-            "epoch), stopped at the generator rows' mean wall time.\n")
+            "epoch), as many epochs as the generator rows' mean wall time holds (estimated from the calibration "
+            "pool's synthesis time; stopped at that time if short); akt: calibrated on such a pool, then QAT with a "
+            "gdfq generator trained alongside (AdaDFQ's game). Images / s: one timing of 256 images per cell.\n")
     publish(args.name, "generators", vars(args), header, table, note, rows)
 
 
