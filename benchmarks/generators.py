@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -105,31 +104,35 @@ def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, 
              folder: Path, data, vit: bool, gen_steps: int) -> dict:  # noqa: ANN001
     """Train (generator), calibrate and fine-tune one cell; its top-1, wall time and images per second."""
     w, a = bits(setting)
-    t0 = time.perf_counter()
-    rate, prep_s = None, 0.0
+    rate, prep_s = None, 0.0  # prep_s: seconds made before calibration (a generator's training, a pixel pool)
     if method == "akt" or method.startswith("pixel"):  # no trained generator: calibrated on a small pixel pool
         sparse = method == "pixel-sparse"
         synth = InversionConfig(iterations=200, batch_size=32, jitter_unit="patch" if vit else "pixel",
                                 sparsity=SparsityConfig().scaled(200 / 4000) if sparse else SparsityConfig(()))
-        calib = PoolSource(str(synthesize(teacher, synth, 32, folder / "calib_pool", seed=seed, progress=False,
-                                          grid=False, overwrite=True).folder))
+        made = synthesize(teacher, synth, 32, folder / "calib_pool", seed=seed, progress=False, grid=False,
+                          overwrite=True)
+        prep_s, calib = made.seconds, PoolSource(str(made.folder))  # seconds recorded in the pool, resumed or not
         if qat_cfg.time_budget_s:  # as many epochs (each one such pool + its steps) as the budget holds, cosine
-            per_epoch = PIXEL_EPOCH_COST * (time.perf_counter() - t0)  # over them
-            fits = int((qat_cfg.time_budget_s - (time.perf_counter() - t0)) / per_epoch)
+            fits = int((qat_cfg.time_budget_s - prep_s) / (PIXEL_EPOCH_COST * prep_s))  # over them
             qat_cfg = dataclasses.replace(qat_cfg, epochs=max(qat_cfg.epochs, fits))
         source = OnlineSource(synth) if method != "akt" else OnlineGeneratorSource(
             gen_cfg, steps=gen_steps, adversarial=1.0, game="adadfq")
     else:
         prep_s = trained_generator(teacher, method, gen_cfg, folder, seed)
         rate = images_per_second(folder / "generator", teacher)  # a measurement, not part of the cell's work
-        t0 = time.perf_counter()  # the training's seconds are prep_s, counted once below
         source = calib = GeneratorSource(str(folder / "generator"))
-    shutil.rmtree(folder / f"qat_{setting}", ignore_errors=True)  # a finished QAT run would resume in no time
+    t0 = time.perf_counter()
     quantize_teacher(teacher, QuantConfig.create("repq", w_bits=w, a_bits=a), calib, num_images=32, seed=seed,
                      out=folder / f"q_{setting}", overwrite=True, copy_model=True)  # the teacher stays float
+    quantize_s = time.perf_counter() - t0
     res = qat(teacher, folder / f"q_{setting}", source, folder / f"qat_{setting}", qat_cfg, eval_data=None,
               progress=False, overwrite=True)
-    wall = time.perf_counter() - t0 + prep_s
+    # every part's seconds as its own record keeps them (the pool's manifest, the generator's wall file, the QAT
+    # log), so a run resumed after an interruption, or found finished, counts what it took; a trained generator's
+    # source reports that generator's training as its other seconds: counted once, in prep_s
+    last = res.log[-1]
+    qat_s = last["train_s"] + (0.0 if isinstance(source, GeneratorSource) else last.get("other_s", 0.0))
+    wall = prep_s + quantize_s + qat_s
     top1 = evaluate(res.model, data, progress=False)["top1"]
     return {"top1": top1, "wall_s": round(wall, 1), "images_per_s": rate, "epochs": res.epochs}
 
