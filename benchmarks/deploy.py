@@ -2,13 +2,15 @@
 
 For the shipped teacher and DeiT-Tiny / -Small / -Base (random weights: latency does not depend on
 them), W8A8 quantized by smi (``--quantizer``, calibrated on ``--calib``), then exported by every
-format in ``smi.quant.export.EXPORTERS``. Latency per batch size of: fp32 eager PyTorch, smi's
-fake-quant simulation (eager), fp32 onnxruntime, and each exported integer model, on the same
-threads; contenders alternate within each repeat and the table gives medians. Model file sizes
+format in ``smi.quant.export.EXPORTERS``. Latency per batch size of: fp32 eager PyTorch, fp32
+compiled by Inductor (with freezing, as the pt2e export is), smi's fake-quant simulation (eager),
+fp32 onnxruntime, and each exported integer model, on the same threads (compiles happen in the
+warm-up); contenders alternate within each repeat and the table gives medians. Model file sizes
 (fp32 safetensors vs the exported file). For the shipped teacher, also top-1 on its whole test split
 of the simulation and of each exported model.
 
-Run:  python benchmarks/deploy.py            (about 15 minutes on 2 CPU cores)
+Run:  python benchmarks/deploy.py --models fmnist_vit_tiny deit_tiny_patch16_224 deit_small_patch16_224
+      (about 30 minutes on 2 CPU cores; DeiT-Base adds as much again)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from smi.models.loading import load_teacher, save_teacher  # noqa: E402
 from smi.quant import QuantConfig  # noqa: E402
 from smi.quant.export import EXPORTERS, export_quantized, load_exported  # noqa: E402
 from smi.quant.pipeline import quantize_teacher  # noqa: E402
+from smi.quant.pt2e import Compiled  # noqa: E402
 
 MODELS = ["fmnist_vit_tiny", "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 
@@ -82,14 +85,15 @@ def main() -> None:
                                  out=tmp / f"{name}_q", progress=False)
             sim = q.model.eval()
             fp32_file = save_teacher(load_teacher(name).model, tmp / f"{name}.safetensors", arch=teacher.arch)
-            contenders = {"fp32 eager": load_teacher(name).model.eval(), "fake-quant simulation": sim}
+            contenders = {"fp32 eager": load_teacher(name).model.eval(), "fake-quant simulation": sim,
+                          "fp32 compiled": Compiled(load_teacher(name).model.eval(), compiled=True)}
             example = torch.randn(2, *teacher.input_size)
             contenders["fp32 onnxruntime"] = _onnx_fp32(load_teacher(name).model.eval(), example,
                                                        tmp / f"{name}_fp32.onnx")
             sizes = {"fp32 safetensors": fp32_file.stat().st_size}
             for fmt in EXPORTERS.names():
                 res = export_quantized(load_teacher(name), q.folder, fmt, tmp / f"{name}_{fmt}")
-                contenders[f"int {fmt}"], _ = load_exported(res.folder, teacher)
+                contenders[f"int {fmt}"], _ = load_exported(res.folder, load_teacher(name))
                 sizes[f"int {fmt}"] = res.file.stat().st_size
             accuracy = {}
             if teacher.dataset is not None:

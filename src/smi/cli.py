@@ -738,7 +738,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from smi.quant.export import load_exported
 
         if args.device != "cpu":
-            raise SmiError("--exported runs on the CPU (onnxruntime's CPU provider); drop --device")
+            raise SmiError("--exported runs on the CPU (onnxruntime's CPU provider, or Inductor's x86 int8 "
+                           "kernels); drop --device")
         model, _ = load_exported(args.exported, teacher)
     ds = eval_dataset(model_dataset(teacher, args.data), teacher, args.limit)
     if teacher.task == "segmentation":
@@ -789,7 +790,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     from smi.quant.export import EXPORTERS
 
-    p = sub.add_parser("export", help="turn a quantized folder into a model an integer runtime runs (ONNX QDQ)",
+    p = sub.add_parser("export", help="turn a quantized folder into a model an integer runtime runs (onnx, pt2e)",
                        formatter_class=_Formatter,
                        description="Export the model `smi quantize` calibrated, at its own scales, in a format whose "
                        "runtime executes it in integers; `smi eval --exported FOLDER` measures it.\n\nformats:\n"

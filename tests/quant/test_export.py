@@ -85,10 +85,11 @@ def test_eval_exported_reports_the_integer_models_accuracy(world, capsys):
 
 
 def test_export_registry_drives_the_cli(capsys):
-    assert EXPORTERS.names() == ["onnx"]
+    assert EXPORTERS.names() == ["onnx", "pt2e"]
     with pytest.raises(SystemExit):
         main(["export", "--help"])
-    assert "onnx" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "onnx" in out and "pt2e" in out
 
 
 @pytest.mark.parametrize("case", ["another teacher", "unknown format", "runtime missing", "a user's folder",

@@ -16,6 +16,7 @@ result is checked against the simulation when it is written.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -61,10 +62,12 @@ class Exporter:
             raise SmiError(f"exporting needs {', '.join(missing)}, which is not installed: "
                            f"pip install 'smi[export]'")
 
-    def write(self, model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    def write(self, model: nn.Module, example: torch.Tensor, path: Path, float_model: nn.Module) -> None:
+        """Write ``model`` (converted, quantized) to ``path``; ``float_model`` is a float copy of the teacher."""
         raise NotImplementedError
 
-    def load(self, path: Path, threads: int | None = None) -> nn.Module:
+    def load(self, path: Path, float_model: nn.Module, threads: int | None = None) -> nn.Module:
+        """The integer model in ``path`` as a module; ``float_model`` is the teacher's (its architecture)."""
         raise NotImplementedError
 
 
@@ -142,7 +145,6 @@ def _int_weight(m: WeightQuantMixin) -> None:
 
 def exportable(model: nn.Module) -> nn.Module:
     """A copy of a converted quantized model whose quantizers are operators the ONNX exporter understands."""
-    import copy
 
     out = copy.deepcopy(model).eval()
     for name, m in list(out.named_modules()):
@@ -206,10 +208,10 @@ class OnnxExporter(Exporter):
     file_name = "model.onnx"
     requires = ("onnx", "onnxscript", "onnxruntime")
 
-    def write(self, model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    def write(self, model: nn.Module, example: torch.Tensor, path: Path, float_model: nn.Module) -> None:
         write_onnx(exportable(model), example, path, optimize=False, slim=True)
 
-    def load(self, path: Path, threads: int | None = None) -> nn.Module:
+    def load(self, path: Path, float_model: nn.Module, threads: int | None = None) -> nn.Module:
         return _OrtModule(path, threads)
 
 
@@ -264,6 +266,7 @@ def export_quantized(teacher: Teacher, quantized: str | Path, fmt: str, out: str
     if (folder / META).exists() and not overwrite and read_format_json(folder / META, EXPORT_FORMAT, "export"
                                                                         ).get("file"):
         raise SmiError(f"{folder} already holds an export; use another folder or --overwrite", param="out")
+    float_model = copy.deepcopy(teacher.model).eval()  # before load_quantized quantizes teacher.model in place
     model, meta = load_quantized(quantized, teacher)
     model.eval()
     images = check_images if check_images is not None else \
@@ -274,14 +277,14 @@ def export_quantized(teacher: Teacher, quantized: str | Path, fmt: str, out: str
     atomic_write_json(folder / META, {"format": EXPORT_FORMAT, "export": fmt, "file": None})
     path = folder / exporter_cls.file_name
     try:
-        exporter.write(model, images[:2], path)
+        exporter.write(model, images[:2], path, float_model)
     except SmiError:
         raise
     except Exception as e:  # the exporter's own failure on this model: one line, not a traceback
         raise SmiError(f"cannot export {teacher.spec} as {fmt}: {(str(e).splitlines() or [type(e).__name__])[0][:300]}"
                        ) from None
     with torch.no_grad():
-        agreement = _agreement(model(images), exporter.load(path)(images))
+        agreement = _agreement(model(images), exporter.load(path, float_model)(images))
     atomic_write_json(folder / META, {"format": EXPORT_FORMAT, "export": fmt, "file": path.name,
                                       "teacher": teacher.identity(), "quantization": meta["config"],
                                       "quantized_from": str(Path(quantized)), "check": agreement})
@@ -305,4 +308,7 @@ def load_exported(folder: str | Path, teacher: Teacher, threads: int | None = No
     path = folder / meta["file"]
     if path.name != meta["file"] or not path.is_file():
         raise SmiError(f"{folder}: the exported file {meta['file']!r} is not there")
-    return exporter_cls().load(path, threads), json.loads(json.dumps(meta))
+    return exporter_cls().load(path, teacher.model.eval(), threads), json.loads(json.dumps(meta))
+
+
+from smi.quant import pt2e as _pt2e  # noqa: E402,F401  (registers the pt2e format)
