@@ -119,12 +119,23 @@ def test_pt2e_refusals(world, case, capsys, monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_integer_model_agrees_with_the_simulation(world, tmp_path):
-    assert _export(world, "q_baseline_w8a8", tmp_path / "x") == 0
-    sim, _ = load_quantized(world["dir"] / "q_baseline_w8a8", load_teacher(world["ckpt"]))
-    model, _ = load_exported(tmp_path / "x", load_teacher(world["ckpt"]))
-    for n in (16, 3):  # a second batch size compiles again
+def test_compiled_integer_model_agrees_with_the_simulation(tmp_path):
+    """The shipped teacher (a convolutional stem) compiled at two batch sizes, as an evaluation's last batch is."""
+    assert main(["quantize", "--model", "fmnist_vit_tiny", "--calib", "noise", "--calib-images", "8",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert main(["export", "--model", "fmnist_vit_tiny", "--quantized", str(tmp_path / "q"), "--format", "pt2e",
+                 "--out", str(tmp_path / "x")]) == 0
+    sim, _ = load_quantized(tmp_path / "q", load_teacher("fmnist_vit_tiny"))
+    model, _ = load_exported(tmp_path / "x", load_teacher("fmnist_vit_tiny"))
+    PT2EExporter.compiled = False
+    try:
+        reference, _ = load_exported(tmp_path / "x", load_teacher("fmnist_vit_tiny"))  # the same graph in eager
+    finally:
+        PT2EExporter.compiled = True
+    for n in (16, 5):  # a second batch size compiles again
+        x = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(n))
         with torch.no_grad():
-            ref, out = sim.eval()(_x(n)), model(_x(n))
-        assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.9
-        assert (ref - out).abs().max() <= 0.05 * ref.abs().max()
+            ref, out, sim_out = reference(x), model(x), sim.eval()(x)
+        # Inductor's int8 kernels compute the reference graph's codes up to rounding ties
+        assert (ref - out).abs().max() <= 0.01 * ref.abs().max()
+        assert (sim_out.argmax(1) == out.argmax(1)).float().mean() >= 0.9

@@ -207,7 +207,8 @@ class Compiled(nn.Module):
     def __init__(self, graph: nn.Module, compiled: bool) -> None:
         super().__init__()
         self.graph_module = graph
-        self.fn = torch.compile(graph) if compiled else graph
+        # one static compile per batch size: Inductor's int8 convolution lowering fails on a dynamic batch
+        self.fn = torch.compile(graph, dynamic=False) if compiled else graph
 
     def train(self, mode: bool = True) -> Compiled:
         """Inference only: the flag flips, the graph is left alone (an exported graph refuses ``train``/``eval``)."""
