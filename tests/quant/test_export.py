@@ -85,7 +85,7 @@ def test_eval_exported_reports_the_integer_models_accuracy(world, capsys):
 
 
 def test_export_registry_drives_the_cli(capsys):
-    assert EXPORTERS.names() == ["onnx", "pt2e"]
+    assert EXPORTERS.names() == ["onnx", "pt2e", "pt2e-bf16"]
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     out = capsys.readouterr().out

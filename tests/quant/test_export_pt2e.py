@@ -139,3 +139,12 @@ def test_compiled_integer_model_agrees_with_the_simulation(tmp_path):
         # Inductor's int8 kernels compute the reference graph's codes up to rounding ties
         assert (ref - out).abs().max() <= 0.01 * ref.abs().max()
         assert (sim_out.argmax(1) == out.argmax(1)).float().mean() >= 0.9
+    # int8-mixed-bf16: the float operations in bfloat16
+    assert main(["export", "--model", "fmnist_vit_tiny", "--quantized", str(tmp_path / "q"), "--format", "pt2e-bf16",
+                 "--out", str(tmp_path / "xb")]) == 0
+    mixed, meta = load_exported(tmp_path / "xb", load_teacher("fmnist_vit_tiny"))
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        out, sim_out = mixed(x), sim.eval()(x)
+    assert out.dtype == torch.float32 and meta["export"] == "pt2e-bf16"
+    assert (sim_out.argmax(1) == out.argmax(1)).float().mean() >= 0.9

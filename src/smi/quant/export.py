@@ -225,6 +225,9 @@ class _OrtModule(nn.Module):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
+        # idle runtime threads sleep instead of spinning: a spinning pool would take the cores from torch's own
+        # threads running next in the same process (a timing of anything after an onnxruntime call, data loading)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

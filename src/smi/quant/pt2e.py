@@ -204,9 +204,9 @@ class Compiled(nn.Module):
     """A graph (or any module) compiled by Inductor with freezing: weights become constants, and in a converted
     PT2E graph the quantize/dequantize pairs fuse into int8 kernels."""
 
-    def __init__(self, graph: nn.Module, compiled: bool) -> None:
+    def __init__(self, graph: nn.Module, compiled: bool, bf16: bool = False) -> None:
         super().__init__()
-        self.graph_module = graph
+        self.graph_module, self.bf16 = graph, bf16
         # one static compile per batch size: Inductor's int8 convolution lowering fails on a dynamic batch
         self.fn = torch.compile(graph, dynamic=False) if compiled else graph
 
@@ -218,8 +218,9 @@ class Compiled(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor
 
-        with torch.no_grad(), inductor.patch(freezing=True, cpp_wrapper=True), _quiet():
-            return self.fn(x.detach().float().cpu())
+        with torch.no_grad(), inductor.patch(freezing=True, cpp_wrapper=True), _quiet(), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.fn(x.detach().float().cpu()).float()
 
 
 @EXPORTERS.register("pt2e")
@@ -230,6 +231,7 @@ class PT2EExporter(Exporter):
     file_name = "model.safetensors"
     requires = ("torchao",)
     compiled = True  # False: the converted graph runs in eager (reference quantize/dequantize; for tests)
+    bf16 = False  # the float operations in bfloat16 (PyTorch's "int8-mixed-bf16")
 
     def write(self, model: nn.Module, example: torch.Tensor, path: Path, float_model: nn.Module) -> None:
         from safetensors.torch import save
@@ -250,5 +252,13 @@ class PT2EExporter(Exporter):
         except Exception as e:  # safetensors' own errors, a missing or malformed header
             raise SmiError(f"{path}: not a pt2e export ({(str(e).splitlines() or ['?'])[0][:200]})") from None
         example = torch.zeros(2, *meta["input_size"])
-        return Compiled(integer_graph(tensors, meta, float_model, example), self.compiled)
+        return Compiled(integer_graph(tensors, meta, float_model, example), self.compiled, self.bf16)
+
+
+@EXPORTERS.register("pt2e-bf16")
+class PT2EBf16Exporter(PT2EExporter):
+    """pt2e with the float operations (attention products, softmax, norms, GELU, the int8 layers' outputs) in
+    bfloat16 under autocast, PyTorch's "int8-mixed-bf16"; for CPUs with native bf16 (AVX512-BF16, AMX)."""
+
+    bf16 = True
 
