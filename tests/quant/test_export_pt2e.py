@@ -118,6 +118,25 @@ def test_pt2e_refusals(world, case, capsys, monkeypatch, tmp_path):
     assert not (tmp_path / "x" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("damage", ["not safetensors", "no scales"])
+def test_damaged_pt2e_file_is_one_error_line(world, eager, tmp_path, capsys, damage):
+    from safetensors.torch import save_file
+
+    assert _export(world, "q_baseline_w8a8", tmp_path / "x") == 0
+    path = tmp_path / "x" / "model.safetensors"
+    if damage == "not safetensors":
+        path.write_bytes(b"junk")
+    else:
+        tensors = load_file(str(path))
+        save_file({k: v for k, v in tensors.items() if not k.endswith("input_scale")}, str(path),
+                  metadata={"smi": json.dumps({"layers": ["head"], "input_size": [3, 32, 32]})})
+    capsys.readouterr()
+    assert main(["eval", "--model", world["ckpt"], "--exported", str(tmp_path / "x"), "--limit", "2",
+                 "--data", "noise"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in last and "not a pt2e export" in last, last
+
+
 @pytest.mark.slow
 def test_compiled_integer_model_agrees_with_the_simulation(tmp_path):
     """The shipped teacher (a convolutional stem) compiled at two batch sizes, as an evaluation's last batch is."""

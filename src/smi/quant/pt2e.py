@@ -251,7 +251,12 @@ class PT2EExporter(Exporter):
             tensors = load_file(str(path))
         except Exception as e:  # safetensors' own errors, a missing or malformed header
             raise SmiError(f"{path}: not a pt2e export ({(str(e).splitlines() or ['?'])[0][:200]})") from None
-        example = torch.zeros(2, *meta["input_size"])
+        layers, size = meta.get("layers"), meta.get("input_size")
+        if not isinstance(layers, list) or not isinstance(size, list) or any(
+                f"{n}.{k}" not in tensors for n in layers for k in ("weight", "weight_scale", "input_scale",
+                                                                     "input_zero_point")):
+            raise SmiError(f"{path}: not a pt2e export (its layer list, input size or a layer's scales are missing)")
+        example = torch.zeros(2, *size)
         return Compiled(integer_graph(tensors, meta, float_model, example), self.compiled, self.bf16)
 
 
