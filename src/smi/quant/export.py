@@ -145,7 +145,6 @@ def _int_weight(m: WeightQuantMixin) -> None:
 
 def exportable(model: nn.Module) -> nn.Module:
     """A copy of a converted quantized model whose quantizers are operators the ONNX exporter understands."""
-
     out = copy.deepcopy(model).eval()
     for name, m in list(out.named_modules()):
         for cname, child in list(m.named_children()):

@@ -41,6 +41,7 @@ from smi.utils.io import atomic_write_bytes
 
 __all__ = ["Compiled", "PT2EExporter", "integer_graph"]
 
+_LAYER_KEYS = ("weight", "weight_scale", "input_scale", "input_zero_point")  # a quantized layer's tensors in the file
 _EPS = 1e-12  # observers' smallest scale (torchao's default 2**-12 would clamp small per-channel weight scales)
 
 
@@ -97,20 +98,24 @@ def pack(model: nn.Module, float_model: nn.Module) -> tuple[dict[str, torch.Tens
     return tensors, {"layers": sorted(layers)}
 
 
+def _on_grid(layer: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A quantized layer's float weight: its codes times its per-channel scales (smi's fake-quantized weight)."""
+    codes = layer["weight"]
+    return codes.float() * layer["weight_scale"].view(-1, *([1] * (codes.dim() - 1)))
+
+
 def _unpack(tensors: dict[str, torch.Tensor], meta: dict[str, Any], float_model: nn.Module
             ) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
     """``float_model``'s architecture holding the file's parameters, quantized weights on their grid (codes times
     scales), and each quantized layer's scales."""
-    layers = {name: {k: tensors[f"{name}.{k}"] for k in ("weight", "weight_scale", "input_scale",
-                                                          "input_zero_point")} for name in meta["layers"]}
+    layers = {name: {k: tensors[f"{name}.{k}"] for k in _LAYER_KEYS} for name in meta["layers"]}
     state = {}
     for key in float_model.state_dict():
         if key not in tensors:
             raise SmiError(f"the exported file has no {key!r}: it was not exported from this teacher")
         state[key] = tensors[key]
     for name, q in layers.items():
-        codes = q["weight"]
-        state[f"{name}.weight"] = codes.float() * q["weight_scale"].view(-1, *([1] * (codes.dim() - 1)))
+        state[f"{name}.weight"] = _on_grid(q)
     twin = copy.deepcopy(float_model).eval()
     twin.load_state_dict(state)
     return twin, layers
@@ -164,8 +169,7 @@ def _seed(prepared: torch.fx.GraphModule, layers: dict[str, dict[str, torch.Tens
         if src.op == "get_attr":  # a weight: per output channel, symmetric
             (name,) = set(users)
             q = layers[name]
-            grid = q["weight"].float() * q["weight_scale"].view(-1, *([1] * (q["weight"].dim() - 1)))
-            if not torch.equal(functools.reduce(getattr, src.target.split("."), prepared), grid):
+            if not torch.equal(functools.reduce(getattr, src.target.split("."), prepared), _on_grid(q)):
                 raise SmiError(f"pt2e: {name}'s weight is changed before it is quantized (BatchNorm folded into "
                                "it?): smi's scales do not apply; use --format onnx")
             _fix(obs, q["weight_scale"], torch.zeros_like(q["weight_scale"]))
@@ -253,8 +257,7 @@ class PT2EExporter(Exporter):
             raise SmiError(f"{path}: not a pt2e export ({(str(e).splitlines() or ['?'])[0][:200]})") from None
         layers, size = meta.get("layers"), meta.get("input_size")
         if not isinstance(layers, list) or not isinstance(size, list) or any(
-                f"{n}.{k}" not in tensors for n in layers for k in ("weight", "weight_scale", "input_scale",
-                                                                     "input_zero_point")):
+                f"{n}.{k}" not in tensors for n in layers for k in _LAYER_KEYS):
             raise SmiError(f"{path}: not a pt2e export (its layer list, input size or a layer's scales are missing)")
         example = torch.zeros(2, *size)
         return Compiled(integer_graph(tensors, meta, float_model, example), self.compiled, self.bf16)
