@@ -89,7 +89,8 @@ class Cells:
 
 SYNTHESIS_SETTINGS = {"lr": float, "tv_l2": float, "tv_l1": float, "l2": float, "jitter": float, "iterations": int,
                       "color_shift": float, "jitter_unit": str, "blur": float}  # InversionConfig fields
-STUDENT_SETTINGS = {"augment_color": "color_shift", "augment_background": "background"}  # -> DistillConfig fields
+STUDENT_SETTINGS = {"augment_color": "color_shift", "augment_background": "background",
+                    "attention": "attention"}  # -> DistillConfig fields
 
 
 @dataclass

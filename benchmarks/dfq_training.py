@@ -78,6 +78,9 @@ def main() -> None:
                    help="probability that a QAT batch is replaced by mixtures of its images (the teacher labels them)")
     p.add_argument("--qat-feature-loss", default="none", choices=list(FEATURE_LOSSES),
                    help="QAT's term on every block's output tokens (smi qat --feature-loss)")
+    p.add_argument("--qat-attention", type=float, default=0.0,
+                   help="QAT's attention transfer weight (smi qat --attention: head-wise KL of each block's "
+                        "attention)")
     p.add_argument("--adaptive-iterations", type=int, default=200,
                    help="adaptive stage: inversion steps of each epoch's psaq-v2 batch (32 images)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (smoke runs)")
@@ -108,7 +111,8 @@ def main() -> None:
 
     def qat_cfg(seed: int) -> QatConfig:
         return QatConfig(epochs=args.qat_epochs, steps_per_epoch=args.qat_steps, train_images=args.calib_images,
-                         lr=args.qat_lr, mixup=args.qat_mixup, feature_loss=args.qat_feature_loss, seed=seed)
+                         lr=args.qat_lr, mixup=args.qat_mixup, feature_loss=args.qat_feature_loss,
+                         attention=args.qat_attention, seed=seed)
 
     rows, table, tested = [], [], {}
     for model_name in args.models:
@@ -196,7 +200,8 @@ def main() -> None:
             f"pools of {args.iterations} inversion iterations, one per seed); reconstruction: "
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}; QAT after "
             f"it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} cosine, mixup "
-            f"{args.qat_mixup:g}, feature loss {args.qat_feature_loss}, KL at T="
+            f"{args.qat_mixup:g}, feature loss {args.qat_feature_loss}, attention transfer {args.qat_attention:g}, "
+            f"KL at T="
             f"{QatConfig().temperature:g}, on the same images. Wall time of '+ QAT' includes the reconstruction."
             + (f" PSAQ-V2 adaptive: from the same reconstruction, {args.qat_epochs} epochs, each inverting 32 new "
                f"psaq-v2 images ({args.adaptive_iterations} iterations, sparse or dense as the column says) against "

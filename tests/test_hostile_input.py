@@ -256,6 +256,12 @@ def _cases():
         "invert: blur above 1": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--blur", "1.5", "--out", "{d}/o"],
                                  "--blur"),
         # students that cannot take the teacher's images
+        "distill: attention transfer to a CNN student": (lambda w: ["distill", "--teacher", w["ckpt"], "--student",
+                                                                    "resnet10t", "--attention", "1", "--noise",
+                                                                    "--eval-data", "none", "--out", "{d}/o"],
+                                                         "timm ViT student"),
+        "distill: negative attention weight": (lambda w: ["distill", "--teacher", w["ckpt"], "--noise", "--attention",
+                                                          "-1", "--out", "{d}/o"], "--attention"),
         "distill: a student that cannot read the images": (lambda w: ["distill", "--teacher", w["ckpt"], "--student",
                                                                       "efficientformer_l1", "--noise", "--eval-data",
                                                                       "none", "--out", "{d}/o"], "cannot read 3x32x32"),

@@ -349,3 +349,77 @@ def test_background_fill_shows_the_student_the_teachers_object_on_a_random_backg
     assert "background" not in DistillConfig().to_dict()
     with pytest.raises(SmiError, match="background"):
         DistillConfig(background=1.5)
+
+
+def test_attention_transfer_is_rowwise_kl_headwise_or_head_averaged():
+    """Against a direct computation: KL(t || s) of each query's row, head by head when the head counts match, of
+    the head means when they do not; zero for identical maps."""
+    from smi.transfer.loop import attention_transfer
+
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 2, 5, 5).softmax(-1), torch.randn(3, 2, 5, 5).softmax(-1)
+    expected = sum(float((t[b, h, q] * (t[b, h, q] / s[b, h, q]).log()).sum())
+                   for b in range(3) for h in range(2) for q in range(5)) / (3 * 2 * 5)
+    assert attention_transfer(s, t).item() == pytest.approx(expected, rel=1e-5)
+    assert attention_transfer(t, t).abs() < 1e-6
+    t4 = torch.randn(3, 4, 5, 5).softmax(-1)
+    sm, tm = s.mean(1), t4.mean(1)
+    expected = float((tm * (tm / sm).log()).sum(-1).mean())
+    assert attention_transfer(s, t4).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_attention_pairs_map_student_blocks_onto_teacher_depth():
+    from smi.transfer.loop import attention_pairs
+
+    teacher = tiny_vit(depth=4)
+    for depth, expected in ((4, [0, 1, 2, 3]), (2, [1, 3]), (1, [3]), (3, [1, 2, 3])):
+        student = tiny_vit(depth=depth, embed_dim=16)
+        pairs = attention_pairs(teacher, student)
+        assert [a is b.attn for (a, _), b in zip(pairs, student.blocks, strict=True)] == [True] * depth
+        assert [[b.attn for b in teacher.blocks].index(t) for _, t in pairs] == expected
+    with pytest.raises(SmiError, match="patch grid"):
+        attention_pairs(teacher, tiny_vit(patch_size=4))
+    with pytest.raises(SmiError, match="timm ViT student"):
+        attention_pairs(teacher, torch.nn.Conv2d(3, 3, 1))
+
+
+def test_attention_transfer_pulls_the_students_maps_to_the_teachers(tiny_teacher, sparse_pool, tmp_path, monkeypatch):
+    """With --attention the loss holds the attention term over the kept tokens both models saw (each student
+    block against its teacher block), training lowers it, and the setting joins the run's identity."""
+    import smi.transfer.loop as loop
+    from smi.models.sparse import AttentionCapture
+
+    seen, transfer = [], loop.attention_transfer
+    monkeypatch.setattr(loop, "attention_transfer", lambda s, t: (seen.append((s.shape, t.shape)), transfer(s, t))[1])
+
+    def gap(student: Student) -> float:
+        images = load_pool(sparse_pool)
+        keep = loop.mask_to_indices(images.masks)
+        x = images.images.float()
+        with torch.no_grad(), AttentionCapture(student.model.blocks[1].attn) as s, \
+                AttentionCapture(tiny_teacher.model.blocks[1].attn) as t:
+            loop._logits(student.model.eval(), x, keep), loop._logits(tiny_teacher.model, x, keep)
+        return float(transfer(s.attn, t.attn))
+
+    student = _student()
+    before = gap(student)
+    distill(tiny_teacher, student, PoolSource(sparse_pool), tmp_path / "kd",
+            DistillConfig(epochs=8, batch_size=8, augment=False, lr=1e-2, attention=100.0), eval_data=None,
+            progress=False)
+    assert seen and all(s == t == (8, 2, 5, 5) for s, t in seen)  # class token + 4 kept patches, both models
+    assert len(seen) == 2 * 8  # two block pairs, one step per epoch
+    assert gap(student) < 0.5 * before
+    assert json.loads((tmp_path / "kd" / "config.json").read_text())["config"]["attention"] == 100.0
+    assert "attention" not in DistillConfig().to_dict()
+    with pytest.raises(SmiError, match="background"):
+        DistillConfig(attention=1.0, background=0.5)
+    with pytest.raises(SmiError, match="attention"):
+        DistillConfig(attention=-1.0)
+
+
+def test_attention_transfer_with_a_cnn_student_is_refused_before_the_run_folder(tiny_teacher, sparse_pool, tmp_path):
+    cnn = Student(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(5)), "cnn", {}, "scratch", tokens=False)
+    with pytest.raises(SmiError, match="timm ViT student"):
+        distill(tiny_teacher, cnn, PoolSource(sparse_pool), tmp_path / "kd", DistillConfig(attention=1.0),
+                eval_data=None, progress=False)
+    assert not (tmp_path / "kd").exists()

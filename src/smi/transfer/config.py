@@ -41,6 +41,7 @@ class DistillConfig:
     eval_images: int | None = None  # first N test images for the per-epoch evaluation (None: all)
     train_images: int | None = None  # train on a fixed set of N images of the source (as calibration draws them)
     style_pairs: float = 0.0  # Causal-DFQ: weight of the student matching the teacher across style pairs
+    attention: float = 0.0  # weight of attention transfer: each block's attention rows, KL to the teacher's
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -58,20 +59,24 @@ class DistillConfig:
         for name in ("mixup", "background"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SmiError(f"must be a probability in [0, 1], got {getattr(self, name)}", param=name)
-        for name in ("ce_weight", "style_pairs"):
+        for name in ("ce_weight", "style_pairs", "attention"):
             if not getattr(self, name) >= 0:
                 raise SmiError(f"must be >= 0, got {getattr(self, name)}", param=name)
         for name in ("steps_per_epoch", "eval_images", "train_images"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise SmiError(f"must be positive, got {v}", param=name)
+        if self.attention and self.background:
+            raise SmiError("attention transfer compares the teacher's and the student's attention over the same "
+                           "tokens; with a background the student sees other tokens than the teacher",
+                           param="attention")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise SmiError(f"must be positive seconds, got {self.time_budget_s}", param="time_budget_s")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for name, unset in (("train_images", None), ("mixup", 0.0), ("color_shift", 0.0), ("background", 0.0),
-                            ("style_pairs", 0.0)):
+                            ("style_pairs", 0.0), ("attention", 0.0)):
             if d[name] == unset:  # runs recorded before the field existed still resume
                 del d[name]
         return d

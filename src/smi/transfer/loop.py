@@ -14,6 +14,7 @@ Rerunning the same command resumes; a folder made with other settings is refused
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,13 @@ from smi.evaluation import evaluate
 from smi.inversion.augment import apply_jitter, color_shift, fill_background, jitter_indices, sample_jitter
 from smi.inversion.engine import valid_range
 from smi.models.loading import Teacher, require_classifier, save_teacher
-from smi.models.sparse import mask_to_indices, sparse_forward
+from smi.models.sparse import AttentionCapture, mask_to_indices, sparse_forward
 from smi.runner import FitConfig, RunFolder, adamw, fit, plot_accuracy
 from smi.transfer.config import DistillConfig
 from smi.transfer.student import Student
 
-__all__ = ["DISTILL_FORMAT", "DistillResult", "distill", "kd_loss", "mix_images", "open_run", "train_on_teacher"]
+__all__ = ["DISTILL_FORMAT", "DistillResult", "attention_pairs", "attention_transfer", "distill", "kd_loss",
+           "mix_images", "open_run", "train_on_teacher"]
 
 DISTILL_FORMAT = "smi-distill/1"
 BACKGROUND_NOISE = 0.25  # largest texture std of a filled background, as a fraction of the pixel range
@@ -73,6 +75,40 @@ def mix_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     lam = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), generator=generator)
     perm = torch.randperm(x.shape[0], generator=generator)
     return lam * x + (1 - lam) * x[perm]
+
+
+def attention_pairs(teacher: nn.Module, student: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """The (student, teacher) attention modules that attention transfer compares: student block i with teacher
+    block ``ceil((i + 1) * Lt / Ls) - 1`` (the last with the last; equal depths pair block by block).
+
+    Both must be timm ViTs on the same patch grid with the same prefix tokens, so that their attention maps
+    cover the same tokens; anything else is refused before a run starts."""
+    def blocks(model: nn.Module, who: str) -> list[nn.Module]:
+        attns = [getattr(b, "attn", None) for b in getattr(model, "blocks", [])]
+        if not attns or not all(hasattr(a, "attn_drop") and hasattr(a, "fused_attn") for a in attns):
+            raise SmiError(f"attention transfer needs a timm ViT {who} (blocks with attention); {type(model).__name__} "
+                           "has none", param="attention")
+        return attns
+
+    t, s = blocks(teacher, "teacher"), blocks(student, "student")
+    layout = [(tuple(m.patch_embed.grid_size), m.num_prefix_tokens) for m in (teacher, student)]
+    if layout[0] != layout[1]:
+        raise SmiError(f"attention transfer compares maps over the same tokens, but the teacher has a "
+                       f"{layout[0][0]} patch grid and {layout[0][1]} prefix token(s) and the student "
+                       f"{layout[1][0]} and {layout[1][1]}", param="attention")
+    return [(a, t[-(-(i + 1) * len(t) // len(s)) - 1]) for i, a in enumerate(s)]
+
+
+def attention_transfer(student_attn: torch.Tensor, teacher_attn: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) of every query's attention distribution, mean over images, heads and queries.
+
+    Maps are (B, heads, T, T) softmax rows. Equal head counts compare head by head (MimiQ's head-wise
+    attention distillation); otherwise each model's heads are averaged first (a mean of distributions is one)."""
+    s, t = student_attn, teacher_attn
+    if s.shape[1] != t.shape[1]:
+        s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
+    eps = torch.finfo(s.dtype).tiny
+    return (t * (t.clamp_min(eps).log() - s.clamp_min(eps).log())).sum(-1).mean()
 
 
 def _logits(model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -120,6 +156,8 @@ def distill(
     """
     require_classifier(teacher, "distillation")
     cfg = config or DistillConfig()
+    if cfg.attention:
+        attention_pairs(teacher.model, student.model)  # refused before the run folder exists
     run, images, probe, test = open_run(teacher, data, out, cfg, {"student": student.identity()},
                                         fmt=DISTILL_FORMAT, what="distillation run", eval_data=eval_data,
                                         products=("student.safetensors", "student.json"), overwrite=overwrite,
@@ -170,6 +208,7 @@ def train_on_teacher(
     lo, hi = valid_range(teacher.mean, teacher.std, "cpu")
 
     pairs = cfg.style_pairs > 0 and images.paired  # open_run refused style_pairs without pairs
+    attention = attention_pairs(teacher.model, model) if cfg.attention else []
 
     def batches(epoch: int, gen: torch.Generator):
         for x, masks in images.batches(steps, cfg.batch_size, gen):
@@ -196,10 +235,15 @@ def train_on_teacher(
 
     def step(batch: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool]) -> torch.Tensor:
         x, keep, whole, paired = batch
-        with torch.no_grad():
-            t_logits = _logits(teacher.model, x, keep)
-        s_logits = _logits(model, x, keep if tokens else None) if whole is None else _logits(model, whole, None)
+        with ExitStack() as scope:
+            caps = {id(m): scope.enter_context(AttentionCapture(m)) for pair in attention for m in pair}
+            with torch.no_grad():
+                t_logits = _logits(teacher.model, x, keep)
+            s_logits = _logits(model, x, keep if tokens else None) if whole is None else _logits(model, whole, None)
         loss = kd_loss(s_logits, t_logits, cfg.temperature, cfg.ce_weight)
+        if attention:
+            loss = loss + cfg.attention * sum(attention_transfer(caps[id(a)].attn, caps[id(b)].attn)
+                                              for a, b in attention) / len(attention)
         if paired:  # Causal-DFQ's discrepancy reduction: on one style, match the teacher on the other
             from smi.generators.train import pair_disagreement
 
