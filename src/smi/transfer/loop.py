@@ -91,7 +91,8 @@ def attention_pairs(teacher: nn.Module, student: nn.Module) -> list[tuple[nn.Mod
         return attns
 
     t, s = blocks(teacher, "teacher"), blocks(student, "student")
-    layout = [(tuple(m.patch_embed.grid_size), m.num_prefix_tokens) for m in (teacher, student)]
+    layout = [(tuple(getattr(getattr(m, "patch_embed", None), "grid_size", ())), getattr(m, "num_prefix_tokens", 0))
+              for m in (teacher, student)]
     if layout[0] != layout[1]:
         raise SmiError(f"attention transfer compares maps over the same tokens, but the teacher has a "
                        f"{layout[0][0]} patch grid and {layout[0][1]} prefix token(s) and the student "
