@@ -47,7 +47,7 @@ from smi.quant.modules import WeightQuantMixin
 from smi.quant.quantizers import ActQuantizer
 from smi.runner import plot_accuracy
 from smi.transfer.config import DistillConfig
-from smi.transfer.loop import attention_pairs, kd_loss, open_run, train_on_teacher
+from smi.transfer.loop import kd_loss, open_run, train_on_teacher
 from smi.utils.io import sha256_file
 
 __all__ = ["QAT_FORMAT", "QatConfig", "QatResult", "learnable_quant_", "qat"]
@@ -142,8 +142,6 @@ def qat(
     cfg = config or QatConfig()
     student = copy.deepcopy(teacher)
     model, meta = load_quantized(quantized, student)
-    if cfg.attention:
-        attention_pairs(teacher.model, model)  # refused before the run folder exists
     model.to(device)
     start = {"folder": str(quantized), "config": meta["config"], "calibration": meta.get("calibration"),
              "reconstruct": meta.get("reconstruct"), "weights_sha256": sha256_file(Path(quantized) / WEIGHTS)}

@@ -157,8 +157,6 @@ def distill(
     """
     require_classifier(teacher, "distillation")
     cfg = config or DistillConfig()
-    if cfg.attention:
-        attention_pairs(teacher.model, student.model)  # refused before the run folder exists
     run, images, probe, test = open_run(teacher, data, out, cfg, {"student": student.identity()},
                                         fmt=DISTILL_FORMAT, what="distillation run", eval_data=eval_data,
                                         products=("student.safetensors", "student.json"), overwrite=overwrite,
@@ -276,8 +274,13 @@ def open_run(
     The run's identity is the teacher, ``identity`` (what is trained), the data, ``cfg`` and the
     evaluation data; an online source synthesizes into ``out/pool`` (removed, as recorded by its
     manifests, when ``overwrite`` replaces an online run); it synthesizes against ``student`` (the model being
-    trained) for terms that read it. Under ``torchrun`` process 0 claims the folder before the others open it."""
+    trained) for terms that read it, and attention transfer (``cfg.attention``) is checked against it here, before the
+    folder is claimed. Under ``torchrun`` process 0 claims the folder before the others open it."""
     dist = dist or Dist()
+    if cfg.attention:
+        if student is None:
+            raise SmiError("attention transfer needs the model being trained", param="attention")
+        attention_pairs(teacher.model, student)
     if dist.active and data.grows:
         raise SmiError(f"{data.describe()} under torchrun is not supported yet: make a pool with `torchrun ... smi "
                        "invert` and train on it with --pool", param="data")
