@@ -90,7 +90,7 @@ class Cells:
 SYNTHESIS_SETTINGS = {"lr": float, "tv_l2": float, "tv_l1": float, "l2": float, "jitter": float, "iterations": int,
                       "color_shift": float, "jitter_unit": str, "blur": float}  # InversionConfig fields
 STUDENT_SETTINGS = {"augment_color": "color_shift", "augment_background": "background",
-                    "attention": "attention"}  # -> DistillConfig fields
+                    "attention": "attention", "ema": "ema"}  # -> DistillConfig fields
 
 
 @dataclass

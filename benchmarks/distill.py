@@ -71,8 +71,8 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     epochs instead of the constant one; the budget still stops the run), ``gsteps=N`` and ``adv=W`` (data
     ``gdfq``/``qimera``: generator steps per epoch, default 50, and the weight of its adversarial term, default 0:
     ``smi distill --online-generator KIND --generator-steps N --generator-adversarial W``), the student's augmentations
-    (``augment_color=S``, ``augment_background=P``, ``attention=W``: ``smi distill --augment-color``,
-    ``--augment-background``, ``--attention``)
+    (``augment_color=S``, ``augment_background=P``, ``attention=W``, ``ema=DECAY``: ``smi distill --augment-color``,
+    ``--augment-background``, ``--attention``, ``--ema``)
     and synthesis settings (``iterations=N`` per synthesized batch, ``color_shift=S``, ``blur=F``,
     ``jitter_unit=pixel``, ``lr=LR``, ``tv_l2=W``, ..., ``term.NAME=W`` for an extra term of this contender only)."""
     pair, _, data = spec.partition("/")
@@ -205,7 +205,7 @@ def main() -> None:
                      "synthesis": {**{k: v for k, v in settings.synthesis.items() if k != "iterations"},
                                    **{f"term.{k}": v for k, v in settings.terms.items()}},
                      "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine", "augment_color": cfg.color_shift,
-                     "augment_background": cfg.background, "attention": cfg.attention,
+                     "augment_background": cfg.background, "attention": cfg.attention, "ema": cfg.ema,
                      "top1": round(statistics.mean(accs), 2),
                      "top1_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0, "top1_per_seed": accs,
                      "seeds": args.seeds, "teacher_top1": teacher_top1[t],
@@ -231,6 +231,7 @@ def main() -> None:
               + (f", student colour shift {r['augment_color']:g}" if r["augment_color"] else "")
               + (f", student backgrounds {r['augment_background']:g}" if r.get("augment_background") else "")
               + (f", attention transfer {r['attention']:g}" if r.get("attention") else "")
+              + (f", weight average {r['ema']:g}" if r.get("ema") else "")
               + (f", cosine over {r['epochs']} epochs" if r["cosine"] else ""),
               f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if len(args.seeds) > 1 else ""),
               f"{r['teacher_top1']:.2f}", f"{r['teacher_top1'] - r['top1']:.1f}", f"{r['wall_s']:.0f}",

@@ -262,6 +262,8 @@ def _cases():
                                                          "timm ViT student"),
         "distill: negative attention weight": (lambda w: ["distill", "--teacher", w["ckpt"], "--noise", "--attention",
                                                           "-1", "--out", "{d}/o"], "--attention"),
+        "distill: weight-average decay of 1": (lambda w: ["distill", "--teacher", w["ckpt"], "--noise", "--ema", "1",
+                                                          "--out", "{d}/o"], "--ema"),
         "distill: a student that cannot read the images": (lambda w: ["distill", "--teacher", w["ckpt"], "--student",
                                                                       "efficientformer_l1", "--noise", "--eval-data",
                                                                       "none", "--out", "{d}/o"], "cannot read 3x32x32"),

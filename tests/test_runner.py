@@ -75,3 +75,45 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     assert not (run / "checkpoint.safetensors").exists() and not (run / "log.jsonl").exists()
     assert (run / "my_notes.txt").read_text() == "mine"
     assert (run / "student.json").read_text() == "not a product of this run"
+
+
+def _fit_recording(tmp_path, cfg):
+    """fit on a tiny model, returning (the model fit returned, weights at the start of every step (the previous
+    step's result), weights end_of_epoch saw)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = RunFolder(tmp_path, {"what": 1}, fmt="test-run/1", what="test run")
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    steps, seen = [], []
+
+    def batches(epoch, gen):
+        for _ in range(cfg.steps_per_epoch):
+            yield x[torch.randint(0, 8, (4,), generator=gen)]
+
+    def step(b):
+        steps.append(model.weight.detach().clone())
+        return model(b).pow(2).mean()
+
+    fit(run, model, opt, cfg, batches, step, end_of_epoch=lambda e: seen.append(model.weight.detach().clone()) or {},
+        progress=False)
+    return model, steps, seen
+
+
+def test_weight_average_matches_a_replay_of_the_trained_weights_and_resumes_exactly(tmp_path):
+    """With ema, training follows the same weights as without; end_of_epoch and the caller get the average,
+    which equals an independent replay of timm's warmed-up decay over the weights after every step."""
+    plain, plain_steps, _ = _fit_recording(tmp_path / "plain", FitConfig(epochs=3, steps_per_epoch=4, lr=0.1))
+    cfg = FitConfig(epochs=3, steps_per_epoch=4, lr=0.1, ema=0.5)
+    averaged, steps, seen = _fit_recording(tmp_path / "ema", cfg)
+    assert all(torch.equal(a, b) for a, b in zip(steps, plain_steps, strict=True))  # training is untouched
+    trained = [*plain_steps[1:], plain.weight.detach()]  # the weights after steps 1..12
+    e = trained[0]
+    for k, w in enumerate(trained[1:], start=1):
+        d = min(0.5, 1 - (1 + k) ** (-2 / 3))
+        e = d * e + (1 - d) * w
+    assert torch.allclose(averaged.weight, e, atol=1e-6) and not torch.allclose(averaged.weight, plain.weight)
+    assert torch.equal(seen[-1], averaged.weight)
+    # stopped by its budget after epoch 1, then resumed: the same average
+    _fit_recording(tmp_path / "resumed", FitConfig(epochs=3, steps_per_epoch=4, lr=0.1, ema=0.5, time_budget_s=1e-9))
+    again, _, _ = _fit_recording(tmp_path / "resumed", cfg)
+    assert torch.equal(again.weight, averaged.weight)

@@ -412,7 +412,7 @@ def _kd_config(args: argparse.Namespace, cls: type, **extra: Any) -> Any:
                    online_steps=args.online_steps, augment=not args.no_augment, mixup=args.mixup,
                    color_shift=args.augment_color, background=args.augment_background, time_budget_s=args.time_budget,
                    eval_images=args.eval_images, train_images=args.train_images, style_pairs=args.style_pairs,
-                   attention=args.attention, seed=args.seed, **extra)
+                   attention=args.attention, ema=args.ema, seed=args.seed, **extra)
 
 
 def _training_source(args: argparse.Namespace) -> Any:
@@ -502,6 +502,10 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
                         "tokens) pulled to a teacher block's by KL, head by head when the head counts match, else "
                         "head-averaged; student block i is paired with teacher block ceil((i+1)*Lt/Ls)-1; needs "
                         "two ViTs on the same patch grid; 0 is off")
+    p.add_argument("--ema", type=_number, default=d.ema, metavar="DECAY",
+                   help="keep an exponential moving average of the trained weights (timm's ModelEmaV3: decay "
+                        "min(DECAY, 1-(1+step)^(-2/3)), updated every step; for example 0.999) and evaluate, log and "
+                        "save it instead of the last weights; 0 is off")
     p.add_argument("--mixup", type=_number, default=d.mixup, metavar="P",
                    help="probability that a training batch is made of mixtures of its images, each labelled by the "
                         "teacher (mixup with lambda ~ U(0, 1); stretches a small synthetic pool)")

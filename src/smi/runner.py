@@ -16,11 +16,13 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from smi.distributed import Dist
@@ -69,17 +71,18 @@ class RunFolder:
         path = self.out / LOG
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict]]:
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               others: dict[str, torch.nn.Module] | None = None) -> tuple[dict[str, Any], list[dict]]:
         """Restore the last epoch's checkpoint, if any: returns its clocks and the log up to it."""
         if not self.checkpoint.exists():
             return {"epoch": 0, "train_s": 0.0}, []
-        meta = load_checkpoint(self.checkpoint, model, optimizer)
+        meta = load_checkpoint(self.checkpoint, model, optimizer, others)
         meta = {"train_s": 0.0, **meta}
         return meta, self.read_log()[: int(meta["epoch"])]
 
     def save_epoch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, log: list[dict[str, Any]],
-                   meta: dict[str, Any]) -> None:
-        save_checkpoint(self.checkpoint, model, optimizer, meta)
+                   meta: dict[str, Any], others: dict[str, torch.nn.Module] | None = None) -> None:
+        save_checkpoint(self.checkpoint, model, optimizer, meta, others)
         atomic_write_bytes(self.out / LOG, "".join(json.dumps(r) + "\n" for r in log).encode())
 
 
@@ -104,6 +107,7 @@ class FitConfig:
     schedule: Schedule = "cosine"
     seed: int = 0
     time_budget_s: float | None = None  # stop after the epoch at which wall time passes this
+    ema: float = 0.0  # decay of an exponential moving average of the weights (timm's ModelEmaV3, warmed up); 0: off
     desc: str = "epoch"
 
 
@@ -134,6 +138,11 @@ def fit(
     the checkpoint and log are written, and the run stops early once the wall time (training plus
     ``other_seconds()``, such as synthesis) passes ``cfg.time_budget_s``.
 
+    With ``cfg.ema``, a moving average of the parameters (timm's ``ModelEmaV3``: decay
+    min(``cfg.ema``, 1 - (1 + step)^(-2/3)), buffers follow the model) is updated after every
+    optimizer step and checkpointed with the model; ``end_of_epoch`` sees the average in ``model``,
+    and ``model`` holds the average when ``fit`` returns (what the caller evaluates and saves).
+
     Under ``torchrun`` (``dist``), every process runs the same schedule on its own share of each
     batch (``batches`` gives it that share) and the gradients are averaged before each optimizer
     step, so the processes hold the same model throughout (data parallelism as DDP does it); only
@@ -141,7 +150,9 @@ def fit(
     """
     dist = dist or Dist()
     progress = progress and dist.rank == 0
-    meta, log = run.resume(model, optimizer)
+    ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True, exclude_buffers=True) if cfg.ema else None
+    others = {"ema": ema.module} if ema is not None else None
+    meta, log = run.resume(model, optimizer, others)
     start, train_s = int(meta["epoch"]), float(meta["train_s"])
     if progress and start:
         tqdm.write(f"resuming after epoch {start} from {run.checkpoint}", file=sys.stderr)
@@ -149,7 +160,7 @@ def fit(
     total, warmup = cfg.epochs * steps, int(cfg.warmup_epochs * steps)
     if log and cfg.time_budget_s is not None and max(log[-1]["wall_s"], train_s + log[-1].get("other_s", 0.0)) \
             >= cfg.time_budget_s:
-        return log  # a finished run that stopped on its budget
+        return _averaged(model, ema, log)  # a finished run that stopped on its budget
     for epoch in range(start, cfg.epochs):
         if before_epoch is not None:
             before_epoch(epoch)
@@ -176,18 +187,22 @@ def fit(
                 dist.mean_([*grads, value := loss.detach().clone()])
                 loss = value
             optimizer.step()
+            if ema is not None:
+                ema.update(model, step=epoch * steps + i + 1)
             loss_sum += loss.item()
             bar.set_postfix(loss=f"{loss_sum / (i + 1):.3f}", refresh=False)
         seconds = time.perf_counter() - t0
         train_s += seconds
         row: dict[str, Any] = {"epoch": epoch + 1, "loss": round(loss_sum / steps, 5)}
-        row.update(end_of_epoch(epoch) if end_of_epoch is not None else {})
+        if end_of_epoch is not None:
+            with _swapped(model, ema):
+                row.update(end_of_epoch(epoch))
         other = other_seconds()
         row.update({"lr_end": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
                     "train_s": round(train_s, 2), "other_s": round(other, 2), "wall_s": round(train_s + other, 2)})
         log.append(row)
         if dist.rank == 0:
-            run.save_epoch(model, optimizer, log, {"epoch": epoch + 1, "train_s": train_s})
+            run.save_epoch(model, optimizer, log, {"epoch": epoch + 1, "train_s": train_s}, others)
         dist.barrier()
         if progress:
             top1 = "".join(f", {name} {row[key]:.2f} %" for key, name in METRICS.items() if row.get(key) is not None)
@@ -198,6 +213,31 @@ def fit(
             break  # when any process is past the budget, so that all stop after the same epoch
     if not log:
         raise SmiError(f"{run.out}: no epoch finished")
+    return _averaged(model, ema, log)
+
+
+@contextmanager
+def _swapped(model: torch.nn.Module, ema: ModelEmaV3 | None):
+    """Inside: ``model``'s parameters hold the moving average; after: the trained ones again."""
+    if ema is None:
+        yield
+        return
+    trained = [p.detach().clone() for p in model.parameters()]
+    _averaged(model, ema, [])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, t in zip(model.parameters(), trained, strict=True):
+                p.copy_(t)
+
+
+def _averaged(model: torch.nn.Module, ema: ModelEmaV3 | None, log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``log``, with ``model`` now holding the moving average of its weights (if there is one)."""
+    if ema is not None:
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), ema.module.parameters(), strict=True):
+                p.copy_(q)
     return log
 
 

@@ -42,6 +42,7 @@ class DistillConfig:
     train_images: int | None = None  # train on a fixed set of N images of the source (as calibration draws them)
     style_pairs: float = 0.0  # Causal-DFQ: weight of the student matching the teacher across style pairs
     attention: float = 0.0  # weight of attention transfer: each block's attention rows, KL to the teacher's
+    ema: float = 0.0  # decay of a moving average of the student's weights, evaluated and saved instead (0: off)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,6 +67,8 @@ class DistillConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise SmiError(f"must be positive, got {v}", param=name)
+        if not 0 <= self.ema < 1:
+            raise SmiError(f"must be a decay in [0, 1) (0: off), got {self.ema}", param="ema")
         if self.attention and self.background:
             raise SmiError("attention transfer compares the teacher's and the student's attention over the same "
                            "tokens; with a background the student sees other tokens than the teacher",
@@ -76,7 +79,7 @@ class DistillConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for name, unset in (("train_images", None), ("mixup", 0.0), ("color_shift", 0.0), ("background", 0.0),
-                            ("style_pairs", 0.0), ("attention", 0.0)):
+                            ("style_pairs", 0.0), ("attention", 0.0), ("ema", 0.0)):
             if d[name] == unset:  # runs recorded before the field existed still resume
                 del d[name]
         return d

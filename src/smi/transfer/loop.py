@@ -256,7 +256,7 @@ def train_on_teacher(
 
     fit_cfg = FitConfig(epochs=cfg.epochs, steps_per_epoch=steps, lr=cfg.lr, min_lr=cfg.min_lr,
                         warmup_epochs=cfg.warmup_epochs, schedule=cfg.lr_schedule, seed=cfg.seed,
-                        time_budget_s=cfg.time_budget_s)
+                        time_budget_s=cfg.time_budget_s, ema=cfg.ema)
     return fit(run, model, optimizer, fit_cfg, batches, step, end_of_epoch=end_of_epoch,
                before_epoch=lambda e: images.before_epoch(e), other_seconds=lambda: images.seconds,
                progress=progress, dist=dist)

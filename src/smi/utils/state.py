@@ -41,15 +41,18 @@ def optimizer_from_tensors(
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict[str, Any]) -> None:
-    """Model + optimizer + JSON-able ``meta`` in one safetensors file, written atomically."""
+                    meta: dict[str, Any], others: dict[str, torch.nn.Module] | None = None) -> None:
+    """Model + optimizer + JSON-able ``meta`` in one safetensors file, written atomically; ``others``: more
+    modules saved under their names (an exponential moving average of the model)."""
     tensors, groups = optimizer_to_tensors(optimizer)
-    tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
+    for prefix, module in {"model": model, **(others or {})}.items():
+        tensors.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
     atomic_save_tensors(path, tensors, metadata={"meta": json.dumps(meta), "param_groups": groups})
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote into ``model`` and ``optimizer``; returns ``meta``."""
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    others: dict[str, torch.nn.Module] | None = None) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer`` and ``others``; returns ``meta``."""
     from smi.errors import SmiError
 
     try:
@@ -57,7 +60,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
         meta = json.loads(header["meta"])
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        for prefix, module in {"model": model, **(others or {})}.items():
+            module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
         optimizer_from_tensors(optimizer, tensors, header["param_groups"])
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
         raise SmiError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]}); delete it to restart") from None
