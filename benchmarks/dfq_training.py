@@ -81,6 +81,8 @@ def main() -> None:
     p.add_argument("--qat-attention", type=float, default=0.0,
                    help="QAT's attention transfer weight (smi qat --attention: head-wise KL of each block's "
                         "attention)")
+    p.add_argument("--qat-augment-color", type=float, default=0.0,
+                   help="QAT batches at a random contrast and brightness the teacher labels (smi qat --augment-color)")
     p.add_argument("--adaptive-iterations", type=int, default=200,
                    help="adaptive stage: inversion steps of each epoch's psaq-v2 batch (32 images)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (smoke runs)")
@@ -112,7 +114,7 @@ def main() -> None:
     def qat_cfg(seed: int) -> QatConfig:
         return QatConfig(epochs=args.qat_epochs, steps_per_epoch=args.qat_steps, train_images=args.calib_images,
                          lr=args.qat_lr, mixup=args.qat_mixup, feature_loss=args.qat_feature_loss,
-                         attention=args.qat_attention, seed=seed)
+                         attention=args.qat_attention, color_shift=args.qat_augment_color, seed=seed)
 
     rows, table, tested = [], [], {}
     for model_name in args.models:
@@ -201,6 +203,7 @@ def main() -> None:
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}; QAT after "
             f"it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} cosine, mixup "
             f"{args.qat_mixup:g}, feature loss {args.qat_feature_loss}, attention transfer {args.qat_attention:g}, "
+            + (f"colour shift {args.qat_augment_color:g}, " if args.qat_augment_color else "") +
             f"KL at T="
             f"{QatConfig().temperature:g}, on the same images. Wall time of '+ QAT' includes the reconstruction."
             + (f" PSAQ-V2 adaptive: from the same reconstruction, {args.qat_epochs} epochs, each inverting 32 new "

@@ -6,6 +6,8 @@ A contender is named ``TEACHER>STUDENT[:PROTOCOL]/DATA``:
 - teacher > student: ``vit`` is fmnist_vit_tiny as a teacher and fmnist_vit_mini as a student,
   ``cnn`` is fmnist_resnet_tiny for both (``vit>vit``, ``vit>cnn``, ``cnn>cnn``, ``cnn>vit``);
   ``scene`` is fmnist_scene_vit as a teacher (56x56 fmnist-scenes; students are built for its input);
+  ``vit-tiny`` is fmnist_vit_tiny as a student too (``vit>vit-tiny``: a fresh student of the teacher's own
+  architecture, as ``cnn>cnn`` is; four heads, so attention transfer goes head by head);
 - protocol: ``scratch`` (default; a fresh student), ``probe`` (the SMI paper's transfer protocol:
   a student backbone trained on *other* real data, scikit-learn's handwritten digits at 28x28, frozen,
   and a new linear head trained by KL at T=20) and ``finetune`` (the same backbone, every weight
@@ -53,7 +55,8 @@ from smi.transfer import DistillConfig, build_student, distill  # noqa: E402
 from smi.viz import save_curves  # noqa: E402
 
 MODELS = {"vit": ("fmnist_vit_tiny", "fmnist_vit_mini"), "cnn": ("fmnist_resnet_tiny", "fmnist_resnet_tiny"),
-          "scene": ("fmnist_scene_vit", "fmnist_vit_mini")}  # name: (as a teacher, as a student)
+          "scene": ("fmnist_scene_vit", "fmnist_vit_mini"),
+          "vit-tiny": ("fmnist_vit_tiny", "fmnist_vit_tiny")}  # name: (as a teacher, as a student)
 PROTOCOLS = ("scratch", "probe", "finetune")
 DATA = ("sparse", "dense", "real", "noise", "gdfq", "qimera")  # the last two: a generator trained alongside
 BACKBONE_DATA, BACKBONE_EPOCHS = "digits", 60  # the other real data the probe/finetune backbones learn first
