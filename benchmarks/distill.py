@@ -214,7 +214,7 @@ def main() -> None:
                      "seeds": args.seeds, "teacher_top1": teacher_top1[t],
                      "wall_s": round(statistics.mean(r["wall_s"] for r in last), 1),
                      "synthesis_s": round(statistics.mean(r["synthesis_s"] for r in last), 1),
-                     "epochs": runs[0]["epochs"], "images": last[0]["images"],
+                     "epochs": runs[0]["epochs"], "schedule_epochs": cfg.epochs, "images": last[0]["images"],
                      "curve": [(r["wall_s"], r["top1"]) for r in runs[0]["log"]]})
         curves[spec] = rows[-1]["curve"]
 
@@ -235,7 +235,9 @@ def main() -> None:
               + (f", student backgrounds {r['augment_background']:g}" if r.get("augment_background") else "")
               + (f", attention transfer {r['attention']:g}" if r.get("attention") else "")
               + (f", weight average {r['ema']:g}" if r.get("ema") else "")
-              + (f", cosine over {r['epochs']} epochs" if r["cosine"] else ""),
+              + (f", cosine over {r.get('schedule_epochs', r['epochs'])} epochs" if r["cosine"] else "")
+              + (f" (stopped after {r['epochs']})" if r["cosine"] and r.get("schedule_epochs", r["epochs"])
+                 != r["epochs"] else ""),
               f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if len(args.seeds) > 1 else ""),
               f"{r['teacher_top1']:.2f}", f"{r['teacher_top1'] - r['top1']:.1f}", f"{r['wall_s']:.0f}",
               f"{r['synthesis_s']:.0f}", r["images"]] for r in rows]

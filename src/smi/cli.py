@@ -647,11 +647,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help=f"real data for the quantization and distillation sections: {data_help()} "
                                   "(default: the dataset the teacher records)")
     p.add_argument("--distill-teacher",
-                   help="teacher of the distillation section (default: the shipped CNN fmnist_resnet_tiny when "
-                        "--model is the shipped ViT, whose synthetic images teach a student from scratch too slowly "
-                        "for the demo's budget; else --model)")
-    p.add_argument("--student", help="student architecture of the distillation section (default: fmnist_resnet_tiny "
-                                     "for the shipped CNN, else fmnist_vit_mini)")
+                   help="teacher of the distillation section (default: --model)")
+    p.add_argument("--student", help="student architecture of the distillation section (default: a fresh copy of "
+                                     "the shipped teacher's architecture for a shipped teacher, else fmnist_vit_mini)")
     p.add_argument("--num-images", type=int, default=32, help="images (one batch)")
     p.add_argument("--iterations", type=int, default=1000,
                    help="optimisation steps, more than 300 (the paper uses 4000; the demo keeps its stopping "

@@ -119,18 +119,22 @@ class StepClock:
         return sum(statistics.median(dts) * len(dts) for dts in phases.values())
 
 
-# the shipped ViT's synthetic images teach a student from scratch slowly (README, "Data-free knowledge
-# transfer"); the shipped CNN's, made with DeepInversion's BatchNorm prior, teach a fresh CNN within the
-# demo's two minutes: the demo distils that pair
-DISTILLATION = {"fmnist_vit_tiny": "fmnist_resnet_tiny"}  # the demo's teacher -> the teacher it distils
-STUDENTS = {"fmnist_resnet_tiny": "fmnist_resnet_tiny"}  # distillation teacher -> default student (else the ViT)
+# the shipped ViT's sparse synthetic images teach a fresh ViT of its own architecture within the demo's two
+# minutes once the student sees them colour-shifted and follows the teacher's attention head by head (README,
+# "Data-free knowledge transfer"); the shipped CNN's teach a fresh CNN of its own architecture
+DISTILLATION: dict[str, str] = {}  # the demo's teacher -> the teacher it distils (else itself)
+STUDENTS = {"fmnist_resnet_tiny": "fmnist_resnet_tiny",
+            "fmnist_vit_tiny": "fmnist_vit_tiny"}  # distillation teacher -> default student (else fmnist_vit_mini)
 
 
 def _distillation_demo(teacher: Teacher, out: Path, device: str, budget: float, data: str,
                        student: str, teacher_top1: float | None) -> dict[str, Any]:
     """A short online distillation into a fresh ``student`` (sparse synthesis where the teacher allows it), with its
-    accuracy plot: 128 images of 200 inversion steps per epoch, then 200 training steps with mixup."""
+    accuracy plot: 128 images of 200 inversion steps per epoch, then 200 training steps with mixup; a sparse
+    run's student also sees colour-shifted batches and, when both are ViTs on one patch grid, learns the
+    teacher's attention (weight 10)."""
     from smi.transfer import DistillConfig, build_student, distill
+    from smi.transfer.loop import attention_pairs
 
     iterations = 200
     try:  # sparse where the teacher allows it (a timm ViT reading each patch on its own), else dense
@@ -140,14 +144,24 @@ def _distillation_demo(teacher: Teacher, out: Path, device: str, budget: float, 
         sparse = False
     synthesis = InversionConfig(iterations=iterations, batch_size=128,
                                 sparsity=SparsityConfig().scaled(iterations / 4000) if sparse else SparsityConfig(()))
-    cfg = DistillConfig(epochs=1000, lr_schedule="constant", steps_per_epoch=200, mixup=1.0, time_budget_s=budget)
+    fresh = build_student(student, teacher, device=device)
+    attention = 0.0
+    if sparse:
+        try:
+            attention_pairs(teacher.model, fresh.model)
+            attention = 10.0
+        except SmiError:  # another kind of student: logits only
+            pass
+    cfg = DistillConfig(epochs=1000, lr_schedule="constant", steps_per_epoch=200, mixup=1.0, time_budget_s=budget,
+                        color_shift=2.0 if sparse else 0.0, attention=attention)
     if teacher_top1 is None:  # another teacher than the demo's, not measured yet
         teacher_top1 = evaluate(teacher.model, eval_dataset(data, teacher), batch_size=500, device=device,
                                 progress=False)["top1"]
     print(f"\ndata-free distillation: {teacher.spec} ({teacher_top1:.2f} % top-1) into a fresh {student} (online, "
           f"{'sparse' if sparse else 'dense'} synthesis{'' if sparse else ' with the BatchNorm prior'}, "
-          f"{budget:.0f} s budget)")
-    res = distill(teacher, build_student(student, teacher, device=device), OnlineSource(synthesis), out,
+          + ("colour-shifted batches, " if cfg.color_shift else "") + ("attention transfer, " if attention else "")
+          + f"{budget:.0f} s budget)")
+    res = distill(teacher, fresh, OnlineSource(synthesis), out,
                   cfg, eval_data=data, device=device, overwrite=True)
     print(f"student top-1 {res.top1:.2f} % after {res.wall_s:.0f} s and {res.log[-1]['images']} synthetic images "
           f"(teacher {teacher_top1:.2f} %); plot: {res.plot}")

@@ -92,8 +92,9 @@ def test_sparse_pool_reaches_both_models_as_kept_patches(tiny_teacher, quantized
     assert res.log[0]["images"] == 8 and torch.isfinite(torch.tensor(res.log[0]["loss"]))
 
 
-def test_resume_equals_uninterrupted_run(tiny_teacher, quantized, tmp_path, monkeypatch):
-    cfg = QatConfig(epochs=3, steps_per_epoch=3, batch_size=8, lr=1e-3)
+@pytest.mark.parametrize("ema", [0.0, 0.9])  # with a weight average too: its copy of the quantized model resumes
+def test_resume_equals_uninterrupted_run(tiny_teacher, quantized, tmp_path, monkeypatch, ema):
+    cfg = QatConfig(epochs=3, steps_per_epoch=3, batch_size=8, lr=1e-3, ema=ema)
     full = qat(tiny_teacher, quantized, NoiseSource(), tmp_path / "full", cfg, eval_data=None, progress=False)
     real_save = runner_mod.save_checkpoint
     calls = {"n": 0}
