@@ -81,6 +81,8 @@ def main() -> None:
     p.add_argument("--qat-attention", type=float, default=0.0,
                    help="QAT's attention transfer weight (smi qat --attention: head-wise KL of each block's "
                         "attention)")
+    p.add_argument("--qat-temperature", type=float, default=QatConfig.temperature,
+                   help="softmax temperature of QAT's KL term (smi qat --temperature)")
     p.add_argument("--qat-augment-color", type=float, default=0.0,
                    help="QAT batches at a random contrast and brightness the teacher labels (smi qat --augment-color)")
     p.add_argument("--adaptive-iterations", type=int, default=200,
@@ -114,7 +116,8 @@ def main() -> None:
     def qat_cfg(seed: int) -> QatConfig:
         return QatConfig(epochs=args.qat_epochs, steps_per_epoch=args.qat_steps, train_images=args.calib_images,
                          lr=args.qat_lr, mixup=args.qat_mixup, feature_loss=args.qat_feature_loss,
-                         attention=args.qat_attention, color_shift=args.qat_augment_color, seed=seed)
+                         attention=args.qat_attention, color_shift=args.qat_augment_color,
+                         temperature=args.qat_temperature, seed=seed)
 
     rows, table, tested = [], [], {}
     for model_name in args.models:
@@ -205,7 +208,7 @@ def main() -> None:
             f"{args.qat_mixup:g}, feature loss {args.qat_feature_loss}, attention transfer {args.qat_attention:g}, "
             + (f"colour shift {args.qat_augment_color:g}, " if args.qat_augment_color else "") +
             f"KL at T="
-            f"{QatConfig().temperature:g}, on the same images. Wall time of '+ QAT' includes the reconstruction."
+            f"{args.qat_temperature:g}, on the same images. Wall time of '+ QAT' includes the reconstruction."
             + (f" PSAQ-V2 adaptive: from the same reconstruction, {args.qat_epochs} epochs, each inverting 32 new "
                f"psaq-v2 images ({args.adaptive_iterations} iterations, sparse or dense as the column says) against "
                f"the quantized model as it is, then {args.qat_steps} QAT steps on all images made so far (not the "
