@@ -223,22 +223,24 @@ def _swapped(model: torch.nn.Module, ema: ModelEmaV3 | None):
         yield
         return
     trained = [p.detach().clone() for p in model.parameters()]
-    _averaged(model, ema, [])
+    _copy_parameters(model, ema.module.parameters())
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, t in zip(model.parameters(), trained, strict=True):
-                p.copy_(t)
+        _copy_parameters(model, trained)
 
 
 def _averaged(model: torch.nn.Module, ema: ModelEmaV3 | None, log: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``log``, with ``model`` now holding the moving average of its weights (if there is one)."""
     if ema is not None:
-        with torch.no_grad():
-            for p, q in zip(model.parameters(), ema.module.parameters(), strict=True):
-                p.copy_(q)
+        _copy_parameters(model, ema.module.parameters())
     return log
+
+
+@torch.no_grad()
+def _copy_parameters(model: torch.nn.Module, values: Iterable[torch.Tensor]) -> None:
+    for p, v in zip(model.parameters(), values, strict=True):
+        p.copy_(v)
 
 
 METRICS = {"top1": "test top-1", "miou": "test mIoU"}  # what an epoch's row may report, as plots and logs say it
