@@ -12,7 +12,11 @@ interrupted run resumes.
 Every stage sees only the cell's calibration images (QAT: ``train_images`` = the same draw), except
 ``--stages adaptive`` (PSAQ-ViT V2's loop, run only when named): from the same reconstruction, each QAT epoch
 first inverts 32 new psaq-v2 images against the quantized model as it is then (sparse or dense, as the
-column), and trains on all images made so far.
+column), and trains on all images made so far; ``--stages online`` (also only when named) is the
+distillation students' recipe for the quantized model: from the same reconstruction, each QAT epoch first
+inverts ``--online-images`` new deepinversion images against the float teacher (sparse or dense, as the
+column), then trains ``--qat-steps`` steps on all images made so far, so the model sees thousands of
+images instead of the cell's pool.
 
 Run:  python benchmarks/dfq_training.py          (about 75 minutes on 2 CPU cores)
 """
@@ -41,8 +45,10 @@ from smi.utils.io import atomic_write_json  # noqa: E402
 
 SOURCES = ["real", "noise", "dense", "sparse"]
 STAGES = {"calib": "calibration only", "correct": "+ activation correction", "recon": "+ reconstruction",
-          "qat": "+ reconstruction + QAT", "adaptive": "+ reconstruction + PSAQ-V2 adaptive QAT"}
-STARTS_FROM_RECON = ("recon", "qat", "adaptive")
+          "qat": "+ reconstruction + QAT", "adaptive": "+ reconstruction + PSAQ-V2 adaptive QAT",
+          "online": "+ reconstruction + QAT on online synthesis"}
+STARTS_FROM_RECON = ("recon", "qat", "adaptive", "online")
+TRAINS = ("qat", "adaptive", "online")  # the stages that run QAT from the reconstruction
 
 
 def same_reconstruction(folder: Path, recon: ReconstructConfig) -> bool:
@@ -64,8 +70,9 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=["W4A4", "W3A3"],
                    help="WxAy, or WxAyEz: the first layer and the classifier head at z bits (smi quantize --edge-bits)")
     p.add_argument("--quantizers", nargs="+", default=["repq"])
-    p.add_argument("--stages", nargs="+", default=[s for s in STAGES if s != "adaptive"], choices=list(STAGES),
-                   help="adaptive (PSAQ-V2's loop after reconstruction) runs only when named")
+    p.add_argument("--stages", nargs="+", default=[s for s in STAGES if s not in ("adaptive", "online")],
+                   choices=list(STAGES), help="adaptive (PSAQ-V2's loop after reconstruction) and online (QAT on "
+                                              "images synthesized each epoch) run only when named")
     p.add_argument("--sources", nargs="+", default=SOURCES, choices=SOURCES)
     p.add_argument("--calib-images", type=int, default=32)
     p.add_argument("--iterations", type=int, default=4000, help="inversion iterations of the synthetic pools")
@@ -85,8 +92,11 @@ def main() -> None:
                    help="softmax temperature of QAT's KL term (smi qat --temperature)")
     p.add_argument("--qat-augment-color", type=float, default=0.0,
                    help="QAT batches at a random contrast and brightness the teacher labels (smi qat --augment-color)")
+    p.add_argument("--online-images", type=int, default=128,
+                   help="--stages online: images synthesized per QAT epoch (deepinversion, --adaptive-iterations)")
     p.add_argument("--adaptive-iterations", type=int, default=200,
-                   help="adaptive stage: inversion steps of each epoch's psaq-v2 batch (32 images)")
+                   help="adaptive and online stages: inversion steps of each epoch's batch (adaptive: 32 psaq-v2 "
+                        "images; online: --online-images deepinversion images)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (smoke runs)")
     p.add_argument("--pools", default=str(RESULTS / "dfq_work"), help="synthetic pools (shared with dfq_accuracy)")
     p.add_argument("--work", default=str(RESULTS / "dfq_training_work"), help="partial results")
@@ -106,10 +116,20 @@ def main() -> None:
         return InversionConfig.for_method("psaq-v2", iterations=its, batch_size=32, warmup=its // 20,
                                           sparsity=sparsity)
 
+    def online_synthesis(source_name: str) -> InversionConfig:
+        """The online stage's image step: deepinversion against the float teacher, as `smi distill --online`."""
+        its = args.adaptive_iterations
+        sparsity = SparsityConfig().scaled(its / 4000) if source_name == "sparse" else SparsityConfig(())
+        return InversionConfig.for_method("deepinversion", iterations=its, batch_size=args.online_images,
+                                          sparsity=sparsity)
+
+    def synthesis_of(stage: str, source_name: str) -> InversionConfig:
+        return (adaptive_synthesis if stage == "adaptive" else online_synthesis)(source_name)
+
     def cell_key(model_name: str, setting: str, quantizer: str, stage: str, source_name: str, seed: int) -> str:
         extra = str(recon.to_dict()) if stage in STARTS_FROM_RECON else ""
-        extra += str(qat_cfg(seed).to_dict()) if stage in ("qat", "adaptive") else ""
-        extra += str(adaptive_synthesis(source_name).to_dict()) if stage == "adaptive" else ""
+        extra += str(qat_cfg(seed).to_dict()) if stage in TRAINS else ""
+        extra += str(synthesis_of(stage, source_name).to_dict()) if stage in ("adaptive", "online") else ""
         return (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
                 f"{args.calib_images}|{extra}")
 
@@ -141,7 +161,7 @@ def main() -> None:
                         continue
                     cells = {}
                     for source_name in args.sources:
-                        if stage == "adaptive" and source_name not in ("dense", "sparse"):
+                        if stage in ("adaptive", "online") and source_name not in ("dense", "sparse"):
                             continue  # its images are synthesized: no real or noise column
                         accs, walls = [], []
                         for seed in args.seeds:
@@ -167,12 +187,12 @@ def main() -> None:
                                                                out=cell / "recon", overwrite=True)
                                         model, units = res.model, res.reconstruction
                                     seconds = time.perf_counter() - t0
-                                    if stage in ("qat", "adaptive"):  # QAT from the reconstruction
+                                    if stage in TRAINS:  # QAT from the reconstruction
                                         seconds = done[recon_key]["seconds"] if recon_key in done else seconds
                                         t1 = time.perf_counter()
                                         train, cfg = source, qat_cfg(seed)
-                                        if stage == "adaptive":  # psaq-v2 images against the model as it trains
-                                            train = OnlineSource(adaptive_synthesis(source_name))
+                                        if stage in ("adaptive", "online"):  # images made while it trains
+                                            train = OnlineSource(synthesis_of(stage, source_name))
                                             cfg = dataclasses.replace(cfg, train_images=None)
                                         q = qat(teacher, cell / "recon", train, cell / stage, cfg,
                                                 eval_data=None, progress=False, overwrite=True)
@@ -207,12 +227,18 @@ def main() -> None:
             f"it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} cosine, mixup "
             f"{args.qat_mixup:g}, feature loss {args.qat_feature_loss}, attention transfer {args.qat_attention:g}, "
             + (f"colour shift {args.qat_augment_color:g}, " if args.qat_augment_color else "") +
-            f"KL at T="
-            f"{args.qat_temperature:g}, on the same images. Wall time of '+ QAT' includes the reconstruction."
+            f"KL at T={args.qat_temperature:g}"
+            + (", on the same images" if "qat" in args.stages else "") +
+            ". Wall time of '+ QAT' includes the reconstruction."
             + (f" PSAQ-V2 adaptive: from the same reconstruction, {args.qat_epochs} epochs, each inverting 32 new "
                f"psaq-v2 images ({args.adaptive_iterations} iterations, sparse or dense as the column says) against "
                f"the quantized model as it is, then {args.qat_steps} QAT steps on all images made so far (not the "
                "cell's pool); its wall time includes that synthesis." if "adaptive" in args.stages else "")
+            + (f" Online: from the same reconstruction, {args.qat_epochs} epochs, each inverting "
+               f"{args.online_images} new deepinversion images ({args.adaptive_iterations} iterations, sparse with "
+               f"the paper's stops scaled to them or dense as the column says) against the float teacher, then "
+               f"{args.qat_steps} QAT steps on all images made so far; its wall time includes that synthesis."
+               if "online" in args.stages else "")
             + "\n")
     publish(args.name, "dfq_training", vars(args), header, table, note, rows)
 
