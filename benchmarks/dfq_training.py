@@ -92,6 +92,10 @@ def main() -> None:
                    help="softmax temperature of QAT's KL term (smi qat --temperature)")
     p.add_argument("--qat-augment-color", type=float, default=0.0,
                    help="QAT batches at a random contrast and brightness the teacher labels (smi qat --augment-color)")
+    p.add_argument("--qat-augment-background", type=float, default=0.0,
+                   help="probability that a QAT batch of a sparse pool reaches the quantized model whole, its stopped "
+                        "patches filled with a random background, while the teacher labels the kept patches "
+                        "(smi qat --augment-background)")
     p.add_argument("--online-images", type=int, default=128,
                    help="--stages online: images synthesized per QAT epoch (deepinversion, --adaptive-iterations)")
     p.add_argument("--adaptive-iterations", type=int, default=200,
@@ -137,6 +141,7 @@ def main() -> None:
         return QatConfig(epochs=args.qat_epochs, steps_per_epoch=args.qat_steps, train_images=args.calib_images,
                          lr=args.qat_lr, mixup=args.qat_mixup, feature_loss=args.qat_feature_loss,
                          attention=args.qat_attention, color_shift=args.qat_augment_color,
+                         background=args.qat_augment_background,
                          temperature=args.qat_temperature, seed=seed)
 
     rows, table, tested = [], [], {}
@@ -226,7 +231,9 @@ def main() -> None:
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}; QAT after "
             f"it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} cosine, mixup "
             f"{args.qat_mixup:g}, feature loss {args.qat_feature_loss}, attention transfer {args.qat_attention:g}, "
-            + (f"colour shift {args.qat_augment_color:g}, " if args.qat_augment_color else "") +
+            + (f"colour shift {args.qat_augment_color:g}, " if args.qat_augment_color else "")
+            + (f"whole images on a random background with probability {args.qat_augment_background:g}, "
+               if args.qat_augment_background else "") +
             f"KL at T={args.qat_temperature:g}"
             + (", on the same images" if "qat" in args.stages else "") +
             ". Wall time of '+ QAT' includes the reconstruction."
