@@ -49,6 +49,7 @@ STAGES = {"calib": "calibration only", "correct": "+ activation correction", "re
           "online": "+ reconstruction + QAT on online synthesis"}
 STARTS_FROM_RECON = ("recon", "qat", "adaptive", "online")
 TRAINS = ("qat", "adaptive", "online")  # the stages that run QAT from the reconstruction
+SYNTHESIZING = ("adaptive", "online")  # ... of which these on images synthesized while it trains
 
 
 def same_reconstruction(folder: Path, recon: ReconstructConfig) -> bool:
@@ -70,7 +71,7 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=["W4A4", "W3A3"],
                    help="WxAy, or WxAyEz: the first layer and the classifier head at z bits (smi quantize --edge-bits)")
     p.add_argument("--quantizers", nargs="+", default=["repq"])
-    p.add_argument("--stages", nargs="+", default=[s for s in STAGES if s not in ("adaptive", "online")],
+    p.add_argument("--stages", nargs="+", default=[s for s in STAGES if s not in SYNTHESIZING],
                    choices=list(STAGES), help="adaptive (PSAQ-V2's loop after reconstruction) and online (QAT on "
                                               "images synthesized each epoch) run only when named")
     p.add_argument("--sources", nargs="+", default=SOURCES, choices=SOURCES)
@@ -133,7 +134,7 @@ def main() -> None:
     def cell_key(model_name: str, setting: str, quantizer: str, stage: str, source_name: str, seed: int) -> str:
         extra = str(recon.to_dict()) if stage in STARTS_FROM_RECON else ""
         extra += str(qat_cfg(seed).to_dict()) if stage in TRAINS else ""
-        extra += str(synthesis_of(stage, source_name).to_dict()) if stage in ("adaptive", "online") else ""
+        extra += str(synthesis_of(stage, source_name).to_dict()) if stage in SYNTHESIZING else ""
         return (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
                 f"{args.calib_images}|{extra}")
 
@@ -166,7 +167,7 @@ def main() -> None:
                         continue
                     cells = {}
                     for source_name in args.sources:
-                        if stage in ("adaptive", "online") and source_name not in ("dense", "sparse"):
+                        if stage in SYNTHESIZING and source_name not in ("dense", "sparse"):
                             continue  # its images are synthesized: no real or noise column
                         accs, walls = [], []
                         for seed in args.seeds:
@@ -196,7 +197,7 @@ def main() -> None:
                                         seconds = done[recon_key]["seconds"] if recon_key in done else seconds
                                         t1 = time.perf_counter()
                                         train, cfg = source, qat_cfg(seed)
-                                        if stage in ("adaptive", "online"):  # images made while it trains
+                                        if stage in SYNTHESIZING:  # images made while it trains
                                             train = OnlineSource(synthesis_of(stage, source_name))
                                             cfg = dataclasses.replace(cfg, train_images=None)
                                         q = qat(teacher, cell / "recon", train, cell / stage, cfg,
