@@ -35,8 +35,8 @@ def run_demo(out: str | Path = "demo_out", model: str = "fmnist_vit_tiny", num_i
 
     The paper's batch (32) and stopping schedule (50/100/200/300, 0.3 each), with 1000 instead of
     4000 iterations by default so that the whole demo stays within a few minutes on 2 CPU cores.
-    The distillation section teaches ``student`` from ``distill_teacher`` (defaults: :data:`DISTILLATION`
-    and :data:`STUDENTS`, else ``model`` into fmnist_vit_mini).
+    The distillation section distils ``distill_teacher`` (default: ``model``) into a fresh ``student``
+    (default: :data:`STUDENTS`, else fmnist_vit_mini).
     """
     out = Path(out)
     # built first so that a bad --iterations fails before any work (the last stop is at 300)
@@ -44,7 +44,7 @@ def run_demo(out: str | Path = "demo_out", model: str = "fmnist_vit_tiny", num_i
                for name, sparsity in (("dense", SparsityConfig(())), ("sparse", SparsityConfig()))}
     teacher = load_teacher(model, device=device)
     data = data or teacher.dataset  # a bad --data fails in eval_dataset below, before any inversion
-    kd_name = distill_teacher or DISTILLATION.get(model, model)  # loaded now: a bad name fails before any work
+    kd_name = distill_teacher or model  # loaded now: a bad name fails before any work
     kd_teacher = teacher if kd_name == model or data is None else load_teacher(kd_name, device=device)
     report: dict[str, Any] = {}
     params = f"{sum(p.numel() for p in teacher.model.parameters()) / 1e6:.2f} M parameters"
@@ -122,7 +122,6 @@ class StepClock:
 # the shipped ViT's sparse synthetic images teach a fresh ViT of its own architecture within the demo's two
 # minutes once the student sees them colour-shifted and follows the teacher's attention head by head (README,
 # "Data-free knowledge transfer"); the shipped CNN's teach a fresh CNN of its own architecture
-DISTILLATION: dict[str, str] = {}  # the demo's teacher -> the teacher it distils (else itself)
 STUDENTS = {"fmnist_resnet_tiny": "fmnist_resnet_tiny",
             "fmnist_vit_tiny": "fmnist_vit_tiny"}  # distillation teacher -> default student (else fmnist_vit_mini)
 
