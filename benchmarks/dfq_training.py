@@ -59,6 +59,7 @@ def same_reconstruction(folder: Path, recon: ReconstructConfig) -> bool:
     if not path.exists():
         return False
     made = json.loads(path.read_text()).get("reconstruct") or {}
+    made = {**ReconstructConfig().to_dict(), **made}  # a setting newer than the folder was at its default there
     want = recon.to_dict()
     return {k: v for k, v in made.items() if k != "seed"} == {k: v for k, v in want.items() if k != "seed"}
 
@@ -79,6 +80,8 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=4000, help="inversion iterations of the synthetic pools")
     p.add_argument("--recon-iterations", type=int, default=1000, help="reconstruction steps per block")
     p.add_argument("--recon-drop", type=float, default=0.0, help="QDrop probability during reconstruction")
+    p.add_argument("--recon-prediction", type=float, default=0.0,
+                   help="weight of PD-Quant's prediction term during reconstruction (0: output error only)")
     p.add_argument("--qat-epochs", type=int, default=5, help="QAT epochs")
     p.add_argument("--qat-steps", type=int, default=50, help="QAT steps per epoch (batch 32)")
     p.add_argument("--qat-lr", type=float, default=QatConfig.lr, help="QAT learning rate (Adam, cosine to 0)")
@@ -111,7 +114,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     partial_path = work / "partial.json"
     done: dict[str, dict] = json.loads(partial_path.read_text()) if partial_path.exists() else {}
-    recon = ReconstructConfig(iterations=args.recon_iterations, drop_prob=args.recon_drop)
+    recon = ReconstructConfig(iterations=args.recon_iterations, drop_prob=args.recon_drop,
+                              prediction_weight=args.recon_prediction)
 
     def adaptive_synthesis(source_name: str) -> InversionConfig:
         """PSAQ-V2's image step for the adaptive stage: psaq-v2 with its rounds and warm-up scaled to the
@@ -229,8 +233,10 @@ def main() -> None:
             f"calibration + training per cell, mean). {args.calib_images} images per cell for every source "
             f"(dense and sparse: the same budget, "
             f"pools of {args.iterations} inversion iterations, one per seed); reconstruction: "
-            f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}; QAT after "
-            f"it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} cosine, mixup "
+            f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}"
+            + (f", PD-Quant prediction term {args.recon_prediction:g}" if args.recon_prediction else "")
+            + f"; QAT after it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} "
+            f"cosine, mixup "
             f"{args.qat_mixup:g}, feature loss {args.qat_feature_loss}, attention transfer {args.qat_attention:g}, "
             + (f"colour shift {args.qat_augment_color:g}, " if args.qat_augment_color else "")
             + (f"whole images on a random background with probability {args.qat_augment_background:g}, "

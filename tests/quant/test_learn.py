@@ -167,8 +167,52 @@ def test_reconstruction_reads_sparse_batches():
     assert all(r["error_after"] <= r["error_before"] * 1.5 for r in rows)
 
 
+def test_prediction_term_is_the_kl_through_the_rest_of_the_float_model():
+    # PD-Quant's term for the last block: its output through the float model's norm and head (timm's own
+    # forward_head, not the hook path), KL from the float prediction on the same rows
+    from smi.quant.api import calibration_logits
+    from smi.quant.reconstruct import _Prediction
+
+    fp = tiny_vit()
+    torch.nn.init.normal_(fp.head.weight, std=0.5)  # a random test head gives near-zero logits otherwise
+    x = _images(8)
+    rows = torch.tensor([1, 4, 6])
+    with torch.no_grad():
+        target = torch.log_softmax(fp(x[rows]), -1)
+        clean = fp.blocks[1](fp.blocks[0](fp._pos_embed(fp.patch_embed(x[rows]))))
+    out = (clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+    predict = _Prediction(fp, fp.blocks[1], [x], calibration_logits)
+    got = predict(0, rows, out)
+    pred = torch.log_softmax(fp.forward_head(fp.norm(out)), -1)
+    expected = (target.exp() * (target - pred)).sum(-1).mean()
+    torch.testing.assert_close(got, expected)
+    assert predict(0, rows, clean).item() < 1e-5  # the float block's own output predicts exactly
+    got.backward()
+    assert out.grad is not None and out.grad.abs().sum() > 0
+
+
+def test_reconstruction_with_the_prediction_term_leaves_the_float_model_alone():
+    from smi.quant.api import calibration_forward
+
+    fp = tiny_vit()
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
+    x = _images(8)
+    masks = torch.zeros(8, 16, dtype=torch.bool)
+    masks[:, :6] = True
+    model = copy.deepcopy(fp)
+    quantize_(model, BaselineConfig(w_bits=4, a_bits=4), [(x, masks)])
+    rows = reconstruct_(model, fp, [(x, masks)], ReconstructConfig(iterations=10, prediction_weight=1.0))
+    assert all(r["error_after"] <= r["error_before"] for r in rows)
+    assert all(torch.equal(v, before[k]) for k, v in fp.state_dict().items())
+    assert all(p.requires_grad and p.grad is None for p in fp.parameters())
+    with pytest.raises(SmiError, match="logits"):
+        reconstruct_(model, fp, [x], ReconstructConfig(iterations=1, prediction_weight=1.0),
+                     forward=calibration_forward)
+
+
 def test_reconstruct_config_refuses_bad_values():
-    for bad in ({"iterations": 0}, {"batch_size": -1}, {"lr": float("nan")}, {"drop_prob": 1.0}, {"warmup": -0.1}):
+    for bad in ({"iterations": 0}, {"batch_size": -1}, {"lr": float("nan")}, {"drop_prob": 1.0}, {"warmup": -0.1},
+                {"prediction_weight": -1.0}):
         with pytest.raises(SmiError):
             ReconstructConfig(**bad)
 

@@ -14,8 +14,8 @@ from smi.quant.config import QuantConfig, handler_for
 from smi.quant.modules import QuantAttention, QuantConv2d, QuantLinear, QuantModule, WeightQuantMixin
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
 
-__all__ = ["prepare", "calibrate", "convert", "quantize_", "config_of", "calibration_forward", "default_filter",
-           "cnn_filter", "edge_layers"]
+__all__ = ["prepare", "calibrate", "convert", "quantize_", "config_of", "calibration_forward", "calibration_logits",
+           "default_filter", "cnn_filter", "edge_layers"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]  # images, or (images, kept-patch masks)
@@ -97,17 +97,21 @@ def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = 
     return model
 
 
-@torch.no_grad()
-def calibration_forward(model: nn.Module, batch: Batch) -> int:
-    """Forward one calibration batch; sparse pool images (a batch with masks) feed only their kept patches."""
+def calibration_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The logits of one calibration batch; sparse pool images (a batch with masks) feed only their kept patches."""
     images, masks = batch if isinstance(batch, tuple) else (batch, None)
     device = next(model.parameters()).device
     images = images.to(device)
     if masks is None:
-        model(images)
-    else:
-        sparse_forward(model, images, mask_to_indices(masks).to(device))
-    return images.shape[0]
+        return model(images)
+    return sparse_forward(model, images, mask_to_indices(masks).to(device)).logits
+
+
+@torch.no_grad()
+def calibration_forward(model: nn.Module, batch: Batch) -> int:
+    """Forward one calibration batch (:func:`calibration_logits`); returns its number of images."""
+    calibration_logits(model, batch)
+    return (batch[0] if isinstance(batch, tuple) else batch).shape[0]
 
 
 @torch.no_grad()

@@ -13,6 +13,12 @@ leaves a random half of its elements unquantized (QDrop, Wei et al., ICLR 2022),
 flattens the loss landscape the rounding is learned on. Sparse pool images reach both models
 as their kept patches only, as in calibration.
 
+With ``prediction_weight`` > 0 the unit also learns to keep the model's *prediction* (PD-Quant,
+Liu et al., CVPR 2023): its output is run through the rest of the float model, and the KL
+divergence from the float model's prediction on the same images is added to the output error
+(weighted), so the unit spends its few levels on what changes the class, not on every feature. A unit whose rows
+are not images (the sparse path's patch embedding sees patches) keeps the output error alone.
+
 Settings (:class:`ReconstructConfig`) follow BRECQ/QDrop: Adam, lr 1e-3 for the rounding and
 4e-5 (cosine) for the step sizes, rounding regularizer weight 0.01 with beta from 20 to 2 after
 a 20 % warm-up without it, drop probability 0.5; the iteration count is smaller than their
@@ -30,15 +36,17 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from smi.errors import SmiError
-from smi.quant.api import Batch, calibration_forward
+from smi.quant.api import Batch, calibration_forward, calibration_logits
 from smi.quant.modules import QuantModule, WeightQuantMixin
 from smi.quant.quantizers import ActQuantizer
 
 __all__ = ["ReconstructConfig", "reconstruct_", "reconstruction_units", "unit_error"]
 
 Forward = Callable[[nn.Module, Batch], int]
+Logits = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class ReconstructConfig:
     warmup: float = 0.2  # fraction of the iterations without the regularizer
     drop_prob: float = 0.5  # QDrop: fraction of activation elements left unquantized while learning
     learn_activations: bool = True  # train activation step sizes too (else rounding only)
+    prediction_weight: float = 0.0  # PD-Quant: weight of KL(float prediction || prediction through the unit); 0 = off
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,7 +71,7 @@ class ReconstructConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SmiError(f"must be a positive integer, got {v!r}", param=f"reconstruct_{name}")
-        for name in ("lr", "act_lr", "reg_weight", "beta_start", "beta_end"):
+        for name in ("lr", "act_lr", "reg_weight", "beta_start", "beta_end", "prediction_weight"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise SmiError(f"must be a finite number >= 0, got {v!r}", param=f"reconstruct_{name}")
@@ -171,6 +180,32 @@ def unit_error(unit: nn.Module, inputs: list[torch.Tensor], targets: list[torch.
     return total / max(n, 1)
 
 
+def _rows(batch: Batch, rows: torch.Tensor) -> Batch:
+    if isinstance(batch, tuple):
+        images, masks = batch
+        return images[rows], (None if masks is None else masks[rows])
+    return batch[rows]
+
+
+class _Prediction:
+    """PD-Quant's term for one unit: its output, run through the rest of the float model, against the float model's
+    prediction on the same images (KL, batch mean)."""
+
+    def __init__(self, fp_model: nn.Module, fp_unit: nn.Module, batches: list[Batch], logits: Logits) -> None:
+        self.fp_model, self.fp_unit, self.batches, self.logits = fp_model, fp_unit, batches, logits
+        with torch.no_grad():
+            self.targets = [F.log_softmax(logits(fp_model, batch).float(), -1) for batch in batches]
+
+    def __call__(self, b: int, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        handle = self.fp_unit.register_forward_hook(lambda module, args, result: out)
+        try:
+            pred = self.logits(self.fp_model, _rows(self.batches[b], rows.cpu()))
+        finally:
+            handle.remove()
+        target = self.targets[b][rows.to(self.targets[b].device)]
+        return F.kl_div(F.log_softmax(pred.float(), -1), target, reduction="batchmean", log_target=True)
+
+
 def _act_quantizers(unit: nn.Module) -> list[ActQuantizer]:
     return [m for m in unit.modules() if isinstance(m, ActQuantizer) and m.mode == "quant"]
 
@@ -180,7 +215,7 @@ def _weights(unit: nn.Module) -> list[WeightQuantMixin]:
 
 
 def _reconstruct_unit(unit: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor],
-                      cfg: ReconstructConfig, gen: torch.Generator) -> None:
+                      cfg: ReconstructConfig, gen: torch.Generator, predict: _Prediction | None = None) -> None:
     weights, acts = _weights(unit), (_act_quantizers(unit) if cfg.learn_activations else [])
     frozen = [(p, p.requires_grad) for p in unit.parameters()]
     for p, _ in frozen:
@@ -202,7 +237,10 @@ def _reconstruct_unit(unit: nn.Module, inputs: list[torch.Tensor], targets: list
         for it in range(cfg.iterations):
             b = int(torch.multinomial(sizes, 1, generator=gen))
             rows = torch.randperm(len(inputs[b]), generator=gen)[:cfg.batch_size].to(inputs[b].device)
-            loss = _feature_error(unit(inputs[b][rows]), targets[b][rows])
+            out = unit(inputs[b][rows])
+            loss = _feature_error(out, targets[b][rows])
+            if predict is not None:
+                loss = loss + cfg.prediction_weight * predict(b, rows, out)
             if it >= warm and weights:
                 progress = (it - warm) / max(cfg.iterations - warm, 1)
                 beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress)
@@ -251,8 +289,8 @@ def _restore(unit: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def reconstruct_(
     model: nn.Module, fp_model: nn.Module, calibration: Iterable[Batch], config: ReconstructConfig | None = None,
-    *, forward: Forward | None = None, units: list[str] | None = None, progress: bool = False,
-    on_unit: Callable[[int, str, dict[str, Any]], None] | None = None, start: int = 0,
+    *, forward: Forward | None = None, logits: Logits | None = None, units: list[str] | None = None,
+    progress: bool = False, on_unit: Callable[[int, str, dict[str, Any]], None] | None = None, start: int = 0,
 ) -> list[dict[str, Any]]:
     """Reconstruct the converted quantized ``model`` unit by unit against ``fp_model`` (its float original, which is
     not changed).
@@ -261,10 +299,15 @@ def reconstruct_(
     pools); it is iterated twice per unit. ``on_unit(index, name, row)`` runs after each unit (a
     checkpoint); ``start`` skips units already done. Returns one row per unit reconstructed here:
     output error before and after, whether the reconstruction was kept, and seconds. A unit whose
-    error did not fall keeps its calibrated state.
+    error did not fall keeps its calibrated state. ``logits`` (a batch's logits; needed with a custom ``forward``
+    when ``config.prediction_weight`` > 0) feeds PD-Quant's prediction term.
     """
     cfg = config or ReconstructConfig()
+    if cfg.prediction_weight > 0 and forward is not None and logits is None:
+        raise SmiError("a custom forward needs the matching logits function for the prediction term",
+                       param="reconstruct_prediction_weight")
     forward = forward or calibration_forward
+    logits = logits or calibration_logits
     batches = list(calibration)
     names = units if units is not None else reconstruction_units(model, batches[0] if batches else None, forward)
     if not names:
@@ -279,28 +322,45 @@ def reconstruct_(
 
     rows = []
     bar = tqdm(list(enumerate(names))[start:], desc="reconstruct", unit="unit", leave=False, disable=not progress)
-    for index, name in bar:
-        t0 = time.perf_counter()
-        unit = q_modules[name]
-        model.eval()
-        fp_model.eval()
-        inputs = _capture(model, unit, batches, forward, output=False)
-        targets = _capture(fp_model, fp_modules[name], batches, forward, output=True)
-        before = unit_error(unit, inputs, targets)
-        saved = {k: v.clone() for k, v in unit.state_dict().items()}
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
-        torch.manual_seed(cfg.seed * 1_000_003 + index)  # QDrop's random masks: a resumed run is exact
-        with torch.enable_grad():
-            _reconstruct_unit(unit, inputs, targets, cfg, gen)
-        after = unit_error(unit, inputs, targets)
-        kept = after < before
-        if not kept:  # never leave a unit worse on its own data than calibration left it
-            _restore(unit, saved)
-            after = unit_error(unit, inputs, targets)
-        row = {"unit": name, "error_before": before, "error_after": after, "reconstructed": kept,
-               "seconds": round(time.perf_counter() - t0, 2)}
-        rows.append(row)
-        bar.set_postfix(unit=name, error=f"{before:.3g}->{after:.3g}", refresh=False)
-        if on_unit is not None:
-            on_unit(index, name, row)
+    fp_frozen = [(p, p.requires_grad) for p in fp_model.parameters()]
+    try:
+        for p, _ in fp_frozen:  # the float model only carries gradients to the unit (the prediction term)
+            p.requires_grad_(False)
+        for index, name in bar:
+            rows.append(_reconstruct_one(model, fp_model, q_modules[name], fp_modules[name], batches, cfg, index,
+                                         name, forward, logits))
+            bar.set_postfix(unit=name, error=f"{rows[-1]['error_before']:.3g}->{rows[-1]['error_after']:.3g}",
+                            refresh=False)
+            if on_unit is not None:
+                on_unit(index, name, rows[-1])
+    finally:
+        for p, flag in fp_frozen:
+            p.requires_grad_(flag)
     return rows
+
+
+def _reconstruct_one(model: nn.Module, fp_model: nn.Module, unit: nn.Module, fp_unit: nn.Module, batches: list[Batch],
+                     cfg: ReconstructConfig, index: int, name: str, forward: Forward, logits: Logits
+                     ) -> dict[str, Any]:
+    """Reconstruct one unit; its row of the log. A unit whose error did not fall keeps its calibrated state."""
+    t0 = time.perf_counter()
+    model.eval()
+    fp_model.eval()
+    inputs = _capture(model, unit, batches, forward, output=False)
+    targets = _capture(fp_model, fp_unit, batches, forward, output=True)
+    per_image = all(len(x) == len(batch[0] if isinstance(batch, tuple) else batch)
+                    for x, batch in zip(inputs, batches, strict=True))  # not the sparse path's patch rows
+    predict = _Prediction(fp_model, fp_unit, batches, logits) if cfg.prediction_weight > 0 and per_image else None
+    before = unit_error(unit, inputs, targets)
+    saved = {k: v.clone() for k, v in unit.state_dict().items()}
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+    torch.manual_seed(cfg.seed * 1_000_003 + index)  # QDrop's random masks: a resumed run is exact
+    with torch.enable_grad():
+        _reconstruct_unit(unit, inputs, targets, cfg, gen, predict)
+    after = unit_error(unit, inputs, targets)
+    kept = after < before
+    if not kept:  # never leave a unit worse on its own data than calibration left it
+        _restore(unit, saved)
+        after = unit_error(unit, inputs, targets)
+    return {"unit": name, "error_before": before, "error_after": after, "reconstructed": kept,
+            "seconds": round(time.perf_counter() - t0, 2)}
