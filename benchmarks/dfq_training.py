@@ -59,7 +59,6 @@ def same_reconstruction(folder: Path, recon: ReconstructConfig) -> bool:
     if not path.exists():
         return False
     made = json.loads(path.read_text()).get("reconstruct") or {}
-    made = {**ReconstructConfig().to_dict(), **made}  # a setting newer than the folder was at its default there
     want = recon.to_dict()
     return {k: v for k, v in made.items() if k != "seed"} == {k: v for k, v in want.items() if k != "seed"}
 

@@ -217,6 +217,12 @@ def test_reconstruct_config_refuses_bad_values():
             ReconstructConfig(**bad)
 
 
+def test_reconstruct_config_records_the_prediction_term_only_when_on():
+    # folders and benchmark caches written before the term existed still match the default settings
+    assert "prediction_weight" not in ReconstructConfig().to_dict()
+    assert ReconstructConfig(prediction_weight=2.0).to_dict()["prediction_weight"] == 2.0
+
+
 def test_reconstruct_refuses_an_unquantized_model():
     with pytest.raises(SmiError, match="no quantized units"):
         reconstruct_(tiny_vit(), tiny_vit(), [_images(2)])

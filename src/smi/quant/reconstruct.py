@@ -81,7 +81,10 @@ class ReconstructConfig:
                 raise SmiError(f"must be in [0, 1), got {v!r}", param=f"reconstruct_{name}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["prediction_weight"] == 0.0:  # runs recorded before the field existed still resume
+            del d["prediction_weight"]
+        return d
 
 
 def _quant_count(module: nn.Module) -> int:
