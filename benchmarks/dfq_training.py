@@ -235,8 +235,8 @@ def main() -> None:
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}"
             + (f", PD-Quant prediction term {args.recon_prediction:g}" if args.recon_prediction else "")
             + f"; QAT after it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} "
-            f"cosine, mixup "
-            f"{args.qat_mixup:g}, feature loss {args.qat_feature_loss}, attention transfer {args.qat_attention:g}, "
+            f"cosine, mixup {args.qat_mixup:g}, feature loss {args.qat_feature_loss}, "
+            f"attention transfer {args.qat_attention:g}, "
             + (f"colour shift {args.qat_augment_color:g}, " if args.qat_augment_color else "")
             + (f"whole images on a random background with probability {args.qat_augment_background:g}, "
                if args.qat_augment_background else "") +

@@ -15,7 +15,7 @@ from smi.quant.modules import QuantAttention, QuantConv2d, QuantLinear, QuantMod
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
 
 __all__ = ["prepare", "calibrate", "convert", "quantize_", "config_of", "calibration_forward", "calibration_logits",
-           "default_filter", "cnn_filter", "edge_layers"]
+           "batch_images", "default_filter", "cnn_filter", "edge_layers"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]  # images, or (images, kept-patch masks)
@@ -97,6 +97,11 @@ def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = 
     return model
 
 
+def batch_images(batch: Batch) -> torch.Tensor:
+    """The images of a calibration batch (without its masks, if any)."""
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
 def calibration_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The logits of one calibration batch; sparse pool images (a batch with masks) feed only their kept patches."""
     images, masks = batch if isinstance(batch, tuple) else (batch, None)
@@ -111,7 +116,7 @@ def calibration_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
 def calibration_forward(model: nn.Module, batch: Batch) -> int:
     """Forward one calibration batch (:func:`calibration_logits`); returns its number of images."""
     calibration_logits(model, batch)
-    return (batch[0] if isinstance(batch, tuple) else batch).shape[0]
+    return batch_images(batch).shape[0]
 
 
 @torch.no_grad()

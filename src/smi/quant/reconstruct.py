@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smi.errors import SmiError
-from smi.quant.api import Batch, calibration_forward, calibration_logits
+from smi.quant.api import Batch, batch_images, calibration_forward, calibration_logits
 from smi.quant.modules import QuantModule, WeightQuantMixin
 from smi.quant.quantizers import ActQuantizer
 
@@ -351,7 +351,7 @@ def _reconstruct_one(model: nn.Module, fp_model: nn.Module, unit: nn.Module, fp_
     fp_model.eval()
     inputs = _capture(model, unit, batches, forward, output=False)
     targets = _capture(fp_model, fp_unit, batches, forward, output=True)
-    per_image = all(len(x) == len(batch[0] if isinstance(batch, tuple) else batch)
+    per_image = all(len(x) == len(batch_images(batch))
                     for x, batch in zip(inputs, batches, strict=True))  # not the sparse path's patch rows
     predict = _Prediction(fp_model, fp_unit, batches, logits) if cfg.prediction_weight > 0 and per_image else None
     before = unit_error(unit, inputs, targets)
