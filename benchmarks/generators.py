@@ -51,6 +51,7 @@ from smi.models.loading import load_teacher  # noqa: E402
 from smi.quant import QuantConfig  # noqa: E402
 from smi.quant.pipeline import quantize_teacher  # noqa: E402
 from smi.quant.qat import QatConfig, qat  # noqa: E402
+from smi.quant.reconstruct import ReconstructConfig  # noqa: E402
 from smi.utils.io import atomic_write_json  # noqa: E402
 
 METHODS = ["gdfq", "qimera", "texq", "acq", "causal", "akt"]
@@ -73,7 +74,7 @@ def configs(method: str, seed: int, args: argparse.Namespace, work: Path, tname:
     """The QAT settings of a cell, and its generator's (None for pixel rows). AKT's feature distillation reads
     transformer blocks: on a CNN teacher the akt row is AdaDFQ's game alone."""
     qat_cfg = QatConfig(epochs=args.qat_epochs, online_steps=args.qat_steps, steps_per_epoch=args.qat_steps, seed=seed,
-                        style_pairs=1.0 if method == "causal" else 0.0,
+                        lr=args.qat_lr, attention=args.qat_attention, style_pairs=1.0 if method == "causal" else 0.0,
                         feature_loss="akt" if method == "akt" and vit else "none",
                         time_budget_s=budget if method.startswith("pixel") else None)
     if method.startswith("pixel"):
@@ -101,8 +102,10 @@ def trained_generator(teacher, method: str, gen_cfg: GeneratorConfig, folder: Pa
 
 
 def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, gen_cfg: GeneratorConfig | None,
-             folder: Path, data, vit: bool, gen_steps: int) -> dict:  # noqa: ANN001
-    """Train (generator), calibrate and fine-tune one cell; its top-1, wall time and images per second."""
+             folder: Path, data, vit: bool, gen_steps: int, calib_images: int = 32,
+             recon: ReconstructConfig | None = None) -> dict:  # noqa: ANN001
+    """Train (generator), calibrate (and reconstruct, with ``recon``) and fine-tune one cell; its top-1, wall time
+    and images per second."""
     w, a = bits(setting)
     rate, prep_s = None, 0.0  # prep_s: seconds made before calibration (a generator's training, a pixel pool)
     if method == "akt" or method.startswith("pixel"):  # no trained generator: calibrated on a small pixel pool
@@ -122,8 +125,9 @@ def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, 
         rate = images_per_second(folder / "generator", teacher)  # a measurement, not part of the cell's work
         source = calib = GeneratorSource(str(folder / "generator"))
     t0 = time.perf_counter()
-    quantize_teacher(teacher, QuantConfig.create("repq", w_bits=w, a_bits=a), calib, num_images=32, seed=seed,
-                     out=folder / f"q_{setting}", overwrite=True, copy_model=True)  # the teacher stays float
+    quantize_teacher(teacher, QuantConfig.create("repq", w_bits=w, a_bits=a), calib, num_images=calib_images,
+                     seed=seed, reconstruct=recon, out=folder / f"q_{setting}", overwrite=True,
+                     copy_model=True)  # the teacher stays float
     quantize_s = time.perf_counter() - t0
     res = qat(teacher, folder / f"q_{setting}", source, folder / f"qat_{setting}", qat_cfg, eval_data=None,
               progress=False, overwrite=True)
@@ -148,10 +152,16 @@ def main() -> None:
     p.add_argument("--gen-steps", type=int, default=100)
     p.add_argument("--qat-epochs", type=int, default=5)
     p.add_argument("--qat-steps", type=int, default=50)
+    p.add_argument("--qat-lr", type=float, default=QatConfig.lr, help="QAT learning rate (Adam, cosine to 0)")
+    p.add_argument("--qat-attention", type=float, default=0.0, help="head-wise attention transfer in QAT (ViTs)")
+    p.add_argument("--calib-images", type=int, default=32, help="calibration (and reconstruction) images")
+    p.add_argument("--recon-iterations", type=int, default=0,
+                   help="block reconstruction steps per block before QAT, QDrop 0.5 (0: calibration only)")
     p.add_argument("--work", default=str(RESULTS / "generators_work"), help="generators, pools and QAT runs")
     p.add_argument("--name", default="generators")
     args = p.parse_args()
     work, cells = Path(args.work), Cells(args.name)
+    recon = ReconstructConfig(iterations=args.recon_iterations, drop_prob=0.5) if args.recon_iterations else None
     rows, table = [], []
     for tname in args.teacher:
         teacher = load_teacher(tname)
@@ -168,11 +178,13 @@ def main() -> None:
                     qat_cfg, gen_cfg = configs(method, seed, args, work, tname, budget, vit)
                     key = f"{tname}|{setting}|{method}|{seed}"
                     spec = {"qat": qat_cfg.to_dict(), "generator": None if gen_cfg is None else asdict(gen_cfg)}
+                    if recon is not None or args.calib_images != 32:  # older cells: 32 images, no reconstruction
+                        spec.update(recon=recon and recon.to_dict(), calib_images=args.calib_images)
                     cell = cells.get(key, spec)
                     if cell is None:
                         cell = {"setting": spec, **run_cell(teacher, method, setting, seed, qat_cfg, gen_cfg,
                                                             work / f"{tname}_{method}_seed{seed}", data, vit,
-                                                            args.gen_steps)}
+                                                            args.gen_steps, args.calib_images, recon)}
                         cells.put(key, cell)
                         print(f"{tname} {setting} {method} seed {seed}: {cell['top1']:.2f} ({cell['wall_s']:.0f} s)",
                               file=sys.stderr, flush=True)
@@ -192,12 +204,17 @@ def main() -> None:
                 table.append([tname, setting, method, f"{mean:.2f} ± {std:.2f}", f"{statistics.mean(secs):.0f}",
                               f"{statistics.mean(rates):.0f}" if rates else "-", tested])
     header = ["teacher", "bits", "method", "top-1 (%)", "wall s", "generated images / s", "test data"]
-    note = (f"\nrepq W/A bits, 32 calibration images, QAT {args.qat_epochs} x {args.qat_steps} steps of batch 32 "
-            f"on fresh images; generators trained {args.gen_epochs} x {args.gen_steps} steps of batch 64; mean ± std "
-            f"over seeds {args.seeds}. pixel-*: QAT from online pixel inversion (32 images x 200 iterations per "
-            "epoch), as many epochs as the generator rows' mean wall time holds (estimated from the calibration "
-            "pool's synthesis time; stopped at that time if short); akt: calibrated on such a pool, then QAT with a "
-            "gdfq generator trained alongside (AdaDFQ's game). Images / s: one timing of 256 images per cell.\n")
+    note = (f"\nrepq W/A bits, {args.calib_images} calibration images"
+            + (f", then block reconstruction on them ({args.recon_iterations} steps per block, QDrop 0.5)"
+               if recon else "")
+            + f", QAT {args.qat_epochs} x {args.qat_steps} steps of batch 32 (lr {args.qat_lr:g}"
+            + (f", attention transfer {args.qat_attention:g}" if args.qat_attention else "")
+            + f") on fresh images; generators trained {args.gen_epochs} x {args.gen_steps} steps of batch 64; "
+            f"mean ± std over seeds {args.seeds}. pixel-*: QAT from online pixel inversion (32 images x 200 "
+            "iterations per epoch), as many epochs as the generator rows' mean wall time holds (estimated from the "
+            "calibration pool's synthesis time; stopped at that time if short); akt: calibrated on such a pool, then "
+            "QAT with a gdfq generator trained alongside (AdaDFQ's game). Images / s: one timing of 256 images per "
+            "cell.\n")
     publish(args.name, "generators", vars(args), header, table, note, rows)
 
 
