@@ -165,12 +165,23 @@ def quant_config(quantizer: str, setting: str) -> Any:
     return QuantConfig.create(quantizer, w_bits=w, a_bits=a, edge_bits=edge)
 
 
+def stops_tag(sparse_stops: str) -> str:
+    """A folder-name suffix for a sparse schedule other than the default ('' for the default):
+    ``50:0.3,100:0.3`` -> ``-stops50x0.3-100x0.3``."""
+    from smi.inversion import SparsityConfig
+
+    if sparse_stops.strip() == "default":
+        return ""
+    return "-stops" + "-".join(f"{it}x{ratio:g}" for it, ratio in SparsityConfig.parse(sparse_stops).stops)
+
+
 def synthetic_pools(teacher: Any, model_name: str, seeds: list[int], kinds: list[str], folder: Path,
-                    iterations: int, num_images: int, grid_seed: int | None = None, method: str = "deepinversion"
-                    ) -> tuple[dict[tuple[str, int], str], dict[tuple[str, int], float]]:
+                    iterations: int, num_images: int, grid_seed: int | None = None, method: str = "deepinversion",
+                    sparse_stops: str = "default") -> tuple[dict[tuple[str, int], str], dict[tuple[str, int], float]]:
     """One pool of ``method`` per (kind, seed) in ``folder`` (a kind: ``dense`` or ``sparse``, the default
-    schedule; ``-bf16`` after it synthesizes under bfloat16 autocast; batch min(32, images)); an existing pool
-    resumes or is reused. Returns the folders and each pool's synthesis seconds."""
+    schedule or ``sparse_stops`` (``ITER:RATIO,...``, its folder named after it); ``-bf16`` after it synthesizes
+    under bfloat16 autocast; batch min(32, images)); an existing pool resumes or is reused. Returns the folders
+    and each pool's synthesis seconds."""
     import sys
     import time
 
@@ -180,11 +191,12 @@ def synthetic_pools(teacher: Any, model_name: str, seeds: list[int], kinds: list
     pools, seconds = {}, {}
     for seed in seeds:
         for kind in kinds:
-            sparsity = SparsityConfig(()) if kind.startswith("dense") else SparsityConfig()
+            sparsity = SparsityConfig(()) if kind.startswith("dense") else SparsityConfig.parse(sparse_stops)
             cfg = InversionConfig.for_method(method, iterations=iterations, batch_size=min(32, num_images),
                                              sparsity=sparsity, precision="bf16" if kind.endswith("-bf16") else "fp32")
             tag = "" if method == "deepinversion" else f"{method}_"  # deepinversion pools keep their older names
-            out = folder / f"{model_name}_{tag}{kind}_seed{seed}"
+            out = folder / f"{model_name}_{tag}{kind}{stops_tag(sparse_stops) if kind.startswith('sparse') else ''}" \
+                f"_seed{seed}"
             t0 = time.perf_counter()
             synthesize(teacher, cfg, num_images, out, seed=seed, grid=seed == grid_seed)
             print(f"{out.name}: ready ({time.perf_counter() - t0:.0f} s this run)", file=sys.stderr)

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, bits, publish, quant_config, synthetic_pools, test_split  # noqa: E402
+from _common import RESULTS, bits, publish, quant_config, stops_tag, synthetic_pools, test_split  # noqa: E402
 from smi.data.sources import PoolSource, parse_source  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
@@ -77,6 +77,9 @@ def main() -> None:
     p.add_argument("--sources", nargs="+", default=SOURCES, choices=SOURCES)
     p.add_argument("--calib-images", type=int, default=32)
     p.add_argument("--iterations", type=int, default=4000, help="inversion iterations of the synthetic pools")
+    p.add_argument("--sparse-stops", default="default",
+                   help="the sparse pools' stopping schedule, ITER:RATIO,... of the pool's iterations (default: "
+                        "the paper's 50:0.3,100:0.3,200:0.3,300:0.3); other schedules get their own pools and cells")
     p.add_argument("--recon-iterations", type=int, default=1000, help="reconstruction steps per block")
     p.add_argument("--recon-drop", type=float, default=0.0, help="QDrop probability during reconstruction")
     p.add_argument("--recon-prediction", type=float, default=0.0,
@@ -138,6 +141,8 @@ def main() -> None:
         extra = str(recon.to_dict()) if stage in STARTS_FROM_RECON else ""
         extra += str(qat_cfg(seed).to_dict()) if stage in TRAINS else ""
         extra += str(synthesis_of(stage, source_name).to_dict()) if stage in SYNTHESIZING else ""
+        if source_name == "sparse" and stops_tag(args.sparse_stops):
+            extra += f"|stops {SparsityConfig.parse(args.sparse_stops).stops}"
         return (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
                 f"{args.calib_images}|{extra}")
 
@@ -160,7 +165,7 @@ def main() -> None:
         table.append([model_name, "FP32", "-", "-", f"{fp32:.2f}", "", "", ""])
         kinds = [s for s in ("dense", "sparse") if s in args.sources]
         pools, synth_s = synthetic_pools(teacher, model_name, args.seeds, kinds, Path(args.pools), args.iterations,
-                                         args.calib_images)
+                                         args.calib_images, sparse_stops=args.sparse_stops)
         for setting in args.settings:
             w, a = bits(setting)
             for quantizer in args.quantizers:
@@ -186,7 +191,9 @@ def main() -> None:
                                                            correct_activations=stage == "correct")
                                     model, units, seconds = res.model, res.correction, time.perf_counter() - t0
                                 else:  # the reconstructed folder is the QAT stage's start
-                                    cell = work / "cells" / f"{model_name}_{setting}_{quantizer}_{source_name}_{seed}"
+                                    src = source_name + (stops_tag(args.sparse_stops) if source_name == "sparse"
+                                                         else "")
+                                    cell = work / "cells" / f"{model_name}_{setting}_{quantizer}_{src}_{seed}"
                                     recon_key = cell_key(model_name, setting, quantizer, "recon", source_name, seed)
                                     model = units = None
                                     if stage == "recon" or recon_key not in done \
@@ -231,7 +238,9 @@ def main() -> None:
     note = (f"\nTop-1 (%) on {tested_on}, mean ± std over seeds {args.seeds} (wall seconds of synthesis + "
             f"calibration + training per cell, mean). {args.calib_images} images per cell for every source "
             f"(dense and sparse: the same budget, "
-            f"pools of {args.iterations} inversion iterations, one per seed); reconstruction: "
+            f"pools of {args.iterations} inversion iterations, one per seed"
+            + (f"; sparse stops {args.sparse_stops}" if stops_tag(args.sparse_stops) else "")
+            + "); reconstruction: "
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}"
             + (f", PD-Quant prediction term {args.recon_prediction:g}" if args.recon_prediction else "")
             + f"; QAT after it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} "
