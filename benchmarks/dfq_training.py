@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, bits, publish, quant_config, stops_tag, synthetic_pools, test_split  # noqa: E402
 from smi.data.sources import PoolSource, parse_source  # noqa: E402
+from smi.errors import SmiError  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
@@ -63,6 +64,18 @@ def same_reconstruction(folder: Path, recon: ReconstructConfig) -> bool:
     return {k: v for k, v in made.items() if k != "seed"} == {k: v for k, v in want.items() if k != "seed"}
 
 
+def sparse_schedule(spec: str) -> str:
+    """``--sparse-stops``: ``default`` or an ``ITER:RATIO,...`` schedule with at least one stop (checked here, so a
+    bad one is an argparse error, not a traceback)."""
+    try:
+        stops = SparsityConfig.parse(spec).stops
+    except SmiError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not stops:
+        raise argparse.ArgumentTypeError("a sparse schedule needs at least one stop (dense pools: --sources dense)")
+    return spec
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", "--models", dest="models", nargs="+", default=["fmnist_vit_tiny"],
@@ -77,7 +90,7 @@ def main() -> None:
     p.add_argument("--sources", nargs="+", default=SOURCES, choices=SOURCES)
     p.add_argument("--calib-images", type=int, default=32)
     p.add_argument("--iterations", type=int, default=4000, help="inversion iterations of the synthetic pools")
-    p.add_argument("--sparse-stops", default="default",
+    p.add_argument("--sparse-stops", default="default", type=sparse_schedule,
                    help="the sparse pools' stopping schedule, ITER:RATIO,... of the pool's iterations (default: "
                         "the paper's 50:0.3,100:0.3,200:0.3,300:0.3); other schedules get their own pools and cells")
     p.add_argument("--recon-iterations", type=int, default=1000, help="reconstruction steps per block")

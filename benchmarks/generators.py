@@ -179,7 +179,7 @@ def main() -> None:
                     key = f"{tname}|{setting}|{method}|{seed}"
                     spec = {"qat": qat_cfg.to_dict(), "generator": None if gen_cfg is None else asdict(gen_cfg)}
                     if recon is not None or args.calib_images != 32:  # older cells: 32 images, no reconstruction
-                        spec.update(recon=recon and recon.to_dict(), calib_images=args.calib_images)
+                        spec.update(recon=recon.to_dict() if recon else None, calib_images=args.calib_images)
                     cell = cells.get(key, spec)
                     if cell is None:
                         cell = {"setting": spec, **run_cell(teacher, method, setting, seed, qat_cfg, gen_cfg,
