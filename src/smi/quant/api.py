@@ -15,7 +15,7 @@ from smi.quant.modules import QuantAttention, QuantConv2d, QuantLinear, QuantMod
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer
 
 __all__ = ["prepare", "calibrate", "convert", "quantize_", "config_of", "calibration_forward", "calibration_logits",
-           "batch_images", "default_filter", "cnn_filter", "edge_layers"]
+           "batch_images", "split_batch", "default_filter", "cnn_filter", "edge_layers"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]  # images, or (images, kept-patch masks)
@@ -97,14 +97,19 @@ def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = 
     return model
 
 
+def split_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A calibration batch as ``(images, kept-patch masks or None)``."""
+    return batch if isinstance(batch, tuple) else (batch, None)
+
+
 def batch_images(batch: Batch) -> torch.Tensor:
     """The images of a calibration batch (without its masks, if any)."""
-    return batch[0] if isinstance(batch, tuple) else batch
+    return split_batch(batch)[0]
 
 
 def calibration_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The logits of one calibration batch; sparse pool images (a batch with masks) feed only their kept patches."""
-    images, masks = batch if isinstance(batch, tuple) else (batch, None)
+    images, masks = split_batch(batch)
     device = next(model.parameters()).device
     images = images.to(device)
     if masks is None:
