@@ -29,16 +29,24 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from math import isqrt
 from pathlib import Path
+from typing import Any
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, bits, publish, quant_config, stops_tag, synthetic_pools, test_split  # noqa: E402
-from smi.data.sources import PoolSource, parse_source  # noqa: E402
+from smi.data.sources import ImageSet, ModelSpec, PoolSource, parse_source  # noqa: E402
 from smi.errors import SmiError  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
+from smi.inversion.augment import fill_background  # noqa: E402
+from smi.inversion.engine import valid_range  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
+from smi.models.sparse import mask_to_indices  # noqa: E402
 from smi.quant.pipeline import quantize_teacher  # noqa: E402
 from smi.quant.qat import FEATURE_LOSSES, QatConfig, qat  # noqa: E402
 from smi.quant.reconstruct import ReconstructConfig  # noqa: E402
@@ -51,6 +59,26 @@ STAGES = {"calib": "calibration only", "correct": "+ activation correction", "re
 STARTS_FROM_RECON = ("recon", "qat", "adaptive", "online")
 TRAINS = ("qat", "adaptive", "online")  # the stages that run QAT from the reconstruction
 SYNTHESIZING = ("adaptive", "online")  # ... of which these on images synthesized while it trains
+BACKGROUNDS = {"none": None, "flat": 0.0, "noise": 0.25}  # --pool-background: texture std, fraction of the range
+
+
+@dataclass(frozen=True)
+class FilledPool(PoolSource):
+    """A sparse pool shown whole: every image's stopped patches filled once (seeded) with a random background, a
+    level ~ U(valid range) per image and channel plus Gaussian texture of std up to ``noise`` of the range; both
+    models then see the whole image, so the teacher labels what the quantized model sees."""
+
+    noise: float = 0.0
+
+    def open(self, model: ModelSpec, **context: Any) -> ImageSet:
+        s = super().open(model, **context)
+        if s.masks is None or s.masks.all():
+            return s
+        g = isqrt(s.masks.shape[1])
+        lo, hi = valid_range(model.mean, model.std, "cpu")
+        x = fill_background(s.images, mask_to_indices(s.masks), (g, g), s.images.shape[-1] // g, lo, hi, self.noise,
+                            torch.Generator().manual_seed(0))
+        return ImageSet(x, None, ordered=True, identity={**s.identity, "background": self.noise}, seconds=s.seconds)
 
 
 def same_reconstruction(folder: Path, recon: ReconstructConfig) -> bool:
@@ -93,6 +121,9 @@ def main() -> None:
     p.add_argument("--sparse-stops", default="default", type=sparse_schedule,
                    help="the sparse pools' stopping schedule, ITER:RATIO,... of the pool's iterations (default: "
                         "the paper's 50:0.3,100:0.3,200:0.3,300:0.3); other schedules get their own pools and cells")
+    p.add_argument("--pool-background", default="none", choices=list(BACKGROUNDS),
+                   help="show the sparse pools whole, their stopped patches filled with a random flat level per "
+                        "image (flat) or that plus texture noise (noise), to both models (default: kept patches only)")
     p.add_argument("--recon-iterations", type=int, default=1000, help="reconstruction steps per block")
     p.add_argument("--recon-drop", type=float, default=0.0, help="QDrop probability during reconstruction")
     p.add_argument("--recon-prediction", type=float, default=0.0,
@@ -156,6 +187,8 @@ def main() -> None:
         extra += str(synthesis_of(stage, source_name).to_dict()) if stage in SYNTHESIZING else ""
         if source_name == "sparse" and stops_tag(args.sparse_stops):
             extra += f"|stops {SparsityConfig.parse(args.sparse_stops).stops}"
+        if source_name == "sparse" and args.pool_background != "none":
+            extra += f"|background {args.pool_background}"
         return (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
                 f"{args.calib_images}|{extra}")
 
@@ -195,7 +228,9 @@ def main() -> None:
                             key = cell_key(model_name, setting, quantizer, stage, source_name, seed)
                             if key not in done:
                                 pool = pools.get((source_name, seed))
-                                source = PoolSource(pool) if pool else parse_source(source_name)
+                                filled = source_name == "sparse" and args.pool_background != "none"
+                                source = (FilledPool(pool, BACKGROUNDS[args.pool_background]) if filled
+                                          else PoolSource(pool) if pool else parse_source(source_name))
                                 qcfg = quant_config(quantizer, setting)
                                 t0 = time.perf_counter()
                                 if stage in ("calib", "correct"):
@@ -206,6 +241,7 @@ def main() -> None:
                                 else:  # the reconstructed folder is the QAT stage's start
                                     src = source_name + (stops_tag(args.sparse_stops) if source_name == "sparse"
                                                          else "")
+                                    src += f"-bg{args.pool_background}" if filled else ""
                                     cell = work / "cells" / f"{model_name}_{setting}_{quantizer}_{src}_{seed}"
                                     recon_key = cell_key(model_name, setting, quantizer, "recon", source_name, seed)
                                     model = units = None
@@ -253,6 +289,8 @@ def main() -> None:
             f"(dense and sparse: the same budget, "
             f"pools of {args.iterations} inversion iterations, one per seed"
             + (f"; sparse stops {args.sparse_stops}" if stops_tag(args.sparse_stops) else "")
+            + (f"; sparse pools shown whole, stopped patches filled with a random {args.pool_background} background"
+               if args.pool_background != "none" else "")
             + "); reconstruction: "
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}"
             + (f", PD-Quant prediction term {args.recon_prediction:g}" if args.recon_prediction else "")
