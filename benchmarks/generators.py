@@ -17,11 +17,11 @@ For each teacher (``--teacher``; default the shipped CNN and ViT), method and se
 
 Pixel rows spend the same wall time on pixel inversion: QAT from online synthesis (dense; and
 sparse for a ViT teacher), each epoch inverting 32 images for 200 iterations, with as many epochs
-(cosine learning rate over them) as the mean wall time of the generator rows of that teacher and
-setting holds, judged from the time of the calibration pool (one epoch's synthesis) times 1.3, and
-stopped at that time if the estimate was short. Rows without a trained generator
-(pixel, akt) are calibrated on a pool of 32 images inverted the same way, its time counted. Finished cells are kept in
-``results/NAME_cells.json``, so a rerun only runs what is missing.
+(cosine learning rate over them) as the mean wall time of the generator rows of that teacher, setting and
+seed holds (per seed, so adding seeds leaves finished cells valid), judged from the time of the calibration
+pool (one epoch's synthesis) times 1.3, and stopped at that time if the estimate was short. Rows without a
+trained generator (pixel, akt) are calibrated on a pool of 32 images inverted the same way, its time counted.
+Finished cells are kept in ``results/NAME_cells.json``, so a rerun only runs what is missing.
 
 Run:  python benchmarks/generators.py        (hours on 2 CPU cores; --methods / --settings / --seeds to split it)
 """
@@ -170,11 +170,11 @@ def main() -> None:
         fp32 = evaluate(teacher.model, data, progress=False)["top1"]
         table.append([tname, "FP32", "-", f"{fp32:.2f}", "", "", tested])
         for setting in args.settings:
-            walls: list[float] = []
+            walls: dict[int, list[float]] = {}  # per seed: the generator rows' wall times
             for method in args.methods + [f"pixel-{k}" for k in args.pixel if k == "dense" or vit]:
                 accs, secs, rates, epochs = [], [], [], []
                 for seed in args.seeds:
-                    budget = statistics.mean(walls) if walls else None
+                    budget = statistics.mean(walls[seed]) if walls.get(seed) else None
                     qat_cfg, gen_cfg = configs(method, seed, args, work, tname, budget, vit)
                     key = f"{tname}|{setting}|{method}|{seed}"
                     spec = {"qat": qat_cfg.to_dict(), "generator": None if gen_cfg is None else asdict(gen_cfg)}
@@ -191,10 +191,10 @@ def main() -> None:
                     accs.append(cell["top1"])
                     epochs.append(cell.get("epochs"))
                     secs.append(cell["wall_s"])
+                    if not method.startswith("pixel"):
+                        walls.setdefault(seed, []).append(cell["wall_s"])
                     if cell["images_per_s"]:
                         rates.append(cell["images_per_s"])
-                if not method.startswith("pixel"):
-                    walls.extend(secs)
                 mean, std = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
                 rows.append({"teacher": tname, "setting": setting, "method": method, "top1": round(mean, 2),
                              "top1_std": round(std, 2), "top1_per_seed": accs, "seeds": args.seeds,
@@ -211,10 +211,10 @@ def main() -> None:
             + (f", attention transfer {args.qat_attention:g}" if args.qat_attention else "")
             + f") on fresh images; generators trained {args.gen_epochs} x {args.gen_steps} steps of batch 64; "
             f"mean ± std over seeds {args.seeds}. pixel-*: QAT from online pixel inversion (32 images x 200 "
-            "iterations per epoch), as many epochs as the generator rows' mean wall time holds (estimated from the "
-            "calibration pool's synthesis time; stopped at that time if short); akt: calibrated on such a pool, then "
-            "QAT with a gdfq generator trained alongside (AdaDFQ's game). Images / s: one timing of 256 images per "
-            "cell.\n")
+            "iterations per epoch), as many epochs as the same seed's generator rows' mean wall time holds "
+            "(estimated from the calibration pool's synthesis time; stopped at that time if short); akt: calibrated "
+            "on such a pool, then QAT with a gdfq generator trained alongside (AdaDFQ's game). Images / s: one "
+            "timing of 256 images per cell.\n")
     publish(args.name, "generators", vars(args), header, table, note, rows)
 
 
