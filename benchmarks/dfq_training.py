@@ -181,13 +181,17 @@ def main() -> None:
     def synthesis_of(stage: str, source_name: str) -> InversionConfig:
         return (adaptive_synthesis if stage == "adaptive" else online_synthesis)(source_name)
 
+    def filled(source_name: str) -> bool:
+        """Whether this column's images are a sparse pool shown whole on a background (--pool-background)."""
+        return source_name == "sparse" and BACKGROUNDS[args.pool_background] is not None
+
     def cell_key(model_name: str, setting: str, quantizer: str, stage: str, source_name: str, seed: int) -> str:
         extra = str(recon.to_dict()) if stage in STARTS_FROM_RECON else ""
         extra += str(qat_cfg(seed).to_dict()) if stage in TRAINS else ""
         extra += str(synthesis_of(stage, source_name).to_dict()) if stage in SYNTHESIZING else ""
         if source_name == "sparse" and stops_tag(args.sparse_stops):
             extra += f"|stops {SparsityConfig.parse(args.sparse_stops).stops}"
-        if source_name == "sparse" and args.pool_background != "none":
+        if filled(source_name):
             extra += f"|background {args.pool_background}"
         return (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
                 f"{args.calib_images}|{extra}")
@@ -228,8 +232,7 @@ def main() -> None:
                             key = cell_key(model_name, setting, quantizer, stage, source_name, seed)
                             if key not in done:
                                 pool = pools.get((source_name, seed))
-                                filled = source_name == "sparse" and args.pool_background != "none"
-                                source = (FilledPool(pool, BACKGROUNDS[args.pool_background]) if filled
+                                source = (FilledPool(pool, BACKGROUNDS[args.pool_background]) if filled(source_name)
                                           else PoolSource(pool) if pool else parse_source(source_name))
                                 qcfg = quant_config(quantizer, setting)
                                 t0 = time.perf_counter()
@@ -241,7 +244,7 @@ def main() -> None:
                                 else:  # the reconstructed folder is the QAT stage's start
                                     src = source_name + (stops_tag(args.sparse_stops) if source_name == "sparse"
                                                          else "")
-                                    src += f"-bg{args.pool_background}" if filled else ""
+                                    src += f"-bg{args.pool_background}" if filled(source_name) else ""
                                     cell = work / "cells" / f"{model_name}_{setting}_{quantizer}_{src}_{seed}"
                                     recon_key = cell_key(model_name, setting, quantizer, "recon", source_name, seed)
                                     model = units = None
