@@ -88,7 +88,8 @@ class Cells:
 
 
 SYNTHESIS_SETTINGS = {"lr": float, "tv_l2": float, "tv_l1": float, "l2": float, "jitter": float, "iterations": int,
-                      "color_shift": float, "jitter_unit": str, "blur": float}  # InversionConfig fields
+                      "color_shift": float, "jitter_unit": str, "blur": float, "crop": float, "bn_weight": float,
+                      "ce_weight": float, "lr_schedule": str, "warmup": int}  # InversionConfig fields
 STUDENT_SETTINGS = {"augment_color": "color_shift", "augment_background": "background",
                     "attention": "attention", "ema": "ema"}  # -> DistillConfig fields
 
@@ -98,6 +99,7 @@ class Settings:
     """A benchmark contender's ``NAME=VALUE`` settings, sorted by what they configure."""
 
     synthesis: dict[str, Any] = field(default_factory=dict)  # InversionConfig fields
+    options: dict[str, float] = field(default_factory=dict)  # the terms' knobs (InversionConfig.options)
     terms: dict[str, float] = field(default_factory=dict)  # extra synthesis terms: name -> weight
     student: dict[str, float] = field(default_factory=dict)  # DistillConfig fields (the student's augmentations)
     other: dict[str, Any] = field(default_factory=dict)  # the script's own settings
@@ -106,15 +108,18 @@ class Settings:
         """The InversionConfig of ``method`` with ``fields``, these settings and their extra terms (validated)."""
         from smi.inversion import InversionConfig
 
-        cfg = InversionConfig.for_method(method, **{**fields, **self.synthesis})
+        options = {"options": self.options} if self.options else {}  # merged knob by knob with the method's
+        cfg = InversionConfig.for_method(method, **{**fields, **self.synthesis, **options})
         return InversionConfig.from_dict({**cfg.to_dict(), "terms": {**cfg.terms, **self.terms}})
 
 
 def parse_settings(items: Iterable[str], other: dict[str, type] | None = None) -> Settings:
     """``["lr=0.05", "term.contrastive=1", "augment_color=2", "steps=100"]`` -> :class:`Settings`: synthesis fields
-    (``SYNTHESIS_SETTINGS``), ``term.NAME=W`` (a registered term), the student's augmentations
+    (``SYNTHESIS_SETTINGS``), ``term.NAME=W`` (a registered term), ``option.NAME=V`` (a term's knob, e.g.
+    ``option.bn_first_weight=1``), the student's augmentations
     (``STUDENT_SETTINGS``, by their ``smi distill`` flag names) and ``other`` (the script's own, name -> type).
     Raises ValueError naming the first item that is none of these."""
+    from smi.inversion.config import known_options
     from smi.inversion.terms import TERMS
 
     out, other = Settings(), other or {}
@@ -127,6 +132,8 @@ def parse_settings(items: Iterable[str], other: dict[str, type] | None = None) -
                 out.synthesis[name] = SYNTHESIS_SETTINGS[name](value)
             elif name.startswith("term.") and name[5:] in TERMS:
                 out.terms[name[5:]] = float(value)
+            elif name.startswith("option.") and name[7:] in known_options():
+                out.options[name[7:]] = float(value)
             elif name in STUDENT_SETTINGS:
                 out.student[STUDENT_SETTINGS[name]] = float(value)
             elif name in other:
@@ -135,7 +142,7 @@ def parse_settings(items: Iterable[str], other: dict[str, type] | None = None) -
                 raise ValueError
         except ValueError:
             raise ValueError(f"{item!r} is not NAME=VALUE with NAME one of "
-                             f"{'|'.join([*SYNTHESIS_SETTINGS, *STUDENT_SETTINGS, *other])} or term.TERM "
+                             f"{'|'.join([*SYNTHESIS_SETTINGS, *STUDENT_SETTINGS, *other])}, option.KNOB or term.TERM "
                              f"({'|'.join(TERMS.names())})") from None
     return out
 
@@ -177,23 +184,25 @@ def stops_tag(sparse_stops: str) -> str:
 
 def synthetic_pools(teacher: Any, model_name: str, seeds: list[int], kinds: list[str], folder: Path,
                     iterations: int, num_images: int, grid_seed: int | None = None, method: str = "deepinversion",
-                    sparse_stops: str = "default") -> tuple[dict[tuple[str, int], str], dict[tuple[str, int], float]]:
+                    sparse_stops: str = "default", settings: Settings | None = None,
+                    ) -> tuple[dict[tuple[str, int], str], dict[tuple[str, int], float]]:
     """One pool of ``method`` per (kind, seed) in ``folder`` (a kind: ``dense`` or ``sparse``, the default
     schedule or ``sparse_stops`` (``ITER:RATIO,...``, its folder named after it); ``-bf16`` after it synthesizes
-    under bfloat16 autocast; batch min(32, images)); an existing pool resumes or is reused. Returns the folders
-    and each pool's synthesis seconds."""
+    under bfloat16 autocast; batch min(32, images); ``settings`` changes the method's recipe); an existing pool
+    resumes or is reused. Returns the folders and each pool's synthesis seconds."""
     import sys
     import time
 
     from smi.data.pool import read_manifest
-    from smi.inversion import InversionConfig, SparsityConfig, synthesize
+    from smi.inversion import SparsityConfig, synthesize
 
     pools, seconds = {}, {}
     for seed in seeds:
         for kind in kinds:
             sparsity = SparsityConfig(()) if kind.startswith("dense") else SparsityConfig.parse(sparse_stops)
-            cfg = InversionConfig.for_method(method, iterations=iterations, batch_size=min(32, num_images),
-                                             sparsity=sparsity, precision="bf16" if kind.endswith("-bf16") else "fp32")
+            fields = dict(iterations=iterations, batch_size=min(32, num_images), sparsity=sparsity,
+                          precision="bf16" if kind.endswith("-bf16") else "fp32")
+            cfg = (settings or Settings()).synthesis_config(method, **fields)
             tag = "" if method == "deepinversion" else f"{method}_"  # deepinversion pools keep their older names
             out = folder / f"{model_name}_{tag}{kind}{stops_tag(sparse_stops) if kind.startswith('sparse') else ''}" \
                 f"_seed{seed}"

@@ -37,7 +37,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, bits, publish, quant_config, stops_tag, synthetic_pools, test_split  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    bits,
+    parse_settings,
+    publish,
+    quant_config,
+    stops_tag,
+    synthetic_pools,
+    test_split,
+)
 from smi.data.sources import ImageSet, ModelSpec, PoolSource, parse_source  # noqa: E402
 from smi.errors import SmiError  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
@@ -152,10 +161,17 @@ def main() -> None:
                    help="adaptive and online stages: inversion steps of each epoch's batch (adaptive: 32 psaq-v2 "
                         "images; online: --online-images deepinversion images)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (smoke runs)")
+    p.add_argument("--recipe", nargs="*", default=[], metavar="SETTING=VALUE",
+                   help="the dense and sparse pools' DeepInversion recipe changes, as benchmarks/pixel_recipe.py's "
+                        "contenders (e.g. bn_weight=0.1; give --pools a folder of its own)")
     p.add_argument("--pools", default=str(RESULTS / "dfq_work"), help="synthetic pools (shared with dfq_accuracy)")
     p.add_argument("--work", default=str(RESULTS / "dfq_training_work"), help="partial results")
     p.add_argument("--name", default="dfq_training")
     args = p.parse_args()
+    try:
+        recipe = parse_settings(args.recipe)
+    except ValueError as e:
+        raise SystemExit(f"error: --recipe: {e}") from None
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     partial_path = work / "partial.json"
@@ -193,6 +209,8 @@ def main() -> None:
             extra += f"|stops {SparsityConfig.parse(args.sparse_stops).stops}"
         if filled(source_name):
             extra += f"|background {args.pool_background}"
+        if source_name in ("dense", "sparse") and args.recipe:
+            extra += f"|recipe {sorted(args.recipe)}"
         return (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
                 f"{args.calib_images}|{extra}")
 
@@ -215,7 +233,7 @@ def main() -> None:
         table.append([model_name, "FP32", "-", "-", f"{fp32:.2f}", "", "", ""])
         kinds = [s for s in ("dense", "sparse") if s in args.sources]
         pools, synth_s = synthetic_pools(teacher, model_name, args.seeds, kinds, Path(args.pools), args.iterations,
-                                         args.calib_images, sparse_stops=args.sparse_stops)
+                                         args.calib_images, sparse_stops=args.sparse_stops, settings=recipe)
         for setting in args.settings:
             w, a = bits(setting)
             for quantizer in args.quantizers:
@@ -292,6 +310,7 @@ def main() -> None:
             f"(dense and sparse: the same budget, "
             f"pools of {args.iterations} inversion iterations, one per seed"
             + (f"; sparse stops {args.sparse_stops}" if stops_tag(args.sparse_stops) else "")
+            + (f"; DeepInversion with {', '.join(args.recipe)}" if args.recipe else "")
             + (f"; sparse pools shown whole, stopped patches filled with a random {args.pool_background} background"
                if args.pool_background != "none" else "")
             + "); reconstruction: "

@@ -255,6 +255,10 @@ def _cases():
                                                          "--out", "{d}/o"], "--color-shift"),
         "invert: blur above 1": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--blur", "1.5", "--out", "{d}/o"],
                                  "--blur"),
+        "invert: random crops in a sparse run": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--crop", "0.5",
+                                                            "--out", "{d}/o"], "--crop is dense-only"),
+        "invert: negative BN-statistics weight": (lambda w: ["invert", "--model", w["ckpt"], *INV, "--bn-weight", "-1",
+                                                             "--out", "{d}/o"], "--bn-weight"),
         # students that cannot take the teacher's images
         "distill: attention transfer to a CNN student": (lambda w: ["distill", "--teacher", w["ckpt"], "--student",
                                                                     "resnet10t", "--attention", "1", "--noise",

@@ -220,10 +220,12 @@ def _inversion_config(args: argparse.Namespace):
 
     given = {"iterations": args.iterations, "batch_size": args.synth_batch_size, "lr": args.synth_lr,
              "tv_l2": args.tv_l2, "tv_l1": args.tv_l1, "l2": args.l2, "jitter": args.jitter,
-             "color_shift": args.color_shift, "blur": args.blur, "labels": args.labels, "curriculum": args.curriculum,
-             "precision": args.precision}
+             "color_shift": args.color_shift, "crop": args.crop, "blur": args.blur, "labels": args.labels,
+             "curriculum": args.curriculum, "precision": args.precision,
+             "bn_weight": args.synth_bn_weight}
     overrides = {k: v for k, v in given.items() if v is not None}
-    with _flags(args, batch_size="synth_batch_size", lr="synth_lr", terms="term", options="option"):
+    with _flags(args, batch_size="synth_batch_size", lr="synth_lr", bn_weight="synth_bn_weight", terms="term",
+                options="option"):
         terms = {**METHODS.get(args.method, param="method").defaults.get("terms", {}), **_pairs(args.term, "--term")}
         return InversionConfig.for_method(
             args.method, **overrides, terms=terms, options=_pairs(args.option, "--option"),
@@ -255,6 +257,10 @@ def _add_inversion_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
                                                  "psaq 0, mimiq 2.5e-5, sardfq 0)")
     p.add_argument("--tv-l1", type=_number, help="weight of the l1 total-variation prior (default: 0; sardfq 0.05)")
     p.add_argument("--l2", type=_number, help="weight of the image L2-norm prior (default: 0)")
+    p.add_argument(f"--{prefix}bn-weight", dest="synth_bn_weight", type=_number, metavar="W",
+                   help="weight of the BatchNorm-statistics prior, teachers with BatchNorm only (default: 0.01, "
+                        "DeepInversion's; 0.1 made the best calibration images for a strictly quantized CNN in "
+                        "benchmarks/pixel_recipe.py)")
     p.add_argument("--jitter", type=_number, help="largest random shift, fraction of the side (default: 0.125)")
     p.add_argument("--jitter-unit", choices=["patch", "pixel"], default="patch",
                    help="round shifts to whole patches (needed for sparse) or use pixels (dense only)")
@@ -262,6 +268,9 @@ def _add_inversion_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--color-shift", type=_number, metavar="S",
                    help="Plug-In Inversion's colour shift: the teacher sees each image at a random contrast "
                         "exp(U(-S, S)) and brightness U(-S, S) (default: 0, off; 1 is the paper's)")
+    p.add_argument("--crop", type=_number, metavar="F",
+                   help="IntraQ's random crops (dense only): the teacher sees a random box of U(1-F, 1) of each "
+                        "image's area, resized to the full image (default: 0, off)")
     p.add_argument("--blur", type=_number, metavar="F",
                    help="after each step move the images a fraction F toward their 3x3-blurred selves (default: 0)")
     p.add_argument("--precision", choices=["fp32", "bf16"],
@@ -307,8 +316,8 @@ def _cmd_invert(args: argparse.Namespace) -> int:
 
 
 # `smi invert` options that shape pixel optimization only
-PIXEL_ONLY = ("iterations", "synth_lr", "tv_l2", "tv_l1", "l2", "jitter", "color_shift", "blur", "labels",
-              "curriculum", "term", "option", "recompute", "precision")
+PIXEL_ONLY = ("iterations", "synth_lr", "synth_bn_weight", "tv_l2", "tv_l1", "l2", "jitter", "color_shift", "crop",
+              "blur", "labels", "curriculum", "term", "option", "recompute", "precision")
 
 
 def _invert_from_generator(args: argparse.Namespace) -> int:

@@ -7,9 +7,11 @@ from smi.inversion.augment import (
     Jitter,
     apply_jitter,
     color_shift,
+    crop_resize,
     fill_background,
     jitter_indices,
     pixel_mask_from_indices,
+    sample_crops,
 )
 
 
@@ -85,3 +87,28 @@ def test_fill_background_changes_only_stopped_patches_within_the_range():
     assert (noisy[~kept] >= -1.5).all() and (noisy[~kept] <= 2.0).all()
     assert noisy[0, 0][~kept[0, 0]].std() > 0
     assert torch.equal(noisy, fill_background(x, idx, grid, patch, lo, hi, 0.25, torch.Generator().manual_seed(0)))
+
+
+def test_crop_resize_samples_the_box_bilinearly():
+    """On a ramp (value = column index) bilinear sampling is exact, so every output pixel must equal the input
+    coordinate its centre maps to: column ``a + (j + 0.5) * w / W - 0.5`` for a box from column a, w wide."""
+    H, W = 12, 16
+    ramp = torch.arange(W, dtype=torch.float64).expand(2, 1, H, W).clone()
+    # box 1: columns 4..12 (8 wide), rows 0..12; box 2: the whole image
+    boxes = torch.tensor([[(2 * 4 + 8) / W - 1, 0.0, 8 / W, 1.0], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    out = crop_resize(ramp, boxes)
+    j = torch.arange(W, dtype=torch.float64)
+    expected = (4 + (j + 0.5) * 8 / W - 0.5).clamp(0, W - 1)
+    assert torch.allclose(out[0, 0], expected.expand(H, W), atol=1e-9)
+    assert torch.allclose(out[1], ramp[1], atol=1e-9)  # the whole-image box is the identity
+
+
+def test_sampled_crops_fit_the_image_and_cover_the_asked_area():
+    boxes = sample_crops(4000, 0.5, torch.Generator().manual_seed(0))
+    cx, cy, w, h = boxes.unbind(1)
+    assert torch.all(cx.abs() <= 1 - w + 1e-6) and torch.all(cy.abs() <= 1 - h + 1e-6)  # inside the image
+    area = w * h  # the image's own half-sides are 1, so this is the fraction of its area
+    assert area.min() >= 0.5 - 1e-6 and area.max() <= 1 + 1e-6
+    assert area.min() < 0.55 and area.max() > 0.95  # the whole range is drawn
+    assert torch.equal(sample_crops(8, 0.5, torch.Generator().manual_seed(1)),
+                       sample_crops(8, 0.5, torch.Generator().manual_seed(1)))

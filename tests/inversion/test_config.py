@@ -43,6 +43,7 @@ def test_stop_beyond_iterations():
     (dict(method="nope"), "unknown method"), (dict(iterations=0), "iterations"), (dict(lr=-1), "lr must be positive"),
     (dict(jitter_unit="pixel"), "must be .patch. for sparse inversion"), (dict(jitter=1.5), "jitter"),
     (dict(color_shift=-0.1), "color_shift must be in"), (dict(color_shift=float("nan")), "color_shift must be in"),
+    (dict(crop=1.0), "crop must be a fraction"), (dict(crop=0.5), "crop is dense-only"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(SmiError, match=match):
@@ -51,8 +52,8 @@ def test_bad_config(kwargs, match):
 
 def test_fields_added_later_stay_out_of_the_record_while_off():
     """A pool written before ``blur``/``color_shift`` existed has the same identity as one made with them off."""
-    assert not {"blur", "color_shift"} & set(InversionConfig().to_dict())
-    on = InversionConfig(blur=0.3, color_shift=1.0)
+    assert not {"blur", "color_shift", "crop"} & set(InversionConfig().to_dict())
+    on = InversionConfig(blur=0.3, color_shift=1.0, crop=0.5, sparsity=SparsityConfig(()))
     assert InversionConfig.from_dict(on.to_dict()) == on
 
 

@@ -90,6 +90,14 @@ def test_color_shift_and_blur_change_the_images_and_stay_deterministic(tiny_teac
         assert torch.equal(a.images, b.images) and not torch.equal(a.images, plain.images)
 
 
+def test_crops_change_dense_images_and_stay_deterministic(tiny_teacher):
+    dense = dataclasses.replace(SPARSE, sparsity=SparsityConfig(()))
+    plain, _ = _run(tiny_teacher, dense, seed=3)
+    a, _ = _run(tiny_teacher, dataclasses.replace(dense, crop=0.5), seed=3)
+    b, _ = _run(tiny_teacher, dataclasses.replace(dense, crop=0.5), seed=3)
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, plain.images)
+
+
 def test_pixels_stay_in_valid_range(tiny_teacher):
     batch, steps = _run(tiny_teacher)
     lo, hi = valid_range(tiny_teacher.mean, tiny_teacher.std, "cpu")

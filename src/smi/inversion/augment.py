@@ -1,13 +1,15 @@
-"""Jitter (wrap-around roll) and horizontal flip, for images and for patch indices alike; colour shift."""
+"""Jitter (wrap-around roll) and horizontal flip, for images and for patch indices alike; colour shift; random crops."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["Jitter", "sample_jitter", "apply_jitter", "jitter_indices", "rejitter", "pixel_mask_from_indices",
-           "color_shift", "fill_background"]
+           "color_shift", "sample_crops", "crop_resize", "fill_background"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,34 @@ def color_shift(x: torch.Tensor, strength: float, generator: torch.Generator) ->
     b, c = x.shape[:2]
     u, v = ((torch.rand(2, b, c, 1, 1, generator=generator) * 2 - 1) * strength).to(x.device, x.dtype)
     return x * u.exp() + v
+
+
+def sample_crops(batch: int, cut: float, generator: torch.Generator) -> torch.Tensor:
+    """One box per image for :func:`crop_resize`: (B, 4) rows ``(cx, cy, w, h)`` in the image's [-1, 1] frame.
+
+    The box covers ``U(1 - cut, 1)`` of the image's area at an aspect ratio ``exp(U(log 3/4, log 4/3))``
+    (torchvision's ``RandomResizedCrop`` ranges), each side at most the image's, anywhere it fits.
+    """
+    u = torch.rand(4, batch, generator=generator, dtype=torch.float64)
+    area = 1 - cut * u[0]
+    ratio = torch.exp((2 * u[1] - 1) * math.log(4 / 3))
+    w, h = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # half-sides in the [-1, 1] frame
+    return torch.stack([(1 - w) * (2 * u[2] - 1), (1 - h) * (2 * u[3] - 1), w, h], dim=1).float()
+
+
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each image's box (:func:`sample_crops`) resized back to the full (H, W), bilinear; differentiable in ``x``.
+
+    IntraQ's local object reinforcement: the teacher must find the class in any large part of the image,
+    so the object grows to fill it instead of hiding in a corner. Dense inversion only: a resized view
+    moves pixels off the patch grid.
+    """
+    b = x.shape[0]
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    boxes = boxes.to(x.device, x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = boxes[:, 2], boxes[:, 0], boxes[:, 3], boxes[:, 1]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def fill_background(x: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int], patch: int, lo: torch.Tensor,

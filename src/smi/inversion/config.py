@@ -112,6 +112,7 @@ class InversionConfig:
     flip: bool = True
     blur: float = 0.0  # after each step, move the images this fraction toward their 3x3-blurred selves (0 = off)
     color_shift: float = 0.0  # Plug-In Inversion's random brightness/contrast of the view: strength (0 = off)
+    crop: float = 0.0  # IntraQ's random crops: the view is a box of U(1 - crop, 1) of the area, resized (0 = off)
     importance_block: int = -1
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     labels: str = "hard"  # a name in smi.inversion.labels.LABELS
@@ -193,6 +194,11 @@ class InversionConfig:
         if not (0 <= self.color_shift <= 2):
             raise SmiError(f"must be in [0, 2] (log-contrast and shift range), got {self.color_shift}",
                            param="color_shift")
+        if not (0 <= self.crop < 1):
+            raise SmiError(f"must be a fraction of the area in [0, 1), got {self.crop}", param="crop")
+        if self.crop and not self.sparsity.dense:
+            raise SmiError("is dense-only: a resized view moves pixels off the token grid of sparse inversion",
+                           param="crop")
         if not (0 <= self.jitter < 1):
             raise SmiError(f"must be a fraction of the side in [0, 1), got {self.jitter}", param="jitter")
         if self.jitter_unit not in ("patch", "pixel"):
@@ -207,7 +213,7 @@ class InversionConfig:
         d["betas"] = list(self.betas)
         d["sparsity"] = {"stops": [list(s) for s in self.sparsity.stops]}
         d["rounds"] = list(self.rounds)
-        for name, unset in (("blur", 0.0), ("color_shift", 0.0), ("precision", "fp32")):
+        for name, unset in (("blur", 0.0), ("color_shift", 0.0), ("crop", 0.0), ("precision", "fp32")):
             if d[name] == unset:  # pools and runs recorded before the field existed still resume
                 del d[name]
         return d

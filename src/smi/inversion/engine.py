@@ -13,7 +13,15 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from smi.errors import SmiError, SmiWarning
-from smi.inversion.augment import apply_jitter, color_shift, jitter_indices, pixel_mask_from_indices, sample_jitter
+from smi.inversion.augment import (
+    apply_jitter,
+    color_shift,
+    crop_resize,
+    jitter_indices,
+    pixel_mask_from_indices,
+    sample_crops,
+    sample_jitter,
+)
 from smi.inversion.config import InversionConfig
 from smi.inversion.priors import blur_
 from smi.inversion.recipe import Recipe
@@ -294,6 +302,8 @@ def invert(
                 xj = apply_jitter(x, j)
                 if config.color_shift:
                     xj = color_shift(xj, config.color_shift, generator)
+                if config.crop:
+                    xj = crop_resize(xj, sample_crops(B, config.crop, generator))
                 rank_now = it in stops
                 idx_t = jitter_indices(keep, grid, patch, j) if sparse else None  # token j of image b: keep[b, j]
             with record_function("smi.forward"), amp():
