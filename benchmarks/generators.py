@@ -21,7 +21,9 @@ sparse for a ViT teacher), each epoch inverting 32 images for 200 iterations, wi
 seed holds (per seed, so adding seeds leaves finished cells valid), judged from the time of the calibration
 pool (one epoch's synthesis) times 1.3, and stopped at that time if the estimate was short. Rows without a
 trained generator (pixel, akt) are calibrated on a pool of 32 images inverted the same way, its time counted.
-Finished cells are kept in ``results/NAME_cells.json``, so a rerun only runs what is missing.
+Finished cells are kept in ``results/NAME_cells.json``, so a rerun only runs what is missing. Each trained
+generator of the last seed draws four images per class into ``results/NAME/TEACHER_METHOD.png`` (a column per
+class, fixed noise).
 
 Run:  python benchmarks/generators.py        (hours on 2 CPU cores; --methods / --settings / --seeds to split it)
 """
@@ -53,6 +55,7 @@ from smi.quant.pipeline import quantize_teacher  # noqa: E402
 from smi.quant.qat import QatConfig, qat  # noqa: E402
 from smi.quant.reconstruct import ReconstructConfig  # noqa: E402
 from smi.utils.io import atomic_write_json  # noqa: E402
+from smi.viz import save_grid  # noqa: E402
 
 METHODS = ["gdfq", "qimera", "texq", "acq", "causal", "akt"]
 PIXEL_EPOCH_COST = 1.3  # a pixel epoch's seconds over its pool's synthesis seconds (the QAT steps on top), estimated
@@ -67,6 +70,19 @@ def images_per_second(folder: Path, teacher, n: int = 256) -> float:
         t0 = time.perf_counter()
         gen(z, y)
     return n / (time.perf_counter() - t0)
+
+
+def write_grid(folder: Path, teacher, path: Path) -> Path:  # noqa: ANN001
+    """Four images per class from the generator in ``folder``, a column per class (fixed noise), as a PNG."""
+    gen, _ = load_generator(folder, teacher)
+    classes = gen.num_classes
+    z = torch.randn(4 * classes, gen.latent_dim, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(4 * classes) % classes
+    with torch.no_grad():
+        images = gen(z, y)
+    names = teacher.class_names or [str(c) for c in range(classes)]
+    return save_grid(images, None, 1, path, teacher.mean, teacher.std, titles=[names[c] for c in y.tolist()],
+                     max_images=len(y), columns=classes)
 
 
 def configs(method: str, seed: int, args: argparse.Namespace, work: Path, tname: str, budget: float | None,
@@ -203,6 +219,11 @@ def main() -> None:
                              "qat_epochs_per_seed": epochs})
                 table.append([tname, setting, method, f"{mean:.2f} ± {std:.2f}", f"{statistics.mean(secs):.0f}",
                               f"{statistics.mean(rates):.0f}" if rates else "-", tested])
+        grids = [write_grid(folder, teacher, RESULTS / args.name / f"{tname}_{method}.png")
+                 for method in args.methods
+                 if (folder := work / f"{tname}_{method}_seed{args.seeds[-1]}" / "generator").exists()]
+        if grids:
+            print(f"grids: {', '.join(str(g) for g in grids)}", file=sys.stderr)
     header = ["teacher", "bits", "method", "top-1 (%)", "wall s", "generated images / s", "test data"]
     note = (f"\nrepq W/A bits, {args.calib_images} calibration images"
             + (f", then block reconstruction on them ({args.recon_iterations} steps per block, QDrop 0.5)"
