@@ -96,6 +96,8 @@ def test_crops_change_dense_images_and_stay_deterministic(tiny_teacher):
     a, _ = _run(tiny_teacher, dataclasses.replace(dense, crop=0.5), seed=3)
     b, _ = _run(tiny_teacher, dataclasses.replace(dense, crop=0.5), seed=3)
     assert torch.equal(a.images, b.images) and not torch.equal(a.images, plain.images)
+    with pytest.raises(SmiError, match="crop is dense-only"):  # kept patches given: sparse, whatever the schedule
+        _run(tiny_teacher, dataclasses.replace(dense, crop=0.5), keep=torch.zeros(3, 2, dtype=torch.long))
 
 
 def test_pixels_stay_in_valid_range(tiny_teacher):

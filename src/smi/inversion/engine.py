@@ -216,6 +216,9 @@ def invert(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     sparse = not config.sparsity.dense or keep is not None
+    if sparse and config.crop:
+        raise SmiError("is dense-only: a resized view moves pixels off the token grid of the kept patches",
+                       param="crop")
     check_invertible(teacher, config, student)
     check_recompute(model, recompute)
     vit = check_sparse_capable(model) if sparse or recompute == "always" else model
