@@ -104,6 +104,12 @@ class Settings:
     student: dict[str, float] = field(default_factory=dict)  # DistillConfig fields (the student's augmentations)
     other: dict[str, Any] = field(default_factory=dict)  # the script's own settings
 
+    def changes(self) -> dict[str, Any]:
+        """What these settings change in the synthesis, by the names :func:`parse_settings` reads
+        (``option.KNOB``, ``term.TERM``)."""
+        return {**self.synthesis, **{f"option.{k}": v for k, v in self.options.items()},
+                **{f"term.{k}": v for k, v in self.terms.items()}}
+
     def synthesis_config(self, method: str, **fields: Any) -> Any:
         """The InversionConfig of ``method`` with ``fields``, these settings and their extra terms (validated)."""
         from smi.inversion import InversionConfig

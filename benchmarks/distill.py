@@ -205,8 +205,7 @@ def main() -> None:
         rows.append({"contender": spec, "teacher": t, "student": s, "protocol": protocol, "data": kind,
                      "budget_s": budget, "split": f"{images} x {iterations} it, {steps} steps" if online
                      else f"{steps} steps",
-                     "synthesis": {**{k: v for k, v in settings.synthesis.items() if k != "iterations"},
-                                   **{f"term.{k}": v for k, v in settings.terms.items()}},
+                     "synthesis": {k: v for k, v in settings.changes().items() if k != "iterations"},
                      "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine", "augment_color": cfg.color_shift,
                      "augment_background": cfg.background, "attention": cfg.attention, "ema": cfg.ema,
                      "top1": round(statistics.mean(accs), 2),

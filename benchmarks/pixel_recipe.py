@@ -24,7 +24,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, Cells, mean_std, parse_settings, publish, quant_config, synthetic_pools, test_split  # noqa: E402,I001
+from _common import (  # noqa: E402
+    RESULTS,
+    Cells,
+    mean_std,
+    parse_settings,
+    publish,
+    quant_config,
+    synthetic_pools,
+    test_split,
+)
 from smi.data.pool import read_manifest  # noqa: E402
 from smi.data.sources import PoolSource, parse_source  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
@@ -90,22 +99,17 @@ def main() -> None:
             out.append(got["top1"])
         return out
 
-    def changes(settings) -> str:
-        return ", ".join([f"{k}={v}" for k, v in settings.synthesis.items()]
-                         + [f"option.{k}={v}" for k, v in settings.options.items()]
-                         + [f"term.{k}={v}" for k, v in settings.terms.items()]) or "(defaults)"
-
     lines = [("real training images", "-", [cell("real", lambda: parse_source("real"), s, {}) for s in args.seeds],
               None)]
     for label, settings in contenders:
-        plain = not (settings.synthesis or settings.terms or settings.options)
-        folder = RESULTS / "dfq_work" if label == "deepinversion" and plain else Path(args.work) / label
+        changed = settings.changes()
+        folder = RESULTS / "dfq_work" if label == "deepinversion" and not changed else Path(args.work) / label
         pools, _ = synthetic_pools(teacher, args.teacher, args.seeds, ["dense"], folder, args.iterations,
                                    args.calib_images, grid_seed=args.seeds[0], settings=settings)
         made = {s: read_manifest(pools[("dense", s)]) for s in args.seeds}
         per_seed = [cell(label, lambda folder=pools[("dense", s)]: PoolSource(folder), s, made[s]["identity"])
                     for s in args.seeds]
-        lines.append((label, changes(settings), per_seed,
+        lines.append((label, ", ".join(f"{k}={v}" for k, v in changed.items()) or "(defaults)", per_seed,
                       statistics.mean(float(m["seconds_total"]) for m in made.values())))
     rows, table = [], []
     for label, changed, per_seed, seconds in lines:
