@@ -53,6 +53,7 @@ from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
 from smi.inversion.augment import fill_background  # noqa: E402
 from smi.inversion.engine import valid_range  # noqa: E402
+from smi.inversion.methods import METHODS  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.models.sparse import mask_to_indices  # noqa: E402
@@ -161,6 +162,9 @@ def main() -> None:
                    help="adaptive and online stages: inversion steps of each epoch's batch (adaptive: 32 psaq-v2 "
                         "images; online: --online-images deepinversion images)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (smoke runs)")
+    p.add_argument("--method", default="deepinversion",
+                   choices=[n for n, m in METHODS.items() if m.task is None and n != "psaq-v2"],
+                   help="synthesis method of the dense and sparse pools (its pools get names of their own)")
     p.add_argument("--recipe", nargs="*", default=[], metavar="SETTING=VALUE",
                    help="the dense and sparse pools' DeepInversion recipe changes, as benchmarks/pixel_recipe.py's "
                         "contenders (e.g. bn_weight=0.1; give --pools a folder of its own)")
@@ -211,6 +215,8 @@ def main() -> None:
             extra += f"|background {args.pool_background}"
         if source_name in ("dense", "sparse") and args.recipe:
             extra += f"|recipe {sorted(args.recipe)}"
+        if source_name in ("dense", "sparse") and args.method != "deepinversion" and stage not in SYNTHESIZING:
+            extra += f"|method {args.method}"
         return (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
                 f"{args.calib_images}|{extra}")
 
@@ -233,7 +239,8 @@ def main() -> None:
         table.append([model_name, "FP32", "-", "-", f"{fp32:.2f}", "", "", ""])
         kinds = [s for s in ("dense", "sparse") if s in args.sources]
         pools, synth_s = synthetic_pools(teacher, model_name, args.seeds, kinds, Path(args.pools), args.iterations,
-                                         args.calib_images, sparse_stops=args.sparse_stops, settings=recipe)
+                                         args.calib_images, sparse_stops=args.sparse_stops, settings=recipe,
+                                         method=args.method)
         for setting in args.settings:
             w, a = bits(setting)
             for quantizer in args.quantizers:
@@ -263,6 +270,8 @@ def main() -> None:
                                     src = source_name + (stops_tag(args.sparse_stops) if source_name == "sparse"
                                                          else "")
                                     src += f"-bg{args.pool_background}" if filled(source_name) else ""
+                                    src += f"-{args.method}" if source_name in ("dense", "sparse") \
+                                        and args.method != "deepinversion" else ""
                                     cell = work / "cells" / f"{model_name}_{setting}_{quantizer}_{src}_{seed}"
                                     recon_key = cell_key(model_name, setting, quantizer, "recon", source_name, seed)
                                     model = units = None
@@ -310,7 +319,9 @@ def main() -> None:
             f"(dense and sparse: the same budget, "
             f"pools of {args.iterations} inversion iterations, one per seed"
             + (f"; sparse stops {args.sparse_stops}" if stops_tag(args.sparse_stops) else "")
-            + (f"; DeepInversion with {', '.join(args.recipe)}" if args.recipe else "")
+            + (f"; {args.method}" if args.method != "deepinversion" else "")
+            + (f"; {'DeepInversion' if args.method == 'deepinversion' else args.method} with "
+               f"{', '.join(args.recipe)}" if args.recipe else "")
             + (f"; sparse pools shown whole, stopped patches filled with a random {args.pool_background} background"
                if args.pool_background != "none" else "")
             + "); reconstruction: "

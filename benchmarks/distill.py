@@ -43,7 +43,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, Cells, Settings, parse_settings, publish, test_split  # noqa: E402
+from smi.data.datasets import open_dataset  # noqa: E402
 from smi.data.sources import NoiseSource, RealSource  # noqa: E402
+from smi.errors import SmiError  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
 from smi.generators import GeneratorConfig, OnlineGeneratorSource  # noqa: E402
 from smi.inversion import SparsityConfig  # noqa: E402
@@ -100,11 +102,13 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     return MODELS[t][0], MODELS[s][1], protocol, data, budget, settings
 
 
-def backbone(arch: str, work: Path) -> tuple[str, float]:
-    """``arch`` trained on the other data (digits at 28x28, seed 0; resumable): its checkpoint and digits top-1."""
-    cfg = TeacherTrainConfig(arch=arch, data=BACKBONE_DATA, img_size=28, epochs=BACKBONE_EPOCHS, batch_size=64,
+def backbone(arch: str, work: Path, data: str = BACKBONE_DATA, epochs: int = BACKBONE_EPOCHS) -> tuple[str, float]:
+    """``arch`` trained on the other data (28x28, seed 0; resumable): its checkpoint and top-1 on that data."""
+    cfg = TeacherTrainConfig(arch=arch, data=data, img_size=28, epochs=epochs, batch_size=64,
                              hflip=False, crop_padding=2, seed=0)
-    res = train_teacher(cfg, work / f"backbone_{arch}_{BACKBONE_DATA}", progress=False)
+    folder = "".join(c if c.isalnum() or c in "-_" else "_" for c in data)
+    res = train_teacher(cfg, work / f"backbone_{arch}_{folder}" + (f"_e{epochs}" if epochs != BACKBONE_EPOCHS
+                                                                   else ""), progress=False)
     return res["weights"], res["test_top1"]
 
 
@@ -131,6 +135,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (scratch and finetune)")
     p.add_argument("--probe-lr", type=float, default=1e-2, help="learning rate of a linear probe")
+    p.add_argument("--backbone-data", default=BACKBONE_DATA,
+                   help="the other real data of the probe/finetune backbones: digits (nothing like the teacher's), "
+                        "or fashion-mnist-classes:5-9 (the teacher's domain, but never told what classes 0-4 are; "
+                        "the table then also gives the top-1 on those classes)")
+    p.add_argument("--backbone-epochs", type=int, default=BACKBONE_EPOCHS, help="epochs of the backbone's training")
     p.add_argument("--work", default=str(RESULTS / "distill_work"), help="run folders (resumable)")
     p.add_argument("--name", default="distill", help="results/NAME.{json,md,png}")
     p.add_argument("--cells", default="distill", help="finished runs are kept in results/CELLS_cells.json (a run "
@@ -161,8 +170,11 @@ def main() -> None:
         checkpoint = None
         if protocol != "scratch":
             if s not in backbones:
-                weights, top1 = backbone(s, work)
-                backbones[s] = {"weights": weights, "data": BACKBONE_DATA, "epochs": BACKBONE_EPOCHS,
+                try:
+                    weights, top1 = backbone(s, work, args.backbone_data, args.backbone_epochs)
+                except SmiError as e:
+                    raise SystemExit(f"error: --backbone-data {args.backbone_data}: {e}") from None
+                backbones[s] = {"weights": weights, "data": args.backbone_data, "epochs": args.backbone_epochs,
                                 "top1_on_its_data": top1}
             checkpoint = backbones[s]["weights"]
         runs = []
@@ -178,6 +190,8 @@ def main() -> None:
                 synthesis = Settings({**settings.synthesis, "iterations": iterations}, {**terms, **settings.terms}) \
                     .synthesis_config(args.method, batch_size=images, sparsity=stops)
             name = spec.replace(">", "_to_").replace("=", "")
+            if checkpoint and (args.backbone_data, args.backbone_epochs) != (BACKBONE_DATA, BACKBONE_EPOCHS):
+                name += f"_backbone-{args.backbone_data}-e{args.backbone_epochs}"  # a cell and run folder of its own
             key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
             generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed), steps=over.get("gsteps", 50),
                                               adversarial=over.get("adv", 0.0)) if generated else None
@@ -195,7 +209,9 @@ def main() -> None:
                 student = build_student(None if checkpoint else s, teacher, checkpoint=checkpoint,
                                         linear_probe=protocol == "probe", seed=seed)
                 res = distill(teacher, student, data, work / key, cfg)
-                run = {"setting": setting, "top1": res.top1, "epochs": res.epochs, "log": res.log}
+                per_class = evaluate(student.model, test_split(teacher)[0], progress=False)["per_class"]
+                run = {"setting": setting, "top1": res.top1, "epochs": res.epochs, "log": res.log,
+                       "per_class": per_class}
                 cells.put(key, run)
                 print(f"{spec} seed {seed}: top-1 {res.top1:.2f} % after {res.log[-1]['wall_s']:.0f} s",
                       file=sys.stderr, flush=True)
@@ -216,6 +232,13 @@ def main() -> None:
                      "epochs": runs[0]["epochs"], "schedule_epochs": cfg.epochs, "images": last[0]["images"],
                      "curve": [(r["wall_s"], r["top1"]) for r in runs[0]["log"]]})
         curves[spec] = rows[-1]["curve"]
+        seen = getattr(open_dataset(args.backbone_data), "classes", None) if checkpoint else None
+        if seen is not None and all(r.get("per_class") for r in runs):  # a backbone of some of the classes
+            per_class = [statistics.mean(c) for c in zip(*(r["per_class"] for r in runs), strict=True)]
+            unseen = [c for c in range(len(per_class)) if c not in seen]
+            rows[-1]["backbone_classes"] = seen
+            rows[-1]["top1_unseen_classes"] = round(statistics.mean(per_class[c] for c in unseen), 2)
+            rows[-1]["top1_seen_classes"] = round(statistics.mean(per_class[c] for c in seen), 2)
 
     by = {r["contender"]: r for r in rows}
     for r in rows:  # the time at which a sparse contender first reaches its dense twin's final accuracy
@@ -252,6 +275,11 @@ def main() -> None:
     for arch, b in backbones.items():
         note += (f"probe/finetune backbone: {arch} trained on {b['data']} (28x28, {b['epochs']} epochs, seed 0): "
                  f"{b['top1_on_its_data']:.2f} % top-1 on its own test split.\n")
+    for r in rows:
+        if "top1_unseen_classes" in r:
+            note += (f"{r['contender']}: top-1 {r['top1_unseen_classes']:.2f} % on the classes its backbone never "
+                     f"saw, {r['top1_seen_classes']:.2f} % on the backbone's classes "
+                     f"({','.join(map(str, r['backbone_classes']))}).\n")
     for r in rows:
         if "reaches_dense_final_at_s" in r:
             reach = r["reaches_dense_final_at_s"]

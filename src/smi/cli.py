@@ -21,6 +21,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
             return action.help
         return super()._get_help_string(action)
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        """Option help wrapped at spaces only, so names like fashion-mnist-classes stay whole."""
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         """Descriptions: long prose lines wrapped to the terminal, indented lines (tables of presets) kept."""
         import textwrap

@@ -23,7 +23,8 @@ EVAL_BATCH = 64
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, ds: Dataset, batch_size: int = EVAL_BATCH, device: str | torch.device = "cpu",
              progress: bool = True) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) of ``model`` on ``ds``; the model's train/eval mode is restored.
+    """Top-1 and top-5 accuracy (percent) of ``model`` on ``ds``, and ``per_class``: each class's top-1 (None
+    for a class with no image in ``ds``); the model's train/eval mode is restored.
 
     >>> evaluate(teacher.model, eval_dataset("fashion-mnist", teacher))["top1"]
     """
@@ -34,6 +35,7 @@ def evaluate(model: torch.nn.Module, ds: Dataset, batch_size: int = EVAL_BATCH, 
     was_training = model.training
     model.eval()
     n = correct1 = correct5 = 0
+    hits = seen = torch.zeros(0, dtype=torch.long)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
     for x, y in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
         logits = model(x.to(device)).cpu()
@@ -45,8 +47,14 @@ def evaluate(model: torch.nn.Module, ds: Dataset, batch_size: int = EVAL_BATCH, 
         correct1 += (top[:, 0] == y).sum().item()
         correct5 += (top == y[:, None]).any(1).sum().item()
         n += len(y)
+        if len(hits) == 0:
+            hits = seen = torch.zeros(logits.shape[1], dtype=torch.long)
+        c = len(seen)  # a label the model has no logit for counts as wrong in top1 and in no class here
+        seen = seen + torch.bincount(y, minlength=c)[:c]
+        hits = hits + torch.bincount(y[top[:, 0] == y], minlength=c)[:c]
     model.train(was_training)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
+    per_class = [100.0 * h / c if c else None for h, c in zip(hits.tolist(), seen.tolist(), strict=True)]
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n, "per_class": per_class}
 
 
 def iou_from_confusion(confusion: torch.Tensor) -> dict[str, Any]:

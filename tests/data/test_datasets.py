@@ -102,6 +102,8 @@ def test_an_unreadable_image_is_named(tmp_path):
 @pytest.mark.parametrize("spec,needle", [
     ("imagefolder", "needs a path"), ("imagefolder:/nope", "does not exist"), ("fashion-mnist:/x", "takes no path"),
     ("mnist", "not a known dataset"), ("cifar10:{d}", "smi never downloads"), ("imagefolder:{d}", "no class"),
+    ("fashion-mnist-classes", "expected classes"), ("fashion-mnist-classes:9-5", "expected classes"),
+    ("fashion-mnist-classes:4", "at least two"), ("fashion-mnist-classes:8-10", "within 0..9"),
 ])
 def test_bad_dataset_specs_are_one_line(tmp_path, spec, needle):
     with pytest.raises(SmiError, match=needle):
@@ -119,6 +121,17 @@ def test_datasets_are_calibration_sources(tmp_path):
     with pytest.raises(SmiError, match="does not record the dataset"):
         RealSource().open(_reads((1, 16, 16)))
     assert RealSource().open(_reads((1, 28, 28), dataset="fashion-mnist")).identity["images"] == 60000
+
+
+def test_fashion_mnist_classes_keeps_the_named_classes_relabelled_in_order():
+    ds = open_dataset("fashion-mnist-classes:7,2-3")
+    assert ds.class_names == ["Pullover", "Dress", "Sneaker"] and ds.spec == "fashion-mnist-classes:2,3,7"
+    assert open_dataset(ds.spec).class_names == ds.class_names  # what a checkpoint records reopens
+    x, y = load_fashion_mnist("test")
+    xs, ys = ds.tensors("test")
+    keep = (y == 2) | (y == 3) | (y == 7)
+    assert torch.equal(xs, x[keep]) and ys.tolist() == [[2, 3, 7].index(v) for v in y[keep].tolist()]
+    assert len(ds.tensors("train")[1]) == 18000 and ds.normalization() == (FMNIST_MEAN, FMNIST_STD)
 
 
 def test_digits_are_sklearns_images_split_per_class_by_a_seed():

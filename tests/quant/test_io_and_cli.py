@@ -99,6 +99,11 @@ def test_imagefolder_evaluation_fits_the_models_input(ckpt, tmp_path):
     assert x.shape == (3, 32, 32) and len(ds) == 3
     res = evaluate(teacher.model, ds, progress=False)
     assert res["n"] == 3 and 0 <= res["top1"] <= res["top5"] <= 100
+    pred = torch.cat([teacher.model.eval()(x[None]).argmax(1) for x, _ in ds])  # one image per class here
+    labels = torch.tensor([y for _, y in ds])
+    expected = [100.0 * float(pred[labels == c] == c) if (labels == c).any() else None
+                for c in range(teacher.num_classes)]
+    assert res["per_class"] == expected
 
 
 def test_cli_quantize_then_eval(ckpt, tmp_path, capsys):

@@ -83,6 +83,7 @@ class ImageDataset:
 
     name: ClassVar[str] = ""
     needs_path: ClassVar[bool] = True
+    path_help: ClassVar[str] = "PATH"  # what the text after ``NAME:`` is, in --help
     in_memory: ClassVar[bool] = True  # tensors(split) holds the whole split; False: files read one by one
     channels: int
     size: tuple[int, int]
@@ -134,6 +135,53 @@ class FashionMNIST(ImageDataset):
 
     def tensors(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         return load_fashion_mnist(split)
+
+
+def parse_classes(spec: str, num_classes: int) -> list[int]:
+    """``"5-9"`` or ``"0,2,4"`` (or both, comma-separated) -> sorted distinct class indices below ``num_classes``."""
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, dash, hi = part.partition("-")
+            first, last = int(lo), int(hi) if dash else int(lo)
+            if first > last:
+                raise ValueError
+            out.update(range(first, last + 1))
+    except ValueError:
+        raise SmiError(f"expected classes like 5-9 or 0,2,4, got {spec!r}", param="data") from None
+    if not out or min(out) < 0 or max(out) >= num_classes:
+        raise SmiError(f"classes {spec!r} are not within 0..{num_classes - 1}", param="data")
+    if len(out) < 2:
+        raise SmiError(f"classes {spec!r}: a classifier needs at least two classes", param="data")
+    return sorted(out)
+
+
+@DATASETS.register("fashion-mnist-classes")
+class FashionMNISTClasses(FashionMNIST):
+    """Fashion-MNIST restricted to some classes, relabelled 0..k-1 in order: ``fashion-mnist-classes:5-9``.
+
+    Both splits keep only the named classes' images. The other data of the transfer protocol when it is
+    to share the domain but not the task (``benchmarks/distill.py --backbone-data``): a backbone trained on
+    classes 5-9 has never been told what classes 0-4 are."""
+
+    name = "fashion-mnist-classes"
+    needs_path, path_help = True, "CLASSES"
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.classes = parse_classes(path, len(FMNIST_CLASSES))
+        self.class_names = [FMNIST_CLASSES[c] for c in self.classes]
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{','.join(map(str, self.classes))}"
+
+    def tensors(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().tensors(split)
+        keep = torch.isin(y, torch.tensor(self.classes))
+        relabel = torch.full((len(FMNIST_CLASSES),), -1, dtype=torch.long)
+        relabel[self.classes] = torch.arange(len(self.classes))
+        return x[keep].contiguous(), relabel[y[keep]]
 
 
 @DATASETS.register("digits")
@@ -371,7 +419,7 @@ class ImageFolder(ImageDataset):
 
 
 def data_help() -> str:
-    return " | ".join(n if not DATASETS.get(n).needs_path else f"{n}:PATH" for n in DATASETS.names())
+    return " | ".join(f"{n}:{cls.path_help}" if cls.needs_path else n for n, cls in DATASETS.items())
 
 
 def open_dataset(spec: str) -> ImageDataset:
