@@ -107,8 +107,8 @@ def backbone(arch: str, work: Path, data: str = BACKBONE_DATA, epochs: int = BAC
     cfg = TeacherTrainConfig(arch=arch, data=data, img_size=28, epochs=epochs, batch_size=64,
                              hflip=False, crop_padding=2, seed=0)
     folder = "".join(c if c.isalnum() or c in "-_" else "_" for c in data)
-    res = train_teacher(cfg, work / f"backbone_{arch}_{folder}" + (f"_e{epochs}" if epochs != BACKBONE_EPOCHS
-                                                                   else ""), progress=False)
+    folder += f"_e{epochs}" if epochs != BACKBONE_EPOCHS else ""
+    res = train_teacher(cfg, work / f"backbone_{arch}_{folder}", progress=False)
     return res["weights"], res["test_top1"]
 
 
