@@ -319,9 +319,9 @@ def main() -> None:
             f"(dense and sparse: the same budget, "
             f"pools of {args.iterations} inversion iterations, one per seed"
             + (f"; sparse stops {args.sparse_stops}" if stops_tag(args.sparse_stops) else "")
-            + (f"; {args.method}" if args.method != "deepinversion" else "")
             + (f"; {'DeepInversion' if args.method == 'deepinversion' else args.method} with "
-               f"{', '.join(args.recipe)}" if args.recipe else "")
+               f"{', '.join(args.recipe)}" if args.recipe
+               else f"; {args.method}" if args.method != "deepinversion" else "")
             + (f"; sparse pools shown whole, stopped patches filled with a random {args.pool_background} background"
                if args.pool_background != "none" else "")
             + "); reconstruction: "

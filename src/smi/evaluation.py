@@ -22,7 +22,7 @@ EVAL_BATCH = 64
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, ds: Dataset, batch_size: int = EVAL_BATCH, device: str | torch.device = "cpu",
-             progress: bool = True) -> dict[str, float]:
+             progress: bool = True) -> dict[str, Any]:
     """Top-1 and top-5 accuracy (percent) of ``model`` on ``ds``, and ``per_class``: each class's top-1 (None
     for a class with no image in ``ds``); the model's train/eval mode is restored.
 
