@@ -53,7 +53,7 @@ from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
 from smi.inversion.augment import fill_background  # noqa: E402
 from smi.inversion.engine import valid_range  # noqa: E402
-from smi.inversion.methods import METHODS  # noqa: E402
+from smi.inversion.methods import pool_methods  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.models.sparse import mask_to_indices  # noqa: E402
@@ -163,7 +163,7 @@ def main() -> None:
                         "images; online: --online-images deepinversion images)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (smoke runs)")
     p.add_argument("--method", default="deepinversion",
-                   choices=[n for n, m in METHODS.items() if m.task is None and n != "psaq-v2"],
+                   choices=pool_methods(),
                    help="synthesis method of the dense and sparse pools (its pools get names of their own)")
     p.add_argument("--recipe", nargs="*", default=[], metavar="SETTING=VALUE",
                    help="the dense and sparse pools' DeepInversion recipe changes, as benchmarks/pixel_recipe.py's "

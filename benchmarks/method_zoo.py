@@ -31,7 +31,7 @@ from smi.errors import SmiError  # noqa: E402
 from smi.evaluation import teacher_accuracy_on_pool  # noqa: E402
 from smi.inversion import SparsityConfig, synthesize  # noqa: E402
 from smi.inversion.config import InversionConfig  # noqa: E402
-from smi.inversion.methods import METHODS  # noqa: E402
+from smi.inversion.methods import pool_methods  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.models.sparse import check_sparse_capable  # noqa: E402
 from smi.quant import QuantConfig  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", "--models", dest="models", nargs="+", default=["fmnist_vit_tiny", "fmnist_resnet_tiny"],
                    help="teachers (shipped names or checkpoints), each evaluated on its own dataset's test split")
-    p.add_argument("--methods", nargs="+", default=METHODS.names())
+    p.add_argument("--methods", nargs="+", default=pool_methods(), choices=pool_methods())
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--images", type=int, default=32)

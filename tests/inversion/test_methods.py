@@ -244,3 +244,15 @@ def test_registered_options_are_what_the_config_accepts():
         InversionConfig(options={"magic": 1.0})
     with pytest.raises(SmiError, match="unknown label sampler 'hardd' .did you mean hard"):
         InversionConfig(labels="hardd")
+
+
+def test_pool_methods_are_those_that_synthesize_from_the_teacher_alone():
+    from smi.inversion.methods import METHODS, pool_methods
+    from smi.inversion.terms import TERMS
+
+    names = pool_methods()
+    assert "deepinversion" in names and "psaq" in names
+    assert "psaq-v2" not in names  # its adversarial term needs a student (online only)
+    for name, method in METHODS.items():
+        offline = method.task is None and not any(TERMS.get(t).needs_student for t in method.defaults.get("terms", {}))
+        assert (name in names) == offline, name

@@ -39,6 +39,15 @@ def register_method(name: str, task: str | None = None) -> Callable[[Callable[[]
     return add
 
 
+def pool_methods() -> list[str]:
+    """The classification methods that make a pool from the teacher alone (no segmenter or diffusion task, no
+    term that needs a student: psaq-v2 runs only inside smi qat/distill --online)."""
+    from smi.inversion.terms import TERMS
+
+    return [n for n, m in METHODS.items() if m.task is None
+            and not any(TERMS.get(t).needs_student for t in m.defaults.get("terms", {}))]
+
+
 @register_method("deepinversion")
 def deepinversion() -> dict[str, Any]:
     """Cross-entropy on the planned classes + total variation, jitter and flip (CVPR 2020)."""
