@@ -205,6 +205,10 @@ def main() -> None:
         """Whether this column's images are a sparse pool shown whole on a background (--pool-background)."""
         return source_name == "sparse" and BACKGROUNDS[args.pool_background] is not None
 
+    def own_method(source_name: str) -> bool:
+        """Whether this column's images are pools of another method than DeepInversion (--method)."""
+        return source_name in ("dense", "sparse") and args.method != "deepinversion"
+
     def cell_key(model_name: str, setting: str, quantizer: str, stage: str, source_name: str, seed: int) -> str:
         extra = str(recon.to_dict()) if stage in STARTS_FROM_RECON else ""
         extra += str(qat_cfg(seed).to_dict()) if stage in TRAINS else ""
@@ -215,7 +219,7 @@ def main() -> None:
             extra += f"|background {args.pool_background}"
         if source_name in ("dense", "sparse") and args.recipe:
             extra += f"|recipe {sorted(args.recipe)}"
-        if source_name in ("dense", "sparse") and args.method != "deepinversion" and stage not in SYNTHESIZING:
+        if own_method(source_name) and stage not in SYNTHESIZING:
             extra += f"|method {args.method}"
         return (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
                 f"{args.calib_images}|{extra}")
@@ -270,8 +274,7 @@ def main() -> None:
                                     src = source_name + (stops_tag(args.sparse_stops) if source_name == "sparse"
                                                          else "")
                                     src += f"-bg{args.pool_background}" if filled(source_name) else ""
-                                    src += f"-{args.method}" if source_name in ("dense", "sparse") \
-                                        and args.method != "deepinversion" else ""
+                                    src += f"-{args.method}" if own_method(source_name) else ""
                                     cell = work / "cells" / f"{model_name}_{setting}_{quantizer}_{src}_{seed}"
                                     recon_key = cell_key(model_name, setting, quantizer, "recon", source_name, seed)
                                     model = units = None
