@@ -153,7 +153,7 @@ def test_sparsity_on_a_cnn_is_a_clear_error():
                torch.arange(2))
 
 
-def _one_step(cfg: InversionConfig, model: torch.nn.Module, sparse: bool):
+def _one_step(cfg: InversionConfig, model: torch.nn.Module, sparse: bool, student: torch.nn.Module | None = None):
     """The loss and image gradient of one step through the recipe (no jitter), dense or on half the patches."""
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)).requires_grad_()
     keep = torch.tensor([[0, 2, 5, 7, 8, 10, 13, 15], [1, 2, 4, 6, 9, 11, 12, 14]]) if sparse else None
@@ -161,7 +161,8 @@ def _one_step(cfg: InversionConfig, model: torch.nn.Module, sparse: bool):
     def fwd(v, k):
         return model(v) if k is None else sparse_forward(model, v, k).logits
 
-    student = tiny_vit(embed_dim=16).requires_grad_(False)  # for terms that synthesize against a student
+    if student is None:  # for terms that synthesize against a student
+        student = tiny_vit(embed_dim=16).requires_grad_(False)
     recipe = Recipe(cfg, model, torch.tensor([1, 3]), 5, torch.Generator().manual_seed(4), grid=(4, 4), patch=8,
                     student=student, student_tokens=True)
     with recipe:
@@ -186,8 +187,10 @@ def test_every_term_changes_the_loss_and_its_gradient(name, sparse):
         model = tiny_vit().requires_grad_(False)
     base = InversionConfig(iterations=10, batch_size=2, bn_weight=0.0, sparsity=SparsityConfig(()))
     with_term = InversionConfig(**{**base.to_dict(), "terms": {name: 1.0}})
-    loss0, grad0 = _one_step(base, model, sparse)
-    loss1, grad1 = _one_step(with_term, model, sparse)
+    # a term that reads the student's BatchNorm layers synthesizes against a CNN student
+    student = _tiny_cnn().requires_grad_(False) if "bn_inputs" in TERMS.get(name).student_captures else None
+    loss0, grad0 = _one_step(base, model, sparse, student)
+    loss1, grad1 = _one_step(with_term, model, sparse, student)
     assert torch.isfinite(loss1) and torch.isfinite(grad1).all()
     assert not torch.isclose(loss0, loss1, rtol=1e-6, atol=0), f"{name} leaves the loss unchanged"
     assert not torch.allclose(grad0, grad1, rtol=1e-5, atol=0), f"{name} leaves the gradient unchanged"

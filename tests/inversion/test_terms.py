@@ -327,3 +327,75 @@ def test_contrastive_term_reads_the_pools_earlier_batches(tmp_path):
             torch.testing.assert_close(job.bank(2), feats[:8])
             assert job.bank(1).shape == (4, feats.shape[1])
     assert sims[5.0] < sims[0.0], sims
+
+
+def _bn_student(seed: int = 0) -> torch.nn.Sequential:
+    """A frozen two-BatchNorm CNN on (3, 16, 16) with made-up running statistics (a 'pretrained' backbone)."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 5, 3, padding=1), torch.nn.BatchNorm2d(5), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(5, 10))
+    for bn in (net[1], net[4]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return net.eval().requires_grad_(False)
+
+
+def test_student_bn_term_is_the_distance_of_the_students_batch_statistics():
+    """The term's value on a batch equals ||mean - running_mean|| + ||var - running_var|| per student BatchNorm layer,
+    computed here by running the layers by hand; its gradient reaches the images and no student weight."""
+    from smi.inversion.terms._base import Context, Step
+    from smi.inversion.terms.student_bn import StudentBatchNorm
+
+    student = _bn_student()
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    cfg = InversionConfig(iterations=1, batch_size=6, sparsity=SparsityConfig(()))
+    ctx = Context(torch.nn.Identity(), cfg, torch.arange(6), 10, (4, 4), 4, torch.Generator(), student=student)
+    step = Step(ctx, x, x, Jitter(0, 0, False), 0, 4, None, None, torch.zeros(6, 10), None, None)  # type: ignore[arg-type]
+    value = StudentBatchNorm(ctx)(step)
+
+    expected, h = 0.0, x.detach()
+    for conv, bn, weight in ((student[0], student[1], 10.0), (student[3], student[4], 1.0)):
+        h = conv(h)
+        mean, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), unbiased=False)
+        expected += weight * ((mean - bn.running_mean).norm() + (var - bn.running_var).norm()).item()
+        h = torch.relu(bn(h))
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    value.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in student.parameters())
+
+
+def test_student_bn_term_pulls_images_toward_the_students_statistics():
+    """Inverting with the term ends closer to the student's running statistics than inverting without it."""
+    from smi.inversion.terms.student_bn import StudentBatchNorm  # noqa: F401 (registered)
+
+    teacher = as_teacher(tiny_vit())
+    student = _bn_student()
+
+    def distance(images: torch.Tensor) -> float:
+        captured = []
+        hooks = [bn.register_forward_hook(lambda _m, i, _o: captured.append(i[0])) for bn in (student[1], student[4])]
+        with torch.no_grad():
+            student(images)
+        for hook in hooks:
+            hook.remove()
+        return bn_statistics(captured, [(bn.running_mean, bn.running_var) for bn in (student[1], student[4])]).item()
+
+    found = []
+    for weight in (0.0, 1.0):
+        cfg = InversionConfig(iterations=30, batch_size=4, sparsity=SparsityConfig(()), lr=0.05,
+                              terms={"student_bn": weight} if weight else {})
+        batch = invert(teacher, cfg, torch.arange(4), generator=torch.Generator().manual_seed(1), student=student)
+        found.append(distance(batch.images))
+    assert found[1] < 0.7 * found[0], found
+    assert not student.training and all(not p.requires_grad for p in student.parameters())
+
+
+def test_student_bn_term_refuses_a_student_without_batchnorm():
+    teacher = as_teacher(tiny_vit())
+    cfg = InversionConfig(iterations=2, batch_size=2, sparsity=SparsityConfig(()), terms={"student_bn": 1.0})
+    with pytest.raises(SmiError, match="needs a student"):
+        invert(teacher, cfg, torch.arange(2))
+    with pytest.raises(SmiError, match="BatchNorm"):
+        invert(teacher, cfg, torch.arange(2), student=tiny_vit(embed_dim=16, depth=1).requires_grad_(False))

@@ -182,6 +182,7 @@ class Term:
 
     captures: ClassVar[frozenset[str]] = frozenset()  # kinds from CAPTURE_KINDS the term reads
     needs_student: ClassVar[bool] = False  # reads Context.student (online synthesis only)
+    student_captures: ClassVar[frozenset[str]] = frozenset()  # kinds from CAPTURE_KINDS it records from the student
     reads_pool: ClassVar[bool] = False  # reads Context.bank (the pool's earlier images)
     segmentation: ClassVar[bool] = False  # also serves a segmenter (reads no per-image class logits or features)
     options: ClassVar[dict[str, float]] = {}  # knobs and their defaults
