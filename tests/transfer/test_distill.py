@@ -152,6 +152,33 @@ def test_linear_probe_trains_only_the_new_head(tmp_path):
     assert trainable == {"head.weight", "head.bias"}
 
 
+def test_linear_probe_keeps_a_cnn_backbones_batchnorm_statistics(tmp_path):
+    """Under a linear probe a CNN backbone's BatchNorm layers normalize with their running statistics even in train
+    mode, and no training step moves them: the probe's features are the backbone's eval-mode features."""
+    import timm
+
+    from smi.models.loading import batch_norms, save_teacher
+
+    torch.manual_seed(0)
+    cnn = timm.create_model("resnet10t", num_classes=4)
+    with torch.no_grad():
+        cnn.train()(2 + 3 * torch.randn(16, 3, 32, 32))  # running statistics far from a batch of N(0, 1) images
+    ckpt = save_teacher(cnn.eval(), tmp_path / "cnn.safetensors", arch="resnet10t", model_kwargs={},
+                        data_config={"input_size": (3, 32, 32)})
+    s = build_student(None, as_teacher(tiny_vit(num_classes=3)), checkpoint=str(ckpt), linear_probe=True)
+    stats = {k: v.clone() for k, v in s.model.state_dict().items() if "running" in k}
+    x = torch.randn(8, 3, 32, 32)
+    s.model.train()
+    F.cross_entropy(s.model(x), torch.arange(8) % 3).backward()
+    assert {n for n, p in s.model.named_parameters() if p.grad is not None} == {"fc.weight", "fc.bias"}
+    assert all(torch.equal(v, s.model.state_dict()[k]) for k, v in stats.items())
+    with torch.no_grad():
+        assert torch.allclose(s.model.forward_features(x), cnn.eval().forward_features(x), atol=1e-5)
+    assert len(batch_norms(s.model)) == len(batch_norms(cnn)) > 0  # the student_bn term still finds them
+    # the probe's weights still load into the plain architecture (BatchNorm2d) it came from
+    assert not timm.create_model("resnet10t", num_classes=3).load_state_dict(s.model.state_dict()).missing_keys
+
+
 @pytest.mark.parametrize("case", ["classes", "input", "arch"])
 def test_student_that_does_not_fit_is_refused(case, tmp_path):
     teacher = as_teacher(tiny_vit(num_classes=3 if case == "classes" else 5))

@@ -45,7 +45,7 @@ from smi.inversion.terms._base import Captures
 from smi.inversion.terms.adversarial import divergence
 from smi.inversion.terms.bn import bn_statistics
 from smi.inversion.terms.psaq import patch_similarity_entropy
-from smi.models.loading import Teacher, require_classifier
+from smi.models.loading import Teacher, batch_norms, require_classifier
 from smi.runner import FitConfig, RunFolder, fit
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
 from smi.utils.state import load_checkpoint, save_checkpoint
@@ -178,7 +178,7 @@ class _Objective:
         self.attention = AttentionMap(teacher.model) if cfg.kind == "acq" else None
         self.styles = cfg.kind == "causal"
         model = teacher.model
-        self.bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.bns = batch_norms(model)
         self.vit = not self.bns and hasattr(model, "blocks")
         kinds = {"bn_inputs"} if self.bns and cfg.bn_weight else {"attn_out"} if self.vit and cfg.psaq_weight else set()
         self.captures = Captures(model, kinds, "the generator's objective")

@@ -17,6 +17,7 @@ from smi.inversion.labels import CURRICULA, LABELS, Labels
 from smi.inversion.priors import image_l2
 from smi.inversion.segmentation import TargetMaps, is_segmenter
 from smi.inversion.terms import TERMS, Captures, Context, Step, Term
+from smi.models.loading import batch_norms
 
 __all__ = ["Recipe", "active_terms"]
 
@@ -28,7 +29,7 @@ def active_terms(config: InversionConfig, model: nn.Module) -> dict[str, float]:
     ``config.terms`` does not set it.
     """
     weights = {k: v for k, v in config.terms.items() if v > 0}
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    has_bn = bool(batch_norms(model))
     if "bn" not in config.terms and config.bn_weight > 0 and has_bn:
         weights["bn"] = config.bn_weight
     return {name: weights[name] for name in TERMS if name in weights}

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from smi.errors import SmiError
 from smi.utils.io import atomic_save_tensors, atomic_write_json, read_format_json, sha256_file
 
-__all__ = ["Teacher", "check_fits", "create_model", "in_channels", "load_teacher", "require_classifier", "save_teacher",
-           "TEACHER_FORMAT"]
+__all__ = ["Teacher", "batch_norms", "check_fits", "create_model", "in_channels", "load_teacher", "require_classifier",
+           "save_teacher", "TEACHER_FORMAT"]
 
 TEACHER_FORMAT = "smi-teacher/1"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")  # read with torch.load(weights_only=True), never plain unpickling
@@ -81,6 +81,16 @@ def _freeze(model: nn.Module, device: torch.device | str) -> nn.Module:
     model.eval().to(device)
     model.requires_grad_(False)  # inversion needs input gradients only; weight grads are pure overhead
     return model
+
+
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    """``model``'s BatchNorm layers with running statistics, in module order: PyTorch's, and the frozen ones that
+    timm's ``freeze_batch_norm_2d`` makes (a backbone under a linear probe)."""
+    from timm.layers.norm_act import FrozenBatchNormAct2d
+    from torchvision.ops import FrozenBatchNorm2d
+
+    kinds = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d, FrozenBatchNormAct2d)
+    return [m for m in model.modules() if isinstance(m, kinds)]
 
 
 def in_channels(model: nn.Module) -> int | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.layers import freeze_batch_norm_2d
 
 from smi.errors import SmiError, SmiWarning
 from smi.models.loading import Teacher, check_fits, create_model, load_teacher, require_classifier
@@ -95,7 +96,8 @@ def build_student(
     model.requires_grad_(True)
     check_fits(model, arch, teacher.input_size, teacher.num_classes, what="student")
     _warn_if_coarse(model, arch, teacher)
-    if linear_probe:
+    if linear_probe:  # a frozen backbone: its BatchNorm layers keep normalizing with their running statistics
+        model = freeze_batch_norm_2d(model)
         model.requires_grad_(False)
         model.get_classifier().requires_grad_(True)
     return Student(model, arch, kwargs, origin, _token_compatible(model, teacher))

@@ -30,6 +30,7 @@ import torch.nn as nn
 from smi.errors import SmiError
 from smi.inversion.augment import Jitter
 from smi.inversion.priors import total_variation
+from smi.models.loading import batch_norms
 from smi.registry import Registry
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class Captures:
         if self.kinds & {"attn", "attn_out"} and not (
                 self.blocks and all(hasattr(getattr(b, "attn", None), "qkv") for b in self.blocks)):
             raise SmiError(f"{who} reads attention maps; {type(model).__name__} is not a timm ViT")
-        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.bns = batch_norms(model)
         self.current = Captured()
         self._recording = False
         self._stack = ExitStack()

@@ -9,6 +9,7 @@ import torch
 
 from smi.errors import SmiError
 from smi.inversion.terms._base import TERMS, Context, Step, Term
+from smi.models.loading import batch_norms
 
 __all__ = ["BatchNormStatistics", "bn_statistics"]
 
@@ -40,7 +41,7 @@ class BatchNormStatistics(Term):
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        self.bns = [m for m in ctx.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.bns = batch_norms(ctx.model)
         if not self.bns:
             raise SmiError(f"the bn term needs BatchNorm layers; {type(ctx.model).__name__} has none",
                            param="terms")
