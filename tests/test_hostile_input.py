@@ -238,6 +238,9 @@ def _cases():
                                                 "--out", "{d}/o"], "--term"),
         "distill: negative adversarial weight": (lambda w: ["distill", "--teacher", w["ckpt"], "--online", "--term",
                                                             "adversarial=-1", "--out", "{d}/o"], "adversarial"),
+        "distill: the student's BN prior on a student without BatchNorm": (
+            lambda w: ["distill", "--teacher", w["ckpt"], "--online", "--term", "student_bn=1", "--eval-data", "none",
+                       "--out", "{d}/o"], "needs a student with BatchNorm layers"),
         "distill: zero time budget": (lambda w: ["distill", "--teacher", w["ckpt"], "--noise", "--time-budget", "0",
                                                  "--out", "{d}/o"], "--time-budget"),
         "distill: zero images per synthesis": (lambda w: ["distill", "--teacher", w["ckpt"], "--online",

@@ -127,6 +127,10 @@ class DataSource:
         """The images, for ``model``. ``context`` carries what a growing source needs (run folder, seed, ...)."""
         raise NotImplementedError
 
+    def check(self, model: ModelSpec, **context: Any) -> None:
+        """Refuse, before a run folder is claimed, what a growing source cannot make for ``model`` (``context``: as
+        :meth:`open`'s, e.g. the student). Nothing by default."""
+
     def describe(self) -> str:
         return self.kind
 

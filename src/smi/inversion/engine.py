@@ -27,7 +27,7 @@ from smi.inversion.priors import blur_
 from smi.inversion.recipe import Recipe
 from smi.inversion.segmentation import is_segmenter
 from smi.inversion.terms import Step
-from smi.models.loading import Teacher
+from smi.models.loading import Teacher, batch_norms
 from smi.models.sparse import SparseOutput, check_sparse_capable, narrow_keep, sparse_forward
 from smi.utils.schedule import scheduled_lr
 
@@ -117,11 +117,14 @@ def check_invertible(teacher: Teacher, config: InversionConfig, student: nn.Modu
     from smi.inversion.recipe import active_terms
     from smi.inversion.terms import TERMS
 
-    if student is None:
-        needy = [n for n in active_terms(config, teacher.model) if TERMS.get(n).needs_student]
-        if needy:
-            raise SmiError(f"the {needy[0]} term needs a student to synthesize against: use it in online training "
-                           "(smi distill --online, smi qat --online), not on its own", param="terms")
+    needy = [n for n in active_terms(config, teacher.model) if TERMS.get(n).needs_student]
+    if student is None and needy:
+        raise SmiError(f"the {needy[0]} term needs a student to synthesize against: use it in online training "
+                       "(smi distill --online, smi qat --online), not on its own", param="terms")
+    for name in needy:
+        if "bn_inputs" in TERMS.get(name).student_captures and not batch_norms(student):
+            raise SmiError(f"the {name} term needs a student with BatchNorm layers; {type(student).__name__} has "
+                           "none", param="terms")
     check_task(teacher, config)
     if teacher.num_classes < 2:
         raise SmiError(f"{teacher.spec} has {teacher.num_classes} output classes: inversion needs a classifier head "

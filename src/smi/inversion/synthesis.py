@@ -251,6 +251,9 @@ class OnlineSource(DataSource):
     def describe(self) -> str:
         return "online synthesis"
 
+    def check(self, model: Teacher, *, student: nn.Module | None = None, **context: Any) -> None:  # type: ignore[override]
+        check_invertible(model, self.synthesis, student)
+
     def open(self, model: Teacher, *, folder: str | Path, epochs: int, seed: int = 0,  # type: ignore[override]
              device: torch.device | str = "cpu", progress: bool = True, student: nn.Module | None = None,
              student_tokens: bool = False, **context: Any) -> ImageSet:

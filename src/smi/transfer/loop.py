@@ -293,6 +293,7 @@ def open_run(
         raise SmiError(f"{data.describe()} makes its own images; train_images applies to pools, real images and "
                        "noise", param="train_images")
     if data.grows:  # its identity is known before any image exists
+        data.check(teacher, student=student)
         probe, paired = data.identity(), data.paired
     else:
         images = data.open(teacher)
