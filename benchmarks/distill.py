@@ -187,7 +187,8 @@ def main() -> None:
             synthesis = None
             if online:
                 stops = SparsityConfig(()) if kind == "dense" else SparsityConfig().scaled(iterations / 4000)
-                synthesis = Settings({**settings.synthesis, "iterations": iterations}, {**terms, **settings.terms}) \
+                synthesis = Settings(synthesis={**settings.synthesis, "iterations": iterations},
+                                     options=settings.options, terms={**terms, **settings.terms}) \
                     .synthesis_config(args.method, batch_size=images, sparsity=stops)
             name = spec.replace(">", "_to_").replace("=", "")
             if checkpoint and (args.backbone_data, args.backbone_epochs) != (BACKBONE_DATA, BACKBONE_EPOCHS):
