@@ -241,6 +241,9 @@ def _cases():
         "distill: the student's BN prior on a student without BatchNorm": (
             lambda w: ["distill", "--teacher", w["ckpt"], "--online", "--term", "student_bn=1", "--eval-data", "none",
                        "--out", "{d}/o"], "needs a student with BatchNorm layers"),
+        "distill: a fractional count of student BN layers": (
+            lambda w: ["distill", "--teacher", w["ckpt"], "--online", "--option", "student_bn_layers=1.5",
+                       "--out", "{d}/o"], "student_bn_layers must be a whole number"),
         "distill: zero time budget": (lambda w: ["distill", "--teacher", w["ckpt"], "--noise", "--time-budget", "0",
                                                  "--out", "{d}/o"], "--time-budget"),
         "distill: zero images per synthesis": (lambda w: ["distill", "--teacher", w["ckpt"], "--online",

@@ -361,6 +361,13 @@ def test_student_bn_term_is_the_distance_of_the_students_batch_statistics():
         expected += weight * ((mean - bn.running_mean).norm() + (var - bn.running_var).norm()).item()
         h = torch.relu(bn(h))
     assert value.item() == pytest.approx(expected, rel=1e-5)
+    first = InversionConfig(iterations=1, batch_size=6, sparsity=SparsityConfig(()), options={"student_bn_layers": 1})
+    only_first = StudentBatchNorm(Context(torch.nn.Identity(), first, torch.arange(6), 10, (4, 4), 4,
+                                          torch.Generator(), student=student))(step)
+    h = student[0](x.detach())
+    mean, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), unbiased=False)
+    assert only_first.item() == pytest.approx(
+        10.0 * ((mean - student[1].running_mean).norm() + (var - student[1].running_var).norm()).item(), rel=1e-5)
     value.backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is None for p in student.parameters())

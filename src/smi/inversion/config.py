@@ -166,6 +166,10 @@ class InversionConfig:
                 raise SmiError(f"{name} must be finite, got {v}", param="options")
             if name.endswith("_temperature") and not v > 0:  # a softmax temperature divides
                 raise SmiError(f"{name} must be positive, got {v}", param="options")
+        layers = self.option("student_bn_layers")
+        if layers < 0 or layers != int(layers):
+            raise SmiError(f"student_bn_layers must be a whole number >= 0 (0: every layer), got {layers}",
+                           param="options")
         if not 0 < self.option("p_mix") <= 1 or self.option("mix_k") < 2:
             raise SmiError("p_mix must be in (0, 1] and mix_k >= 2", param="options")
         if self.precision not in ("fp32", "bf16"):

@@ -10,6 +10,10 @@ statistics at every BatchNorm layer of the student to match them (the same dista
 while the teacher's terms keep them on its classes. Online training only (the student exists there); the
 student runs in eval mode with frozen weights during synthesis, so its running statistics do not move. It
 sees the whole view (a CNN student does not read tokens).
+
+``student_bn_layers=K`` (an option) reads only the student's first K BatchNorm layers (0: all): the early layers'
+statistics describe what images look like (contrast, edges, textures) more than which of the backbone's classes
+they show, so a prior on them alone pulls less toward the backbone's own classes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class StudentBatchNorm(Term):
 
     needs_student = True
     student_captures = frozenset({"bn_inputs"})
+    options = {"student_bn_layers": 0.0}
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
@@ -40,5 +45,6 @@ class StudentBatchNorm(Term):
     def __call__(self, step: Step) -> torch.Tensor:
         with self.hooks:
             _, captured = self.hooks.record(lambda: self.ctx.student(step.view))
-        running = [(bn.running_mean, bn.running_var) for bn in self.hooks.bns]
-        return bn_statistics(captured.bn_inputs, running, self.ctx.option("bn_first_weight"))
+        layers = int(self.ctx.option("student_bn_layers")) or len(self.hooks.bns)
+        running = [(bn.running_mean, bn.running_var) for bn in self.hooks.bns[:layers]]
+        return bn_statistics(captured.bn_inputs[:layers], running, self.ctx.option("bn_first_weight"))
