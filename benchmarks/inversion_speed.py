@@ -38,6 +38,7 @@ MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_
 MODES = ["dense", "sparse", "sparse-never"]  # sparse: the default --recompute auto; sparse-never: activations kept
 BF16_MODES = ["dense-bf16", "sparse-bf16"]  # with --bf16: the same runs under bfloat16 autocast (--precision bf16)
 PAPER_ITERATIONS = 4000
+START = time.monotonic()
 
 
 def _rss_bytes() -> int:
@@ -52,7 +53,9 @@ def child(args: argparse.Namespace) -> None:
     from smi.models.loading import load_teacher
 
     torch.set_num_threads(args.threads)
-    teacher = load_teacher(args.model)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    teacher = load_teacher(args.model, device=device)
     factor = args.iterations / PAPER_ITERATIONS
     sparsity = SparsityConfig().scaled(factor) if args.mode.startswith("sparse") else SparsityConfig(stops=())
     precision = "bf16" if args.mode.endswith("-bf16") else "fp32"
@@ -67,20 +70,39 @@ def child(args: argparse.Namespace) -> None:
         k_final = SparsityConfig().kept_counts(n)[-1]
         keep = torch.stack([torch.randperm(n, generator=gen)[:k_final] for _ in range(args.batch_size)])
         cfg = InversionConfig(iterations=args.iterations, batch_size=args.batch_size, sparsity=SparsityConfig(()))
-    base = _rss_bytes()
+    recompute = "never" if args.mode == "sparse-never" else "auto"
+    if cuda:  # kernels loaded, cuBLAS and the allocator warmed by a few steps of the same run (not timed)
+        invert(teacher, InversionConfig(iterations=3, batch_size=args.batch_size, sparsity=SparsityConfig(stops=()),
+                                        precision=precision), targets, generator=torch.Generator().manual_seed(1))
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _rss_bytes()
     t0 = time.perf_counter()
-    batch = invert(teacher, cfg, targets, keep=keep, generator=gen,
-                   recompute="never" if args.mode == "sparse-never" else "auto")
+    batch = invert(teacher, cfg, targets, keep=keep, generator=gen, recompute=recompute)
+    if cuda:
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "rss_before": base, "rss_peak": peak, "peak_rise": peak - base,
+    if cuda:  # the allocator's peak of tensors (what the run needs), not the cached pool
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "mem_before": base, "mem_peak": peak, "peak_rise": peak - base,
                       "kept": int(batch.mask[0].sum())}))
 
 
 def _run_child(model: str, mode: str, args: argparse.Namespace, iterations: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--model", model, "--mode", mode, "--iterations", str(iterations),
-           "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--device", args.device]
+    left = None if args.deadline is None else args.deadline - (time.monotonic() - START)
+    if left is not None and left <= 0:
+        raise TimeoutError
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+    except subprocess.TimeoutExpired as e:
+        raise TimeoutError from e
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -129,6 +151,65 @@ def count_flops(model_name: str, batch: int) -> dict[str, float]:
     return {"dense_tflops": dense / 1e12, "sparse_tflops": sparse / 1e12, "kept_counts": counts}
 
 
+def _row(model: str, runs: dict[str, list[dict]], final: dict | None, flops: dict | None,
+         args: argparse.Namespace) -> dict:
+    """One model's row from the runs so far (medians over the repeats each contender finished)."""
+    def med(mode: str, key: str) -> float | None:
+        return median([x[key] for x in runs[mode]]) if runs.get(mode) else None
+
+    d_s, s_s, d_m, s_m = med("dense", "seconds"), med("sparse", "seconds"), med("dense", "peak_rise"), \
+        med("sparse", "peak_rise")
+    row: dict = {
+        "model": model, "device": args.device, "batch_size": args.batch_size, "iterations": args.iterations,
+        "stops": [[max(1, round(it * args.iterations / PAPER_ITERATIONS)), r] for it, r in
+                  [(50, 0.3), (100, 0.3), (200, 0.3), (300, 0.3)]],
+        "dense_s": round(d_s, 2), "sparse_s": round(s_s, 2), "speedup": round(d_s / s_s, 2),
+        "speedup_per_repeat": [round(d["seconds"] / s["seconds"], 2)
+                               for d, s in zip(runs["dense"], runs["sparse"], strict=False)],
+        "repeats": min(len(runs["dense"]), len(runs["sparse"])),
+        "dense_peak_mib": round(d_m / 2**20, 1), "sparse_peak_mib": round(s_m / 2**20, 1),
+        "memory_reduction": round(1 - s_m / d_m, 4),
+    }
+    if flops:
+        row.update({"dense_tflops_4000": round(flops["dense_tflops"], 2),
+                    "sparse_tflops_4000": round(flops["sparse_tflops"], 2),
+                    "flops_reduction": round(1 - flops["sparse_tflops"] / flops["dense_tflops"], 4),
+                    "kept_counts": flops["kept_counts"]})
+    if runs.get("sparse-never"):
+        n_s, n_m = med("sparse-never", "seconds"), med("sparse-never", "peak_rise")
+        row.update({"sparse_never_s": round(n_s, 2), "speedup_never": round(d_s / n_s, 2),
+                    "sparse_never_peak_mib": round(n_m / 2**20, 1), "memory_reduction_never": round(1 - n_m / d_m, 4)})
+    if final:
+        row.update({"final_phase_peak_mib": round(final["peak_rise"] / 2**20, 1),
+                    "memory_reduction_final_phase": round(1 - final["peak_rise"] / d_m, 4)})
+    if runs.get("dense-bf16") and runs.get("sparse-bf16"):
+        db_s, sb_s = med("dense-bf16", "seconds"), med("sparse-bf16", "seconds")
+        row.update({"dense_bf16_s": round(db_s, 2), "sparse_bf16_s": round(sb_s, 2),
+                    "bf16_speedup_dense": round(d_s / db_s, 2), "bf16_speedup_sparse": round(s_s / sb_s, 2),
+                    "sparse_bf16_over_dense_fp32": round(d_s / sb_s, 2)})
+    row.update({f"{mode.replace('-', '_')}_runs": r for mode, r in runs.items()})
+    return row
+
+
+def _cells(row: dict, bf16: bool) -> list[str]:
+    def opt(key: str, fmt) -> str:
+        return fmt(row) if key in row else "–"
+
+    cells = [row["model"], f"{row['dense_s']:.1f}", f"{row['sparse_s']:.1f}", f"**{row['speedup']:.2f}x**",
+             opt("dense_tflops_4000", lambda r: f"{r['dense_tflops_4000']:.0f} / {r['sparse_tflops_4000']:.0f}"),
+             opt("flops_reduction", lambda r: f"{100 * r['flops_reduction']:.1f} %"),
+             f"{row['dense_peak_mib']:.0f} / {row['sparse_peak_mib']:.0f} ({100 * row['memory_reduction']:.0f} %)",
+             opt("final_phase_peak_mib", lambda r: f"{r['final_phase_peak_mib']:.0f} "
+                                                    f"({100 * r['memory_reduction_final_phase']:.0f} %)"),
+             opt("speedup_never", lambda r: f"{r['speedup_never']:.2f}x, {r['sparse_never_peak_mib']:.0f} MiB "
+                                            f"({100 * r['memory_reduction_never']:.0f} %)")]
+    if bf16:
+        cells += [opt("dense_bf16_s", lambda r: f"{r['dense_bf16_s']:.1f} / {r['sparse_bf16_s']:.1f} "
+                                                f"({r['bf16_speedup_dense']:.2f}x / {r['bf16_speedup_sparse']:.2f}x)"),
+                  opt("sparse_bf16_over_dense_fp32", lambda r: f"{r['sparse_bf16_over_dense_fp32']:.2f}x")]
+    return cells
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=MODELS)
@@ -139,6 +220,15 @@ def main() -> None:
     p.add_argument("--final-phase-iterations", type=int, default=10)
     p.add_argument("--bf16", action="store_true",
                    help="also time dense and sparse under bfloat16 autocast, alternating with the fp32 runs")
+    p.add_argument("--modes", nargs="+", choices=MODES + BF16_MODES, default=None,
+                   help=f"contenders (default {' '.join(MODES)}, plus the bf16 ones with --bf16); dense and sparse "
+                        "are always among them")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: time on a GPU; memory is then "
+                                                   "torch.cuda.max_memory_allocated's rise over the loop")
+    p.add_argument("--no-flops", action="store_true", help="skip counting FLOPs (they do not depend on the device)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds: start no run that cannot end by then; the tables hold the repeats that finished "
+                        "(repeat 1 of every model first)")
     p.add_argument("--name", default="inversion_speed", help="results/<name>.json and .md")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -149,75 +239,57 @@ def main() -> None:
     if args.iterations % 80:
         p.error("--iterations must be a multiple of 80 so that the stops 50/100/200/300 of 4000 scale to integers")
 
-    modes = MODES + (BF16_MODES if args.bf16 else [])
-    rows, table_rows = [], []
-    for model in args.models:
-        runs = {mode: [] for mode in modes}
+    modes = args.modes or MODES + (BF16_MODES if args.bf16 else [])
+    modes = ["dense", "sparse"] + [m for m in modes if m not in ("dense", "sparse")]
+    bf16 = any(m.endswith("-bf16") for m in modes)
+    cuda = torch.device(args.device).type == "cuda"
+    runs = {model: {mode: [] for mode in modes} for model in args.models}
+    finals: dict[str, dict] = {}
+    flops: dict[str, dict] = {}
+
+    def write() -> None:
+        rows = [_row(m, runs[m], finals.get(m), flops.get(m), args) for m in args.models
+                if runs[m]["dense"] and runs[m]["sparse"]]
+        if not rows:
+            return
+        header = ["model", "dense s", "sparse s", "speed-up", "TFLOPs dense / sparse (4000 it)", "FLOPs saved",
+                  "peak MiB dense / sparse, whole run (saved)", "sparse final-phase peak MiB (saved)",
+                  "sparse with --recompute never: speed-up, whole-run peak (saved)"]
+        if bf16:
+            header += ["bf16 s dense / sparse (over fp32)", "sparse bf16 over dense fp32"]
+        where = (f"GPU {torch.cuda.get_device_name(args.device)}; memory is the rise of "
+                 "torch.cuda.max_memory_allocated over the allocated memory before the loop (model loaded)" if cuda else
+                 f"CPU, {args.threads} threads; memory is the rise of the process's peak RSS over its RSS before the "
+                 "loop (model and data loaded)")
+        reps = sorted({r["repeats"] for r in rows})
+        note = (f"\nBatch {args.batch_size}, 224x224, {args.iterations} iterations with stops at "
+                f"{', '.join(str(s[0]) for s in rows[0]['stops'])} (the paper's 4000 with 50/100/200/300"
+                f"{', scaled' if args.iterations != PAPER_ITERATIONS else ''}), default ratios 0.3; medians of "
+                f"{'/'.join(map(str, reps))} alternating runs, each in its own process; {where}; random-init weights. "
+                "FLOPs counted for the full 4000-iteration schedule. Sparse runs at the default --recompute auto "
+                "(block activations recomputed in backward until the last stop; identical images); the "
+                "'--recompute never' column is the same run keeping them.\n")
+        args_kept = {k: v for k, v in vars(args).items() if k not in ("child", "model", "mode")}
+        publish(args.name, "inversion_speed", args_kept, header, [_cells(r, bf16) for r in rows], note, rows)
+
+    try:
         for r in range(args.repeats):
-            order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate who goes first
-            for mode in order:
-                res = _run_child(model, mode, args, args.iterations)
-                runs[mode].append(res)
-                print(f"{model} {mode} repeat {r + 1}: {res['seconds']:.1f} s, peak rise "
-                      f"{res['peak_rise'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
-        final = _run_child(model, "final-phase", args, args.final_phase_iterations)
-        flops = count_flops(model, args.batch_size)
-        d_s, s_s = median([x["seconds"] for x in runs["dense"]]), median([x["seconds"] for x in runs["sparse"]])
-        speedups = [d["seconds"] / s["seconds"] for d, s in zip(runs["dense"], runs["sparse"], strict=True)]
-        d_m = median([x["peak_rise"] for x in runs["dense"]])
-        s_m = median([x["peak_rise"] for x in runs["sparse"]])
-        n_s = median([x["seconds"] for x in runs["sparse-never"]])
-        n_m = median([x["peak_rise"] for x in runs["sparse-never"]])
-        row = {
-            "model": model, "batch_size": args.batch_size, "iterations": args.iterations,
-            "stops": [[max(1, round(it * args.iterations / PAPER_ITERATIONS)), r] for it, r in
-                      [(50, 0.3), (100, 0.3), (200, 0.3), (300, 0.3)]],
-            "dense_s": round(d_s, 2), "sparse_s": round(s_s, 2), "speedup": round(d_s / s_s, 2),
-            "speedup_per_repeat": [round(x, 2) for x in speedups],
-            "dense_tflops_4000": round(flops["dense_tflops"], 2),
-            "sparse_tflops_4000": round(flops["sparse_tflops"], 2),
-            "flops_reduction": round(1 - flops["sparse_tflops"] / flops["dense_tflops"], 4),
-            "kept_counts": flops["kept_counts"],
-            "dense_peak_mib": round(d_m / 2**20, 1), "sparse_peak_mib": round(s_m / 2**20, 1),
-            "memory_reduction": round(1 - s_m / d_m, 4),
-            "sparse_never_s": round(n_s, 2), "speedup_never": round(d_s / n_s, 2),
-            "sparse_never_peak_mib": round(n_m / 2**20, 1), "memory_reduction_never": round(1 - n_m / d_m, 4),
-            "final_phase_peak_mib": round(final["peak_rise"] / 2**20, 1),
-            "memory_reduction_final_phase": round(1 - final["peak_rise"] / d_m, 4),
-            "dense_runs": runs["dense"], "sparse_runs": runs["sparse"], "sparse_never_runs": runs["sparse-never"],
-        }
-        if args.bf16:
-            db_s = median([x["seconds"] for x in runs["dense-bf16"]])
-            sb_s = median([x["seconds"] for x in runs["sparse-bf16"]])
-            row.update({"dense_bf16_s": round(db_s, 2), "sparse_bf16_s": round(sb_s, 2),
-                        "bf16_speedup_dense": round(d_s / db_s, 2), "bf16_speedup_sparse": round(s_s / sb_s, 2),
-                        "sparse_bf16_over_dense_fp32": round(d_s / sb_s, 2),
-                        "dense_bf16_runs": runs["dense-bf16"], "sparse_bf16_runs": runs["sparse-bf16"]})
-        rows.append(row)
-        table_rows.append([
-            model, f"{row['dense_s']:.1f}", f"{row['sparse_s']:.1f}", f"**{row['speedup']:.2f}x**",
-            f"{row['dense_tflops_4000']:.0f} / {row['sparse_tflops_4000']:.0f}",
-            f"{100 * row['flops_reduction']:.1f} %",
-            f"{row['dense_peak_mib']:.0f} / {row['sparse_peak_mib']:.0f} ({100 * row['memory_reduction']:.0f} %)",
-            f"{row['final_phase_peak_mib']:.0f} ({100 * row['memory_reduction_final_phase']:.0f} %)",
-            f"{row['speedup_never']:.2f}x, {row['sparse_never_peak_mib']:.0f} MiB "
-            f"({100 * row['memory_reduction_never']:.0f} %)",
-        ] + ([f"{row['dense_bf16_s']:.1f} / {row['sparse_bf16_s']:.1f} ({row['bf16_speedup_dense']:.2f}x / "
-              f"{row['bf16_speedup_sparse']:.2f}x)", f"{row['sparse_bf16_over_dense_fp32']:.2f}x"]
-             if args.bf16 else []))
-    header = ["model", "dense s", "sparse s", "speed-up", "TFLOPs dense / sparse (4000 it)", "FLOPs saved",
-              "peak MiB dense / sparse, whole run (saved)", "sparse final-phase peak MiB (saved)",
-              "sparse with --recompute never: speed-up, whole-run peak (saved)"]
-    if args.bf16:
-        header += ["bf16 s dense / sparse (over fp32)", "sparse bf16 over dense fp32"]
-    note = (f"\nBatch {args.batch_size}, 224x224, {args.iterations} iterations with stops at "
-            f"{', '.join(str(s[0]) for s in rows[0]['stops'])} (the paper's 4000 with 50/100/200/300, scaled), "
-            f"default ratios 0.3; medians of {args.repeats} alternating runs, each in its own process; CPU, "
-            f"{args.threads} threads; random-init weights. FLOPs counted for the full 4000-iteration schedule. "
-            "Sparse runs at the default --recompute auto (block activations recomputed in backward until the "
-            "last stop; identical images); the last column is the same run keeping them.\n")
-    args_kept = {k: v for k, v in vars(args).items() if k not in ("child", "model", "mode")}
-    publish(args.name, "inversion_speed", args_kept, header, table_rows, note, rows)
+            for model in args.models:
+                order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate who goes first
+                for mode in order:
+                    res = _run_child(model, mode, args, args.iterations)
+                    runs[model][mode].append(res)
+                    print(f"{model} {mode} repeat {r + 1}: {res['seconds']:.1f} s, peak rise "
+                          f"{res['peak_rise'] / 2**20:.0f} MiB ({time.monotonic() - START:.0f} s so far)",
+                          file=sys.stderr, flush=True)
+                if r == 0:
+                    finals[model] = _run_child(model, "final-phase", args, args.final_phase_iterations)
+                    if not args.no_flops:
+                        flops[model] = count_flops(model, args.batch_size)
+                write()
+    except TimeoutError:
+        print(f"deadline of {args.deadline:.0f} s reached: the tables hold the runs that finished", file=sys.stderr)
+        write()
 
 
 if __name__ == "__main__":
