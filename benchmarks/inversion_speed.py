@@ -246,6 +246,7 @@ def main() -> None:
     runs = {model: {mode: [] for mode in modes} for model in args.models}
     finals: dict[str, dict] = {}
     flops: dict[str, dict] = {}
+    failed: set[tuple[str, str]] = set()
 
     def write() -> None:
         rows = [_row(m, runs[m], finals.get(m), flops.get(m), args) for m in args.models
@@ -277,13 +278,24 @@ def main() -> None:
             for model in args.models:
                 order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate who goes first
                 for mode in order:
-                    res = _run_child(model, mode, args, args.iterations)
+                    if (model, mode) in failed:
+                        continue
+                    try:
+                        res = _run_child(model, mode, args, args.iterations)
+                    except RuntimeError as e:  # one contender failing (say, out of memory) leaves the others' rows
+                        print(e, file=sys.stderr)
+                        failed.add((model, mode))
+                        continue
                     runs[model][mode].append(res)
                     print(f"{model} {mode} repeat {r + 1}: {res['seconds']:.1f} s, peak rise "
                           f"{res['peak_rise'] / 2**20:.0f} MiB ({time.monotonic() - START:.0f} s so far)",
                           file=sys.stderr, flush=True)
-                if r == 0:
-                    finals[model] = _run_child(model, "final-phase", args, args.final_phase_iterations)
+                if r == 0 and ("final", model) not in failed:
+                    try:
+                        finals[model] = _run_child(model, "final-phase", args, args.final_phase_iterations)
+                    except RuntimeError as e:
+                        print(e, file=sys.stderr)
+                        failed.add(("final", model))
                     if not args.no_flops:
                         flops[model] = count_flops(model, args.batch_size)
                 write()
