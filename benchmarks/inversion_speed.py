@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import resource
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, publish  # noqa: E402
+from _common import Cells, median, publish  # noqa: E402
 
 MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 MODES = ["dense", "sparse", "sparse-never"]  # sparse: the default --recompute auto; sparse-never: activations kept
@@ -89,8 +90,9 @@ def child(args: argparse.Namespace) -> None:
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
     print(json.dumps({"seconds": seconds, "mem_before": base, "mem_peak": peak, "peak_rise": peak - base,
-                      "kept": int(batch.mask[0].sum())}))
+                      "kept": int(batch.mask[0].sum()), "device_name": name}))
 
 
 def _run_child(model: str, mode: str, args: argparse.Namespace, iterations: int) -> dict:
@@ -186,7 +188,7 @@ def _row(model: str, runs: dict[str, list[dict]], final: dict | None, flops: dic
         db_s, sb_s = med("dense-bf16", "seconds"), med("sparse-bf16", "seconds")
         row.update({"dense_bf16_s": round(db_s, 2), "sparse_bf16_s": round(sb_s, 2),
                     "bf16_speedup_dense": round(d_s / db_s, 2), "bf16_speedup_sparse": round(s_s / sb_s, 2),
-                    "sparse_bf16_over_dense_fp32": round(d_s / sb_s, 2)})
+                    "speedup_bf16": round(db_s / sb_s, 2), "sparse_bf16_over_dense_fp32": round(d_s / sb_s, 2)})
     row.update({f"{mode.replace('-', '_')}_runs": r for mode, r in runs.items()})
     return row
 
@@ -204,8 +206,9 @@ def _cells(row: dict, bf16: bool) -> list[str]:
              opt("speedup_never", lambda r: f"{r['speedup_never']:.2f}x, {r['sparse_never_peak_mib']:.0f} MiB "
                                             f"({100 * r['memory_reduction_never']:.0f} %)")]
     if bf16:
-        cells += [opt("dense_bf16_s", lambda r: f"{r['dense_bf16_s']:.1f} / {r['sparse_bf16_s']:.1f} "
-                                                f"({r['bf16_speedup_dense']:.2f}x / {r['bf16_speedup_sparse']:.2f}x)"),
+        cells += [opt("dense_bf16_s", lambda r: f"{r['dense_bf16_s']:.1f} / {r['sparse_bf16_s']:.1f} = "
+                                                f"**{r['speedup_bf16']:.2f}x** ({r['bf16_speedup_dense']:.2f}x / "
+                                                f"{r['bf16_speedup_sparse']:.2f}x over fp32)"),
                   opt("sparse_bf16_over_dense_fp32", lambda r: f"{r['sparse_bf16_over_dense_fp32']:.2f}x")]
     return cells
 
@@ -229,7 +232,12 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds: start no run that cannot end by then; the tables hold the repeats that finished "
                         "(repeat 1 of every model first)")
-    p.add_argument("--name", default="inversion_speed", help="results/<name>.json and .md")
+    p.add_argument("--cached-only", action="store_true",
+                   help="run nothing: write the tables from the runs cached in results/<name>_cells.json (for "
+                        "example runs made on a GPU machine, tabled on a machine without one)")
+    p.add_argument("--name", default="inversion_speed",
+                   help="results/<name>.json and .md; finished runs are cached in results/<name>_cells.json, so a "
+                        "rerun with the same settings only runs what is missing")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES + BF16_MODES + ["final-phase"], help=argparse.SUPPRESS)
@@ -247,6 +255,23 @@ def main() -> None:
     finals: dict[str, dict] = {}
     flops: dict[str, dict] = {}
     failed: set[tuple[str, str]] = set()
+    cells = Cells(args.name)
+    device_type = torch.device(args.device).type
+
+    def run(model: str, mode: str, repeat: int, iterations: int) -> dict | None:
+        """The cached run, else a fresh one (cached as soon as it ends); None with --cached-only and no cache."""
+        key, setting = f"{model}|{mode}|{repeat}", {"device": device_type, "batch_size": args.batch_size,
+                                                     "iterations": iterations, "threads": args.threads}
+        if device_type == "cuda":
+            del setting["threads"]  # the GPU does the work
+        cell = cells.get(key, setting)
+        if cell is not None:
+            return cell["result"]
+        if args.cached_only:
+            return None
+        res = _run_child(model, mode, args, iterations)
+        cells.put(key, {"setting": setting, "result": res})
+        return res
 
     def write() -> None:
         rows = [_row(m, runs[m], finals.get(m), flops.get(m), args) for m in args.models
@@ -257,17 +282,21 @@ def main() -> None:
                   "peak MiB dense / sparse, whole run (saved)", "sparse final-phase peak MiB (saved)",
                   "sparse with --recompute never: speed-up, whole-run peak (saved)"]
         if bf16:
-            header += ["bf16 s dense / sparse (over fp32)", "sparse bf16 over dense fp32"]
-        where = (f"GPU {torch.cuda.get_device_name(args.device)}; memory is the rise of "
-                 "torch.cuda.max_memory_allocated over the allocated memory before the loop (model loaded)" if cuda else
+            header += ["bf16 s dense / sparse = speed-up", "sparse bf16 over dense fp32"]
+        names = sorted({x.get("device_name", "?") for m in args.models for rs in runs[m].values() for x in rs})
+        where = (f"GPU {', '.join(names)}; memory is the rise of "
+                 "torch.cuda.max_memory_allocated over the allocated memory before the loop (model loaded; the "
+                 "host's CPU threads do not enter)" if cuda else
                  f"CPU, {args.threads} threads; memory is the rise of the process's peak RSS over its RSS before the "
                  "loop (model and data loaded)")
         reps = sorted({r["repeats"] for r in rows})
         note = (f"\nBatch {args.batch_size}, 224x224, {args.iterations} iterations with stops at "
                 f"{', '.join(str(s[0]) for s in rows[0]['stops'])} (the paper's 4000 with 50/100/200/300"
-                f"{', scaled' if args.iterations != PAPER_ITERATIONS else ''}), default ratios 0.3; medians of "
-                f"{'/'.join(map(str, reps))} alternating runs, each in its own process; {where}; random-init weights. "
-                "FLOPs counted for the full 4000-iteration schedule. Sparse runs at the default --recompute auto "
+                f"{', scaled' if args.iterations != PAPER_ITERATIONS else ''}), default ratios 0.3; "
+                f"{'one run of each contender' if reps == [1] else 'medians of ' + '/'.join(map(str, reps)) + ' runs'}"
+                f", alternating, each in its own process; {where}; random-init weights. "
+                f"{'' if args.no_flops else 'FLOPs counted for the full 4000-iteration schedule. '}"
+                "Sparse runs at the default --recompute auto "
                 "(block activations recomputed in backward until the last stop; identical images); the "
                 "'--recompute never' column is the same run keeping them.\n")
         args_kept = {k: v for k, v in vars(args).items() if k not in ("child", "model", "mode")}
@@ -281,10 +310,12 @@ def main() -> None:
                     if (model, mode) in failed:
                         continue
                     try:
-                        res = _run_child(model, mode, args, args.iterations)
+                        res = run(model, mode, r, args.iterations)
                     except RuntimeError as e:  # one contender failing (say, out of memory) leaves the others' rows
                         print(e, file=sys.stderr)
                         failed.add((model, mode))
+                        continue
+                    if res is None:
                         continue
                     runs[model][mode].append(res)
                     print(f"{model} {mode} repeat {r + 1}: {res['seconds']:.1f} s, peak rise "
@@ -292,15 +323,20 @@ def main() -> None:
                           file=sys.stderr, flush=True)
                 if r == 0 and ("final", model) not in failed:
                     try:
-                        finals[model] = _run_child(model, "final-phase", args, args.final_phase_iterations)
+                        final = run(model, "final-phase", 0, args.final_phase_iterations)
                     except RuntimeError as e:
                         print(e, file=sys.stderr)
                         failed.add(("final", model))
+                    else:
+                        if final is not None:
+                            finals[model] = final
                     if not args.no_flops:
                         flops[model] = count_flops(model, args.batch_size)
                 write()
     except TimeoutError:
         print(f"deadline of {args.deadline:.0f} s reached: the tables hold the runs that finished", file=sys.stderr)
+        write()
+    if args.cached_only:
         write()
 
 
