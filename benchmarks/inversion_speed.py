@@ -15,8 +15,15 @@ Cost does not depend on the weights, so the models are randomly initialised (no 
   measures its peak: the memory of the phase that takes 92.5 % of the iterations.
 * FLOPs are counted (``torch.utils.flop_counter``) for one forward+backward of each phase and
   summed over the paper's full 4000-iteration schedule.
+* ``--device cuda``: the wall time is taken after ``torch.cuda.synchronize``, each child first runs three
+  untimed steps (kernels loaded, allocator warm), and memory is the rise of
+  ``torch.cuda.max_memory_allocated`` over what is allocated before the loop.
+* Every finished run is cached in ``results/<name>_cells.json`` with the settings that made it: a restarted
+  run only runs what is missing (``--deadline`` stops starting runs that cannot end in time, repeat 1 of
+  every model first), and ``--cached-only`` tables what is cached without running anything.
 
 Run:  python benchmarks/inversion_speed.py            (about 30 min on 2 cores)
+      bash benchmarks/gpu_speed.sh                    (on a GPU: the paper's batch 32 and 4000 iterations)
 """
 
 from __future__ import annotations
@@ -250,13 +257,13 @@ def main() -> None:
     modes = args.modes or MODES + (BF16_MODES if args.bf16 else [])
     modes = ["dense", "sparse"] + [m for m in modes if m not in ("dense", "sparse")]
     bf16 = any(m.endswith("-bf16") for m in modes)
-    cuda = torch.device(args.device).type == "cuda"
+    device_type = torch.device(args.device).type
+    cuda = device_type == "cuda"
     runs = {model: {mode: [] for mode in modes} for model in args.models}
     finals: dict[str, dict] = {}
     flops: dict[str, dict] = {}
     failed: set[tuple[str, str]] = set()
     cells = Cells(args.name)
-    device_type = torch.device(args.device).type
 
     def run(model: str, mode: str, repeat: int, iterations: int) -> dict | None:
         """The cached run, else a fresh one (cached as soon as it ends); None with --cached-only and no cache."""
