@@ -10,8 +10,8 @@ A contender is named ``TEACHER>STUDENT[:PROTOCOL]/DATA``:
   architecture, as ``cnn>cnn`` is; four heads, so attention transfer goes head by head);
 - protocol: ``scratch`` (default; a fresh student), ``probe`` (the SMI paper's transfer protocol:
   a student backbone trained on *other* real data, scikit-learn's handwritten digits at 28x28, frozen,
-  and a new linear head trained by KL at T=20) and ``finetune`` (the same backbone, every weight
-  trained);
+  and a new linear head trained by KL at T=20) and ``finetune`` (the same backbone with a new head
+  for the teacher's classes, every weight trained: ``smi distill --new-head``);
 - data: ``dense`` / ``sparse`` online synthesis (each epoch inverts ``--synth-batch`` images for
   ``--iterations`` steps into the run's pool, sparse with the paper's schedule scaled to the
   iterations; CNN teachers invert dense, with DeepInversion's BatchNorm prior), then trains
@@ -183,7 +183,8 @@ def main() -> None:
                                 lr=args.probe_lr if protocol == "probe" else args.lr,
                                 lr_schedule="cosine" if "epochs" in over else "constant",
                                 steps_per_epoch=steps, time_budget_s=budget, mixup=over.get("mixup", args.mixup),
-                                seed=seed, linear_probe=protocol == "probe", **settings.student)
+                                seed=seed, linear_probe=protocol == "probe", new_head=protocol == "finetune",
+                                **settings.student)
             synthesis = None
             if online:
                 stops = SparsityConfig(()) if kind == "dense" else SparsityConfig().scaled(iterations / 4000)
@@ -208,7 +209,8 @@ def main() -> None:
                 data = OnlineSource(synthesis) if synthesis else generator or \
                     {"real": RealSource(), "noise": NoiseSource()}[kind]
                 student = build_student(None if checkpoint else s, teacher, checkpoint=checkpoint,
-                                        linear_probe=protocol == "probe", seed=seed)
+                                        linear_probe=protocol == "probe", new_head=protocol == "finetune",
+                                        seed=seed)
                 res = distill(teacher, student, data, work / key, cfg)
                 per_class = evaluate(student.model, test_split(teacher)[0], progress=False)["per_class"]
                 run = {"setting": setting, "top1": res.top1, "epochs": res.epochs, "log": res.log,

@@ -555,14 +555,14 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from smi.models.loading import load_teacher
     from smi.transfer import DistillConfig, build_student, distill
 
-    cfg = _kd_config(args, DistillConfig, linear_probe=args.linear_probe)
+    cfg = _kd_config(args, DistillConfig, linear_probe=args.linear_probe, new_head=args.new_head)
     data = _training_source(args)
     dist = from_env(args.device)  # torchrun: data-parallel processes, gloo on CPU, nccl on CUDA
     try:
         teacher = load_teacher(args.teacher, pretrained=args.pretrained, device=dist.device)
         arch = args.student or (None if args.student_checkpoint else "fmnist_vit_mini")
         student = build_student(arch, teacher, checkpoint=args.student_checkpoint, linear_probe=args.linear_probe,
-                                seed=args.seed, device=dist.device)
+                                new_head=args.new_head, seed=args.seed, device=dist.device)
         eval_data = _eval_data(args, teacher, "student", quiet=dist.rank != 0)
         result = distill(teacher, student, data, args.out, cfg, eval_data=eval_data, device=dist.device,
                          overwrite=args.overwrite, dist=dist)
@@ -587,6 +587,9 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student-checkpoint", help="start from this smi checkpoint (NAME.safetensors + NAME.json)")
     p.add_argument("--linear-probe", action="store_true",
                    help="freeze the checkpoint's backbone and train a new head (needs --student-checkpoint)")
+    p.add_argument("--new-head", action="store_true",
+                   help="replace the checkpoint's head by a new one for the teacher's classes and train every weight "
+                        "(fine-tuning a backbone trained on other data; needs --student-checkpoint)")
     from smi.transfer import DistillConfig
 
     _add_kd_args(p, DistillConfig, "student")

@@ -152,6 +152,23 @@ def test_linear_probe_trains_only_the_new_head(tmp_path):
     assert trainable == {"head.weight", "head.bias"}
 
 
+def test_new_head_fine_tunes_every_weight_of_a_backbone_with_other_classes(tmp_path):
+    ckpt = write_tiny_checkpoint(tmp_path, name="backbone")  # 5 classes
+    backbone = load_teacher(str(ckpt)).model
+    teacher = as_teacher(tiny_vit(num_classes=3))
+    with pytest.raises(SmiError, match="--new-head"):
+        build_student(None, teacher, checkpoint=str(ckpt))
+    s = build_student(None, teacher, checkpoint=str(ckpt), new_head=True)
+    assert s.model.num_classes == 3 and s.model_kwargs["num_classes"] == 3
+    assert all(p.requires_grad for p in s.model.parameters())
+    kept = {k: v for k, v in backbone.state_dict().items() if not k.startswith("head.")}
+    assert all(torch.equal(v, s.model.state_dict()[k]) for k, v in kept.items())  # the backbone's weights, untouched
+    with pytest.raises(SmiError, match="--new-head needs a trained backbone"):
+        build_student("vit_tiny_patch16_224", teacher, new_head=True)
+    assert DistillConfig().to_dict() == {k: v for k, v in DistillConfig(new_head=True).to_dict().items()
+                                         if k != "new_head"}  # runs recorded before the field existed resume
+
+
 def test_linear_probe_keeps_a_cnn_backbones_batchnorm_statistics(tmp_path):
     """Under a linear probe a CNN backbone's BatchNorm layers normalize with their running statistics even in train
     mode, and no training step moves them: the probe's features are the backbone's eval-mode features."""

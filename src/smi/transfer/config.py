@@ -37,6 +37,7 @@ class DistillConfig:
     background: float = 0.0  # probability that the student sees a sparse batch whole, on random backgrounds
     mixup: float = 0.0  # probability that a batch is replaced by mixtures of its images (the teacher labels them)
     linear_probe: bool = False  # freeze the student's backbone, train a new head
+    new_head: bool = False  # fine-tuning a backbone from other data: a new head for the teacher's classes, all trained
     time_budget_s: float | None = None  # stop after the epoch at which synthesis + training exceed this
     eval_images: int | None = None  # first N test images for the per-epoch evaluation (None: all)
     train_images: int | None = None  # train on a fixed set of N images of the source (as calibration draws them)
@@ -79,7 +80,8 @@ class DistillConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for name, unset in (("train_images", None), ("mixup", 0.0), ("color_shift", 0.0), ("background", 0.0),
-                            ("style_pairs", 0.0), ("attention", 0.0), ("ema", 0.0)):
+                            ("style_pairs", 0.0), ("attention", 0.0), ("ema", 0.0),
+                            ("new_head", False)):
             if d[name] == unset:  # runs recorded before the field existed still resume
                 del d[name]
         return d

@@ -57,14 +57,15 @@ def _token_compatible(model: nn.Module, teacher: Teacher) -> bool:
 
 def build_student(
     arch: str | None, teacher: Teacher, *, checkpoint: str | None = None, linear_probe: bool = False,
-    seed: int = 0, device: torch.device | str = "cpu",
+    new_head: bool = False, seed: int = 0, device: torch.device | str = "cpu",
 ) -> Student:
     """A trainable student for ``teacher``.
 
     ``arch`` alone: a fresh timm model with the teacher's classes, channels and image size.
     ``checkpoint`` (an smi checkpoint, ``NAME.safetensors`` + ``NAME.json``): its weights; with
     ``linear_probe`` its head is replaced by a new one for the teacher's classes and everything
-    else is frozen.
+    else is frozen; with ``new_head`` the head is replaced the same way and every weight trains
+    (fine-tuning a backbone trained on other data, whatever its classes).
     """
     require_classifier(teacher, "distillation")
     if checkpoint is not None:
@@ -77,18 +78,20 @@ def build_student(
         if tuple(loaded.input_size) != tuple(teacher.input_size):
             raise SmiError(f"student checkpoint {checkpoint} reads {tuple(loaded.input_size)} inputs but the "
                            f"teacher reads {tuple(teacher.input_size)}")
-        if linear_probe:
+        if linear_probe or new_head:
             torch.manual_seed(seed)
             model.reset_classifier(teacher.num_classes)
             kwargs["num_classes"] = teacher.num_classes
         elif loaded.num_classes != teacher.num_classes:
             raise SmiError(f"student checkpoint {checkpoint} has {loaded.num_classes} classes but the teacher has "
-                           f"{teacher.num_classes} (use --linear-probe to train a new head)")
+                           f"{teacher.num_classes} (use --new-head to fine-tune it with a new head, or "
+                           "--linear-probe to train only a new head)")
     else:
         if arch is None:
             raise SmiError("give a student architecture (--student ARCH) or --student-checkpoint")
-        if linear_probe:
-            raise SmiError("--linear-probe needs a trained backbone: give --student-checkpoint")
+        for flag, on in (("--linear-probe", linear_probe), ("--new-head", new_head)):
+            if on:
+                raise SmiError(f"{flag} needs a trained backbone: give --student-checkpoint")
         torch.manual_seed(seed)
         model, kwargs = create_model(arch, teacher.input_size, teacher.num_classes, what="student")
         origin = "scratch"
