@@ -65,7 +65,8 @@ BACKBONE_DATA, BACKBONE_EPOCHS = "digits", 60  # the other real data the probe/f
 
 
 OWN = {"images": int, "steps": int, "mixup": float, "epochs": int,  # settings after '@' that are not synthesis's
-       "gsteps": int, "adv": float}  # an online generator's steps per epoch and adversarial weight
+       "gsteps": int, "adv": float,  # an online generator's steps per epoch and adversarial weight
+       "train_images": int}  # real/noise: train on a fixed set of N images (how many a synthetic run makes)
 
 
 def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settings]:
@@ -75,7 +76,8 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     ``steps=N`` (training steps per epoch), ``mixup=P``, ``epochs=N`` (a cosine learning rate over N
     epochs instead of the constant one; the budget still stops the run), ``gsteps=N`` and ``adv=W`` (data
     ``gdfq``/``qimera``: generator steps per epoch, default 50, and the weight of its adversarial term, default 0:
-    ``smi distill --online-generator KIND --generator-steps N --generator-adversarial W``), the student's augmentations
+    ``smi distill --online-generator KIND --generator-steps N --generator-adversarial W``), ``train_images=N`` (data
+    ``real``/``noise``: a fixed set of N images, e.g. as many as a synthetic run makes), the student's augmentations
     (``augment_color=S``, ``augment_background=P``, ``attention=W``, ``ema=DECAY``: ``smi distill --augment-color``,
     ``--augment-background``, ``--attention``, ``--ema``)
     and synthesis settings (``iterations=N`` per synthesized batch, ``color_shift=S``, ``blur=F``,
@@ -183,6 +185,7 @@ def main() -> None:
                                 lr=args.probe_lr if protocol == "probe" else args.lr,
                                 lr_schedule="cosine" if "epochs" in over else "constant",
                                 steps_per_epoch=steps, time_budget_s=budget, mixup=over.get("mixup", args.mixup),
+                                train_images=over.get("train_images"),
                                 seed=seed, linear_probe=protocol == "probe", new_head=protocol == "finetune",
                                 **settings.student)
             synthesis = None
@@ -223,7 +226,7 @@ def main() -> None:
         last = [r["log"][-1] for r in runs]
         rows.append({"contender": spec, "teacher": t, "student": s, "protocol": protocol, "data": kind,
                      "budget_s": budget, "split": f"{images} x {iterations} it, {steps} steps" if online
-                     else f"{steps} steps",
+                     else f"{steps} steps" + (f", {cfg.train_images} fixed images" if cfg.train_images else ""),
                      "synthesis": {k: v for k, v in settings.changes().items() if k != "iterations"},
                      "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine", "augment_color": cfg.color_shift,
                      "augment_background": cfg.background, "attention": cfg.attention, "ema": cfg.ema,
