@@ -249,7 +249,8 @@ def test_cli_distill_and_bad_input(tmp_path, capsys):
     assert summary["epochs"] == 1 and summary["top1"] is None
     for extra, needle in ((["--lr", "0.002"], "other settings"), (["--temperature", "0"], "--temperature"),
                           (["--student", "vit_tiny_patch16_2244"], "unknown student"),
-                          (["--linear-probe"], "needs a trained backbone")):
+                          (["--linear-probe"], "needs a trained backbone"),
+                          (["--new-head"], "--new-head needs a trained backbone")):
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("smi: error:") and needle in err and "\n" not in err, err
