@@ -266,17 +266,24 @@ def main() -> None:
     cells = Cells(args.name)
 
     def run(model: str, mode: str, repeat: int, iterations: int) -> dict | None:
-        """The cached run, else a fresh one (cached as soon as it ends); None with --cached-only and no cache."""
-        key, setting = f"{model}|{mode}|{repeat}", {"device": device_type, "batch_size": args.batch_size,
-                                                     "iterations": iterations, "threads": args.threads}
-        if device_type == "cuda":
-            del setting["threads"]  # the GPU does the work
+        """The cached run, else a fresh one (cached as soon as it ends); None with --cached-only and no cache, or
+        when this contender failed (say, out of memory: reported once, and the others' rows stay)."""
+        if (model, mode) in failed:
+            return None
+        key = f"{model}|{mode}|{repeat}"
+        setting = {"device": device_type, "batch_size": args.batch_size, "iterations": iterations,
+                   **({} if cuda else {"threads": args.threads})}  # on a GPU the host's threads do not enter
         cell = cells.get(key, setting)
         if cell is not None:
             return cell["result"]
         if args.cached_only:
             return None
-        res = _run_child(model, mode, args, iterations)
+        try:
+            res = _run_child(model, mode, args, iterations)
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            failed.add((model, mode))
+            return None
         cells.put(key, {"setting": setting, "result": res})
         return res
 
@@ -314,29 +321,17 @@ def main() -> None:
             for model in args.models:
                 order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate who goes first
                 for mode in order:
-                    if (model, mode) in failed:
-                        continue
-                    try:
-                        res = run(model, mode, r, args.iterations)
-                    except RuntimeError as e:  # one contender failing (say, out of memory) leaves the others' rows
-                        print(e, file=sys.stderr)
-                        failed.add((model, mode))
-                        continue
+                    res = run(model, mode, r, args.iterations)
                     if res is None:
                         continue
                     runs[model][mode].append(res)
                     print(f"{model} {mode} repeat {r + 1}: {res['seconds']:.1f} s, peak rise "
                           f"{res['peak_rise'] / 2**20:.0f} MiB ({time.monotonic() - START:.0f} s so far)",
                           file=sys.stderr, flush=True)
-                if r == 0 and ("final", model) not in failed:
-                    try:
-                        final = run(model, "final-phase", 0, args.final_phase_iterations)
-                    except RuntimeError as e:
-                        print(e, file=sys.stderr)
-                        failed.add(("final", model))
-                    else:
-                        if final is not None:
-                            finals[model] = final
+                if r == 0:
+                    final = run(model, "final-phase", 0, args.final_phase_iterations)
+                    if final is not None:
+                        finals[model] = final
                     if not args.no_flops:
                         flops[model] = count_flops(model, args.batch_size)
                 write()
