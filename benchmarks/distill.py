@@ -180,14 +180,14 @@ def main() -> None:
                                 "top1_on_its_data": top1}
             checkpoint = backbones[s]["weights"]
         runs = []
+        head = {"linear_probe": protocol == "probe", "new_head": protocol == "finetune"}  # config and student alike
         for seed in args.seeds:
             cfg = DistillConfig(epochs=over.get("epochs", 100_000), batch_size=args.batch_size,
                                 lr=args.probe_lr if protocol == "probe" else args.lr,
                                 lr_schedule="cosine" if "epochs" in over else "constant",
                                 steps_per_epoch=steps, time_budget_s=budget, mixup=over.get("mixup", args.mixup),
                                 train_images=over.get("train_images"),
-                                seed=seed, linear_probe=protocol == "probe", new_head=protocol == "finetune",
-                                **settings.student)
+                                seed=seed, **head, **settings.student)
             synthesis = None
             if online:
                 stops = SparsityConfig(()) if kind == "dense" else SparsityConfig().scaled(iterations / 4000)
@@ -212,8 +212,7 @@ def main() -> None:
                 data = OnlineSource(synthesis) if synthesis else generator or \
                     {"real": RealSource(), "noise": NoiseSource()}[kind]
                 student = build_student(None if checkpoint else s, teacher, checkpoint=checkpoint,
-                                        linear_probe=protocol == "probe", new_head=protocol == "finetune",
-                                        seed=seed)
+                                        seed=seed, **head)
                 res = distill(teacher, student, data, work / key, cfg)
                 per_class = evaluate(student.model, test_split(teacher)[0], progress=False)["per_class"]
                 run = {"setting": setting, "top1": res.top1, "epochs": res.epochs, "log": res.log,
