@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, publish, test_split  # noqa: E402
+from _common import RESULTS, markdown_table, mean_std, publish, test_split  # noqa: E402
 from smi.data.pool import load_pool, read_manifest  # noqa: E402
 from smi.data.sources import PoolSource  # noqa: E402
 from smi.errors import SmiError  # noqa: E402
@@ -48,6 +48,39 @@ def _is_vit(teacher) -> bool:
         return True
     except SmiError:
         return False
+
+
+def sparse_vs_dense(rows: list[dict]) -> str:
+    """A markdown table pairing each ViT method's dense and sparse pools: synthesis time per image and its ratio,
+    top-1 dense / sparse at every setting, and sparse − dense at W4A4 per seed (mean ± std), with the mean over
+    the methods; empty when no row has a sparse twin."""
+    by = {(r["model"], r["method"], r["sparsity"], f"W{r['w_bits']}A{r['a_bits']}"): r for r in rows}
+    pairs = list(dict.fromkeys((r["model"], r["method"]) for r in rows if r["sparsity"] == "sparse"))
+    if not pairs:
+        return ""
+    settings = [f"W{w}A{a}" for w, a, _ in SETTINGS]
+    header = ["model", "method", "dense s / image", "sparse s / image", "speed-up",
+              *(f"{s} dense / sparse" for s in settings), "sparse − dense (W4A4, per seed)"]
+    table, means = [], {s: ([], []) for s in settings}
+    diffs_all: list[float] = []
+    for model, method in pairs:
+        d, sp = by[(model, method, "dense", "W4A4")], by[(model, method, "sparse", "W4A4")]
+        cells = []
+        for s in settings:
+            dd, ss = by[(model, method, "dense", s)]["top1"], by[(model, method, "sparse", s)]["top1"]
+            means[s][0].append(dd)
+            means[s][1].append(ss)
+            cells.append(f"{dd:.2f} / {ss:.2f}")
+        diffs = [b - a for a, b in zip(d["top1_per_seed"], sp["top1_per_seed"], strict=True)]
+        diffs_all.append(statistics.mean(diffs))
+        table.append([model, method, f"{d['synthesis_s_per_image']:.2f}", f"{sp['synthesis_s_per_image']:.2f}",
+                      f"{d['synthesis_s_per_image'] / sp['synthesis_s_per_image']:.1f}×", *cells,
+                      ("+" if statistics.mean(diffs) >= 0 else "") + mean_std(diffs)])
+    table.append([f"**mean of the {len(pairs)}**", "", "", "", "",
+                  *(f"{statistics.mean(a):.2f} / {statistics.mean(b):.2f}" for a, b in means.values()),
+                  f"{statistics.mean(diffs_all):+.2f}"])
+    return "\nSparse against dense, method by method (the same cells; speed-up = dense / sparse time per image):\n\n" \
+        + markdown_table(header, table)
 
 
 def _side_by_side(dense: Path, sparse: Path | None, out: Path) -> None:
@@ -140,7 +173,7 @@ def main() -> None:
     note = (f"\nTop-1 (%) on {tested_on} after quantization calibrated on {args.images} "
             f"synthetic images, mean ± std over seeds {args.seeds}; {args.iterations} iterations per method, batch "
             f"{args.images}; sparse: the paper's schedule (50/100/200/300, 0.3 each). Grids: "
-            "`results/method_zoo/MODEL_METHOD.png` (dense above sparse).\n")
+            "`results/method_zoo/MODEL_METHOD.png` (dense above sparse).\n") + sparse_vs_dense(rows)
     publish(args.name, "method_zoo", vars(args), header, table, note, rows)
 
 
