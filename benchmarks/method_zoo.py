@@ -60,7 +60,8 @@ def sparse_vs_dense(rows: list[dict]) -> str:
         return ""
     settings = [f"W{w}A{a}" for w, a, _ in SETTINGS]
     header = ["model", "method", "dense s / image", "sparse s / image", "speed-up",
-              *(f"{s} dense / sparse" for s in settings), "sparse − dense (W4A4, per seed)"]
+              *(f"{s} {q} dense / sparse" for s, (_, _, q) in zip(settings, SETTINGS, strict=True)),
+              "sparse − dense (W4A4, per seed)"]
     table, means = [], {s: ([], []) for s in settings}
     diffs_all: list[float] = []
     for model, method in pairs:
