@@ -194,6 +194,22 @@ def test_linear_probe_keeps_a_cnn_backbones_batchnorm_statistics(tmp_path):
     assert len(batch_norms(s.model)) == len(batch_norms(cnn)) > 0  # the student_bn term still finds them
     # the probe's weights still load into the plain architecture (BatchNorm2d) it came from
     assert not timm.create_model("resnet10t", num_classes=3).load_state_dict(s.model.state_dict()).missing_keys
+    # and the student smi writes is a plain resnet10t file that load_teacher (smi eval) reads back, same outputs
+    # (up to float rounding: FrozenBatchNorm2d folds its statistics into a scale and shift), while the probe itself
+    # keeps its frozen layers
+    path = save_teacher(s.model.eval(), tmp_path / "probe.safetensors", arch="resnet10t", model_kwargs={},
+                        data_config={"input_size": (3, 32, 32)})
+    back = load_teacher(str(path)).model
+    assert not any("Frozen" in type(m).__name__ for m in back.modules())
+    assert any("Frozen" in type(m).__name__ for m in s.model.modules())
+    with torch.no_grad():
+        assert torch.allclose(back(x), s.model.eval()(x), atol=1e-5)
+    # a file written without the step counters (as smi wrote probes before) loads too
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in load_file(path).items() if not k.endswith("num_batches_tracked")}, path)
+    with torch.no_grad():
+        assert torch.equal(load_teacher(str(path)).model(x), back(x))
 
 
 @pytest.mark.parametrize("case", ["classes", "input", "arch"])

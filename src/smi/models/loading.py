@@ -8,6 +8,7 @@ with ``torch.load(weights_only=True)``, so a file that would run code when unpic
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,7 +312,9 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
         raise SmiError(f"{meta_path}: cannot build {arch} from its model_kwargs: "
                        f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    # BatchNorm's step counter carries no weights, and a backbone frozen under a linear probe (timm's
+    # FrozenBatchNorm2d) has none: files that lack it load, as torch's own BatchNorm loading allows
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
@@ -329,6 +332,18 @@ def _load_checkpoint(path: Path, device: torch.device | str, spec: str | None = 
         crop_pct=crop_pct if crop_pct is not None else float(timm_cfg.get("crop_pct", 1.0)),
         interpolation=str(interpolation or timm_cfg.get("interpolation", "bilinear")), dataset=dataset,
     )
+
+
+def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as its architecture has it: BatchNorm layers frozen under a linear probe (timm's
+    ``FrozenBatchNorm2d``) are written as the ``BatchNorm2d`` they were, step counter included, so the file loads
+    into the plain architecture; the model itself is left as it is."""
+    from timm.layers import unfreeze_batch_norm_2d
+    from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
+
+    if not any(isinstance(m, (FrozenBatchNorm2d, FrozenBatchNormAct2d)) for m in model.modules()):
+        return model.state_dict()
+    return unfreeze_batch_norm_2d(copy.deepcopy(model)).state_dict()
 
 
 def save_teacher(
@@ -353,6 +368,6 @@ def save_teacher(
         "num_classes": model.num_classes, **cfg, "class_names": class_names,
         "timm_version": timm.__version__, "torch_version": torch.__version__, **(extra or {}),
     }
-    atomic_save_tensors(path, model.state_dict())
+    atomic_save_tensors(path, _plain_state_dict(model))
     atomic_write_json(path.with_suffix(".json"), meta)
     return path
