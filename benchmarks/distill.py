@@ -244,6 +244,7 @@ def main() -> None:
             rows[-1]["backbone_classes"] = seen
             rows[-1]["top1_unseen_classes"] = round(statistics.mean(per_class[c] for c in unseen), 2)
             rows[-1]["top1_seen_classes"] = round(statistics.mean(per_class[c] for c in seen), 2)
+            rows[-1]["top1_per_class"] = [round(a, 2) for a in per_class]
 
     by = {r["contender"]: r for r in rows}
     for r in rows:  # the time at which a sparse contender first reaches its dense twin's final accuracy
@@ -284,7 +285,8 @@ def main() -> None:
         if "top1_unseen_classes" in r:
             note += (f"{r['contender']}: top-1 {r['top1_unseen_classes']:.2f} % on the classes its backbone never "
                      f"saw, {r['top1_seen_classes']:.2f} % on the backbone's classes "
-                     f"({','.join(map(str, r['backbone_classes']))}).\n")
+                     f"({','.join(map(str, r['backbone_classes']))}); per class "
+                     f"{' / '.join(f'{a:.1f}' for a in r['top1_per_class'])}.\n")
     for r in rows:
         if "reaches_dense_final_at_s" in r:
             reach = r["reaches_dense_final_at_s"]
