@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -38,6 +39,7 @@ from smi.quant.pipeline import quantize_teacher  # noqa: E402
 from smi.quant.qat import QatConfig, learnable_quant_, qat  # noqa: E402
 from smi.quant.quantizers import ActQuantizer, LogSqrt2Quantizer  # noqa: E402
 from smi.quant.reconstruct import ReconstructConfig  # noqa: E402
+from smi.utils.io import atomic_write_json  # noqa: E402
 
 GROUPS = {"none": "none (the data-free model)", "act": "activation quantizers only", "weights": "weight matrices only",
           "all": "every parameter"}
@@ -106,13 +108,13 @@ def main() -> None:
              "seed": args.seed, "reconstruct": recon.to_dict(), "qat": recipe.to_dict()}
     folder = work / "qat"
     t0 = time.perf_counter()
-    if not (folder / "quantized.json").exists() or not (work / "start.json").exists() \
-            or (work / "start.json").read_text() != str(start):
+    made = work / "start.json"  # the settings of the model in ``folder``, written once it is complete
+    if not (folder / "quantized.json").exists() or not made.exists() or json.loads(made.read_text()) != start:
         pool = PoolSource(args.pool)
         quantize_teacher(teacher, quant_config("repq", args.setting), pool, num_images=args.images, seed=args.seed,
                          copy_model=True, reconstruct=recon, out=work / "recon", overwrite=True)
         qat(teacher, work / "recon", pool, folder, recipe, eval_data=None, progress=False, overwrite=True)
-        (work / "start.json").write_text(str(start))
+        atomic_write_json(made, start)
         print(f"data-free recipe: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     x, _ = RealSource().open(teacher).take(args.images, torch.Generator().manual_seed(args.seed))
     rows, table = [], []
