@@ -55,8 +55,10 @@ def group_of(model: torch.nn.Module, group: str) -> list[torch.nn.Parameter]:
     return list(model.parameters()) if group == "all" else []
 
 
-def finetune(teacher, folder: Path, group: str, x: torch.Tensor, steps: int, lr: float, seed: int) -> torch.nn.Module:
-    """The quantized model in ``folder`` with one parameter group fine-tuned on the real images ``x``."""
+def finetune(teacher, folder: Path, group: str, x: torch.Tensor, steps: int, lr: float, seed: int
+             ) -> tuple[torch.nn.Module, int]:
+    """The quantized model in ``folder`` with one parameter group fine-tuned on the real images ``x``, and the
+    number of values that group trains."""
     model, _ = load_quantized(folder, copy.deepcopy(teacher))
     learnable_quant_(model, True)
     model.requires_grad_(False)
@@ -80,7 +82,7 @@ def finetune(teacher, folder: Path, group: str, x: torch.Tensor, steps: int, lr:
             sched.step()
     learnable_quant_(model, False)
     model.requires_grad_(False)
-    return model.eval()
+    return model.eval(), sum(p.numel() for p in params)
 
 
 def main() -> None:
@@ -109,7 +111,11 @@ def main() -> None:
     folder = work / "qat"
     t0 = time.perf_counter()
     made = work / "start.json"  # the settings of the model in ``folder``, written once it is complete
-    if not (folder / "quantized.json").exists() or not made.exists() or json.loads(made.read_text()) != start:
+    try:
+        ready = (folder / "quantized.json").exists() and json.loads(made.read_text()) == start
+    except (OSError, ValueError):  # missing, or not this script's JSON: make the model again
+        ready = False
+    if not ready:
         pool = PoolSource(args.pool)
         quantize_teacher(teacher, quant_config("repq", args.setting), pool, num_images=args.images, seed=args.seed,
                          copy_model=True, reconstruct=recon, out=work / "recon", overwrite=True)
@@ -122,9 +128,9 @@ def main() -> None:
         setting = {**start, "group": group, "steps": args.steps, "lr": args.lr, "real_images": args.images}
         cell = cells.get(group, setting)
         if cell is None:
-            model = finetune(teacher, folder, group, x, args.steps, args.lr, args.seed)
+            model, count = finetune(teacher, folder, group, x, args.steps, args.lr, args.seed)
             cell = {"setting": setting, "top1": evaluate(model, data, progress=False)["top1"],
-                    "parameters": sum(p.numel() for p in group_of(learnable_quant_(model, True), group))}
+                    "parameters": count}
             cells.put(group, cell)
         print(f"{group}: {cell['top1']:.2f} %", file=sys.stderr, flush=True)
         rows.append({"group": group, "top1": round(cell["top1"], 2), "parameters": cell["parameters"]})
