@@ -17,7 +17,7 @@ A contender is named ``TEACHER>STUDENT[:PROTOCOL]/DATA``:
   iterations; CNN teachers invert dense, with DeepInversion's BatchNorm prior), then trains
   ``--online-steps`` steps on the whole pool; ``real`` training images (the upper bound: the same
   student trained on the teacher's outputs over its real training images) and fresh Gaussian ``noise``
-  (the lower bound); ``gdfq`` / ``qimera``: a generator of that kind trained alongside the student
+  (the lower bound); ``gdfq`` / ``qimera`` / ``causal``: a generator of that kind trained alongside the student
   (``smi distill --online-generator``: 50 generator steps before each epoch, then ``--online-steps``
   on fresh draws; ``adv=W`` adds the adversarial term).
 
@@ -60,12 +60,14 @@ MODELS = {"vit": ("fmnist_vit_tiny", "fmnist_vit_mini"), "cnn": ("fmnist_resnet_
           "scene": ("fmnist_scene_vit", "fmnist_vit_mini"),
           "vit-tiny": ("fmnist_vit_tiny", "fmnist_vit_tiny")}  # name: (as a teacher, as a student)
 PROTOCOLS = ("scratch", "probe", "finetune")
-DATA = ("sparse", "dense", "real", "noise", "gdfq", "qimera")  # the last two: a generator trained alongside
+GENERATED = ("gdfq", "qimera", "causal")  # a generator trained alongside the student
+DATA = ("sparse", "dense", "real", "noise", *GENERATED)
 BACKBONE_DATA, BACKBONE_EPOCHS = "digits", 60  # the other real data the probe/finetune backbones learn first
 
 
 OWN = {"images": int, "steps": int, "mixup": float, "epochs": int,  # settings after '@' that are not synthesis's
        "gsteps": int, "adv": float,  # an online generator's steps per epoch and adversarial weight
+       "seek": float,  # causal: mode seeking between a class's two styles
        "train_images": int}  # real/noise: train on a fixed set of N images (how many a synthetic run makes)
 
 
@@ -75,8 +77,9 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     After ``@``, comma-separated: a budget in seconds, and ``images=N`` (synthesized per epoch),
     ``steps=N`` (training steps per epoch), ``mixup=P``, ``epochs=N`` (a cosine learning rate over N
     epochs instead of the constant one; the budget still stops the run), ``gsteps=N`` and ``adv=W`` (data
-    ``gdfq``/``qimera``: generator steps per epoch, default 50, and the weight of its adversarial term, default 0:
-    ``smi distill --online-generator KIND --generator-steps N --generator-adversarial W``), ``train_images=N`` (data
+    ``gdfq``/``qimera``/``causal``: generator steps per epoch, default 50, and the weight of its adversarial term,
+    default 0: ``smi distill --online-generator KIND --generator-steps N --generator-adversarial W``; ``seek=W``:
+    ``causal`` only, mode seeking between a class's two styles, ``--generator-style-seek W``), ``train_images=N`` (data
     ``real``/``noise``: a fixed set of N images, e.g. as many as a synthetic run makes), the student's augmentations
     (``augment_color=S``, ``augment_background=P``, ``attention=W``, ``ema=DECAY``: ``smi distill --augment-color``,
     ``--augment-background``, ``--attention``, ``--ema``)
@@ -96,8 +99,8 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     s, _, protocol = s.partition(":")
     protocol = protocol or "scratch"
     if data not in DATA or protocol not in PROTOCOLS or t not in MODELS or s not in MODELS \
-            or not all(v > 0 for k, v in settings.other.items() if k not in ("mixup", "adv")) \
-            or settings.other.get("adv", 0.0) < 0:
+            or not all(v > 0 for k, v in settings.other.items() if k not in ("mixup", "adv", "seek")) \
+            or settings.other.get("adv", 0.0) < 0 or settings.other.get("seek", 0.0) < 0:
         raise SystemExit(f"error: contender {spec!r}: expected TEACHER>STUDENT[:PROTOCOL]/DATA[@SECONDS,NAME=VALUE...] "
                          f"with TEACHER, STUDENT in {'|'.join(MODELS)}, PROTOCOL in {'|'.join(PROTOCOLS)}, DATA in "
                          f"{'|'.join(DATA)} and {'|'.join(OWN)} positive")
@@ -161,7 +164,7 @@ def main() -> None:
         over = settings.other
         budget = args.budget if budget is None else budget
         images, iterations = over.get("images", args.synth_batch), settings.synthesis.get("iterations", args.iterations)
-        generated = kind in ("gdfq", "qimera")
+        generated = kind in GENERATED
         steps = over.get("steps", args.online_steps if online or generated else args.real_steps)
         if t not in teachers:
             teachers[t] = load_teacher(t)
@@ -198,7 +201,9 @@ def main() -> None:
             if checkpoint and (args.backbone_data, args.backbone_epochs) != (BACKBONE_DATA, BACKBONE_EPOCHS):
                 name += f"_backbone-{args.backbone_data}-e{args.backbone_epochs}"  # a cell and run folder of its own
             key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
-            generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed), steps=over.get("gsteps", 50),
+            generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed,
+                                                              style_seek_weight=over.get("seek", 0.0)),
+                                              steps=over.get("gsteps", 50),
                                               adversarial=over.get("adv", 0.0)) if generated else None
             setting = {"teacher": t, "student": s, "protocol": protocol, "data": kind, "config": cfg.to_dict(),
                        "synthesis": synthesis.to_dict() if synthesis else None,

@@ -36,7 +36,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -97,14 +96,15 @@ def configs(method: str, seed: int, args: argparse.Namespace, work: Path, tname:
         return qat_cfg, None
     pool = str(work / f"{tname}_texq_pool_seed{seed}") if method == "texq" else None
     return qat_cfg, GeneratorConfig(kind="gdfq" if method == "akt" else method, epochs=args.gen_epochs,
-                                    steps_per_epoch=args.gen_steps, seed=seed, texture_pool=pool)
+                                    steps_per_epoch=args.gen_steps, seed=seed, texture_pool=pool,
+                                    style_seek_weight=args.style_seek if method == "causal" else 0.0)
 
 
 def trained_generator(teacher, method: str, gen_cfg: GeneratorConfig, folder: Path, seed: int) -> float:  # noqa: ANN001
     """Train the cell's generator once per teacher, method and seed (it does not depend on the bit setting) and
     return the seconds that took, texq's texture pool included; later settings reuse it and count the same time."""
     record = folder / "generator_wall.json"
-    if record.exists() and json.loads(record.read_text())["generator"] == asdict(gen_cfg):
+    if record.exists() and json.loads(record.read_text())["generator"] == gen_cfg.to_dict():
         return json.loads(record.read_text())["seconds"]
     t0 = time.perf_counter()
     if method == "texq":  # the texture centres' calibration images
@@ -113,7 +113,7 @@ def trained_generator(teacher, method: str, gen_cfg: GeneratorConfig, folder: Pa
                    progress=False, grid=False, overwrite=True)
     train_generator(teacher, folder / "generator", gen_cfg, progress=False, overwrite=True)
     seconds = time.perf_counter() - t0
-    atomic_write_json(record, {"generator": asdict(gen_cfg), "seconds": round(seconds, 1)})
+    atomic_write_json(record, {"generator": gen_cfg.to_dict(), "seconds": round(seconds, 1)})
     return seconds
 
 
@@ -166,6 +166,8 @@ def main() -> None:
     p.add_argument("--pixel", nargs="*", default=["dense", "sparse"], help="pixel-inversion rows at equal time")
     p.add_argument("--gen-epochs", type=int, default=10)
     p.add_argument("--gen-steps", type=int, default=100)
+    p.add_argument("--style-seek", type=float, default=0.0,
+                   help="causal: mode seeking between a class's two styles, this weight (0: the paper's generator)")
     p.add_argument("--qat-epochs", type=int, default=5)
     p.add_argument("--qat-steps", type=int, default=50)
     p.add_argument("--qat-lr", type=float, default=QatConfig.lr, help="QAT learning rate (Adam, cosine to 0)")
@@ -193,7 +195,7 @@ def main() -> None:
                     budget = statistics.mean(walls[seed]) if walls.get(seed) else None
                     qat_cfg, gen_cfg = configs(method, seed, args, work, tname, budget, vit)
                     key = f"{tname}|{setting}|{method}|{seed}"
-                    spec = {"qat": qat_cfg.to_dict(), "generator": None if gen_cfg is None else asdict(gen_cfg)}
+                    spec = {"qat": qat_cfg.to_dict(), "generator": None if gen_cfg is None else gen_cfg.to_dict()}
                     if recon is not None or args.calib_images != 32:  # older cells: 32 images, no reconstruction
                         spec.update(recon=recon.to_dict() if recon else None, calib_images=args.calib_images)
                     cell = cells.get(key, spec)
@@ -230,7 +232,9 @@ def main() -> None:
                if recon else "")
             + f", QAT {args.qat_epochs} x {args.qat_steps} steps of batch 32 (lr {args.qat_lr:g}"
             + (f", attention transfer {args.qat_attention:g}" if args.qat_attention else "")
-            + f") on fresh images; generators trained {args.gen_epochs} x {args.gen_steps} steps of batch 64; "
+            + f") on fresh images; generators trained {args.gen_epochs} x {args.gen_steps} steps of batch 64"
+            + (f" (causal: mode seeking between styles, weight {args.style_seek:g})" if args.style_seek else "")
+            + "; "
             f"mean ± std over seeds {args.seeds}. pixel-*: QAT from online pixel inversion (32 images x 200 "
             "iterations per epoch), as many epochs as the same seed's generator rows' mean wall time holds "
             "(estimated from the calibration pool's synthesis time; stopped at that time if short); akt: calibrated "

@@ -139,7 +139,7 @@ def _cmd_train_generator(args: argparse.Namespace) -> int:
                               mapped_dim=args.mapped_dim, init_from_head=not args.random_embeddings,
                               texture_pool=args.texture_pool, texture_weight=args.texture_weight,
                               centre_weight=args.centre_weight, seek_weight=args.seek_weight,
-                              style_weight=args.style_weight,
+                              style_weight=args.style_weight, style_seek_weight=args.style_seek_weight,
                               bn_weight=args.bn_weight, psaq_weight=args.psaq_weight, seed=args.seed)
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
         res = train_generator(teacher, args.out, cfg, device=args.device, overwrite=args.overwrite)
@@ -188,6 +188,9 @@ def _add_train_generator(sub: argparse._SubParsersAction) -> None:
                    help="acq: weight of the mode-seeking loss between images of one condition")
     p.add_argument("--style-weight", type=_number, default=d.style_weight,
                    help="causal: weight of the teacher's disagreement between two styles of one class")
+    p.add_argument("--style-seek-weight", type=_number, default=d.style_seek_weight,
+                   help="causal: weight of MSGAN's mode-seeking loss between two styles of one class, so that the "
+                        "noise keeps changing the image (0: off, the paper's generator)")
     p.add_argument("--bn-weight", type=_number, default=d.bn_weight,
                    help="weight of the BatchNorm-statistics loss (teachers with BatchNorm)")
     p.add_argument("--psaq-weight", type=_number, default=d.psaq_weight,
@@ -442,8 +445,9 @@ def _training_source(args: argparse.Namespace) -> Any:
         from smi.generators import GeneratorConfig, OnlineGeneratorSource
 
         with _flags(args, kind="online_generator", steps="generator_steps", adversarial="generator_adversarial",
-                    game="generator_game"):
-            return OnlineGeneratorSource(GeneratorConfig(kind=args.online_generator, seed=args.seed),
+                    game="generator_game", style_seek_weight="generator_style_seek"):
+            return OnlineGeneratorSource(GeneratorConfig(kind=args.online_generator, seed=args.seed,
+                                                         style_seek_weight=args.generator_style_seek),
                                          steps=args.generator_steps, adversarial=args.generator_adversarial,
                                          game=args.generator_game)
     return (OnlineSource(_inversion_config(args)) if args.online else RealSource(args.real or None)
@@ -474,13 +478,16 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
                      help="train on fresh images from a generator trained by `smi train-generator` (--online-steps "
                           "per epoch)")
     src.add_argument("--online-generator", metavar="KIND",
-                     help="train a generator of this kind (gdfq, qimera) alongside: --generator-steps steps against "
-                          "the teacher before each epoch, then --online-steps on fresh images from it")
+                     help="train a generator of this kind (gdfq, qimera, causal) alongside: --generator-steps steps "
+                          "against the teacher before each epoch, then --online-steps on fresh images from it")
     p.add_argument("--generator-steps", type=int, default=50,
                    help="--online-generator: generator steps per epoch (batch 64, Adam 1e-3)")
     p.add_argument("--generator-adversarial", type=_number, default=0.0,
                    help="--online-generator: weight of the student term in the generator's loss (see "
                         "--generator-game)")
+    p.add_argument("--generator-style-seek", type=_number, default=0.0,
+                   help="--online-generator causal: weight of mode seeking between a class's two styles (keeps the "
+                        "noise changing the image; `smi train-generator --style-seek-weight`)")
     p.add_argument("--style-pairs", type=_number, default=d.style_pairs,
                    help="Causal-DFQ's discrepancy reduction: with a --generator (or --online-generator) of kind "
                         "causal, whose batches are one class in two styles, the model on each image also matches "

@@ -278,6 +278,11 @@ def test_online_generator_from_the_cli_and_its_bad_settings(tmp_path, capsys):
     assert main(["distill", "--teacher", "fmnist_resnet_tiny", "--online-generator", "qimera", "--generator-steps",
                  "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--generator-steps" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    for kind, seek in (("gdfq", "1"), ("causal", "-1")):  # style seeking: the causal generator only, and >= 0
+        assert main(["distill", "--teacher", "fmnist_resnet_tiny", "--online-generator", kind,
+                     "--generator-style-seek", seek, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "--generator-style-seek" in err and not (tmp_path / "bad").exists()
     assert main(["quantize", "--model", "fmnist_resnet_tiny", "--calib", "online", "--out", str(tmp_path / "q")]) != 0
 
 
@@ -461,3 +466,34 @@ def test_overwriting_an_online_generator_run_removes_only_its_state(tmp_path):
     distill(teacher, student(), NoiseSource(), tmp_path / "kd", cfg, eval_data=None, progress=False, overwrite=True)
     assert not state.exists() and mine.read_text() == "mine"
     assert before  # it was there before the overwrite
+
+
+def test_causal_style_seeking_keeps_the_noise_changing_the_image(tmp_path):
+    """The pair term alone is met by a generator that ignores its noise; mode seeking between a class's two styles
+    (``style_seek_weight``) must leave the two styles further apart than the same training without it."""
+    from smi.generators.train import mode_seeking
+
+    teacher = as_teacher(tiny_vit())
+    gaps = {}
+    for weight in (0.0, 1.0):
+        cfg = GeneratorConfig(kind="causal", epochs=1, steps_per_epoch=100, batch_size=8, latent_dim=8, width=8,
+                              style_weight=10.0, style_seek_weight=weight)
+        train_generator(teacher, tmp_path / f"gen{weight}", cfg, progress=False)
+        row = json.loads((tmp_path / f"gen{weight}" / "log.jsonl").read_text().splitlines()[0])
+        assert ("train_seek" in row) == bool(weight)
+        gen, _ = load_generator(tmp_path / f"gen{weight}", teacher)
+        torch.manual_seed(0)
+        z, y = gen.training_batch(torch.randn(64, 8), torch.arange(64) % 5)
+        with torch.no_grad():
+            x = gen(z, y)
+            gaps[weight] = (x[:32] - x[32:]).abs().mean().item()
+            if weight:  # the logged term is the pairs' MSGAN ratio, computed independently here
+                dz = (z[:32] - z[32:]).abs().mean(1)
+                torch.testing.assert_close(mode_seeking(x, z), (dz / ((x[:32] - x[32:]).abs().mean((1, 2, 3))
+                                                                      + 1e-5)).mean())
+    assert gaps[1.0] > 1.3 * gaps[0.0], gaps  # 1.04 against 0.64 here; with the sign flipped 0.08
+    # recorded only when set, so that folders and cells made before the setting existed keep matching
+    assert "style_seek_weight" not in GeneratorConfig(kind="causal").to_dict()
+    assert GeneratorConfig(kind="causal", style_seek_weight=0.5).to_dict()["style_seek_weight"] == 0.5
+    with pytest.raises(SmiError, match="only the causal generator"):
+        GeneratorConfig(kind="gdfq", style_seek_weight=1.0)

@@ -80,6 +80,7 @@ class GeneratorConfig:
     centre_weight: float = 10.0  # acq: weight of the squared distance of the attention centre to the asked one
     seek_weight: float = 1.0  # acq: weight of the mode-seeking loss between images of one condition
     style_weight: float = 1.0  # causal: weight of the teacher's disagreement between two styles of one content
+    style_seek_weight: float = 0.0  # causal: mode seeking between a content's two styles (0: off; see to_dict)
     ce_weight: float = 1.0
     bn_weight: float = 0.1  # BatchNorm teachers: GDFQ's weight of the BN-statistics loss
     bn_first_weight: float = 1.0  # GDFQ weighs every BN layer alike (DeepInversion: 10 on the first)
@@ -106,9 +107,20 @@ class GeneratorConfig:
             raise SmiError("texq needs a pool of calibration images for its texture centres (texture_pool), and only "
                            "texq reads one", param="texture_pool")
         for name in ("ce_weight", "bn_weight", "bn_first_weight", "psaq_weight", "texture_weight", "centre_weight",
-                     "seek_weight", "style_weight"):
+                     "seek_weight", "style_weight", "style_seek_weight"):
             if getattr(self, name) < 0:
                 raise SmiError(f"must be >= 0, got {getattr(self, name)}", param=name)
+        if self.style_seek_weight and self.kind != "causal":
+            raise SmiError(f"only the causal generator has styles to seek modes between, not {self.kind!r}",
+                           param="style_seek_weight")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as recorded in run folders and benchmark cells: ``style_seek_weight`` only when set, so
+        that folders and cells made before it existed keep matching."""
+        d = asdict(self)
+        if not self.style_seek_weight:
+            del d["style_seek_weight"]
+        return d
 
 
 def sample_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -227,6 +239,10 @@ class _Objective:
             style = pair_disagreement(logits)
             loss = loss + self.cfg.style_weight * style
             parts["style"] = style.item()
+            if self.cfg.style_seek_weight and z is not None:  # ... and the style must still change the image
+                seek = mode_seeking(x, z)
+                loss = loss + self.cfg.style_seek_weight * seek
+                parts["seek"] = seek.item()
         if self.centres is not None:
             texture = texture_loss(x, y, self.centres)
             loss = loss + self.cfg.texture_weight * texture
@@ -258,7 +274,7 @@ def train_generator(teacher: Teacher, out: str | Path, cfg: GeneratorConfig | No
     gen_model = build_generator(teacher, cfg).to(device)
     texture = {} if cfg.texture_pool is None else {  # what the centres are made of, not only where it was
         "texture_pool_shards": [sh["sha256"] for sh in read_manifest(cfg.texture_pool)["shards"]]}
-    run = RunFolder(out, {"config": asdict(cfg), "teacher": teacher.identity(), **texture}, fmt=RUN_FORMAT,
+    run = RunFolder(out, {"config": cfg.to_dict(), "teacher": teacher.identity(), **texture}, fmt=RUN_FORMAT,
                     what="generator training run", products=(WEIGHTS, META), overwrite=overwrite)
     opt = torch.optim.Adam(gen_model.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     probe_gen = torch.Generator().manual_seed(cfg.seed + 7)
@@ -299,7 +315,7 @@ def train_generator(teacher: Teacher, out: str | Path, cfg: GeneratorConfig | No
     state = {k: v.detach().cpu().contiguous() for k, v in gen_model.state_dict().items()}
     atomic_save_tensors(run.out / WEIGHTS, state)
     meta = {"format": GENERATOR_FORMAT, "generator": gen_model.config(), "teacher": teacher.identity(),
-            "train_config": asdict(cfg), "teacher_top1": log[-1]["teacher_top1"],
+            "train_config": cfg.to_dict(), "teacher_top1": log[-1]["teacher_top1"],
             "train_s": log[-1]["train_s"], "epochs": len(log)}
     atomic_write_json(run.out / META, meta)
     return {"out": str(run.out), "teacher_top1": log[-1]["teacher_top1"], "epochs": len(log),
@@ -507,7 +523,7 @@ class OnlineGeneratorSource(DataSource):
 
     def identity(self) -> dict[str, Any]:
         """What the run records before any image exists (a resumed run must have the same)."""
-        return {"kind": self.kind, "generator": asdict(self.config), "steps": self.steps,
+        return {"kind": self.kind, "generator": self.config.to_dict(), "steps": self.steps,
                 "adversarial": self.adversarial, "game": self.game}
 
     def open(self, model: Teacher, *, folder: str | Path, seed: int = 0,  # type: ignore[override]
