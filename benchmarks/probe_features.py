@@ -1,0 +1,102 @@
+"""Where synthetic images fall in a probe backbone's features, against real ones: a check of minutes before a probe.
+
+The linear-probe protocol (``benchmarks/distill.py``, ``probe``) trains a head on a frozen backbone from synthetic
+images; the head can only be as good as where those images land among the backbone's features. This script
+trains (or reuses) a generator against the teacher, draws ``--per-class`` images per class, and classifies the
+second half of the teacher's test split by the nearest class mean of the backbone's pooled features, the means
+taken (a) from the first half of the test split (real images: what a perfect synthetic set would give) and
+(b) from the generated images. It also names, for each class, the real class means nearest to its synthetic
+mean. No head is trained, so nothing here depends on a learning rate or a budget.
+
+Run:  python benchmarks/probe_features.py      (about 8 minutes on 2 CPU cores, most of it the generator; cached)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, publish, test_split  # noqa: E402
+from distill import backbone  # noqa: E402
+from smi.generators import GeneratorConfig, train_generator  # noqa: E402
+from smi.generators.train import load_generator  # noqa: E402
+from smi.models.loading import load_teacher  # noqa: E402
+from smi.transfer.student import build_student  # noqa: E402
+
+
+def features(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model.forward_head(model.forward_features(x[i:i + batch]), pre_logits=True)
+                          for i in range(0, len(x), batch)])
+
+
+def nearest_mean(feats: torch.Tensor, labels: torch.Tensor, means: torch.Tensor) -> tuple[float, list[float]]:
+    """Top-1 (%) of nearest-class-mean classification, and per class."""
+    pred = torch.cdist(feats, means).argmin(1)
+    per = [round(100 * (pred[labels == c] == c).float().mean().item(), 1) for c in range(len(means))]
+    return round(100 * (pred == labels).float().mean().item(), 2), per
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="fmnist_resnet_tiny")
+    p.add_argument("--kinds", nargs="+", default=["gdfq"], help="generator kinds (smi train-generator --kind)")
+    p.add_argument("--gen-epochs", type=int, default=12, help="generator epochs of 100 steps (teacher only)")
+    p.add_argument("--per-class", type=int, default=300, help="generated images per class")
+    p.add_argument("--backbone-data", default="fashion-mnist-classes:5-9")
+    p.add_argument("--backbone-epochs", type=int, default=10)
+    p.add_argument("--work", default=str(RESULTS / "distill_work"), help="backbones and generators")
+    p.add_argument("--name", default="probe_features")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    work = Path(args.work)
+    teacher = load_teacher(args.teacher)
+    arch = teacher.spec
+    weights, backbone_top1 = backbone(arch, work, args.backbone_data, args.backbone_epochs)
+    net = build_student(None, teacher, checkpoint=weights, linear_probe=True, seed=0).model.eval()
+    data, tested = test_split(teacher)
+    xs, ys = zip(*[data[i] for i in range(len(data))], strict=True)
+    x, y = torch.stack(xs), torch.tensor(ys)
+    real = features(net, x)
+    half = len(x) // 2
+    classes = teacher.num_classes
+    real_means = torch.stack([real[:half][y[:half] == c].mean(0) for c in range(classes)])
+    top1, per = nearest_mean(real[half:], y[half:], real_means)
+    rows = [{"means": "real (test images 0..N/2)", "top1": top1, "per_class": per}]
+    table = [["real images", "-", f"{top1:.2f}", " / ".join(f"{a:.0f}" for a in per), "-"]]
+    for kind in args.kinds:
+        folder = work / f"probe_features_{args.teacher}_{kind}_e{args.gen_epochs}"
+        if not (folder / "generator.safetensors").exists():
+            train_generator(teacher, folder, GeneratorConfig(kind=kind, epochs=args.gen_epochs), progress=True)
+        gen, _ = load_generator(folder, teacher)
+        gen.eval()
+        g = torch.Generator().manual_seed(0)
+        labels = torch.arange(classes).repeat_interleave(args.per_class)
+        with torch.no_grad():
+            images = torch.cat([gen(torch.randn(args.per_class, gen.latent_dim, generator=g),
+                                    labels[i:i + args.per_class]) for i in range(0, len(labels), args.per_class)])
+            teacher_top1 = round(100 * (teacher.model(images).argmax(1) == labels).float().mean().item(), 2)
+        syn = features(net, images)
+        syn_means = torch.stack([syn[labels == c].mean(0) for c in range(classes)])
+        top1, per = nearest_mean(real[half:], y[half:], syn_means)
+        nearest = [torch.cdist(syn_means[c:c + 1], real_means)[0].argsort()[:2].tolist() for c in range(classes)]
+        rows.append({"means": f"{kind} generator", "top1": top1, "per_class": per, "teacher_top1": teacher_top1,
+                     "nearest_real_means": nearest, "feature_norm": round(syn.norm(dim=1).mean().item(), 2)})
+        table.append([f"{kind} generator ({args.gen_epochs} x 100 steps)", f"{teacher_top1:.1f}", f"{top1:.2f}",
+                      " / ".join(f"{a:.0f}" for a in per),
+                      " ".join(f"{c}>{n[0]}" for c, n in enumerate(nearest) if n[0] != c) or "none"])
+    header = ["class means from", "teacher top-1 on them (%)", "nearest-mean top-1 (%)", "per class (%)",
+              "synthetic class > nearest real class, where not its own"]
+    note = (f"\n{arch} backbone trained on {args.backbone_data} ({args.backbone_epochs} epochs; {backbone_top1:.2f} % "
+            f"on its own test split), pooled features; {args.teacher}'s test split ({tested}): class means from "
+            f"its first half (real) or from {args.per_class} generated images per class, scored on its second half. "
+            f"Real feature norm {real.norm(dim=1).mean().item():.2f}.\n")
+    publish(args.name, "probe_features", vars(args), header, table, note, rows)
+
+
+if __name__ == "__main__":
+    main()
