@@ -487,7 +487,7 @@ def test_causal_style_seeking_keeps_the_noise_changing_the_image(tmp_path):
         with torch.no_grad():
             x = gen(z, y)
             gaps[weight] = (x[:32] - x[32:]).abs().mean().item()
-            if weight:  # the logged term is the pairs' MSGAN ratio, computed independently here
+            if weight:  # the term the objective adds: MSGAN's ratio over these pairs, by hand
                 dz = (z[:32] - z[32:]).abs().mean(1)
                 torch.testing.assert_close(mode_seeking(x, z), (dz / ((x[:32] - x[32:]).abs().mean((1, 2, 3))
                                                                       + 1e-5)).mean())
