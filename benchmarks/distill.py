@@ -68,6 +68,7 @@ BACKBONE_DATA, BACKBONE_EPOCHS = "digits", 60  # the other real data the probe/f
 OWN = {"images": int, "steps": int, "mixup": float, "epochs": int,  # settings after '@' that are not synthesis's
        "gsteps": int, "adv": float,  # an online generator's steps per epoch and adversarial weight
        "seek": float,  # causal: mode seeking between a class's two styles
+       "bounded": int,  # 1: the online generator's images bounded to the valid pixels (--generator-pixel-range)
        "train_images": int}  # real/noise: train on a fixed set of N images (how many a synthetic run makes)
 
 
@@ -79,7 +80,8 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     epochs instead of the constant one; the budget still stops the run), ``gsteps=N`` and ``adv=W`` (data
     ``gdfq``/``qimera``/``causal``: generator steps per epoch, default 50, and the weight of its adversarial term,
     default 0: ``smi distill --online-generator KIND --generator-steps N --generator-adversarial W``; ``seek=W``:
-    ``causal`` only, mode seeking between a class's two styles, ``--generator-style-seek W``), ``train_images=N`` (data
+    ``causal`` only, mode seeking between a class's two styles, ``--generator-style-seek W``; ``bounded=1``: images
+    bounded to the valid pixels, ``--generator-pixel-range``), ``train_images=N`` (data
     ``real``/``noise``: a fixed set of N images, e.g. as many as a synthetic run makes), the student's augmentations
     (``augment_color=S``, ``augment_background=P``, ``attention=W``, ``ema=DECAY``: ``smi distill --augment-color``,
     ``--augment-background``, ``--attention``, ``--ema``)
@@ -202,7 +204,8 @@ def main() -> None:
                 name += f"_backbone-{args.backbone_data}-e{args.backbone_epochs}"  # a cell and run folder of its own
             key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
             generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed,
-                                                              style_seek_weight=over.get("seek", 0.0)),
+                                                              style_seek_weight=over.get("seek", 0.0),
+                                                              pixel_range=bool(over.get("bounded", 0))),
                                               steps=over.get("gsteps", 50),
                                               adversarial=over.get("adv", 0.0)) if generated else None
             setting = {"teacher": t, "student": s, "protocol": protocol, "data": kind, "config": cfg.to_dict(),

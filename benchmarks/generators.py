@@ -97,7 +97,8 @@ def configs(method: str, seed: int, args: argparse.Namespace, work: Path, tname:
     pool = str(work / f"{tname}_texq_pool_seed{seed}") if method == "texq" else None
     return qat_cfg, GeneratorConfig(kind="gdfq" if method == "akt" else method, epochs=args.gen_epochs,
                                     steps_per_epoch=args.gen_steps, seed=seed, texture_pool=pool,
-                                    style_seek_weight=args.style_seek if method == "causal" else 0.0)
+                                    style_seek_weight=args.style_seek if method == "causal" else 0.0,
+                                    pixel_range=args.pixel_range)
 
 
 def trained_generator(teacher, method: str, gen_cfg: GeneratorConfig, folder: Path, seed: int) -> float:  # noqa: ANN001
@@ -168,6 +169,8 @@ def main() -> None:
     p.add_argument("--gen-steps", type=int, default=100)
     p.add_argument("--style-seek", type=float, default=0.0,
                    help="causal: mode seeking between a class's two styles, this weight (0: the paper's generator)")
+    p.add_argument("--pixel-range", action="store_true",
+                   help="generators bound their images to the valid pixels (smi train-generator --pixel-range)")
     p.add_argument("--qat-epochs", type=int, default=5)
     p.add_argument("--qat-steps", type=int, default=50)
     p.add_argument("--qat-lr", type=float, default=QatConfig.lr, help="QAT learning rate (Adam, cosine to 0)")
@@ -234,6 +237,7 @@ def main() -> None:
             + (f", attention transfer {args.qat_attention:g}" if args.qat_attention else "")
             + f") on fresh images; generators trained {args.gen_epochs} x {args.gen_steps} steps of batch 64"
             + (f" (causal: mode seeking between styles, weight {args.style_seek:g})" if args.style_seek else "")
+            + (", images bounded to the valid pixel range" if args.pixel_range else "")
             + "; "
             f"mean ± std over seeds {args.seeds}. pixel-*: QAT from online pixel inversion (32 images x 200 "
             "iterations per epoch), as many epochs as the same seed's generator rows' mean wall time holds "

@@ -140,7 +140,8 @@ def _cmd_train_generator(args: argparse.Namespace) -> int:
                               texture_pool=args.texture_pool, texture_weight=args.texture_weight,
                               centre_weight=args.centre_weight, seek_weight=args.seek_weight,
                               style_weight=args.style_weight, style_seek_weight=args.style_seek_weight,
-                              bn_weight=args.bn_weight, psaq_weight=args.psaq_weight, seed=args.seed)
+                              bn_weight=args.bn_weight, psaq_weight=args.psaq_weight, pixel_range=args.pixel_range,
+                              seed=args.seed)
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
         res = train_generator(teacher, args.out, cfg, device=args.device, overwrite=args.overwrite)
     print(json.dumps(res) if args.json else
@@ -195,6 +196,9 @@ def _add_train_generator(sub: argparse._SubParsersAction) -> None:
                    help="weight of the BatchNorm-statistics loss (teachers with BatchNorm)")
     p.add_argument("--psaq-weight", type=_number, default=d.psaq_weight,
                    help="weight of minus the patch-similarity entropy (ViT teachers)")
+    p.add_argument("--pixel-range", action="store_true",
+                   help="bound the images to the teacher's valid pixels (tanh mapped onto the normalized 0..1 range "
+                        "per channel) instead of GDFQ's last BatchNorm, whose output has no bounds")
     _add_run(p, out="run folder (checkpoints, log, generator.safetensors + generator.json)",
              seed="seed of the generator's initialization and noise", overwrite="replace a run with other settings",
              json=True)
@@ -447,7 +451,8 @@ def _training_source(args: argparse.Namespace) -> Any:
         with _flags(args, kind="online_generator", steps="generator_steps", adversarial="generator_adversarial",
                     game="generator_game", style_seek_weight="generator_style_seek"):
             return OnlineGeneratorSource(GeneratorConfig(kind=args.online_generator, seed=args.seed,
-                                                         style_seek_weight=args.generator_style_seek),
+                                                         style_seek_weight=args.generator_style_seek,
+                                                         pixel_range=args.generator_pixel_range),
                                          steps=args.generator_steps, adversarial=args.generator_adversarial,
                                          game=args.generator_game)
     return (OnlineSource(_inversion_config(args)) if args.online else RealSource(args.real or None)
@@ -488,6 +493,9 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     p.add_argument("--generator-style-seek", type=_number, default=0.0,
                    help="--online-generator causal: weight of mode seeking between a class's two styles (keeps the "
                         "noise changing the image; `smi train-generator --style-seek-weight`)")
+    p.add_argument("--generator-pixel-range", action="store_true",
+                   help="--online-generator: images bounded to the teacher's valid pixels (`smi train-generator "
+                        "--pixel-range`)")
     p.add_argument("--style-pairs", type=_number, default=d.style_pairs,
                    help="Causal-DFQ's discrepancy reduction: with a --generator (or --online-generator) of kind "
                         "causal, whose batches are one class in two styles, the model on each image also matches "

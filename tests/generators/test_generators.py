@@ -497,3 +497,32 @@ def test_causal_style_seeking_keeps_the_noise_changing_the_image(tmp_path):
     assert GeneratorConfig(kind="causal", style_seek_weight=0.5).to_dict()["style_seek_weight"] == 0.5
     with pytest.raises(SmiError, match="only the causal generator"):
         GeneratorConfig(kind="gdfq", style_seek_weight=1.0)
+
+
+def test_pixel_range_bounds_every_image_to_the_teachers_valid_pixels_and_survives_saving(tmp_path):
+    """GDFQ's last BatchNorm puts pixels anywhere; --pixel-range maps tanh onto (0 - mean) / std .. (1 - mean) / std."""
+    teacher = load_teacher("fmnist_resnet_tiny")
+    lo, hi = (0 - teacher.mean[0]) / teacher.std[0], (1 - teacher.mean[0]) / teacher.std[0]  # by hand
+    z, y = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)) * 3, torch.arange(64) % 10
+    plain = build_generator(teacher, GeneratorConfig(latent_dim=16, width=16)).train()
+    assert plain(z, y).min() < lo - 0.1  # the default (unit variance over the batch) is unbounded
+    for kind in ("gdfq", "qimera", "acq", "causal"):
+        cfg = GeneratorConfig(kind=kind, latent_dim=16, width=16, pixel_range=True)
+        gen = build_generator(teacher, cfg).train()
+        x = gen(*gen.training_batch(z[:, :gen.latent_dim] if kind != "qimera" else torch.randn(64, gen.latent_dim),
+                                    y))
+        assert lo - 1e-5 <= x.min() and x.max() <= hi + 1e-5 and x.max() - x.min() > 0.1 * (hi - lo), kind
+        assert cfg.to_dict()["pixel_range"] is True
+        assert "pixel_range" not in GeneratorConfig(kind=kind).to_dict()  # old run folders and cells keep matching
+    # trained and saved, it is rebuilt bounded, with the same images
+    cfg = GeneratorConfig(epochs=1, steps_per_epoch=2, batch_size=8, latent_dim=16, width=16, pixel_range=True)
+    train_generator(teacher, tmp_path / "gen", cfg, progress=False)
+    meta = json.loads((tmp_path / "gen" / "generator.json").read_text())
+    assert meta["generator"]["pixel_range"] == [[pytest.approx(lo)], [pytest.approx(hi)]]
+    assert "pixel_range" not in build_generator(teacher, GeneratorConfig(latent_dim=16, width=16)).config()
+    loaded, _ = load_generator(tmp_path / "gen", teacher)
+    images = loaded(z, y)
+    assert lo - 1e-5 <= images.min() and images.max() <= hi + 1e-5
+    assert main(["train-generator", "--model", "fmnist_resnet_tiny", "--pixel-range", "--epochs", "1",
+                 "--steps-per-epoch", "1", "--batch-size", "4", "--width", "8", "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "generator.json").read_text())["train_config"]["pixel_range"] is True

@@ -5,7 +5,10 @@ map, and two nearest-neighbour upsamplings, each followed by conv 3x3 -> BatchNo
 bring it to the teacher's size; a last conv 3x3 -> tanh -> BatchNorm without affine parameters
 gives images in the teacher's normalized input space (zero mean, unit variance per channel, as
 normalized real images roughly are). GDFQ's BatchNorm layers after the convolutions use eps 0.8,
-a value inherited from the DCGAN code it builds on; kept here.
+a value inherited from the DCGAN code it builds on; kept here. With ``pixel_range`` the last
+BatchNorm is replaced by an affine map of tanh onto the teacher's valid pixel range (the normalized
+values of pixels 0 and 1, per channel), so that every generated image is one a camera could give:
+the BatchNorm output is unbounded (Fashion-MNIST generators put a fifth of their pixels below black).
 
 Qimera changes only how the class reaches that decoder (:class:`QimeraGenerator`). Each kind is one
 class registered in :data:`GENERATORS`; ``smi train-generator --kind NAME`` reads the registry.
@@ -24,6 +27,20 @@ __all__ = ["GENERATORS", "ACQGenerator", "CausalGenerator", "ConditionalGenerato
 GENERATORS: Registry[type[ConditionalGenerator]] = Registry("generator")
 
 
+class PixelRange(nn.Module):
+    """tanh's (-1, 1) mapped affinely onto per-channel bounds ``lo``..``hi`` (the normalized pixels 0 and 1)."""
+
+    def __init__(self, lo: list[float], hi: list[float]) -> None:
+        super().__init__()
+        if len(lo) != len(hi) or not all(a < b for a, b in zip(lo, hi, strict=True)):
+            raise SmiError(f"pixel range: need lo < hi per channel, got {lo} and {hi}")
+        self.register_buffer("lo", torch.tensor(lo).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("hi", torch.tensor(hi).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.lo + (self.hi - self.lo) * (t + 1) / 2
+
+
 class ConditionalGenerator(nn.Module):
     """GDFQ: the class embedding times the noise, decoded by upsampling convolutions (ECCV 2020).
 
@@ -31,11 +48,13 @@ class ConditionalGenerator(nn.Module):
 
     ``y`` is either class indices (B,) or class weights (B, num_classes) whose rows sum to one; a
     weight row mixes the class embeddings (Qimera's superposed embeddings), so ``G(z, one_hot(y))``
-    equals ``G(z, y)``.
+    equals ``G(z, y)``. ``pixel_range`` ((lo, hi), one value per channel): images bounded to it
+    (:class:`PixelRange`) instead of GDFQ's last BatchNorm.
     """
 
     def __init__(self, num_classes: int, input_size: tuple[int, int, int], latent_dim: int = 100,
-                 width: int = 128, code_dim: int | None = None) -> None:
+                 width: int = 128, code_dim: int | None = None,
+                 pixel_range: tuple[list[float], list[float]] | None = None) -> None:
         super().__init__()
         C, H, W = input_size
         if H % 4 or W % 4:
@@ -60,8 +79,12 @@ class ConditionalGenerator(nn.Module):
             nn.LeakyReLU(0.2),
             nn.Conv2d(width // 2, C, 3, padding=1),
             nn.Tanh(),
-            nn.BatchNorm2d(C, affine=False),
+            nn.BatchNorm2d(C, affine=False) if pixel_range is None else PixelRange(*pixel_range),
         )
+        self.pixel_range = None if pixel_range is None else ([float(v) for v in pixel_range[0]],
+                                                             [float(v) for v in pixel_range[1]])
+        if self.pixel_range is not None and len(self.pixel_range[0]) != C:
+            raise SmiError(f"pixel range: {len(self.pixel_range[0])} channels for a {C}-channel image")
 
     def embedding(self, y: torch.Tensor) -> torch.Tensor:
         """The class embedding of labels (B,) or the weighted mixture of embeddings for weights (B, classes)."""
@@ -84,8 +107,11 @@ class ConditionalGenerator(nn.Module):
 
     def config(self) -> dict[str, object]:
         """What rebuilds this generator (saved beside its weights): ``GENERATORS.get(kind)(**rest)``."""
-        return {"kind": "gdfq", "num_classes": self.num_classes, "input_size": list(self.input_size),
-                "latent_dim": self.latent_dim, "width": self.width}
+        out: dict[str, object] = {"kind": "gdfq", "num_classes": self.num_classes, "input_size": list(self.input_size),
+                                  "latent_dim": self.latent_dim, "width": self.width}
+        if self.pixel_range is not None:  # absent otherwise: generators saved before it existed still match
+            out["pixel_range"] = [list(self.pixel_range[0]), list(self.pixel_range[1])]
+        return out
 
 
 GENERATORS.register("gdfq")(ConditionalGenerator)
@@ -104,8 +130,9 @@ class QimeraGenerator(ConditionalGenerator):
     """
 
     def __init__(self, num_classes: int, input_size: tuple[int, int, int], latent_dim: int = 100,
-                 width: int = 128, mapped_dim: int = 100) -> None:
-        super().__init__(num_classes, input_size, latent_dim, width, code_dim=mapped_dim)
+                 width: int = 128, mapped_dim: int = 100,
+                 pixel_range: tuple[list[float], list[float]] | None = None) -> None:
+        super().__init__(num_classes, input_size, latent_dim, width, code_dim=mapped_dim, pixel_range=pixel_range)
         self.mapped_dim = mapped_dim
         self.normalize = nn.BatchNorm1d(latent_dim, affine=False, track_running_stats=False)
         self.mapping = nn.Linear(latent_dim, mapped_dim)
@@ -138,11 +165,11 @@ class ACQGenerator(ConditionalGenerator):
     loss and a mode-seeking loss between images of one condition (for ViTs: the class token's attention)."""
 
     def __init__(self, num_classes: int, input_size: tuple[int, int, int], latent_dim: int = 100,
-                 width: int = 128) -> None:
+                 width: int = 128, pixel_range: tuple[list[float], list[float]] | None = None) -> None:
         if latent_dim < 3:
             raise SmiError(f"acq reads its attention centre from 2 noise dimensions: latent_dim must be >= 3, "
                            f"got {latent_dim}")
-        super().__init__(num_classes, input_size, latent_dim, width)
+        super().__init__(num_classes, input_size, latent_dim, width, pixel_range=pixel_range)
         self.centre = nn.Linear(2, latent_dim)
 
     @staticmethod
@@ -174,8 +201,8 @@ class CausalGenerator(ConditionalGenerator):
     paired = True  # training batches and draws come as style interventions: image i + B/2 is image i restyled
 
     def __init__(self, num_classes: int, input_size: tuple[int, int, int], latent_dim: int = 100,
-                 width: int = 128) -> None:
-        super().__init__(num_classes, input_size, latent_dim, width, code_dim=2 * latent_dim)
+                 width: int = 128, pixel_range: tuple[list[float], list[float]] | None = None) -> None:
+        super().__init__(num_classes, input_size, latent_dim, width, code_dim=2 * latent_dim, pixel_range=pixel_range)
 
     def code(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.embedding(y), z], 1)

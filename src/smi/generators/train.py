@@ -41,6 +41,7 @@ from smi.errors import SmiError
 from smi.generators.attention import AttentionMap, attention_centre
 from smi.generators.model import GENERATORS, ACQGenerator, ConditionalGenerator
 from smi.generators.texture import texture_centres, texture_loss
+from smi.inversion.engine import valid_range
 from smi.inversion.terms._base import Captures
 from smi.inversion.terms.adversarial import divergence
 from smi.inversion.terms.bn import bn_statistics
@@ -85,6 +86,7 @@ class GeneratorConfig:
     bn_weight: float = 0.1  # BatchNorm teachers: GDFQ's weight of the BN-statistics loss
     bn_first_weight: float = 1.0  # GDFQ weighs every BN layer alike (DeepInversion: 10 on the first)
     psaq_weight: float = 1.0  # ViT teachers: minus the patch-similarity entropy, summed over blocks
+    pixel_range: bool = False  # images bounded to the teacher's valid pixels, not GDFQ's last BatchNorm (see to_dict)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -115,11 +117,12 @@ class GeneratorConfig:
                            param="style_seek_weight")
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as recorded in run folders and benchmark cells: ``style_seek_weight`` only when set, so
-        that folders and cells made before it existed keep matching."""
+        """The settings as recorded in run folders and benchmark cells: ``style_seek_weight`` and ``pixel_range``
+        only when set, so that folders and cells made before they existed keep matching."""
         d = asdict(self)
-        if not self.style_seek_weight:
-            del d["style_seek_weight"]
+        for name in ("style_seek_weight", "pixel_range"):
+            if not d[name]:
+                del d[name]
         return d
 
 
@@ -147,7 +150,10 @@ def build_generator(teacher: Teacher, cfg: GeneratorConfig) -> ConditionalGenera
     head = teacher.model.get_classifier() if hasattr(teacher.model, "get_classifier") else None
     from_head = cfg.kind == "qimera" and cfg.init_from_head and isinstance(head, torch.nn.Linear)
     latent = head.in_features if from_head else cfg.latent_dim  # type: ignore[union-attr]
-    extra = {"mapped_dim": cfg.mapped_dim} if cfg.kind == "qimera" else {}
+    extra: dict[str, Any] = {"mapped_dim": cfg.mapped_dim} if cfg.kind == "qimera" else {}
+    if cfg.pixel_range:
+        lo, hi = valid_range(teacher.mean, teacher.std, "cpu")
+        extra["pixel_range"] = (lo.flatten().tolist(), hi.flatten().tolist())
     model = kind(teacher.num_classes, teacher.input_size, latent, cfg.width, **extra)
     if from_head:
         with torch.no_grad():
@@ -335,8 +341,11 @@ def load_generator(path: str | Path, teacher: ModelSpec, device: torch.device | 
     try:
         arch = dict(meta["generator"])
         kind = GENERATORS.get(str(arch.pop("kind", "gdfq")))
+        bounds = arch.pop("pixel_range", None)
+        extra = {} if bounds is None else {"pixel_range": ([float(v) for v in bounds[0]],
+                                                           [float(v) for v in bounds[1]])}
         model = kind(int(arch.pop("num_classes")), tuple(int(v) for v in arch.pop("input_size")),
-                     **{k: int(v) for k, v in arch.items()})
+                     **{k: int(v) for k, v in arch.items()}, **extra)
         model.load_state_dict(load_file(str(folder / WEIGHTS)))
     except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError, OSError, SmiError) as e:
         raise SmiError(f"{folder}: unreadable generator ({(str(e).splitlines() or [type(e).__name__])[0][:160]})"
