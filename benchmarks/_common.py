@@ -91,7 +91,7 @@ SYNTHESIS_SETTINGS = {"lr": float, "tv_l2": float, "tv_l1": float, "l2": float, 
                       "color_shift": float, "jitter_unit": str, "blur": float, "crop": float, "bn_weight": float,
                       "ce_weight": float, "lr_schedule": str, "warmup": int}  # InversionConfig fields
 STUDENT_SETTINGS = {"augment_color": "color_shift", "augment_background": "background",
-                    "attention": "attention", "ema": "ema"}  # -> DistillConfig fields
+                    "attention": "attention", "ema": "ema", "augment": "augment"}  # -> DistillConfig fields
 
 
 @dataclass
@@ -140,6 +140,10 @@ def parse_settings(items: Iterable[str], other: dict[str, type] | None = None) -
                 out.terms[name[5:]] = float(value)
             elif name.startswith("option.") and name[7:] in known_options():
                 out.options[name[7:]] = float(value)
+            elif name == "augment":  # the student's whole-patch shift and flip: 0 (off) or 1 (on, the default)
+                if value not in ("0", "1"):
+                    raise ValueError
+                out.student["augment"] = value == "1"
             elif name in STUDENT_SETTINGS:
                 out.student[STUDENT_SETTINGS[name]] = float(value)
             elif name in other:

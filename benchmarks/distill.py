@@ -84,7 +84,7 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     bounded to the valid pixels, ``--generator-pixel-range``), ``train_images=N`` (data
     ``real``/``noise``: a fixed set of N images, e.g. as many as a synthetic run makes), the student's augmentations
     (``augment_color=S``, ``augment_background=P``, ``attention=W``, ``ema=DECAY``: ``smi distill --augment-color``,
-    ``--augment-background``, ``--attention``, ``--ema``)
+    ``--augment-background``, ``--attention``, ``--ema``; ``augment=0``: ``--no-augment``, no shift and flip)
     and synthesis settings (``iterations=N`` per synthesized batch, ``color_shift=S``, ``blur=F``,
     ``jitter_unit=pixel``, ``lr=LR``, ``tv_l2=W``, ..., ``term.NAME=W`` for an extra term of this contender only)."""
     pair, _, data = spec.partition("/")
@@ -237,6 +237,7 @@ def main() -> None:
                      "synthesis": {k: v for k, v in settings.changes().items() if k != "iterations"},
                      "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine", "augment_color": cfg.color_shift,
                      "augment_background": cfg.background, "attention": cfg.attention, "ema": cfg.ema,
+                     "augment": cfg.augment,
                      "top1": round(statistics.mean(accs), 2),
                      "top1_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0, "top1_per_seed": accs,
                      "seeds": args.seeds, "teacher_top1": teacher_top1[t],
@@ -267,6 +268,7 @@ def main() -> None:
     table = [[f"{r['teacher']} > {r['student']}", r["protocol"], r["data"], f"{r['budget_s']:.0f}",
               r["split"] + ("" if r["mixup"] == args.mixup else f", mixup {r['mixup']:g}")
               + "".join(f", {k} {v}" for k, v in r["synthesis"].items())
+              + ("" if r.get("augment", True) else ", no shift or flip")
               + (f", student colour shift {r['augment_color']:g}" if r["augment_color"] else "")
               + (f", student backgrounds {r['augment_background']:g}" if r.get("augment_background") else "")
               + (f", attention transfer {r['attention']:g}" if r.get("attention") else "")
@@ -280,7 +282,9 @@ def main() -> None:
     note = (f"\nSeeds {args.seeds}; budget {args.budget:.0f} s of synthesis + training per contender (a contender "
             f"named ...@S: S s; each stops after the epoch that passes its budget). AdamW constant after one warm-up "
             f"epoch unless the row says cosine (lr {args.lr}, linear probes "
-            f"{args.probe_lr}), batch {args.batch_size}, KL at T=20, mixup probability {args.mixup}. Online "
+            f"{args.probe_lr}), batch {args.batch_size}, KL at T=20, mixup probability {args.mixup}; the student's "
+            "batches randomly shifted (whole patches, up to 1/8 of the side) and flipped unless the row says not. "
+            "Online "
             f"synthesis ({args.method}{''.join(f' + {w:g} {n}' for n, w in terms.items())}): "
             f"{args.synth_batch} images per epoch, {args.iterations} iterations "
             f"(sparse: stops {SparsityConfig().scaled(args.iterations / 4000).spec()}; CNN teachers dense with the "
