@@ -233,7 +233,10 @@ def main() -> None:
         last = [r["log"][-1] for r in runs]
         rows.append({"contender": spec, "teacher": t, "student": s, "protocol": protocol, "data": kind,
                      "budget_s": budget, "split": f"{images} x {iterations} it, {steps} steps" if online
-                     else f"{steps} steps" + (f", {cfg.train_images} fixed images" if cfg.train_images else ""),
+                     else f"{steps} steps" + (f", {cfg.train_images} fixed images" if cfg.train_images else "")
+                     + (f", generator {over.get('gsteps', 50)} steps per epoch, adversarial {over.get('adv', 0.0):g}"
+                        + (f", style seeking {over['seek']:g}" if over.get("seek") else "")
+                        + (", images bounded to the valid pixels" if over.get("bounded") else "") if generated else ""),
                      "synthesis": {k: v for k, v in settings.changes().items() if k != "iterations"},
                      "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine", "augment_color": cfg.color_shift,
                      "augment_background": cfg.background, "attention": cfg.attention, "ema": cfg.ema,
