@@ -69,6 +69,7 @@ OWN = {"images": int, "steps": int, "mixup": float, "epochs": int,  # settings a
        "gsteps": int, "adv": float,  # an online generator's steps per epoch and adversarial weight
        "seek": float,  # causal: mode seeking between a class's two styles
        "bounded": int,  # 1: the online generator's images bounded to the valid pixels (--generator-pixel-range)
+       "bn": float,  # the online generator's BN-statistics weight (--generator-bn-weight; GeneratorConfig's default)
        "train_images": int}  # real/noise: train on a fixed set of N images (how many a synthetic run makes)
 
 
@@ -81,7 +82,8 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     ``gdfq``/``qimera``/``causal``: generator steps per epoch, default 50, and the weight of its adversarial term,
     default 0: ``smi distill --online-generator KIND --generator-steps N --generator-adversarial W``; ``seek=W``:
     ``causal`` only, mode seeking between a class's two styles, ``--generator-style-seek W``; ``bounded=1``: images
-    bounded to the valid pixels, ``--generator-pixel-range``), ``train_images=N`` (data
+    bounded to the valid pixels, ``--generator-pixel-range``; ``bn=W``: the weight of its BatchNorm-statistics loss,
+    ``--generator-bn-weight W``), ``train_images=N`` (data
     ``real``/``noise``: a fixed set of N images, e.g. as many as a synthetic run makes), the student's augmentations
     (``augment_color=S``, ``augment_background=P``, ``attention=W``, ``ema=DECAY``: ``smi distill --augment-color``,
     ``--augment-background``, ``--attention``, ``--ema``; ``augment=0``: ``--no-augment``, no shift and flip)
@@ -101,8 +103,8 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     s, _, protocol = s.partition(":")
     protocol = protocol or "scratch"
     if data not in DATA or protocol not in PROTOCOLS or t not in MODELS or s not in MODELS \
-            or not all(v > 0 for k, v in settings.other.items() if k not in ("mixup", "adv", "seek")) \
-            or settings.other.get("adv", 0.0) < 0 or settings.other.get("seek", 0.0) < 0:
+            or not all(v > 0 for k, v in settings.other.items() if k not in ("mixup", "adv", "seek", "bn")) \
+            or any(settings.other.get(k, 0.0) < 0 for k in ("adv", "seek", "bn")):
         raise SystemExit(f"error: contender {spec!r}: expected TEACHER>STUDENT[:PROTOCOL]/DATA[@SECONDS,NAME=VALUE...] "
                          f"with TEACHER, STUDENT in {'|'.join(MODELS)}, PROTOCOL in {'|'.join(PROTOCOLS)}, DATA in "
                          f"{'|'.join(DATA)} and {'|'.join(OWN)} positive")
@@ -205,7 +207,8 @@ def main() -> None:
             key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
             generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed,
                                                               style_seek_weight=over.get("seek", 0.0),
-                                                              pixel_range=bool(over.get("bounded", 0))),
+                                                              pixel_range=bool(over.get("bounded", 0)),
+                                                              **({"bn_weight": over["bn"]} if "bn" in over else {})),
                                               steps=over.get("gsteps", 50),
                                               adversarial=over.get("adv", 0.0)) if generated else None
             setting = {"teacher": t, "student": s, "protocol": protocol, "data": kind, "config": cfg.to_dict(),
@@ -236,7 +239,8 @@ def main() -> None:
                      else f"{steps} steps" + (f", {cfg.train_images} fixed images" if cfg.train_images else "")
                      + (f", generator {over.get('gsteps', 50)} steps per epoch, adversarial {over.get('adv', 0.0):g}"
                         + (f", style seeking {over['seek']:g}" if over.get("seek") else "")
-                        + (", images bounded to the valid pixels" if over.get("bounded") else "") if generated else ""),
+                        + (", images bounded to the valid pixels" if over.get("bounded") else "")
+                        + (f", BN-statistics weight {over['bn']:g}" if "bn" in over else "") if generated else ""),
                      "synthesis": {k: v for k, v in settings.changes().items() if k != "iterations"},
                      "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine", "augment_color": cfg.color_shift,
                      "augment_background": cfg.background, "attention": cfg.attention, "ema": cfg.ema,

@@ -449,10 +449,12 @@ def _training_source(args: argparse.Namespace) -> Any:
         from smi.generators import GeneratorConfig, OnlineGeneratorSource
 
         with _flags(args, kind="online_generator", steps="generator_steps", adversarial="generator_adversarial",
-                    game="generator_game", style_seek_weight="generator_style_seek"):
+                    game="generator_game", style_seek_weight="generator_style_seek",
+                    bn_weight="generator_bn_weight"):
             return OnlineGeneratorSource(GeneratorConfig(kind=args.online_generator, seed=args.seed,
                                                          style_seek_weight=args.generator_style_seek,
-                                                         pixel_range=args.generator_pixel_range),
+                                                         pixel_range=args.generator_pixel_range,
+                                                         bn_weight=args.generator_bn_weight),
                                          steps=args.generator_steps, adversarial=args.generator_adversarial,
                                          game=args.generator_game)
     return (OnlineSource(_inversion_config(args)) if args.online else RealSource(args.real or None)
@@ -470,6 +472,7 @@ def _eval_data(args: argparse.Namespace, teacher: Any, what: str, quiet: bool = 
 def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     """Training data and the distillation loop's settings, defaults from ``cls`` (DistillConfig or QatConfig)."""
     from smi.data.datasets import data_help
+    from smi.generators import GeneratorConfig
 
     d = cls()
     src = p.add_mutually_exclusive_group(required=True)
@@ -496,6 +499,10 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     p.add_argument("--generator-pixel-range", action="store_true",
                    help="--online-generator: images bounded to the teacher's valid pixels (`smi train-generator "
                         "--pixel-range`)")
+    p.add_argument("--generator-bn-weight", type=_number, default=GeneratorConfig().bn_weight, metavar="W",
+                   help="--online-generator, BatchNorm teachers: weight of GDFQ's BN-statistics loss (`smi "
+                        "train-generator --bn-weight`); higher makes images whose features match the teacher's "
+                        "training statistics more closely, at the price of the asked class")
     p.add_argument("--style-pairs", type=_number, default=d.style_pairs,
                    help="Causal-DFQ's discrepancy reduction: with a --generator (or --online-generator) of kind "
                         "causal, whose batches are one class in two styles, the model on each image also matches "

@@ -272,9 +272,11 @@ def test_online_generator_trains_alongside_the_student_and_resumes_exactly(tmp_p
 
 def test_online_generator_from_the_cli_and_its_bad_settings(tmp_path, capsys):
     assert main(["distill", "--teacher", "fmnist_resnet_tiny", "--student", "fmnist_vit_mini", "--online-generator",
-                 "qimera", "--generator-steps", "2", "--epochs", "1", "--online-steps", "2", "--batch-size", "8",
-                 "--eval-images", "20", "--out", str(tmp_path / "kd"), "--json"]) == 0
+                 "qimera", "--generator-steps", "2", "--generator-bn-weight", "0.5", "--epochs", "1", "--online-steps",
+                 "2", "--batch-size", "8", "--eval-images", "20", "--out", str(tmp_path / "kd"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 1
+    recorded = json.loads((tmp_path / "kd" / "config.json").read_text())["data"]["generator"]
+    assert recorded["kind"] == "qimera" and recorded["bn_weight"] == 0.5
     assert main(["distill", "--teacher", "fmnist_resnet_tiny", "--online-generator", "qimera", "--generator-steps",
                  "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--generator-steps" in capsys.readouterr().err and not (tmp_path / "bad").exists()
@@ -283,6 +285,10 @@ def test_online_generator_from_the_cli_and_its_bad_settings(tmp_path, capsys):
                      "--generator-style-seek", seek, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and "--generator-style-seek" in err and not (tmp_path / "bad").exists()
+    assert main(["distill", "--teacher", "fmnist_resnet_tiny", "--online-generator", "gdfq", "--generator-bn-weight",
+                 "-1", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--generator-bn-weight" in err and not (tmp_path / "bad").exists()
     assert main(["quantize", "--model", "fmnist_resnet_tiny", "--calib", "online", "--out", str(tmp_path / "q")]) != 0
 
 
