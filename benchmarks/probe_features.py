@@ -6,7 +6,12 @@ trains (or reuses) a generator against the teacher, draws ``--per-class`` images
 second half of the teacher's test split by the nearest class mean of the backbone's pooled features, the means
 taken (a) from the first half of the test split (real images: what a perfect synthetic set would give) and
 (b) from the generated images. It also names, for each class, the real class means nearest to its synthetic
-mean. No head is trained, so nothing here depends on a learning rate or a budget.
+mean. Nearest-mean needs no head, so it depends on no learning rate or budget; it is not the probe, though: a
+last column trains the probe's own head (linear, KL at T=20 to the teacher's logits on the same images; 2000
+Adam steps, batch 256, lr 1e-2) and scores it on the same second half.
+
+A generator is named by its kind, then settings: ``gdfq,bounded=1,bn=1`` is ``smi train-generator --kind gdfq
+--pixel-range --bn-weight 1``.
 
 Run:  python benchmarks/probe_features.py      (about 8 minutes on 2 CPU cores, most of it the generator; cached)
 """
@@ -18,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, publish, test_split  # noqa: E402
@@ -41,10 +47,46 @@ def nearest_mean(feats: torch.Tensor, labels: torch.Tensor, means: torch.Tensor)
     return round(100 * (pred == labels).float().mean().item(), 2), per
 
 
+def kl_head(feats: torch.Tensor, logits: torch.Tensor, test: torch.Tensor, labels: torch.Tensor,
+            temperature: float = 20.0, steps: int = 2000) -> float:
+    """Top-1 (%) on ``test`` of a linear head trained on ``feats`` by KL to the teacher's ``logits`` (the probe's
+    loss)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(feats.shape[1], logits.shape[1])
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    target = F.softmax(logits / temperature, 1)
+    for _ in range(steps):
+        idx = torch.randint(0, len(feats), (256,))
+        loss = F.kl_div(F.log_softmax(head(feats[idx]) / temperature, 1), target[idx], reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return round(100 * (head(test).argmax(1) == labels).float().mean().item(), 2)
+
+
+VARIANT = {"bounded": ("pixel_range", lambda v: bool(int(v))), "bn": ("bn_weight", float)}
+
+
+def generator_config(variant: str, epochs: int) -> GeneratorConfig:
+    """``"gdfq,bounded=1,bn=1"`` -> GeneratorConfig(kind="gdfq", pixel_range=True, bn_weight=1.0, epochs=...)."""
+    kind, *items = variant.split(",")
+    over = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in VARIANT:
+            raise SystemExit(f"error: --kinds {variant!r}: unknown setting {name!r} (expected {', '.join(VARIANT)})")
+        field, cast = VARIANT[name]
+        over[field] = cast(value)
+    return GeneratorConfig(kind=kind, epochs=epochs, **over)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="fmnist_resnet_tiny")
-    p.add_argument("--kinds", nargs="+", default=["gdfq"], help="generator kinds (smi train-generator --kind)")
+    p.add_argument("--kinds", nargs="+", default=["gdfq"],
+                   help="generators: a kind (smi train-generator --kind), then optionally ',bounded=1' (--pixel-range) "
+                        "and ',bn=W' (--bn-weight)")
     p.add_argument("--gen-epochs", type=int, default=12, help="generator epochs of 100 steps (teacher only)")
     p.add_argument("--per-class", type=int, default=300, help="generated images per class")
     p.add_argument("--backbone-data", default="fashion-mnist-classes:5-9")
@@ -66,12 +108,16 @@ def main() -> None:
     classes = teacher.num_classes
     real_means = torch.stack([real[:half][y[:half] == c].mean(0) for c in range(classes)])
     top1, per = nearest_mean(real[half:], y[half:], real_means)
-    rows = [{"means": "real (test images 0..N/2)", "top1": top1, "per_class": per}]
-    table = [["real images", "-", f"{top1:.2f}", " / ".join(f"{a:.0f}" for a in per), "-"]]
-    for kind in args.kinds:
-        folder = work / f"probe_features_{args.teacher}_{kind}_e{args.gen_epochs}"
+    with torch.no_grad():
+        real_logits = torch.cat([teacher.model(x[i:i + 500]) for i in range(0, half, 500)])
+    head_top1 = kl_head(real[:half], real_logits, real[half:], y[half:])
+    rows = [{"means": "real (test images 0..N/2)", "top1": top1, "per_class": per, "kl_head_top1": head_top1}]
+    table = [["real images", "-", f"{top1:.2f}", " / ".join(f"{a:.0f}" for a in per), "-", f"{head_top1:.2f}"]]
+    configs = [generator_config(kind, args.gen_epochs) for kind in args.kinds]
+    for kind, cfg in zip(args.kinds, configs, strict=True):
+        folder = work / f"probe_features_{args.teacher}_{kind.replace(',', '_').replace('=', '')}_e{args.gen_epochs}"
         if not (folder / "generator.safetensors").exists():
-            train_generator(teacher, folder, GeneratorConfig(kind=kind, epochs=args.gen_epochs), progress=True)
+            train_generator(teacher, folder, cfg, progress=True)
         gen, _ = load_generator(folder, teacher)
         gen.eval()
         g = torch.Generator().manual_seed(0)
@@ -79,21 +125,27 @@ def main() -> None:
         with torch.no_grad():
             images = torch.cat([gen(torch.randn(args.per_class, gen.latent_dim, generator=g),
                                     labels[i:i + args.per_class]) for i in range(0, len(labels), args.per_class)])
-            teacher_top1 = round(100 * (teacher.model(images).argmax(1) == labels).float().mean().item(), 2)
+            logits = teacher.model(images)
+            teacher_top1 = round(100 * (logits.argmax(1) == labels).float().mean().item(), 2)
         syn = features(net, images)
+        head_top1 = kl_head(syn, logits, real[half:], y[half:])
         syn_means = torch.stack([syn[labels == c].mean(0) for c in range(classes)])
         top1, per = nearest_mean(real[half:], y[half:], syn_means)
         nearest = [torch.cdist(syn_means[c:c + 1], real_means)[0].argsort()[:2].tolist() for c in range(classes)]
         rows.append({"means": f"{kind} generator", "top1": top1, "per_class": per, "teacher_top1": teacher_top1,
-                     "nearest_real_means": nearest, "feature_norm": round(syn.norm(dim=1).mean().item(), 2)})
+                     "nearest_real_means": nearest, "feature_norm": round(syn.norm(dim=1).mean().item(), 2),
+                     "kl_head_top1": head_top1, "generator": cfg.to_dict()})
         table.append([f"{kind} generator ({args.gen_epochs} x 100 steps)", f"{teacher_top1:.1f}", f"{top1:.2f}",
                       " / ".join(f"{a:.0f}" for a in per),
-                      " ".join(f"{c}>{n[0]}" for c, n in enumerate(nearest) if n[0] != c) or "none"])
+                      " ".join(f"{c}>{n[0]}" for c, n in enumerate(nearest) if n[0] != c) or "none",
+                      f"{head_top1:.2f}"])
     header = ["class means from", "teacher top-1 on them (%)", "nearest-mean top-1 (%)", "per class (%)",
-              "synthetic class > nearest real class, where not its own"]
+              "synthetic class > nearest real class, where not its own", "KL-trained linear head top-1 (%)"]
     note = (f"\n{arch} backbone trained on {args.backbone_data} ({args.backbone_epochs} epochs; {backbone_top1:.2f} % "
             f"on its own test split), pooled features; {args.teacher}'s test split ({tested}): class means from "
-            f"its first half (real) or from {args.per_class} generated images per class, scored on its second half. "
+            f"its first half (real) or from {args.per_class} generated images per class, scored on its second half; "
+            f"the linear head learns from the same images (real: the first half) by KL at T=20 to the teacher's "
+            f"logits. "
             f"Real feature norm {real.norm(dim=1).mean().item():.2f}.\n")
     publish(args.name, "probe_features", vars(args), header, table, note, rows)
 
