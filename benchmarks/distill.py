@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, Cells, Settings, parse_settings, publish, test_split  # noqa: E402
+from _common import RESULTS, Cells, Settings, generator_overrides, parse_settings, publish, test_split  # noqa: E402
 from smi.data.datasets import open_dataset  # noqa: E402
 from smi.data.sources import NoiseSource, RealSource  # noqa: E402
 from smi.errors import SmiError  # noqa: E402
@@ -205,10 +205,7 @@ def main() -> None:
             if checkpoint and (args.backbone_data, args.backbone_epochs) != (BACKBONE_DATA, BACKBONE_EPOCHS):
                 name += f"_backbone-{args.backbone_data}-e{args.backbone_epochs}"  # a cell and run folder of its own
             key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
-            generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed,
-                                                              style_seek_weight=over.get("seek", 0.0),
-                                                              pixel_range=bool(over.get("bounded", 0)),
-                                                              **({"bn_weight": over["bn"]} if "bn" in over else {})),
+            generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed, **generator_overrides(over)),
                                               steps=over.get("gsteps", 50),
                                               adversarial=over.get("adv", 0.0)) if generated else None
             setting = {"teacher": t, "student": s, "protocol": protocol, "data": kind, "config": cfg.to_dict(),

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, publish, test_split  # noqa: E402
+from _common import GENERATOR_SETTINGS, RESULTS, generator_overrides, parse_settings, publish, test_split  # noqa: E402
 from distill import backbone  # noqa: E402
 from smi.generators import GeneratorConfig, train_generator  # noqa: E402
 from smi.generators.train import load_generator  # noqa: E402
@@ -65,20 +65,16 @@ def kl_head(feats: torch.Tensor, logits: torch.Tensor, test: torch.Tensor, label
         return round(100 * (head(test).argmax(1) == labels).float().mean().item(), 2)
 
 
-VARIANT = {"bounded": ("pixel_range", lambda v: bool(int(v))), "bn": ("bn_weight", float)}
-
-
 def generator_config(variant: str, epochs: int) -> GeneratorConfig:
     """``"gdfq,bounded=1,bn=1"`` -> GeneratorConfig(kind="gdfq", pixel_range=True, bn_weight=1.0, epochs=...)."""
     kind, *items = variant.split(",")
-    over = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if name not in VARIANT:
-            raise SystemExit(f"error: --kinds {variant!r}: unknown setting {name!r} (expected {', '.join(VARIANT)})")
-        field, cast = VARIANT[name]
-        over[field] = cast(value)
-    return GeneratorConfig(kind=kind, epochs=epochs, **over)
+    try:
+        settings = parse_settings(items, dict.fromkeys(GENERATOR_SETTINGS, str))  # generator_overrides casts
+        if settings.changes() or settings.student:
+            raise ValueError(f"a generator takes only {', '.join(f'{k}=' for k in GENERATOR_SETTINGS)}")
+    except ValueError as e:
+        raise SystemExit(f"error: --kinds {variant!r}: {e}") from None
+    return GeneratorConfig(kind=kind, epochs=epochs, **generator_overrides(settings.other))
 
 
 def main() -> None:
