@@ -19,7 +19,9 @@ A contender is named ``TEACHER>STUDENT[:PROTOCOL]/DATA``:
   student trained on the teacher's outputs over its real training images) and fresh Gaussian ``noise``
   (the lower bound); ``gdfq`` / ``qimera`` / ``causal``: a generator of that kind trained alongside the student
   (``smi distill --online-generator``: 50 generator steps before each epoch, then ``--online-steps``
-  on fresh draws; ``adv=W`` adds the adversarial term).
+  on fresh draws; ``adv=W`` adds the adversarial term; ``pretrain=N``: instead trained first against the
+  teacher alone for N epochs of ``gsteps`` steps, then frozen: ``smi train-generator``, then
+  ``smi distill --data generator:DIR``, its training time counted as synthesis).
 
 Every contender uses AdamW at a constant learning rate after one warm-up epoch (so that accuracy at
 any time is comparable; ``--probe-lr`` for linear heads), KL at T=20, batch 64 and ``--mixup`` (the
@@ -47,7 +49,7 @@ from smi.data.datasets import open_dataset  # noqa: E402
 from smi.data.sources import NoiseSource, RealSource  # noqa: E402
 from smi.errors import SmiError  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
-from smi.generators import GeneratorConfig, OnlineGeneratorSource  # noqa: E402
+from smi.generators import GeneratorConfig, GeneratorSource, OnlineGeneratorSource, train_generator  # noqa: E402
 from smi.inversion import SparsityConfig  # noqa: E402
 from smi.inversion.methods import METHODS  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
@@ -70,6 +72,7 @@ OWN = {"images": int, "steps": int, "mixup": float, "epochs": int,  # settings a
        "seek": float,  # causal: mode seeking between a class's two styles
        "bounded": int,  # 1: the online generator's images bounded to the valid pixels (--generator-pixel-range)
        "bn": float,  # the online generator's BN-statistics weight (--generator-bn-weight; GeneratorConfig's default)
+       "pretrain": int,  # the generator trained first (N epochs of gsteps steps, teacher only), then frozen
        "train_images": int}  # real/noise: train on a fixed set of N images (how many a synthetic run makes)
 
 
@@ -83,7 +86,8 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     default 0: ``smi distill --online-generator KIND --generator-steps N --generator-adversarial W``; ``seek=W``:
     ``causal`` only, mode seeking between a class's two styles, ``--generator-style-seek W``; ``bounded=1``: images
     bounded to the valid pixels, ``--generator-pixel-range``; ``bn=W``: the weight of its BatchNorm-statistics loss,
-    ``--generator-bn-weight W``), ``train_images=N`` (data
+    ``--generator-bn-weight W``; ``pretrain=N``: trained first against the teacher alone for N epochs of ``gsteps``
+    steps, then frozen, ``smi train-generator`` then ``--data generator:DIR``), ``train_images=N`` (data
     ``real``/``noise``: a fixed set of N images, e.g. as many as a synthetic run makes), the student's augmentations
     (``augment_color=S``, ``augment_background=P``, ``attention=W``, ``ema=DECAY``: ``smi distill --augment-color``,
     ``--augment-background``, ``--attention``, ``--ema``; ``augment=0``: ``--no-augment``, no shift and flip)
@@ -108,6 +112,9 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
         raise SystemExit(f"error: contender {spec!r}: expected TEACHER>STUDENT[:PROTOCOL]/DATA[@SECONDS,NAME=VALUE...] "
                          f"with TEACHER, STUDENT in {'|'.join(MODELS)}, PROTOCOL in {'|'.join(PROTOCOLS)}, DATA in "
                          f"{'|'.join(DATA)} and {'|'.join(OWN)} positive")
+    if "pretrain" in settings.other and (data not in GENERATED or settings.other.get("adv")):
+        raise SystemExit(f"error: contender {spec!r}: pretrain=N is a generator's ({'|'.join(GENERATED)}), trained "
+                         "against the teacher alone: no adv=W")
     return MODELS[t][0], MODELS[s][1], protocol, data, budget, settings
 
 
@@ -205,19 +212,28 @@ def main() -> None:
             if checkpoint and (args.backbone_data, args.backbone_epochs) != (BACKBONE_DATA, BACKBONE_EPOCHS):
                 name += f"_backbone-{args.backbone_data}-e{args.backbone_epochs}"  # a cell and run folder of its own
             key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
-            generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed, **generator_overrides(over)),
-                                              steps=over.get("gsteps", 50),
-                                              adversarial=over.get("adv", 0.0)) if generated else None
+            generator, gen_cfg = None, None
+            if generated and "pretrain" in over:  # trained to the end before the student starts, then frozen
+                gen_cfg = GeneratorConfig(kind=kind, seed=seed, epochs=over["pretrain"],
+                                          steps_per_epoch=over.get("gsteps", 50), **generator_overrides(over))
+                gen_folder = work / f"{key}_generator"
+            elif generated:
+                generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed, **generator_overrides(over)),
+                                                  steps=over.get("gsteps", 50), adversarial=over.get("adv", 0.0))
             setting = {"teacher": t, "student": s, "protocol": protocol, "data": kind, "config": cfg.to_dict(),
                        "synthesis": synthesis.to_dict() if synthesis else None,
                        **({"generator": generator.identity()} if generator else {}),
+                       **({"generator": {"pretrained": gen_cfg.to_dict()}} if gen_cfg else {}),
                        "backbone": {k: v for k, v in backbones.get(s, {}).items() if k != "weights"}
                        if checkpoint else None}
             run = cells.get(key, setting)
             if run is not None:
                 print(f"{spec} seed {seed}: cached, top-1 {run['top1']:.2f} %", file=sys.stderr, flush=True)
             else:
+                if gen_cfg:
+                    train_generator(teacher, gen_folder, gen_cfg, progress=False)  # resumable
                 data = OnlineSource(synthesis) if synthesis else generator or \
+                    (GeneratorSource(str(gen_folder)) if gen_cfg else None) or \
                     {"real": RealSource(), "noise": NoiseSource()}[kind]
                 student = build_student(None if checkpoint else s, teacher, checkpoint=checkpoint,
                                         seed=seed, **head)
@@ -234,7 +250,9 @@ def main() -> None:
         rows.append({"contender": spec, "teacher": t, "student": s, "protocol": protocol, "data": kind,
                      "budget_s": budget, "split": f"{images} x {iterations} it, {steps} steps" if online
                      else f"{steps} steps" + (f", {cfg.train_images} fixed images" if cfg.train_images else "")
-                     + (f", generator {over.get('gsteps', 50)} steps per epoch, adversarial {over.get('adv', 0.0):g}"
+                     + ((f", generator pre-trained {over['pretrain']} x {over.get('gsteps', 50)} steps against the "
+                         "teacher alone, then frozen" if "pretrain" in over else
+                         f", generator {over.get('gsteps', 50)} steps per epoch, adversarial {over.get('adv', 0.0):g}")
                         + (f", style seeking {over['seek']:g}" if over.get("seek") else "")
                         + (", images bounded to the valid pixels" if over.get("bounded") else "")
                         + (f", BN-statistics weight {over['bn']:g}" if "bn" in over else "") if generated else ""),
