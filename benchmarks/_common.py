@@ -91,7 +91,8 @@ SYNTHESIS_SETTINGS = {"lr": float, "tv_l2": float, "tv_l1": float, "l2": float, 
                       "color_shift": float, "jitter_unit": str, "blur": float, "crop": float, "bn_weight": float,
                       "ce_weight": float, "lr_schedule": str, "warmup": int}  # InversionConfig fields
 STUDENT_SETTINGS = {"augment_color": "color_shift", "augment_background": "background",
-                    "attention": "attention", "ema": "ema", "augment": "augment"}  # -> DistillConfig fields
+                    "attention": "attention", "ema": "ema", "augment": "augment",
+                    "temperature": "temperature"}  # -> DistillConfig fields
 GENERATOR_SETTINGS = {"seek": ("style_seek_weight", float), "bounded": ("pixel_range", lambda v: bool(int(v))),
                       "bn": ("bn_weight", float)}  # a generator's NAME=VALUE -> GeneratorConfig fields
 

@@ -21,7 +21,7 @@ A contender is named ``TEACHER>STUDENT[:PROTOCOL]/DATA``:
   (``smi distill --online-generator``: 50 generator steps before each epoch, then ``--online-steps``
   on fresh draws; ``adv=W`` adds the adversarial term; ``pretrain=N``: instead trained first against the
   teacher alone for N epochs of ``gsteps`` steps, then frozen: ``smi train-generator``, then
-  ``smi distill --data generator:DIR``, its training time counted as synthesis).
+  ``smi distill --generator DIR``, its training time counted as synthesis).
 
 Every contender uses AdamW at a constant learning rate after one warm-up epoch (so that accuracy at
 any time is comparable; ``--probe-lr`` for linear heads), KL at T=20, batch 64 and ``--mixup`` (the
@@ -38,6 +38,8 @@ Run:  python benchmarks/distill.py            (contenders x seeds x --budget sec
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -87,10 +89,11 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     ``causal`` only, mode seeking between a class's two styles, ``--generator-style-seek W``; ``bounded=1``: images
     bounded to the valid pixels, ``--generator-pixel-range``; ``bn=W``: the weight of its BatchNorm-statistics loss,
     ``--generator-bn-weight W``; ``pretrain=N``: trained first against the teacher alone for N epochs of ``gsteps``
-    steps, then frozen, ``smi train-generator`` then ``--data generator:DIR``), ``train_images=N`` (data
+    steps, then frozen, ``smi train-generator`` then ``smi distill --generator DIR``), ``train_images=N`` (data
     ``real``/``noise``: a fixed set of N images, e.g. as many as a synthetic run makes), the student's augmentations
     (``augment_color=S``, ``augment_background=P``, ``attention=W``, ``ema=DECAY``: ``smi distill --augment-color``,
-    ``--augment-background``, ``--attention``, ``--ema``; ``augment=0``: ``--no-augment``, no shift and flip)
+    ``--augment-background``, ``--attention``, ``--ema``; ``augment=0``: ``--no-augment``, no shift and flip;
+    ``temperature=T``: the KL's, ``--temperature``)
     and synthesis settings (``iterations=N`` per synthesized batch, ``color_shift=S``, ``blur=F``,
     ``jitter_unit=pixel``, ``lr=LR``, ``tv_l2=W``, ..., ``term.NAME=W`` for an extra term of this contender only)."""
     pair, _, data = spec.partition("/")
@@ -216,7 +219,8 @@ def main() -> None:
             if generated and "pretrain" in over:  # trained to the end before the student starts, then frozen
                 gen_cfg = GeneratorConfig(kind=kind, seed=seed, epochs=over["pretrain"],
                                           steps_per_epoch=over.get("gsteps", 50), **generator_overrides(over))
-                gen_folder = work / f"{key}_generator"
+                digest = hashlib.sha256(json.dumps(gen_cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+                gen_folder = work / f"generator_{kind}_{digest}"  # shared by contenders that differ after it
             elif generated:
                 generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed, **generator_overrides(over)),
                                                   steps=over.get("gsteps", 50), adversarial=over.get("adv", 0.0))
@@ -259,7 +263,7 @@ def main() -> None:
                      "synthesis": {k: v for k, v in settings.changes().items() if k != "iterations"},
                      "mixup": cfg.mixup, "cosine": cfg.lr_schedule == "cosine", "augment_color": cfg.color_shift,
                      "augment_background": cfg.background, "attention": cfg.attention, "ema": cfg.ema,
-                     "augment": cfg.augment,
+                     "augment": cfg.augment, "temperature": cfg.temperature,
                      "top1": round(statistics.mean(accs), 2),
                      "top1_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0, "top1_per_seed": accs,
                      "seeds": args.seeds, "teacher_top1": teacher_top1[t],
@@ -295,6 +299,7 @@ def main() -> None:
               + (f", student backgrounds {r['augment_background']:g}" if r.get("augment_background") else "")
               + (f", attention transfer {r['attention']:g}" if r.get("attention") else "")
               + (f", weight average {r['ema']:g}" if r.get("ema") else "")
+              + (f", KL at T={r['temperature']:g}" if r.get("temperature", 20.0) != 20.0 else "")
               + (f", cosine over {r.get('schedule_epochs', r['epochs'])} epochs" if r["cosine"] else "")
               + (f" (stopped after {r['epochs']})" if r["cosine"] and r.get("schedule_epochs", r["epochs"])
                  != r["epochs"] else ""),
@@ -304,7 +309,8 @@ def main() -> None:
     note = (f"\nSeeds {args.seeds}; budget {args.budget:.0f} s of synthesis + training per contender (a contender "
             f"named ...@S: S s; each stops after the epoch that passes its budget). AdamW constant after one warm-up "
             f"epoch unless the row says cosine (lr {args.lr}, linear probes "
-            f"{args.probe_lr}), batch {args.batch_size}, KL at T=20, mixup probability {args.mixup}; the student's "
+            f"{args.probe_lr}), batch {args.batch_size}, KL at T=20 unless the row says, mixup probability "
+            f"{args.mixup}; the student's "
             "batches randomly shifted (whole patches, up to 1/8 of the side) and flipped unless the row says not. "
             "Online "
             f"synthesis ({args.method}{''.join(f' + {w:g} {n}' for n, w in terms.items())}): "
