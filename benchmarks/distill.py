@@ -21,7 +21,8 @@ A contender is named ``TEACHER>STUDENT[:PROTOCOL]/DATA``:
   (``smi distill --online-generator``: 50 generator steps before each epoch, then ``--online-steps``
   on fresh draws; ``adv=W`` adds the adversarial term; ``pretrain=N``: instead trained first against the
   teacher alone for N epochs of ``gsteps`` steps, then frozen: ``smi train-generator``, then
-  ``smi distill --generator DIR``, its training time counted as synthesis).
+  ``smi distill --generator DIR``, its training time counted as synthesis; ``ensemble=K``: K such generators
+  of K seeds, ``smi distill --generator DIR1 ... DIRK``, each batch split evenly among them).
 
 Every contender uses AdamW at a constant learning rate after one warm-up epoch (so that accuracy at
 any time is comparable; ``--probe-lr`` for linear heads), KL at T=20, batch 64 and ``--mixup`` (the
@@ -75,6 +76,7 @@ OWN = {"images": int, "steps": int, "mixup": float, "epochs": int,  # settings a
        "bounded": int,  # 1: the online generator's images bounded to the valid pixels (--generator-pixel-range)
        "bn": float,  # the online generator's BN-statistics weight (--generator-bn-weight; GeneratorConfig's default)
        "pretrain": int,  # the generator trained first (N epochs of gsteps steps, teacher only), then frozen
+       "ensemble": int,  # pretrain: K generators (seeds K x seed ... K x seed + K - 1), each batch split among them
        "train_images": int}  # real/noise: train on a fixed set of N images (how many a synthetic run makes)
 
 
@@ -89,7 +91,8 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     ``causal`` only, mode seeking between a class's two styles, ``--generator-style-seek W``; ``bounded=1``: images
     bounded to the valid pixels, ``--generator-pixel-range``; ``bn=W``: the weight of its BatchNorm-statistics loss,
     ``--generator-bn-weight W``; ``pretrain=N``: trained first against the teacher alone for N epochs of ``gsteps``
-    steps, then frozen, ``smi train-generator`` then ``smi distill --generator DIR``), ``train_images=N`` (data
+    steps, then frozen, ``smi train-generator`` then ``smi distill --generator DIR``; with ``ensemble=K``, K of them
+    from K seeds, ``--generator DIR1 ... DIRK``), ``train_images=N`` (data
     ``real``/``noise``: a fixed set of N images, e.g. as many as a synthetic run makes), the student's augmentations
     (``augment_color=S``, ``augment_background=P``, ``attention=W``, ``ema=DECAY``: ``smi distill --augment-color``,
     ``--augment-background``, ``--attention``, ``--ema``; ``augment=0``: ``--no-augment``, no shift and flip;
@@ -115,9 +118,10 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
         raise SystemExit(f"error: contender {spec!r}: expected TEACHER>STUDENT[:PROTOCOL]/DATA[@SECONDS,NAME=VALUE...] "
                          f"with TEACHER, STUDENT in {'|'.join(MODELS)}, PROTOCOL in {'|'.join(PROTOCOLS)}, DATA in "
                          f"{'|'.join(DATA)} and {'|'.join(OWN)} positive")
-    if "pretrain" in settings.other and (data not in GENERATED or settings.other.get("adv")):
+    if "pretrain" in settings.other and (data not in GENERATED or settings.other.get("adv")) \
+            or "ensemble" in settings.other and "pretrain" not in settings.other:
         raise SystemExit(f"error: contender {spec!r}: pretrain=N is a generator's ({'|'.join(GENERATED)}), trained "
-                         "against the teacher alone: no adv=W")
+                         "against the teacher alone: no adv=W; ensemble=K needs pretrain=N")
     return MODELS[t][0], MODELS[s][1], protocol, data, budget, settings
 
 
@@ -215,29 +219,33 @@ def main() -> None:
             if checkpoint and (args.backbone_data, args.backbone_epochs) != (BACKBONE_DATA, BACKBONE_EPOCHS):
                 name += f"_backbone-{args.backbone_data}-e{args.backbone_epochs}"  # a cell and run folder of its own
             key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
-            generator, gen_cfg = None, None
+            generator, gen_cfgs, gen_folders = None, [], []
             if generated and "pretrain" in over:  # trained to the end before the student starts, then frozen
-                gen_cfg = GeneratorConfig(kind=kind, seed=seed, epochs=over["pretrain"],
-                                          steps_per_epoch=over.get("gsteps", 50), **generator_overrides(over))
-                digest = hashlib.sha256(json.dumps(gen_cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-                gen_folder = work / f"generator_{kind}_{digest}"  # shared by contenders that differ after it
+                ensemble = over.get("ensemble", 1)
+                gen_cfgs = [GeneratorConfig(kind=kind, seed=ensemble * seed + i, epochs=over["pretrain"],
+                                            steps_per_epoch=over.get("gsteps", 50), **generator_overrides(over))
+                            for i in range(ensemble)]
+                gen_folders = [work / f"generator_{kind}_{digest}" for digest in  # shared by contenders alike up to it
+                               (hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+                                for c in gen_cfgs)]
             elif generated:
                 generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed, **generator_overrides(over)),
                                                   steps=over.get("gsteps", 50), adversarial=over.get("adv", 0.0))
             setting = {"teacher": t, "student": s, "protocol": protocol, "data": kind, "config": cfg.to_dict(),
                        "synthesis": synthesis.to_dict() if synthesis else None,
                        **({"generator": generator.identity()} if generator else {}),
-                       **({"generator": {"pretrained": gen_cfg.to_dict()}} if gen_cfg else {}),
+                       **({"generator": {"pretrained": gen_cfgs[0].to_dict() if len(gen_cfgs) == 1 else
+                                         [c.to_dict() for c in gen_cfgs]}} if gen_cfgs else {}),
                        "backbone": {k: v for k, v in backbones.get(s, {}).items() if k != "weights"}
                        if checkpoint else None}
             run = cells.get(key, setting)
             if run is not None:
                 print(f"{spec} seed {seed}: cached, top-1 {run['top1']:.2f} %", file=sys.stderr, flush=True)
             else:
-                if gen_cfg:
-                    train_generator(teacher, gen_folder, gen_cfg, progress=False)  # resumable
+                for c, folder in zip(gen_cfgs, gen_folders, strict=True):
+                    train_generator(teacher, folder, c, progress=False)  # resumable
                 data = OnlineSource(synthesis) if synthesis else generator or \
-                    (GeneratorSource(str(gen_folder)) if gen_cfg else None) or \
+                    (GeneratorSource(str(gen_folders[0]), tuple(map(str, gen_folders[1:]))) if gen_cfgs else None) or \
                     {"real": RealSource(), "noise": NoiseSource()}[kind]
                 student = build_student(None if checkpoint else s, teacher, checkpoint=checkpoint,
                                         seed=seed, **head)
@@ -255,7 +263,9 @@ def main() -> None:
                      "budget_s": budget, "split": f"{images} x {iterations} it, {steps} steps" if online
                      else f"{steps} steps" + (f", {cfg.train_images} fixed images" if cfg.train_images else "")
                      + ((f", generator pre-trained {over['pretrain']} x {over.get('gsteps', 50)} steps against the "
-                         "teacher alone, then frozen" if "pretrain" in over else
+                         "teacher alone, then frozen" + (f", an ensemble of {over['ensemble']} from as many seeds"
+                                                         if over.get("ensemble", 1) > 1 else "")
+                         if "pretrain" in over else
                          f", generator {over.get('gsteps', 50)} steps per epoch, adversarial {over.get('adv', 0.0):g}")
                         + (f", style seeking {over['seek']:g}" if over.get("seek") else "")
                         + (", images bounded to the valid pixels" if over.get("bounded") else "")

@@ -105,6 +105,9 @@ def _cases():
                                                               "texq", "--out", "{d}/o"], "texq needs a pool"),
         "distill: style pairs from noise": (lambda w: ["distill", "--teacher", w["ckpt"], "--noise", "--style-pairs",
                                                        "1", "--out", "{d}/o"], "style pairs"),
+        "distill: one generator twice in an ensemble": (
+            lambda w: ["distill", "--teacher", w["ckpt"], "--generator", "{d}", "{d}/", "--out", "{d}/o"],
+            "names one generator twice"),
         "train-generator: negative BN weight": (lambda w: ["train-generator", "--model", w["ckpt"], "--bn-weight",
                                                            "-1", "--out", "{d}/o"], "--bn-weight"),
         "quantize: missing pool": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "/nope/pool",

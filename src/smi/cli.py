@@ -444,7 +444,7 @@ def _training_source(args: argparse.Namespace) -> Any:
     if args.generator is not None:
         from smi.generators import GeneratorSource
 
-        return GeneratorSource(args.generator)
+        return GeneratorSource(args.generator[0], tuple(args.generator[1:]))
     if args.online_generator is not None:
         from smi.generators import GeneratorConfig, OnlineGeneratorSource
 
@@ -482,9 +482,9 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     src.add_argument("--real", nargs="?", const="", metavar="DATASET",
                      help=f"train on real training images, an upper bound: the teacher's dataset, or {data_help()}")
     src.add_argument("--noise", action="store_true", help="train on fresh Gaussian noise (a lower bound)")
-    src.add_argument("--generator", metavar="DIR",
+    src.add_argument("--generator", metavar="DIR", nargs="+",
                      help="train on fresh images from a generator trained by `smi train-generator` (--online-steps "
-                          "per epoch)")
+                          "per epoch); several: an ensemble, each batch split evenly among them")
     src.add_argument("--online-generator", metavar="KIND",
                      help="train a generator of this kind (gdfq, qimera, causal) alongside: --generator-steps steps "
                           "against the teacher before each epoch, then --online-steps on fresh images from it")

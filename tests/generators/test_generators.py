@@ -532,3 +532,39 @@ def test_pixel_range_bounds_every_image_to_the_teachers_valid_pixels_and_survive
     assert main(["train-generator", "--model", "fmnist_resnet_tiny", "--pixel-range", "--epochs", "1",
                  "--steps-per-epoch", "1", "--batch-size", "4", "--width", "8", "--out", str(tmp_path / "cli")]) == 0
     assert json.loads((tmp_path / "cli" / "generator.json").read_text())["train_config"]["pixel_range"] is True
+
+
+def test_an_ensemble_of_generators_splits_each_draw_among_them(tmp_path, capsys):
+    teacher = load_teacher("fmnist_resnet_tiny")
+    folders = []
+    for name, kind, seed in (("a", "gdfq", 0), ("b", "gdfq", 1), ("pairs", "causal", 0)):
+        train_generator(teacher, tmp_path / name, GeneratorConfig(kind=kind, epochs=1, steps_per_epoch=2, batch_size=4,
+                                                                  latent_dim=8, width=8, seed=seed), progress=False)
+        folders.append(str(tmp_path / name))
+    a, b, pairs = folders
+    images = GeneratorSource(a, (b,)).open(teacher)
+    x, _ = images.take(5, torch.Generator().manual_seed(3))
+    # by hand: the first generator draws 3 (noise, then balanced labels), the second 2 from the same random stream
+    g, expected = torch.Generator().manual_seed(3), []
+    for folder, n in ((a, 3), (b, 2)):
+        gen, _ = load_generator(folder, teacher)
+        z = torch.randn(n, 8, generator=g)
+        expected.append(gen(z, sample_targets(n, 10, g)))
+    torch.testing.assert_close(x, torch.cat(expected), rtol=0, atol=0)
+    metas = [json.loads((tmp_path / n / "generator.json").read_text()) for n in ("a", "b")]
+    assert images.seconds == pytest.approx(metas[0]["train_s"] + metas[1]["train_s"])
+    assert isinstance(images.identity["weights"], list) and len(images.identity["weights"]) == 2
+    assert isinstance(GeneratorSource(a).open(teacher).identity["weights"], str)  # one generator: as before
+    with pytest.raises(SmiError, match="twice"):
+        GeneratorSource(a, (str(tmp_path / "b" / ".." / "a"),)).open(teacher)
+    with pytest.raises(SmiError, match="paired generator"):
+        GeneratorSource(a, (pairs,)).open(teacher)
+    # the CLI: --generator takes several folders; a bad ensemble is one error line, exit 2, nothing written
+    base = ["distill", "--teacher", "fmnist_resnet_tiny", "--student", "fmnist_vit_mini", "--epochs", "1",
+            "--online-steps", "2", "--batch-size", "6", "--eval-images", "50", "--json"]
+    assert main(base + ["--generator", a, b, "--out", str(tmp_path / "kd")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 1
+    assert main(base + ["--generator", a, pairs, "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("smi: error:") and "paired generator" in err and "\n" not in err, err
+    assert not (tmp_path / "bad").exists()

@@ -361,12 +361,16 @@ def superposition(meta: dict[str, Any]) -> tuple[float, int]:
 
 
 class _Generated(ImageSet):
-    """Endless images from a frozen generator: each draw is new noise and balanced classes, one forward pass."""
+    """Endless images from a frozen generator: each draw is new noise and balanced classes, one forward pass.
+
+    ``others``: more generators (with their superposition), an ensemble: each draw is split evenly among all,
+    each share with its own noise and balanced classes."""
 
     def __init__(self, model: ConditionalGenerator, identity: dict[str, Any], seconds: float,
-                 superpose: tuple[float, int] = (0.0, 2)) -> None:
+                 superpose: tuple[float, int] = (0.0, 2),
+                 others: tuple[tuple[ConditionalGenerator, tuple[float, int]], ...] = ()) -> None:
         super().__init__(identity=identity, seconds=seconds)
-        self.model, self.superpose = model, superpose
+        self.model, self.superpose, self.others = model, superpose, others
 
     @property
     def endless(self) -> bool:
@@ -386,12 +390,22 @@ class _Generated(ImageSet):
 
     @torch.no_grad()
     def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        z = torch.randn(n, self.model.latent_dim, generator=generator)
-        y = sample_targets(n, self.model.num_classes, generator, *self.superpose)
-        if self.paired:
-            z, y = self.model.training_batch(z, y)
-        device = self.model.embed.weight.device
-        return self.model(z.to(device), y.to(device)).cpu()
+        if self.others:  # an ensemble (never paired): shares of n / len, the first ones one larger
+            members = ((self.model, self.superpose), *self.others)
+            shares = [n // len(members) + (i < n % len(members)) for i in range(len(members))]
+            return torch.cat([self._one(m, k, sup, generator) for (m, sup), k in zip(members, shares, strict=True)
+                              if k])
+        return self._one(self.model, n, self.superpose, generator)
+
+    @staticmethod
+    def _one(model: ConditionalGenerator, n: int, superpose: tuple[float, int], generator: torch.Generator
+             ) -> torch.Tensor:
+        z = torch.randn(n, model.latent_dim, generator=generator)
+        y = sample_targets(n, model.num_classes, generator, *superpose)
+        if model.paired:
+            z, y = model.training_batch(z, y)
+        device = model.embed.weight.device
+        return model(z.to(device), y.to(device)).cpu()
 
     def take(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._draw(n, generator), None
@@ -404,18 +418,32 @@ class _Generated(ImageSet):
 @SOURCES.register("generator")
 @dataclass(frozen=True)
 class GeneratorSource(DataSource):
-    """A generator trained by `smi train-generator`: fresh images from new noise at every draw."""
+    """A generator trained by `smi train-generator`: fresh images from new noise at every draw.
+
+    ``others``: more generators of the same teacher, an ensemble (e.g. one kind trained from several seeds): each
+    draw is split evenly among them; its synthesis time is the sum of their training times. Paired generators
+    (causal) draw (content, style) pairs and are taken alone."""
 
     path: str
+    others: tuple[str, ...] = ()
     kind: ClassVar[str] = "generator"
 
     def open(self, model: ModelSpec, **context: Any) -> ImageSet:
-        gen, meta = load_generator(self.path, model)
-        identity = {"kind": "generator", "weights": sha256_file(Path(self.path) / WEIGHTS)}
-        return _Generated(gen, identity, float(meta.get("train_s", 0.0)), superposition(meta))
+        paths = (self.path, *self.others)
+        if len({Path(p).resolve() for p in paths}) < len(paths):
+            raise SmiError(f"an ensemble names one generator twice: {', '.join(paths)}", param="generator")
+        loaded = [load_generator(p, model) for p in paths]
+        if self.others and any(gen.paired for gen, _ in loaded):
+            raise SmiError("a paired generator (causal: content-style pairs) cannot join an ensemble; give it alone",
+                           param="generator")
+        weights = [sha256_file(Path(p) / WEIGHTS) for p in paths]
+        identity = {"kind": "generator", "weights": weights if self.others else weights[0]}
+        (gen, meta), *rest = loaded
+        return _Generated(gen, identity, sum(float(m.get("train_s", 0.0)) for _, m in loaded), superposition(meta),
+                          tuple((g, superposition(m)) for g, m in rest))
 
     def describe(self) -> str:
-        return f"generator:{self.path}"
+        return f"generator:{self.path}" + "".join(f"+{p}" for p in self.others)
 
 
 GAMES = ("js", "adadfq")
