@@ -125,6 +125,16 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     return MODELS[t][0], MODELS[s][1], protocol, data, budget, settings
 
 
+def trained_generator(teacher: Any, cfg: GeneratorConfig, work: Path) -> Path:
+    """A generator of ``teacher`` trained with ``cfg`` against the teacher alone (``smi train-generator``), in a
+    folder of ``work`` named by the config, so every contender and script asking for the same one shares it."""
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    folder = work / f"generator_{cfg.kind}_{digest}"
+    if not (folder / "generator.safetensors").exists():
+        train_generator(teacher, folder, cfg, progress=False)  # resumable
+    return folder
+
+
 def backbone(arch: str, work: Path, data: str = BACKBONE_DATA, epochs: int = BACKBONE_EPOCHS) -> tuple[str, float]:
     """``arch`` trained on the other data (28x28, seed 0; resumable): its checkpoint and top-1 on that data."""
     cfg = TeacherTrainConfig(arch=arch, data=data, img_size=28, epochs=epochs, batch_size=64,
@@ -219,15 +229,12 @@ def main() -> None:
             if checkpoint and (args.backbone_data, args.backbone_epochs) != (BACKBONE_DATA, BACKBONE_EPOCHS):
                 name += f"_backbone-{args.backbone_data}-e{args.backbone_epochs}"  # a cell and run folder of its own
             key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
-            generator, gen_cfgs, gen_folders = None, [], []
+            generator, gen_cfgs = None, []
             if generated and "pretrain" in over:  # trained to the end before the student starts, then frozen
                 ensemble = over.get("ensemble", 1)
                 gen_cfgs = [GeneratorConfig(kind=kind, seed=ensemble * seed + i, epochs=over["pretrain"],
                                             steps_per_epoch=over.get("gsteps", 50), **generator_overrides(over))
                             for i in range(ensemble)]
-                gen_folders = [work / f"generator_{kind}_{digest}" for digest in  # shared by contenders alike up to it
-                               (hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-                                for c in gen_cfgs)]
             elif generated:
                 generator = OnlineGeneratorSource(GeneratorConfig(kind=kind, seed=seed, **generator_overrides(over)),
                                                   steps=over.get("gsteps", 50), adversarial=over.get("adv", 0.0))
@@ -242,10 +249,9 @@ def main() -> None:
             if run is not None:
                 print(f"{spec} seed {seed}: cached, top-1 {run['top1']:.2f} %", file=sys.stderr, flush=True)
             else:
-                for c, folder in zip(gen_cfgs, gen_folders, strict=True):
-                    train_generator(teacher, folder, c, progress=False)  # resumable
+                folders = [str(trained_generator(teacher, c, work)) for c in gen_cfgs]
                 data = OnlineSource(synthesis) if synthesis else generator or \
-                    (GeneratorSource(str(gen_folders[0]), tuple(map(str, gen_folders[1:]))) if gen_cfgs else None) or \
+                    (GeneratorSource(folders[0], tuple(folders[1:])) if folders else None) or \
                     {"real": RealSource(), "noise": NoiseSource()}[kind]
                 student = build_student(None if checkpoint else s, teacher, checkpoint=checkpoint,
                                         seed=seed, **head)

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import GENERATOR_SETTINGS, RESULTS, generator_overrides, parse_settings, publish, test_split  # noqa: E402
-from distill import backbone  # noqa: E402
-from smi.generators import GeneratorConfig, train_generator  # noqa: E402
+from distill import backbone, trained_generator  # noqa: E402
+from smi.generators import GeneratorConfig  # noqa: E402
 from smi.generators.train import load_generator  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
 from smi.transfer.student import build_student  # noqa: E402
@@ -111,10 +111,7 @@ def main() -> None:
     table = [["real images", "-", f"{top1:.2f}", " / ".join(f"{a:.0f}" for a in per), "-", f"{head_top1:.2f}"]]
     configs = [generator_config(kind, args.gen_epochs) for kind in args.kinds]
     for kind, cfg in zip(args.kinds, configs, strict=True):
-        folder = work / f"probe_features_{args.teacher}_{kind.replace(',', '_').replace('=', '')}_e{args.gen_epochs}"
-        if not (folder / "generator.safetensors").exists():
-            train_generator(teacher, folder, cfg, progress=True)
-        gen, _ = load_generator(folder, teacher)
+        gen, _ = load_generator(trained_generator(teacher, cfg, work), teacher)
         gen.eval()
         g = torch.Generator().manual_seed(0)
         labels = torch.arange(classes).repeat_interleave(args.per_class)
