@@ -75,7 +75,8 @@ OWN = {"images": int, "steps": int, "mixup": float, "epochs": int,  # settings a
        "seek": float,  # causal: mode seeking between a class's two styles
        "bounded": int,  # 1: the online generator's images bounded to the valid pixels (--generator-pixel-range)
        "bn": float,  # the online generator's BN-statistics weight (--generator-bn-weight; GeneratorConfig's default)
-       "pretrain": int,  # the generator trained first (N epochs of gsteps steps, teacher only), then frozen
+       "pretrain": int,  # the generator trained first (N epochs of gsteps steps, teacher only), then frozen (with
+       # adv=W: then trained on alongside the student with the adversarial term, a warm-started game)
        "ensemble": int,  # pretrain: K generators (seeds K x seed ... K x seed + K - 1), each batch split among them
        "train_images": int}  # real/noise: train on a fixed set of N images (how many a synthetic run makes)
 
@@ -92,7 +93,8 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
     bounded to the valid pixels, ``--generator-pixel-range``; ``bn=W``: the weight of its BatchNorm-statistics loss,
     ``--generator-bn-weight W``; ``pretrain=N``: trained first against the teacher alone for N epochs of ``gsteps``
     steps, then frozen, ``smi train-generator`` then ``smi distill --generator DIR``; with ``ensemble=K``, K of them
-    from K seeds, ``--generator DIR1 ... DIRK``), ``train_images=N`` (data
+    from K seeds, ``--generator DIR1 ... DIRK``; with ``adv=W`` instead trained on alongside the student from there,
+    ``gsteps`` steps per epoch, ``--online-generator KIND --generator-init DIR``), ``train_images=N`` (data
     ``real``/``noise``: a fixed set of N images, e.g. as many as a synthetic run makes), the student's augmentations
     (``augment_color=S``, ``augment_background=P``, ``attention=W``, ``ema=DECAY``: ``smi distill --augment-color``,
     ``--augment-background``, ``--attention``, ``--ema``; ``augment=0``: ``--no-augment``, no shift and flip;
@@ -118,10 +120,10 @@ def parse_contender(spec: str) -> tuple[str, str, str, str, float | None, Settin
         raise SystemExit(f"error: contender {spec!r}: expected TEACHER>STUDENT[:PROTOCOL]/DATA[@SECONDS,NAME=VALUE...] "
                          f"with TEACHER, STUDENT in {'|'.join(MODELS)}, PROTOCOL in {'|'.join(PROTOCOLS)}, DATA in "
                          f"{'|'.join(DATA)} and {'|'.join(OWN)} positive")
-    if "pretrain" in settings.other and (data not in GENERATED or settings.other.get("adv")) \
-            or "ensemble" in settings.other and "pretrain" not in settings.other:
-        raise SystemExit(f"error: contender {spec!r}: pretrain=N is a generator's ({'|'.join(GENERATED)}), trained "
-                         "against the teacher alone: no adv=W; ensemble=K needs pretrain=N")
+    if "pretrain" in settings.other and data not in GENERATED \
+            or "ensemble" in settings.other and ("pretrain" not in settings.other or settings.other.get("adv")):
+        raise SystemExit(f"error: contender {spec!r}: pretrain=N is a generator's ({'|'.join(GENERATED)}); "
+                         "ensemble=K needs pretrain=N and no adv=W")
     return MODELS[t][0], MODELS[s][1], protocol, data, budget, settings
 
 
@@ -230,7 +232,8 @@ def main() -> None:
                 name += f"_backbone-{args.backbone_data}-e{args.backbone_epochs}"  # a cell and run folder of its own
             key = f"{''.join('_' if c in ':/@,' else c for c in name)}_seed{seed}"
             generator, gen_cfgs = None, []
-            if generated and "pretrain" in over:  # trained to the end before the student starts, then frozen
+            if generated and "pretrain" in over:  # trained to the end before the student starts, then frozen (or
+                # with adv=W, trained on alongside the student from there)
                 ensemble = over.get("ensemble", 1)
                 gen_cfgs = [GeneratorConfig(kind=kind, seed=ensemble * seed + i, epochs=over["pretrain"],
                                             steps_per_epoch=over.get("gsteps", 50), **generator_overrides(over))
@@ -250,6 +253,9 @@ def main() -> None:
                 print(f"{spec} seed {seed}: cached, top-1 {run['top1']:.2f} %", file=sys.stderr, flush=True)
             else:
                 folders = [str(trained_generator(teacher, c, work)) for c in gen_cfgs]
+                if folders and over.get("adv"):  # the warm-started game
+                    generator = OnlineGeneratorSource(gen_cfgs[0], steps=over.get("gsteps", 50),
+                                                      adversarial=over["adv"], init=folders[0])
                 data = OnlineSource(synthesis) if synthesis else generator or \
                     (GeneratorSource(folders[0], tuple(folders[1:])) if folders else None) or \
                     {"real": RealSource(), "noise": NoiseSource()}[kind]
@@ -269,8 +275,11 @@ def main() -> None:
                      "budget_s": budget, "split": f"{images} x {iterations} it, {steps} steps" if online
                      else f"{steps} steps" + (f", {cfg.train_images} fixed images" if cfg.train_images else "")
                      + ((f", generator pre-trained {over['pretrain']} x {over.get('gsteps', 50)} steps against the "
-                         "teacher alone, then frozen" + (f", an ensemble of {over['ensemble']} from as many seeds"
-                                                         if over.get("ensemble", 1) > 1 else "")
+                         "teacher alone, then " + (f"trained on alongside the student ({over.get('gsteps', 50)} steps "
+                                                   f"per epoch, adversarial {over['adv']:g})" if over.get("adv") else
+                                                   "frozen")
+                         + (f", an ensemble of {over['ensemble']} from as many seeds"
+                            if over.get("ensemble", 1) > 1 else "")
                          if "pretrain" in over else
                          f", generator {over.get('gsteps', 50)} steps per epoch, adversarial {over.get('adv', 0.0):g}")
                         + (f", style seeking {over['seek']:g}" if over.get("seek") else "")

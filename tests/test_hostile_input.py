@@ -108,6 +108,9 @@ def _cases():
         "distill: one generator twice in an ensemble": (
             lambda w: ["distill", "--teacher", w["ckpt"], "--generator", "{d}", "{d}/", "--out", "{d}/o"],
             "names one generator twice"),
+        "distill: warm start from a folder without a generator": (
+            lambda w: ["distill", "--teacher", w["ckpt"], "--online-generator", "gdfq", "--generator-init", "{d}",
+                       "--out", "{d}/o"], "holds no trained generator"),
         "train-generator: negative BN weight": (lambda w: ["train-generator", "--model", w["ckpt"], "--bn-weight",
                                                            "-1", "--out", "{d}/o"], "--bn-weight"),
         "quantize: missing pool": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "/nope/pool",

@@ -450,13 +450,15 @@ def _training_source(args: argparse.Namespace) -> Any:
 
         with _flags(args, kind="online_generator", steps="generator_steps", adversarial="generator_adversarial",
                     game="generator_game", style_seek_weight="generator_style_seek",
-                    bn_weight="generator_bn_weight"):
+                    bn_weight="generator_bn_weight", init="generator_init"):
             return OnlineGeneratorSource(GeneratorConfig(kind=args.online_generator, seed=args.seed,
                                                          style_seek_weight=args.generator_style_seek,
                                                          pixel_range=args.generator_pixel_range,
                                                          bn_weight=args.generator_bn_weight),
                                          steps=args.generator_steps, adversarial=args.generator_adversarial,
-                                         game=args.generator_game)
+                                         game=args.generator_game, init=args.generator_init)
+    if args.generator_init is not None:
+        raise SmiError("--generator-init starts an --online-generator; give one")
     return (OnlineSource(_inversion_config(args)) if args.online else RealSource(args.real or None)
             if args.real is not None else NoiseSource() if args.noise else PoolSource(args.pool))
 
@@ -490,6 +492,10 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
                           "against the teacher before each epoch, then --online-steps on fresh images from it")
     p.add_argument("--generator-steps", type=int, default=50,
                    help="--online-generator: generator steps per epoch (batch 64, Adam 1e-3)")
+    p.add_argument("--generator-init", metavar="DIR",
+                   help="--online-generator: start from this generator trained by `smi train-generator` (same kind "
+                        "and --generator-pixel-range) instead of fresh weights, e.g. to play the adversarial game "
+                        "from a generator that already fools the teacher; its training time counts as synthesis")
     p.add_argument("--generator-adversarial", type=_number, default=0.0,
                    help="--online-generator: weight of the student term in the generator's loss (see "
                         "--generator-game)")

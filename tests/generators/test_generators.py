@@ -270,6 +270,36 @@ def test_online_generator_trains_alongside_the_student_and_resumes_exactly(tmp_p
                 eval_data=None, progress=False)
 
 
+def test_an_online_generator_starts_from_a_trained_one(tmp_path, capsys):
+    from smi.generators import OnlineGeneratorSource
+
+    teacher = load_teacher("fmnist_resnet_tiny")
+    cfg = GeneratorConfig(epochs=1, steps_per_epoch=2, batch_size=4, latent_dim=8, width=8)
+    train_generator(teacher, tmp_path / "gen", cfg, progress=False)
+    trained, meta = load_generator(tmp_path / "gen", teacher)
+    source = OnlineGeneratorSource(cfg, steps=1, adversarial=1.0, init=str(tmp_path / "gen"))
+    images = source.open(teacher, folder=tmp_path / "run", progress=False)
+    start = images.model.state_dict()
+    assert all(torch.equal(start[k], v) for k, v in trained.state_dict().items())
+    assert images.seconds == pytest.approx(meta["train_s"]) and meta["train_s"] > 0  # its training counts
+    images.before_epoch(0, progress=False)  # then it trains on: its weights move, its seconds grow
+    assert not torch.equal(images.model.state_dict()["fc.weight"], trained.state_dict()["fc.weight"])
+    assert images.seconds > meta["train_s"]
+    cold = OnlineGeneratorSource(cfg, steps=1, adversarial=1.0)
+    assert source.identity()["init"] != cold.identity().get("init")  # a warm start is another run
+    with pytest.raises(SmiError, match="another architecture"):  # its architecture must match
+        OnlineGeneratorSource(GeneratorConfig(latent_dim=8, width=16), init=str(tmp_path / "gen")).open(
+            teacher, folder=tmp_path / "bad", progress=False)
+    assert main(["distill", "--teacher", "fmnist_resnet_tiny", "--student", "fmnist_vit_mini", "--online-generator",
+                 "gdfq", "--generator-init", str(tmp_path / "missing"), "--out", str(tmp_path / "kd")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "holds no trained generator" in err and not (tmp_path / "kd").exists()
+    assert main(["distill", "--teacher", "fmnist_resnet_tiny", "--generator-init", str(tmp_path / "gen"),
+                 "--noise", "--out", str(tmp_path / "kd")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--online-generator" in err and not (tmp_path / "kd").exists()
+
+
 def test_online_generator_from_the_cli_and_its_bad_settings(tmp_path, capsys):
     assert main(["distill", "--teacher", "fmnist_resnet_tiny", "--student", "fmnist_vit_mini", "--online-generator",
                  "qimera", "--generator-steps", "2", "--generator-bn-weight", "0.5", "--epochs", "1", "--online-steps",

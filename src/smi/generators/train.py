@@ -477,6 +477,7 @@ class _OnlineGenerated(_Generated):
         super().__init__(model, source.identity(), 0.0, (float(cfg.superpose_prob or 0.0), cfg.superpose_classes))
         self.teacher, self.source, self.seed, self.device, self.progress = teacher, source, seed, device, progress
         self.student = student
+        self.init_s = source.warm_start(model, teacher)  # a warm start's training seconds count as this one's
         self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
         self.folder = folder
         self.state = folder / STATE
@@ -525,7 +526,7 @@ class _OnlineGenerated(_Generated):
 
     @property
     def seconds(self) -> float:
-        return self._seconds
+        return self.init_s + self._seconds
 
 
 @SOURCES.register("online-generator")
@@ -536,12 +537,14 @@ class OnlineGeneratorSource(DataSource):
     ``"js"``, minus the teacher-student JS divergence (images it still gets wrong, as DFAD and Adaptive
     DeepInversion), or ``"adadfq"``, :func:`adadfq_margin` (AdaDFQ's, the generator of AKT); the epoch then
     trains on fresh draws. ``config``'s epochs and steps_per_epoch do not apply (the loop's epochs do), and its learning
-    rate stays constant."""
+    rate stays constant. ``init``: a generator trained by :func:`train_generator` (same kind and architecture) to
+    start from instead of fresh weights, its training time counted as this one's (a warm-started game)."""
 
     config: GeneratorConfig
     steps: int = 50
     adversarial: float = 0.0
     game: str = "js"  # the student term: "js" (minus JS, DFAD) or "adadfq" (AdaDFQ's margin; AKT's generator)
+    init: str | None = None
     kind: ClassVar[str] = "online-generator"
     grows: ClassVar[bool] = True  # made while the loop trains: open_run opens it with the run's folder
     folder: ClassVar[str] = "generator"
@@ -558,10 +561,27 @@ class OnlineGeneratorSource(DataSource):
     def paired(self) -> bool:
         return GENERATORS.get(self.config.kind).paired
 
+    def warm_start(self, model: ConditionalGenerator, teacher: ModelSpec) -> float:
+        """Load ``init``'s weights into ``model`` (if given) and return the seconds its training took."""
+        if self.init is None:
+            return 0.0
+        trained, meta = load_generator(self.init, teacher)
+        try:
+            model.load_state_dict(trained.state_dict())
+        except RuntimeError:
+            raise SmiError(f"{self.init} holds a generator of another architecture than a {self.config.kind} "
+                           "generator of these settings (kind, pixel range, sizes)", param="generator_init") from None
+        return float(meta.get("train_s", 0.0))
+
+    def check(self, model: Teacher, **context: Any) -> None:  # type: ignore[override]
+        self.warm_start(build_generator(model, self.config), model)  # refused before a run folder is claimed
+
     def identity(self) -> dict[str, Any]:
         """What the run records before any image exists (a resumed run must have the same)."""
+        init = Path(self.init or "") / WEIGHTS
         return {"kind": self.kind, "generator": self.config.to_dict(), "steps": self.steps,
-                "adversarial": self.adversarial, "game": self.game}
+                "adversarial": self.adversarial, "game": self.game,
+                **({"init": sha256_file(init) if init.is_file() else self.init} if self.init is not None else {})}
 
     def open(self, model: Teacher, *, folder: str | Path, seed: int = 0,  # type: ignore[override]
              device: torch.device | str = "cpu", progress: bool = True, student: torch.nn.Module | None = None,
@@ -570,4 +590,4 @@ class OnlineGeneratorSource(DataSource):
         return _OnlineGenerated(model, self, Path(folder), seed, device, progress, student)
 
     def describe(self) -> str:
-        return f"online {self.config.kind} generator"
+        return f"online {self.config.kind} generator" + (f" from {self.init}" if self.init is not None else "")
