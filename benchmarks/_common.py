@@ -94,11 +94,13 @@ STUDENT_SETTINGS = {"augment_color": "color_shift", "augment_background": "backg
                     "attention": "attention", "ema": "ema", "augment": "augment",
                     "temperature": "temperature"}  # -> DistillConfig fields
 GENERATOR_SETTINGS = {"seek": ("style_seek_weight", float), "bounded": ("pixel_range", lambda v: bool(int(v))),
-                      "bn": ("bn_weight", float)}  # a generator's NAME=VALUE -> GeneratorConfig fields
+                      "bn": ("bn_weight", float),
+                      "ce": ("ce_weight", float)}  # a generator's NAME=VALUE -> GeneratorConfig fields
 
 
 def generator_overrides(other: dict[str, Any]) -> dict[str, Any]:
-    """The GeneratorConfig fields that ``seek=W``, ``bounded=1``, ``bn=W`` among ``other`` set (only those given)."""
+    """The GeneratorConfig fields that ``seek=W``, ``bounded=1``, ``bn=W``, ``ce=W`` among ``other`` set (only those
+    given)."""
     return {GENERATOR_SETTINGS[k][0]: GENERATOR_SETTINGS[k][1](v) for k, v in other.items() if k in GENERATOR_SETTINGS}
 
 

@@ -91,15 +91,17 @@ class FilledPool(PoolSource):
         return ImageSet(x, None, ordered=True, identity={**s.identity, "background": self.noise}, seconds=s.seconds)
 
 
-def same_reconstruction(folder: Path, recon: ReconstructConfig) -> bool:
-    """Whether ``folder`` holds a model reconstructed with ``recon``'s settings (the seed aside): runs with
-    other reconstruction settings share the cell folders, so a cached key alone does not say what is there."""
+def same_reconstruction(folder: Path, recon: ReconstructConfig, corrected: bool = False) -> bool:
+    """Whether ``folder`` holds a model reconstructed with ``recon``'s settings (the seed aside), activation-corrected
+    after it or not as ``corrected``: runs with other reconstruction settings share the cell folders, so a cached key
+    alone does not say what is there."""
     path = folder / "quantized.json"
     if not path.exists():
         return False
-    made = json.loads(path.read_text()).get("reconstruct") or {}
-    want = recon.to_dict()
-    return {k: v for k, v in made.items() if k != "seed"} == {k: v for k, v in want.items() if k != "seed"}
+    meta = json.loads(path.read_text())
+    made, want = meta.get("reconstruct") or {}, recon.to_dict()
+    return {k: v for k, v in made.items() if k != "seed"} == {k: v for k, v in want.items() if k != "seed"} \
+        and bool(meta.get("correct_activations")) == corrected
 
 
 def sparse_schedule(spec: str) -> str:
@@ -138,6 +140,9 @@ def main() -> None:
     p.add_argument("--recon-drop", type=float, default=0.0, help="QDrop probability during reconstruction")
     p.add_argument("--recon-prediction", type=float, default=0.0,
                    help="weight of PD-Quant's prediction term during reconstruction (0: output error only)")
+    p.add_argument("--recon-correct", action="store_true",
+                   help="recon and later stages: DFQ-ViT's activation correction after the reconstruction (smi "
+                        "quantize --reconstruct ... --correct-activations); give --work a folder of its own")
     p.add_argument("--qat-epochs", type=int, default=5, help="QAT epochs")
     p.add_argument("--qat-steps", type=int, default=50, help="QAT steps per epoch (batch 32)")
     p.add_argument("--qat-lr", type=float, default=QatConfig.lr, help="QAT learning rate (Adam, cosine to 0)")
@@ -279,9 +284,10 @@ def main() -> None:
                                     recon_key = cell_key(model_name, setting, quantizer, "recon", source_name, seed)
                                     model = units = None
                                     if stage == "recon" or recon_key not in done \
-                                            or not same_reconstruction(cell / "recon", recon):
+                                            or not same_reconstruction(cell / "recon", recon, args.recon_correct):
                                         res = quantize_teacher(teacher, qcfg, source, num_images=args.calib_images,
                                                                seed=seed, copy_model=True, reconstruct=recon,
+                                                               correct_activations=args.recon_correct,
                                                                out=cell / "recon", overwrite=True)
                                         model, units = res.model, res.reconstruction
                                     seconds = time.perf_counter() - t0
@@ -330,6 +336,7 @@ def main() -> None:
             + "); reconstruction: "
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}"
             + (f", PD-Quant prediction term {args.recon_prediction:g}" if args.recon_prediction else "")
+            + (", then activation correction" if args.recon_correct else "")
             + f"; QAT after it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} "
             f"cosine, mixup {args.qat_mixup:g}, feature loss {args.qat_feature_loss}, "
             f"attention transfer {args.qat_attention:g}, "

@@ -98,7 +98,7 @@ def configs(method: str, seed: int, args: argparse.Namespace, work: Path, tname:
     return qat_cfg, GeneratorConfig(kind="gdfq" if method == "akt" else method, epochs=args.gen_epochs,
                                     steps_per_epoch=args.gen_steps, seed=seed, texture_pool=pool,
                                     style_seek_weight=args.style_seek if method == "causal" else 0.0,
-                                    pixel_range=args.pixel_range)
+                                    pixel_range=args.pixel_range, psaq_weight=args.gen_psaq, ce_weight=args.gen_ce)
 
 
 def trained_generator(teacher, method: str, gen_cfg: GeneratorConfig, folder: Path, seed: int) -> float:  # noqa: ANN001
@@ -120,9 +120,11 @@ def trained_generator(teacher, method: str, gen_cfg: GeneratorConfig, folder: Pa
 
 def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, gen_cfg: GeneratorConfig | None,
              folder: Path, data, vit: bool, gen_steps: int, calib_images: int = 32,
-             recon: ReconstructConfig | None = None) -> dict:  # noqa: ANN001
+             recon: ReconstructConfig | None = None, ensemble: int = 1) -> dict:  # noqa: ANN001
     """Train (generator), calibrate (and reconstruct, with ``recon``) and fine-tune one cell; its top-1, wall time
-    and images per second."""
+    and images per second. ``ensemble`` K > 1: the generators of seeds K x seed ... K x seed + K - 1 (each in its
+    seed's folder, shared with that seed's single-generator cells), every draw split among them, their training
+    times summed; the cell's quantized models go to ``q_SETTING_ensK`` / ``qat_SETTING_ensK``."""
     w, a = bits(setting)
     rate, prep_s = None, 0.0  # prep_s: seconds made before calibration (a generator's training, a pixel pool)
     if method == "akt" or method.startswith("pixel"):  # no trained generator: calibrated on a small pixel pool
@@ -137,16 +139,25 @@ def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, 
             qat_cfg = dataclasses.replace(qat_cfg, epochs=max(qat_cfg.epochs, fits))
         source = OnlineSource(synth) if method != "akt" else OnlineGeneratorSource(
             gen_cfg, steps=gen_steps, adversarial=1.0, game="adadfq")
+    elif ensemble > 1:
+        seeds = [ensemble * seed + i for i in range(ensemble)]
+        folders = [folder.with_name(f"{folder.name.rsplit('_seed', 1)[0]}_seed{s}") for s in seeds]
+        prep_s = sum(trained_generator(teacher, method, dataclasses.replace(gen_cfg, seed=s), f, s)
+                     for s, f in zip(seeds, folders, strict=True))
+        rate = images_per_second(folders[0] / "generator", teacher)
+        source = calib = GeneratorSource(str(folders[0] / "generator"), tuple(str(f / "generator")
+                                                                               for f in folders[1:]))
     else:
         prep_s = trained_generator(teacher, method, gen_cfg, folder, seed)
         rate = images_per_second(folder / "generator", teacher)  # a measurement, not part of the cell's work
         source = calib = GeneratorSource(str(folder / "generator"))
+    tag = f"{setting}_ens{ensemble}" if ensemble > 1 else setting
     t0 = time.perf_counter()
     quantize_teacher(teacher, QuantConfig.create("repq", w_bits=w, a_bits=a), calib, num_images=calib_images,
-                     seed=seed, reconstruct=recon, out=folder / f"q_{setting}", overwrite=True,
+                     seed=seed, reconstruct=recon, out=folder / f"q_{tag}", overwrite=True,
                      copy_model=True)  # the teacher stays float
     quantize_s = time.perf_counter() - t0
-    res = qat(teacher, folder / f"q_{setting}", source, folder / f"qat_{setting}", qat_cfg, eval_data=None,
+    res = qat(teacher, folder / f"q_{tag}", source, folder / f"qat_{tag}", qat_cfg, eval_data=None,
               progress=False, overwrite=True)
     # every part's seconds as its own record keeps them (the pool's manifest, the generator's wall file, the QAT
     # log), so a run resumed after an interruption, or found finished, counts what it took; a trained generator's
@@ -171,6 +182,13 @@ def main() -> None:
                    help="causal: mode seeking between a class's two styles, this weight (0: the paper's generator)")
     p.add_argument("--pixel-range", action="store_true",
                    help="generators bound their images to the valid pixels (smi train-generator --pixel-range)")
+    p.add_argument("--gen-psaq", type=float, default=GeneratorConfig.psaq_weight,
+                   help="weight of minus the patch-similarity entropy in a ViT teacher's generator loss")
+    p.add_argument("--gen-ce", type=float, default=GeneratorConfig.ce_weight,
+                   help="weight of the teacher's cross-entropy to the asked class in the generator loss")
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="generator rows: an ensemble of K generators per cell (seeds K x seed ... K x seed + K - 1; "
+                        "smi qat --generator DIR1 ... DIRK), every draw split among them, their training times summed")
     p.add_argument("--qat-epochs", type=int, default=5)
     p.add_argument("--qat-steps", type=int, default=50)
     p.add_argument("--qat-lr", type=float, default=QatConfig.lr, help="QAT learning rate (Adam, cosine to 0)")
@@ -201,11 +219,14 @@ def main() -> None:
                     spec = {"qat": qat_cfg.to_dict(), "generator": None if gen_cfg is None else gen_cfg.to_dict()}
                     if recon is not None or args.calib_images != 32:  # older cells: 32 images, no reconstruction
                         spec.update(recon=recon.to_dict() if recon else None, calib_images=args.calib_images)
+                    if args.ensemble > 1 and gen_cfg is not None:
+                        spec.update(ensemble=args.ensemble)
                     cell = cells.get(key, spec)
                     if cell is None:
                         cell = {"setting": spec, **run_cell(teacher, method, setting, seed, qat_cfg, gen_cfg,
                                                             work / f"{tname}_{method}_seed{seed}", data, vit,
-                                                            args.gen_steps, args.calib_images, recon)}
+                                                            args.gen_steps, args.calib_images, recon,
+                                                            args.ensemble if gen_cfg is not None else 1)}
                         cells.put(key, cell)
                         print(f"{tname} {setting} {method} seed {seed}: {cell['top1']:.2f} ({cell['wall_s']:.0f} s)",
                               file=sys.stderr, flush=True)
@@ -236,8 +257,12 @@ def main() -> None:
             + f", QAT {args.qat_epochs} x {args.qat_steps} steps of batch 32 (lr {args.qat_lr:g}"
             + (f", attention transfer {args.qat_attention:g}" if args.qat_attention else "")
             + f") on fresh images; generators trained {args.gen_epochs} x {args.gen_steps} steps of batch 64"
+            + (f", an ensemble of {args.ensemble} per cell (seeds {args.ensemble} x seed + 0..{args.ensemble - 1})"
+               if args.ensemble > 1 else "")
             + (f" (causal: mode seeking between styles, weight {args.style_seek:g})" if args.style_seek else "")
             + (", images bounded to the valid pixel range" if args.pixel_range else "")
+            + (f", patch-similarity weight {args.gen_psaq:g}" if args.gen_psaq != GeneratorConfig.psaq_weight else "")
+            + (f", cross-entropy weight {args.gen_ce:g}" if args.gen_ce != GeneratorConfig.ce_weight else "")
             + "; "
             f"mean ± std over seeds {args.seeds}. pixel-*: QAT from online pixel inversion (32 images x 200 "
             "iterations per epoch), as many epochs as the same seed's generator rows' mean wall time holds "

@@ -81,8 +81,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="fmnist_resnet_tiny")
     p.add_argument("--kinds", nargs="+", default=["gdfq"],
-                   help="generators: a kind (smi train-generator --kind), then optionally ',bounded=1' (--pixel-range) "
-                        "and ',bn=W' (--bn-weight)")
+                   help="generators: a kind (smi train-generator --kind), then optionally ',bounded=1' "
+                        "(--pixel-range), ',bn=W' (--bn-weight) and ',ce=W' (GeneratorConfig.ce_weight)")
     p.add_argument("--gen-epochs", type=int, default=12, help="generator epochs of 100 steps (teacher only)")
     p.add_argument("--per-class", type=int, default=300, help="generated images per class")
     p.add_argument("--backbone-data", default="fashion-mnist-classes:5-9")

@@ -567,11 +567,11 @@ def test_pixel_range_bounds_every_image_to_the_teachers_valid_pixels_and_survive
 def test_an_ensemble_of_generators_splits_each_draw_among_them(tmp_path, capsys):
     teacher = load_teacher("fmnist_resnet_tiny")
     folders = []
-    for name, kind, seed in (("a", "gdfq", 0), ("b", "gdfq", 1), ("pairs", "causal", 0)):
+    for name, kind, seed in (("a", "gdfq", 0), ("b", "gdfq", 1), ("pairs", "causal", 0), ("pairs2", "causal", 1)):
         train_generator(teacher, tmp_path / name, GeneratorConfig(kind=kind, epochs=1, steps_per_epoch=2, batch_size=4,
                                                                   latent_dim=8, width=8, seed=seed), progress=False)
         folders.append(str(tmp_path / name))
-    a, b, pairs = folders
+    a, b, pairs, pairs2 = folders
     images = GeneratorSource(a, (b,)).open(teacher)
     x, _ = images.take(5, torch.Generator().manual_seed(3))
     # by hand: the first generator draws 3 (noise, then balanced labels), the second 2 from the same random stream
@@ -587,8 +587,22 @@ def test_an_ensemble_of_generators_splits_each_draw_among_them(tmp_path, capsys)
     assert isinstance(GeneratorSource(a).open(teacher).identity["weights"], str)  # one generator: as before
     with pytest.raises(SmiError, match="twice"):
         GeneratorSource(a, (str(tmp_path / "b" / ".." / "a"),)).open(teacher)
-    with pytest.raises(SmiError, match="paired generator"):
+    with pytest.raises(SmiError, match="mixes paired"):
         GeneratorSource(a, (pairs,)).open(teacher)
+    # paired generators together: each draws whole pairs, laid out as first halves then second halves
+    both = GeneratorSource(pairs, (pairs2,)).open(teacher)
+    assert both.paired
+    x, _ = both.take(9, torch.Generator().manual_seed(4))  # 4 pairs (2 + 2) and one unpaired image
+    g, halves = torch.Generator().manual_seed(4), []
+    for folder in (pairs, pairs2):
+        gen, _ = load_generator(folder, teacher)
+        z, y = gen.training_batch(torch.randn(4, 8, generator=g), sample_targets(4, 10, g))
+        halves.append(gen(z, y))
+    gen, _ = load_generator(pairs, teacher)
+    z = torch.randn(1, 8, generator=g)
+    odd = gen(z, sample_targets(1, 10, g))
+    torch.testing.assert_close(x, torch.cat([halves[0][:2], halves[1][:2], halves[0][2:], halves[1][2:], odd]),
+                               rtol=0, atol=0)
     # the CLI: --generator takes several folders; a bad ensemble is one error line, exit 2, nothing written
     base = ["distill", "--teacher", "fmnist_resnet_tiny", "--student", "fmnist_vit_mini", "--epochs", "1",
             "--online-steps", "2", "--batch-size", "6", "--eval-images", "50", "--json"]
@@ -596,5 +610,5 @@ def test_an_ensemble_of_generators_splits_each_draw_among_them(tmp_path, capsys)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 1
     assert main(base + ["--generator", a, pairs, "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("smi: error:") and "paired generator" in err and "\n" not in err, err
+    assert err.startswith("smi: error:") and "mixes paired" in err and "\n" not in err, err
     assert not (tmp_path / "bad").exists()

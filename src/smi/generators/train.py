@@ -364,7 +364,9 @@ class _Generated(ImageSet):
     """Endless images from a frozen generator: each draw is new noise and balanced classes, one forward pass.
 
     ``others``: more generators (with their superposition), an ensemble: each draw is split evenly among all,
-    each share with its own noise and balanced classes."""
+    each share with its own noise and balanced classes. Paired generators (all of them, or none) split the
+    pairs: the draw is every member's first halves, then their second halves in the same order, so image i and
+    i + n/2 stay one member's pair."""
 
     def __init__(self, model: ConditionalGenerator, identity: dict[str, Any], seconds: float,
                  superpose: tuple[float, int] = (0.0, 2),
@@ -390,11 +392,16 @@ class _Generated(ImageSet):
 
     @torch.no_grad()
     def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        if self.others:  # an ensemble (never paired): shares of n / len, the first ones one larger
+        if self.others:  # an ensemble: shares of n / len (of pairs, when paired), the first ones one larger
             members = ((self.model, self.superpose), *self.others)
-            shares = [n // len(members) + (i < n % len(members)) for i in range(len(members))]
-            return torch.cat([self._one(m, k, sup, generator) for (m, sup), k in zip(members, shares, strict=True)
-                              if k])
+            units = n // 2 if self.paired else n
+            shares = [units // len(members) + (i < units % len(members)) for i in range(len(members))]
+            if not self.paired:
+                return torch.cat([self._one(m, k, sup, generator)
+                                  for (m, sup), k in zip(members, shares, strict=True) if k])
+            parts = [self._one(m, 2 * k, sup, generator) for (m, sup), k in zip(members, shares, strict=True) if k]
+            odd = [self._one(self.model, 1, self.superpose, generator)] if n % 2 else []  # unpaired, as alone
+            return torch.cat([p[:len(p) // 2] for p in parts] + [p[len(p) // 2:] for p in parts] + odd)
         return self._one(self.model, n, self.superpose, generator)
 
     @staticmethod
@@ -422,7 +429,7 @@ class GeneratorSource(DataSource):
 
     ``others``: more generators of the same teacher, an ensemble (e.g. one kind trained from several seeds): each
     draw is split evenly among them; its synthesis time is the sum of their training times. Paired generators
-    (causal) draw (content, style) pairs and are taken alone."""
+    (causal: (content, style) pairs) join an ensemble only of paired ones, each drawing whole pairs."""
 
     path: str
     others: tuple[str, ...] = ()
@@ -433,9 +440,9 @@ class GeneratorSource(DataSource):
         if len({Path(p).resolve() for p in paths}) < len(paths):
             raise SmiError(f"an ensemble names one generator twice: {', '.join(paths)}", param="generator")
         loaded = [load_generator(p, model) for p in paths]
-        if self.others and any(gen.paired for gen, _ in loaded):
-            raise SmiError("a paired generator (causal: content-style pairs) cannot join an ensemble; give it alone",
-                           param="generator")
+        if len({gen.paired for gen, _ in loaded}) > 1:
+            raise SmiError("an ensemble mixes paired generators (causal: content-style pairs) with unpaired ones; "
+                           "give paired ones together or alone", param="generator")
         weights = [sha256_file(Path(p) / WEIGHTS) for p in paths]
         identity = {"kind": "generator", "weights": weights if self.others else weights[0]}
         (gen, meta), *rest = loaded
