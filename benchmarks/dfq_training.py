@@ -91,17 +91,18 @@ class FilledPool(PoolSource):
         return ImageSet(x, None, ordered=True, identity={**s.identity, "background": self.noise}, seconds=s.seconds)
 
 
-def same_reconstruction(folder: Path, recon: ReconstructConfig, corrected: bool = False) -> bool:
+def same_reconstruction(folder: Path, recon: ReconstructConfig, corrected: bool | str = False) -> bool:
     """Whether ``folder`` holds a model reconstructed with ``recon``'s settings (the seed aside), activation-corrected
     after it or not as ``corrected``: runs with other reconstruction settings share the cell folders, so a cached key
-    alone does not say what is there."""
+    alone does not say what is there. ``corrected``: False, or the quantized.json record of the correction (True
+    for the branch outputs, "all")."""
     path = folder / "quantized.json"
     if not path.exists():
         return False
     meta = json.loads(path.read_text())
     made, want = meta.get("reconstruct") or {}, recon.to_dict()
     return {k: v for k, v in made.items() if k != "seed"} == {k: v for k, v in want.items() if k != "seed"} \
-        and bool(meta.get("correct_activations")) == corrected
+        and meta.get("correct_activations", False) == corrected
 
 
 def sparse_schedule(spec: str) -> str:
@@ -143,6 +144,10 @@ def main() -> None:
     p.add_argument("--recon-correct", action="store_true",
                    help="recon and later stages: DFQ-ViT's activation correction after the reconstruction (smi "
                         "quantize --reconstruct ... --correct-activations); give --work a folder of its own")
+    p.add_argument("--correct-layers", default="outputs", choices=["outputs", "all"],
+                   help="what activation correction fits (the correct stage, --recon-correct): the branch outputs "
+                        "(attn.proj, mlp.fc2; DFQ-ViT's) or all four Linears of a block (smi quantize "
+                        "--correct-activations all)")
     p.add_argument("--qat-epochs", type=int, default=5, help="QAT epochs")
     p.add_argument("--qat-steps", type=int, default=50, help="QAT steps per epoch (batch 32)")
     p.add_argument("--qat-lr", type=float, default=QatConfig.lr, help="QAT learning rate (Adam, cosine to 0)")
@@ -226,6 +231,9 @@ def main() -> None:
             extra += f"|recipe {sorted(args.recipe)}"
         if own_method(source_name) and stage not in SYNTHESIZING:
             extra += f"|method {args.method}"
+        if args.correct_layers != "outputs" and (stage == "correct" or args.recon_correct
+                                                 and stage in STARTS_FROM_RECON):
+            extra += f"|correct {args.correct_layers}"  # (keys of the default, made before it existed, unchanged)
         return (f"{model_name}|{setting}|{quantizer}|{stage}|{source_name}|{seed}|{args.limit}|"
                 f"{args.calib_images}|{extra}")
 
@@ -250,6 +258,7 @@ def main() -> None:
         pools, synth_s = synthetic_pools(teacher, model_name, args.seeds, kinds, Path(args.pools), args.iterations,
                                          args.calib_images, sparse_stops=args.sparse_stops, settings=recipe,
                                          method=args.method)
+        corrected = args.recon_correct and (True if args.correct_layers == "outputs" else args.correct_layers)
         for setting in args.settings:
             w, a = bits(setting)
             for quantizer in args.quantizers:
@@ -273,7 +282,8 @@ def main() -> None:
                                 if stage in ("calib", "correct"):
                                     res = quantize_teacher(teacher, qcfg, source, num_images=args.calib_images,
                                                            seed=seed, copy_model=True,
-                                                           correct_activations=stage == "correct")
+                                                           correct_activations=stage == "correct"
+                                                           and args.correct_layers)
                                     model, units, seconds = res.model, res.correction, time.perf_counter() - t0
                                 else:  # the reconstructed folder is the QAT stage's start
                                     src = source_name + (stops_tag(args.sparse_stops) if source_name == "sparse"
@@ -284,10 +294,11 @@ def main() -> None:
                                     recon_key = cell_key(model_name, setting, quantizer, "recon", source_name, seed)
                                     model = units = None
                                     if stage == "recon" or recon_key not in done \
-                                            or not same_reconstruction(cell / "recon", recon, args.recon_correct):
+                                            or not same_reconstruction(cell / "recon", recon, corrected):
                                         res = quantize_teacher(teacher, qcfg, source, num_images=args.calib_images,
                                                                seed=seed, copy_model=True, reconstruct=recon,
-                                                               correct_activations=args.recon_correct,
+                                                               correct_activations=args.recon_correct
+                                                               and args.correct_layers,
                                                                out=cell / "recon", overwrite=True)
                                         model, units = res.model, res.reconstruction
                                     seconds = time.perf_counter() - t0
@@ -337,6 +348,8 @@ def main() -> None:
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}"
             + (f", PD-Quant prediction term {args.recon_prediction:g}" if args.recon_prediction else "")
             + (", then activation correction" if args.recon_correct else "")
+            + ("; activation correction of all four Linears of each block (qkv, proj, fc1, fc2)"
+               if args.correct_layers == "all" else "")
             + f"; QAT after it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} "
             f"cosine, mixup {args.qat_mixup:g}, feature loss {args.qat_feature_loss}, "
             f"attention transfer {args.qat_attention:g}, "

@@ -207,6 +207,9 @@ def _cases():
         "quantize: --correct-activations on a CNN": (lambda w: ["quantize", "--model", w["cnn"], "--calib", "noise",
                                                                 "--calib-images", "2", "--correct-activations",
                                                                 "--out", "{d}/q"], "needs a quantized timm ViT"),
+        "quantize: --correct-activations of unknown layers": (
+            lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise", "--correct-activations", "inner",
+                       "--out", "{d}/q"], "--correct-activations"),
         "qat: missing quantized folder": (lambda w: ["qat", "--model", w["ckpt"], "--quantized", "/nope/q", "--noise",
                                                      "--eval-data", "none", "--out", "{d}/o"], "does not exist"),
         "qat: a quantized folder of another model": (lambda w: ["qat", "--model", w["other"], "--quantized",

@@ -764,9 +764,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "rounding (AdaRound) and activation step sizes (LSQ) with QDrop (BRECQ); resumes per block")
     p.add_argument("--reconstruct-iterations", type=int, default=500, metavar="N",
                    help="optimizer steps per block with --reconstruct")
-    p.add_argument("--correct-activations", action="store_true",
+    p.add_argument("--correct-activations", nargs="?", const="outputs", default=None, choices=["outputs", "all"],
                    help="finally fit per-channel scale and bias corrections of each block's attn.proj and mlp.fc2 "
-                        "outputs to the float model's on the calibration images, folded into those layers (DFQ-ViT)")
+                        "outputs to the float model's on the calibration images, folded into those layers (DFQ-ViT); "
+                        "'all': also attn.qkv and mlp.fc1, each to the float layer's own output (better at W4A4 and "
+                        "W3A3 on the shipped ViT, see the README)")
     _add_run(p, out="folder for quantized.safetensors and quantized.json", seed="seed of the real/noise draw",
              overwrite="replace a quantized model made with other settings", json=True)
     p.set_defaults(func=_cmd_quantize, parser=p)

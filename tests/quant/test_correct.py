@@ -81,3 +81,39 @@ def test_corrected_folder_reads_back_exactly(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(loaded(x), res.model(x), rtol=0, atol=1e-6)
     assert meta["correct_activations"] is True
+
+
+def test_correcting_all_layers_fits_the_inner_linears_to_the_float_outputs(tmp_path):
+    fp = tiny_vit(depth=2)
+    model = copy.deepcopy(fp)
+    calib = [_smooth_images(16, 1)]
+    quantize_(model, RepQConfig(w_bits=3, a_bits=4), calib)
+    # by hand, block 0's qkv: its quantized output fitted per channel to the float qkv output (same images)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, k=k: seen.__setitem__(k, out.reshape(-1, out.shape[-1])))
+             for k, m in (("q", model.blocks[0].attn.qkv), ("f", fp.blocks[0].attn.qkv))]
+    with torch.no_grad():
+        model(calib[0])
+        fp(calib[0])
+    for h in hooks:
+        h.remove()
+    a, c = affine_fit(seen["q"], seen["f"])
+    expected = model.blocks[0].attn.qkv.bias.detach() * a + c
+    rows = correct_activations_(model, fp, calib, layers="all")
+    assert [r["unit"] for r in rows] == [f"blocks.{i}.{b}" for i in range(2)
+                                         for b in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert all(r["error_after"] < r["error_before"] for r in rows)
+    torch.testing.assert_close(model.blocks[0].attn.qkv.bias, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SmiError, match="outputs, all"):
+        correct_activations_(model, fp, calib, layers="inner")
+    # the pipeline and its record: "all" is named, the default keeps the record it always had
+    teacher = as_teacher(tiny_vit())
+    res = quantize_teacher(teacher, RepQConfig(w_bits=4, a_bits=4), NoiseSource(), num_images=8, out=tmp_path / "q",
+                           copy_model=True, correct_activations="all")
+    assert len(res.correction) == 8
+    _, meta = load_quantized(tmp_path / "q", copy.deepcopy(teacher))
+    assert meta["correct_activations"] == "all"
+    with pytest.raises(SmiError, match="outputs, all"):
+        quantize_teacher(teacher, RepQConfig(w_bits=4, a_bits=4), NoiseSource(), num_images=8, out=tmp_path / "bad",
+                         copy_model=True, correct_activations="inner")
+    assert not (tmp_path / "bad").exists()

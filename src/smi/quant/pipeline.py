@@ -44,24 +44,32 @@ class QuantizeResult:
 def quantize_teacher(
     teacher: Teacher, config: QuantConfig, source: DataSource | str, *, num_images: int = 32, seed: int = 0,
     batch_size: int = 32, out: str | Path | None = None, overwrite: bool = False, copy_model: bool = False,
-    reconstruct: ReconstructConfig | None = None, correct_activations: bool = False, progress: bool = False,
+    reconstruct: ReconstructConfig | None = None, correct_activations: bool | str = False, progress: bool = False,
 ) -> QuantizeResult:
     """Quantize ``teacher.model`` (or a copy) calibrated on ``num_images`` from ``source``; save it to ``out``.
 
     With ``reconstruct``, each unit is then reconstructed on the same images
     (:func:`~smi.quant.reconstruct.reconstruct_`); with ``out``, a checkpoint after every unit lets a rerun of
     the same command resume where a killed one stopped. With ``correct_activations``, each block's branch outputs
-    then get per-channel corrections against the float model (:func:`~smi.quant.correct.correct_activations_`).
+    then get per-channel corrections against the float model (:func:`~smi.quant.correct.correct_activations_`;
+    ``"all"``: the inner attn.qkv and mlp.fc1 too, ``True`` or ``"outputs"``: the branch outputs only).
 
     >>> quantize_teacher(teacher, RepQConfig(w_bits=4, a_bits=4), PoolSource("pool/"), out="quant/w4a4")
     """
+    layers = "outputs" if correct_activations is True else correct_activations or None
+    if layers is not None:
+        from smi.errors import SmiError
+        from smi.quant.correct import LAYERS
+
+        if layers not in LAYERS:  # refused before any work
+            raise SmiError(f"must be one of {', '.join(LAYERS)}, got {layers!r}", param="correct_activations")
     calib = calibration_set(teacher, source, num_images, seed=seed, batch_size=batch_size)
     extra: dict[str, Any] = {"calibration": {"source": calib.source, "images": len(calib.images), "seed": seed,
                                              "sparse": calib.masks is not None}}
     if reconstruct is not None:
         extra["reconstruct"] = reconstruct.to_dict()
-    if correct_activations:
-        extra["correct_activations"] = True
+    if layers is not None:
+        extra["correct_activations"] = True if layers == "outputs" else layers  # as recorded before "all" existed
     meta = quantized_meta(config, teacher, extra)
     if out is not None:  # refused before any work, not after it
         check_quantized_folder(out, meta, overwrite)
@@ -75,10 +83,10 @@ def quantize_teacher(
         rows, state_is_ours = _reconstruct(model, fp_model, calib, reconstruct, Path(out) if out is not None
                                            else None, meta, progress)
     corrections = None
-    if correct_activations:
+    if layers is not None:
         from smi.quant.correct import correct_activations_
 
-        corrections = correct_activations_(model, fp_model, calib)
+        corrections = correct_activations_(model, fp_model, calib, layers=layers)
     folder = None
     if out is not None:
         folder = save_quantized(model, out, teacher, extra=extra, overwrite=overwrite)
