@@ -136,12 +136,11 @@ def correct_activations_(model: nn.Module, fp_model: nn.Module, calibration: Ite
             continue
         mid_f = target[f"in{i}"] + target[f"attn{i}"]
         # (name, Linear, what it should output, where the residual stream it adds to is read; None: inner)
-        units = [("attn.proj", block.attn.proj, mid_f, (block, "in")),
+        units = [("attn.qkv", block.attn.qkv, target.get(f"qkv{i}"), None),
+                 ("attn.proj", block.attn.proj, mid_f, (block, "in")),
+                 ("mlp.fc1", block.mlp.fc1, target.get(f"fc1{i}"), None),
                  ("mlp.fc2", block.mlp.fc2, target[f"out{i}"], (block.norm2, "in"))]
-        if inner:
-            units = [("attn.qkv", block.attn.qkv, target[f"qkv{i}"], None), units[0],
-                     ("mlp.fc1", block.mlp.fc1, target[f"fc1{i}"], None), units[1]]
-        for branch, linear, goal, tap_in in units:
+        for branch, linear, goal, tap_in in (u for u in units if u[0] in LAYERS[layers]):
             if tap_in is None and not (isinstance(linear, QuantLinear) and linear.bias is not None):
                 continue  # an inner Linear left in float or without a bias: nothing to fold into
             t0 = time.perf_counter()
