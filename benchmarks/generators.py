@@ -120,11 +120,13 @@ def trained_generator(teacher, method: str, gen_cfg: GeneratorConfig, folder: Pa
 
 def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, gen_cfg: GeneratorConfig | None,
              folder: Path, data, vit: bool, gen_steps: int, calib_images: int = 32,
-             recon: ReconstructConfig | None = None, ensemble: int = 1) -> dict:  # noqa: ANN001
+             recon: ReconstructConfig | None = None, ensemble: int = 1, correct: str | None = None
+             ) -> dict:  # noqa: ANN001
     """Train (generator), calibrate (and reconstruct, with ``recon``) and fine-tune one cell; its top-1, wall time
     and images per second. ``ensemble`` K > 1: the generators of seeds K x seed ... K x seed + K - 1 (each in its
     seed's folder, shared with that seed's single-generator cells), every draw split among them, their training
-    times summed; the cell's quantized models go to ``q_SETTING_ensK`` / ``qat_SETTING_ensK``."""
+    times summed; the cell's quantized models go to ``q_SETTING_ensK`` / ``qat_SETTING_ensK``. ``correct``: activation
+    correction after calibration (and reconstruction), "outputs" or "all" (``smi quantize --correct-activations``)."""
     w, a = bits(setting)
     rate, prep_s = None, 0.0  # prep_s: seconds made before calibration (a generator's training, a pixel pool)
     if method == "akt" or method.startswith("pixel"):  # no trained generator: calibrated on a small pixel pool
@@ -151,10 +153,11 @@ def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, 
         prep_s = trained_generator(teacher, method, gen_cfg, folder, seed)
         rate = images_per_second(folder / "generator", teacher)  # a measurement, not part of the cell's work
         source = calib = GeneratorSource(str(folder / "generator"))
-    tag = f"{setting}_ens{ensemble}" if ensemble > 1 else setting
+    tag = (f"{setting}_ens{ensemble}" if ensemble > 1 else setting) + (f"_correct-{correct}" if correct else "")
     t0 = time.perf_counter()
     quantize_teacher(teacher, QuantConfig.create("repq", w_bits=w, a_bits=a), calib, num_images=calib_images,
-                     seed=seed, reconstruct=recon, out=folder / f"q_{tag}", overwrite=True,
+                     seed=seed, reconstruct=recon, correct_activations=correct or False, out=folder / f"q_{tag}",
+                     overwrite=True,
                      copy_model=True)  # the teacher stays float
     quantize_s = time.perf_counter() - t0
     res = qat(teacher, folder / f"q_{tag}", source, folder / f"qat_{tag}", qat_cfg, eval_data=None,
@@ -189,6 +192,8 @@ def main() -> None:
     p.add_argument("--ensemble", type=int, default=1,
                    help="generator rows: an ensemble of K generators per cell (seeds K x seed ... K x seed + K - 1; "
                         "smi qat --generator DIR1 ... DIRK), every draw split among them, their training times summed")
+    p.add_argument("--correct", choices=["outputs", "all"], default=None,
+                   help="activation correction after calibration (ViTs; smi quantize --correct-activations)")
     p.add_argument("--qat-epochs", type=int, default=5)
     p.add_argument("--qat-steps", type=int, default=50)
     p.add_argument("--qat-lr", type=float, default=QatConfig.lr, help="QAT learning rate (Adam, cosine to 0)")
@@ -221,12 +226,15 @@ def main() -> None:
                         spec.update(recon=recon.to_dict() if recon else None, calib_images=args.calib_images)
                     if args.ensemble > 1 and gen_cfg is not None:
                         spec.update(ensemble=args.ensemble)
+                    if args.correct:
+                        spec.update(correct=args.correct)
                     cell = cells.get(key, spec)
                     if cell is None:
                         cell = {"setting": spec, **run_cell(teacher, method, setting, seed, qat_cfg, gen_cfg,
                                                             work / f"{tname}_{method}_seed{seed}", data, vit,
                                                             args.gen_steps, args.calib_images, recon,
-                                                            args.ensemble if gen_cfg is not None else 1)}
+                                                            args.ensemble if gen_cfg is not None else 1,
+                                                            args.correct)}
                         cells.put(key, cell)
                         print(f"{tname} {setting} {method} seed {seed}: {cell['top1']:.2f} ({cell['wall_s']:.0f} s)",
                               file=sys.stderr, flush=True)
@@ -254,6 +262,8 @@ def main() -> None:
     note = (f"\nrepq W/A bits, {args.calib_images} calibration images"
             + (f", then block reconstruction on them ({args.recon_iterations} steps per block, QDrop 0.5)"
                if recon else "")
+            + {None: "", "outputs": ", then activation correction (attn.proj and mlp.fc2)",
+               "all": ", then activation correction (all four Linears of each block)"}[args.correct]
             + f", QAT {args.qat_epochs} x {args.qat_steps} steps of batch 32 (lr {args.qat_lr:g}"
             + (f", attention transfer {args.qat_attention:g}" if args.qat_attention else "")
             + f") on fresh images; generators trained {args.gen_epochs} x {args.gen_steps} steps of batch 64"
