@@ -258,7 +258,8 @@ def main() -> None:
         pools, synth_s = synthetic_pools(teacher, model_name, args.seeds, kinds, Path(args.pools), args.iterations,
                                          args.calib_images, sparse_stops=args.sparse_stops, settings=recipe,
                                          method=args.method)
-        corrected = args.recon_correct and (True if args.correct_layers == "outputs" else args.correct_layers)
+        recon_layers = args.correct_layers if args.recon_correct else False  # correction after reconstruction
+        corrected = True if recon_layers == "outputs" else recon_layers  # ... as quantized.json records it
         for setting in args.settings:
             w, a = bits(setting)
             for quantizer in args.quantizers:
@@ -297,8 +298,7 @@ def main() -> None:
                                             or not same_reconstruction(cell / "recon", recon, corrected):
                                         res = quantize_teacher(teacher, qcfg, source, num_images=args.calib_images,
                                                                seed=seed, copy_model=True, reconstruct=recon,
-                                                               correct_activations=args.recon_correct
-                                                               and args.correct_layers,
+                                                               correct_activations=recon_layers,
                                                                out=cell / "recon", overwrite=True)
                                         model, units = res.model, res.reconstruction
                                     seconds = time.perf_counter() - t0

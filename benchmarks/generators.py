@@ -141,18 +141,14 @@ def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, 
             qat_cfg = dataclasses.replace(qat_cfg, epochs=max(qat_cfg.epochs, fits))
         source = OnlineSource(synth) if method != "akt" else OnlineGeneratorSource(
             gen_cfg, steps=gen_steps, adversarial=1.0, game="adadfq")
-    elif ensemble > 1:
-        seeds = [ensemble * seed + i for i in range(ensemble)]
+    else:  # one generator (this seed's), or an ensemble of K seeds' (each in its seed's folder)
+        seeds = [ensemble * seed + i for i in range(ensemble)] if ensemble > 1 else [seed]
         folders = [folder.with_name(f"{folder.name.rsplit('_seed', 1)[0]}_seed{s}") for s in seeds]
         prep_s = sum(trained_generator(teacher, method, dataclasses.replace(gen_cfg, seed=s), f, s)
                      for s, f in zip(seeds, folders, strict=True))
-        rate = images_per_second(folders[0] / "generator", teacher)
+        rate = images_per_second(folders[0] / "generator", teacher)  # a measurement, not part of the cell's work
         source = calib = GeneratorSource(str(folders[0] / "generator"), tuple(str(f / "generator")
                                                                                for f in folders[1:]))
-    else:
-        prep_s = trained_generator(teacher, method, gen_cfg, folder, seed)
-        rate = images_per_second(folder / "generator", teacher)  # a measurement, not part of the cell's work
-        source = calib = GeneratorSource(str(folder / "generator"))
     tag = (f"{setting}_ens{ensemble}" if ensemble > 1 else setting) + (f"_correct-{correct}" if correct else "")
     t0 = time.perf_counter()
     quantize_teacher(teacher, QuantConfig.create("repq", w_bits=w, a_bits=a), calib, num_images=calib_images,

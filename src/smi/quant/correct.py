@@ -38,11 +38,17 @@ from smi.quant.api import Batch, calibration_forward
 from smi.quant.modules import QuantLinear
 from smi.quant.reconstruct import Forward, _float_twin, _Stop
 
-__all__ = ["LAYERS", "SCALE_RANGE", "affine_fit", "correct_activations_"]
+__all__ = ["LAYERS", "SCALE_RANGE", "affine_fit", "check_layers", "correct_activations_"]
 
 SCALE_RANGE = (0.5, 1.5)
 LAYERS = {"outputs": ("attn.proj", "mlp.fc2"),  # the branches' last Linears (DFQ-ViT's), the default
           "all": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}  # ... and the inner ones before softmax / GELU
+
+
+def check_layers(layers: str) -> None:
+    """Refuse ``layers`` that are not a key of :data:`LAYERS` (before any work)."""
+    if layers not in LAYERS:
+        raise SmiError(f"must be one of {', '.join(LAYERS)}, got {layers!r}", param="correct_activations")
 
 
 def affine_fit(z: torch.Tensor, t: torch.Tensor, scale_range: tuple[float, float] = SCALE_RANGE
@@ -109,8 +115,7 @@ def correct_activations_(model: nn.Module, fp_model: nn.Module, calibration: Ite
     changed) on the calibration batches; returns one row per corrected Linear: the mean squared error of what it
     is fitted to (the residual stream for attn.proj and mlp.fc2, the float layer's output for attn.qkv and
     mlp.fc1) before and after, and the range of the fitted scales. ``layers``: a key of :data:`LAYERS`."""
-    if layers not in LAYERS:
-        raise SmiError(f"must be one of {', '.join(LAYERS)}, got {layers!r}", param="correct_activations")
+    check_layers(layers)
     forward = forward or calibration_forward
     batches = list(calibration)
     blocks = list(getattr(model, "blocks", []))

@@ -58,11 +58,9 @@ def quantize_teacher(
     """
     layers = "outputs" if correct_activations is True else correct_activations or None
     if layers is not None:
-        from smi.errors import SmiError
-        from smi.quant.correct import LAYERS
+        from smi.quant.correct import check_layers
 
-        if layers not in LAYERS:  # refused before any work
-            raise SmiError(f"must be one of {', '.join(LAYERS)}, got {layers!r}", param="correct_activations")
+        check_layers(layers)  # refused before any work
     calib = calibration_set(teacher, source, num_images, seed=seed, batch_size=batch_size)
     extra: dict[str, Any] = {"calibration": {"source": calib.source, "images": len(calib.images), "seed": seed,
                                              "sparse": calib.masks is not None}}
