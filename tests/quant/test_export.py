@@ -22,19 +22,21 @@ def world(tmp_path_factory):
     ckpt = str(write_tiny_checkpoint(d, "tiny"))
     other = str(write_tiny_checkpoint(d, "other", seed=1))
     folders = {}
-    for preset, w, a in (("baseline", 8, 8), ("repq", 4, 4)):
-        q = d / f"q_{preset}"
+    for key, w, a in (("baseline", 8, 8), ("repq", 4, 4), ("repq-rotated", 4, 4)):
+        q, preset = d / f"q_{key}", key.split("-")[0]
         assert main(["quantize", "--model", ckpt, "--calib", "noise", "--calib-images", "8", "--quantizer", preset,
-                     "--w-bits", str(w), "--a-bits", str(a), "--out", str(q)]) == 0
-        assert main(["export", "--model", ckpt, "--quantized", str(q), "--out", str(d / f"x_{preset}")]) == 0
-        folders[preset] = (q, d / f"x_{preset}")
+                     "--w-bits", str(w), "--a-bits", str(a), "--out", str(q)]
+                    + (["--rotate"] if key.endswith("rotated") else [])) == 0
+        assert main(["export", "--model", ckpt, "--quantized", str(q), "--out", str(d / f"x_{key}")]) == 0
+        folders[key] = (q, d / f"x_{key}")
     images = write_image_folder(d / "images", classes=5, per_class=4, size=(32, 32), split=True)
     return {"dir": d, "ckpt": ckpt, "other": other, "folders": folders, "images": images}
 
 
-@pytest.mark.parametrize("preset", ["baseline", "repq"])
-def test_exported_model_agrees_with_the_simulation(world, preset):
-    quantized, exported = world["folders"][preset]
+@pytest.mark.parametrize("key", ["baseline", "repq", "repq-rotated"])
+def test_exported_model_agrees_with_the_simulation(world, key):
+    quantized, exported = world["folders"][key]
+    preset = key.split("-")[0]
     teacher = load_teacher(world["ckpt"])
     sim, _ = load_quantized(quantized, teacher)
     ort_model, meta = load_exported(exported, load_teacher(world["ckpt"]))

@@ -176,3 +176,29 @@ def test_edge_bits_survive_the_saved_folder_and_the_cli(ckpt, tmp_path, capsys):
     assert model.head.w_bits == 8 and model.head.input_quant.bits == 8
     assert model.blocks[0].mlp.fc1.w_bits == 3 and model.blocks[0].attn.proj.input_quant.bits == 3
     assert main(["eval", "--model", ckpt, "--quantized", out, "--data", "noise", "--json"]) in (0, 2)
+
+
+def test_rotate_survives_the_saved_folder_and_the_cli(ckpt, tmp_path, capsys):
+    from smi.evaluation import evaluate
+    from smi.quant import RepQConfig
+    from smi.quant.rotate import is_rotated
+
+    out = str(tmp_path / "q")
+    assert main(["quantize", "--model", ckpt, "--calib", "noise", "--calib-images", "4", "--w-bits", "4",
+                 "--a-bits", "4", "--quantizer", "repq", "--rotate", "--out", out, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rotate"] is True
+    teacher = load_teacher(ckpt)
+    x = torch.randn(4, *teacher.input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        float_logits = teacher.model(x)
+    model, meta = load_quantized(out, teacher)
+    assert QuantConfig.from_dict(meta["config"]) == RepQConfig(w_bits=4, a_bits=4, rotate=True) and is_rotated(model)
+    with torch.no_grad():  # the rotated, quantized model still computes (roughly) the float function
+        agree = (model(x).argmax(-1) == float_logits.argmax(-1)).float().mean().item()
+    assert agree >= 0.5
+    write_image_folder(tmp_path / "d", classes=1, per_class=2, size=(32, 32), split=True)
+    assert main(["eval", "--model", ckpt, "--quantized", out, "--data", f"imagefolder:{tmp_path / 'd'}",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    direct = evaluate(model, eval_dataset(f"imagefolder:{tmp_path / 'd'}", teacher))
+    assert (res["n"], res["top1"]) == (direct["n"], direct["top1"])

@@ -34,6 +34,7 @@ class QuantConfig:
     w_bits: int = 8
     a_bits: int = 8
     edge_bits: int | None = None  # the first layer's and the classifier head's weights and input; None: as the rest
+    rotate: bool = False  # rotate the ViT first (:func:`smi.quant.rotate.rotate_`): same float function, fewer outliers
 
     name: ClassVar[str] = ""  # the preset's name in PRESETS
     version: ClassVar[int] = 1  # bump when a preset's saved state changes meaning
@@ -47,11 +48,15 @@ class QuantConfig:
                 continue
             if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
                 raise SmiError(f"must be an integer from 2 to 8, got {bits!r}", param=name)
+        if not isinstance(self.rotate, bool):
+            raise SmiError(f"must be true or false, got {self.rotate!r}", param="rotate")
 
     def to_dict(self) -> dict[str, Any]:
         fields = asdict(self)
         if self.edge_bits is None:  # folders written before edge_bits existed read back as the same config
             del fields["edge_bits"]
+        if not self.rotate:  # as for edge_bits: folders written before rotate existed read back unchanged
+            del fields["rotate"]
         return {"preset": self.name, "version": self.version, **fields}
 
     def at_edge(self) -> QuantConfig:
@@ -62,8 +67,9 @@ class QuantConfig:
         return self if self.edge_bits is None else replace(self, w_bits=self.edge_bits, a_bits=self.edge_bits)
 
     def label(self) -> str:
-        """``W4A4``, or ``W3A3 (edges 8)`` with ``edge_bits``."""
-        return f"W{self.w_bits}A{self.a_bits}" + ("" if self.edge_bits is None else f" (edges {self.edge_bits})")
+        """``W4A4``; ``W3A3 (edges 8)`` with ``edge_bits``, ``W3A3 rotated`` with ``rotate``."""
+        return (f"W{self.w_bits}A{self.a_bits}" + ("" if self.edge_bits is None else f" (edges {self.edge_bits})")
+                + (" rotated" if self.rotate else ""))
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> QuantConfig:

@@ -56,6 +56,10 @@ def quantize_teacher(
 
     >>> quantize_teacher(teacher, RepQConfig(w_bits=4, a_bits=4), PoolSource("pool/"), out="quant/w4a4")
     """
+    if config.rotate:
+        from smi.quant.rotate import check_rotatable
+
+        check_rotatable(teacher.model)  # refused before any work
     layers = "outputs" if correct_activations is True else correct_activations or None
     if layers is not None:
         from smi.quant.correct import check_layers

@@ -183,11 +183,18 @@ def _block_features(fp_model: nn.Module, model: nn.Module, cfg: QatConfig
         return
     if not blocks_s or len(blocks_t) != len(blocks_s):
         raise SmiError(f"--feature-loss {cfg.feature_loss} needs a model with transformer blocks", param="feature_loss")
+    turn = None
+    if config_of(model).rotate:  # the student's blocks write the rotated residual stream: rotate the teacher's too
+        from smi.quant.rotate import residual_rotation
+
+        turn = residual_rotation(fp_model.embed_dim)
     seen: dict[str, list[torch.Tensor]] = {"t": [], "s": []}
 
     def keep(key: str):
         def hook(module, args, output) -> None:
             if model.training:  # training steps only, not the per-epoch evaluation
+                if key == "t" and turn is not None:
+                    output = output @ turn.to(output)
                 seen[key].append(output)
         return hook
 
