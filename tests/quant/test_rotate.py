@@ -26,7 +26,7 @@ def _perturbed(model):
     return model.eval()
 
 
-@pytest.mark.parametrize("n", [8, 12, 32, 48])
+@pytest.mark.parametrize("n", [8, 12, 20, 48])
 @pytest.mark.parametrize("keep_ones", [False, True])
 def test_rotation_matrix_is_orthogonal_and_keeps_the_ones_direction(n, keep_ones):
     q = rotation_matrix(n, torch.Generator().manual_seed(0), keep_ones=keep_ones)
@@ -36,9 +36,21 @@ def test_rotation_matrix_is_orthogonal_and_keeps_the_ones_direction(n, keep_ones
     assert not torch.allclose(q.abs(), torch.eye(n, dtype=torch.float64))  # not a signed permutation
 
 
+@pytest.mark.parametrize("n", [1, 2, 12, 64, 96, 192, 768])
+def test_hadamard_matrices_are_orthonormal_with_equal_magnitudes(n):
+    from smi.quant.rotate import _hadamard
+
+    h = _hadamard(n)
+    torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(h.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64))
+    assert torch.all(h[:, 0] == h[0, 0])  # a constant first column: what keep_ones relies on
+    assert _hadamard(20) is None and _hadamard(6) is None  # no construction here: random orthogonal instead
+
+
 @pytest.mark.parametrize("kwargs", [
     {},  # power-of-two widths: Hadamard
-    {"embed_dim": 48, "num_heads": 4},  # 48 and 12: random orthogonal
+    {"embed_dim": 48, "num_heads": 4},  # 48 and 12: Paley's Hadamard matrix doubled
+    {"embed_dim": 40, "num_heads": 4},  # 40 and 10: random orthogonal
     {"init_values": 0.5},  # LayerScale
     {"class_token": True, "reg_tokens": 2},
     {"global_pool": "avg", "fc_norm": True},  # the head reads fc_norm, not norm

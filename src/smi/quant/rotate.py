@@ -14,8 +14,9 @@ the same cost and (in float) the same logits.
 
 A rotation spreads a few large channels over all of them, so a per-tensor (or per-head) step size wastes fewer
 levels: on the shipped ViT, repq W3A3 calibrated on 32 sparse synthetic images rises from about 47 % to about 63 %
-(README). ``Q`` and ``R`` are randomized Hadamard matrices where the width is a power of two, random orthogonal
-matrices otherwise, drawn from a fixed seed, so the same model always gets the same rotation.
+(README). ``Q`` and ``R`` are randomized Hadamard matrices where the width is a power of two or 12 times one
+(Sylvester's doubling of 1 or of Paley's order-12 matrix: 96, 128, 192, 384, 768), random orthogonal matrices
+otherwise, drawn from a fixed seed, so the same model always gets the same rotation.
 """
 
 from __future__ import annotations
@@ -36,8 +37,31 @@ def is_rotated(model: nn.Module) -> bool:
     return bool(getattr(model, _MARK, False))
 
 
-def _hadamard(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
+def _paley12() -> torch.Tensor:
+    """A 12 x 12 Hadamard matrix (Paley's construction for q = 11), rows signed so its first column is all ones."""
+    squares = {(i * i) % 11 for i in range(1, 11)}
+    chi = [0] + [1 if k in squares else -1 for k in range(1, 11)]  # the quadratic character mod 11
+    h = torch.zeros(12, 12, dtype=torch.float64)
+    h[0, 1:], h[1:, 0] = 1.0, -1.0
+    for i in range(11):
+        for j in range(11):
+            h[1 + i, 1 + j] = chi[(j - i) % 11]
+    h += torch.eye(12, dtype=torch.float64)
+    return h * h[:, :1]
+
+
+def _hadamard(n: int) -> torch.Tensor | None:
+    """An orthonormal Hadamard matrix of order ``n`` with a constant first column, for ``n`` a power of two or 12
+    times one (DeiT's 192, 384 and 768), else None. Sylvester's doubling, from 1 or from Paley's 12."""
+    m = n
+    while m % 2 == 0 and m > 1:
+        m //= 2
+    if m == 1:
+        h = torch.ones(1, 1, dtype=torch.float64)
+    elif m == 3 and n % 12 == 0:
+        h = _paley12()
+    else:
+        return None
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / n ** 0.5
@@ -53,13 +77,15 @@ def _random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def rotation_matrix(n: int, gen: torch.Generator, keep_ones: bool = False) -> torch.Tensor:
-    """An ``n x n`` orthogonal matrix (float64): a randomized Hadamard matrix where ``n`` is a power of two, a
-    random orthogonal one otherwise. With ``keep_ones`` it maps the all-ones vector to itself (``Q 1 = 1``)."""
-    if n & (n - 1) == 0:
-        h, s = _hadamard(n), _signs(n, gen)
+    """An ``n x n`` orthogonal matrix (float64): a randomized Hadamard matrix where ``n`` is a power of two or 12
+    times one, a random orthogonal one otherwise. With ``keep_ones`` it maps the all-ones vector to itself
+    (``Q 1 = 1``)."""
+    h = _hadamard(n)
+    if h is not None:
+        s = _signs(n, gen)
         if not keep_ones:
             return s[:, None] * h  # diag(s) H
-        s[0] = 1.0  # H's first column is all 1/sqrt(n): H diag(s) Hᵀ with s_0 = 1 keeps it
+        s[0] = 1.0  # H's first column is constant, 1/sqrt(n): H diag(s) Hᵀ with s_0 = 1 keeps the ones
         return (h * s) @ h.T
     r = _random_orthogonal(n, gen)
     if not keep_ones:
