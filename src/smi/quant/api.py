@@ -88,12 +88,12 @@ def prepare(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = 
     Without ``filter_fn``: :func:`default_filter` for ViTs, :func:`cnn_filter` for models without blocks. With
     ``config.rotate`` the float model is rotated first (:func:`~smi.quant.rotate.rotate_`).
     """
-    handler_for(config)  # an unregistered config type fails here, before any change
+    handler = handler_for(config)  # an unregistered config type fails here, before any change
     if config.rotate:
         from smi.quant.rotate import rotate_
 
         rotate_(model)  # the float function is unchanged; a rotated model (or its copy) is not rotated again
-    handler_for(config).before_prepare(model, config)
+    handler.before_prepare(model, config)
     if filter_fn is None:
         filter_fn = default_filter if hasattr(model, "blocks") else cnn_filter
     _swap(model, filter_fn, config)
