@@ -155,7 +155,7 @@ def _cases():
         "quantize: 9-bit edges": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise", "--edge-bits",
                                              "9", "--out", "{d}/q"], "edge-bits"),
         "quantize: --rotate on a CNN": (lambda w: ["quantize", "--model", w["cnn"], "--calib", "noise", "--rotate",
-                                                   "--out", "{d}/q"], "cannot rotate this model"),
+                                                   "--out", "{d}/q"], "needs a plain pre-norm timm ViT"),
         "quantize: zero images": (lambda w: ["quantize", "--model", w["ckpt"], "--calib", "noise",
                                              "--calib-images", "0", "--out", "{d}/q"], "--calib-images"),
         "eval: zero limit": (lambda w: ["eval", "--model", w["ckpt"], "--data", "imagefolder:{d}", "--limit", "0"],

@@ -198,7 +198,7 @@ def test_rotation_is_refused_where_it_cannot_be_exact():
     import timm
 
     cnn = timm.create_model("resnet10t", num_classes=3).eval()
-    with pytest.raises(SmiError, match="cannot rotate this model"):
+    with pytest.raises(SmiError, match="needs a plain pre-norm timm ViT"):
         quantize_(cnn, BaselineConfig(w_bits=8, a_bits=8, rotate=True), [torch.randn(2, 3, 32, 32)])
     vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, qk_norm=True).eval()
     with pytest.raises(SmiError, match="block 0"):

@@ -135,8 +135,7 @@ def check_rotatable(model: nn.Module) -> None:
                 why = f"block {i} is not a plain pre-norm timm block (LayerNorm, Attention without q/k norm, Mlp)"
                 break
     if why is not None:
-        raise SmiError(f"cannot rotate this model: {why}; rotation supports timm ViTs (leave --rotate off)",
-                       param="rotate")
+        raise SmiError(f"needs a plain pre-norm timm ViT, and this model is not one: {why}", param="rotate")
 
 
 def _final_norm(model: nn.Module) -> nn.LayerNorm | None:
