@@ -13,10 +13,10 @@ the same cost and (in float) the same logits.
   attention, unchanged; the rotation is folded into the rows of ``attn.qkv``.
 
 A rotation spreads a few large channels over all of them, so a per-tensor (or per-head) step size wastes fewer
-levels: on the shipped ViT, repq W3A3 calibrated on 32 sparse synthetic images rises from about 47 % to about 63 %
-(README). ``Q`` and ``R`` are randomized Hadamard matrices where the width is a power of two or 12 times one
-(Sylvester's doubling of 1 or of Paley's order-12 matrix: 96, 128, 192, 384, 768), random orthogonal matrices
-otherwise, drawn from a fixed seed, so the same model always gets the same rotation.
+levels: on the shipped ViT, repq W3A3 calibrated on 32 sparse synthetic images rises from 47 % to 60 % (README).
+``Q`` and ``R`` are randomized Hadamard matrices where the width is a power of two or 12 times one (Sylvester's
+doubling of 1 or of Paley's order-12 matrix: 96, 128, 192, 384, 768), random orthogonal matrices otherwise, drawn
+from a fixed seed, so the same model always gets the same rotation.
 """
 
 from __future__ import annotations
