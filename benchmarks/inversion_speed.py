@@ -54,6 +54,17 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM). Not ``getrusage``'s ru_maxrss: Linux carries that across fork and
+    exec, so a child would report the parent's RSS when it forked (the parent grows by counting FLOPs of the
+    models) whenever its own peak is lower."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(args: argparse.Namespace) -> None:
     """One timed inversion in this process; prints one JSON line."""
     from smi.inversion.config import InversionConfig, SparsityConfig
@@ -96,7 +107,7 @@ def child(args: argparse.Namespace) -> None:
     if cuda:  # the allocator's peak of tensors (what the run needs), not the cached pool
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _peak_rss_bytes()
     name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
     print(json.dumps({"seconds": seconds, "mem_before": base, "mem_peak": peak, "peak_rise": peak - base,
                       "kept": int(batch.mask[0].sum()), "device_name": name}))
@@ -160,6 +171,21 @@ def count_flops(model_name: str, batch: int) -> dict[str, float]:
     return {"dense_tflops": dense / 1e12, "sparse_tflops": sparse / 1e12, "kept_counts": counts}
 
 
+def token_ceiling(model_name: str) -> float:
+    """Dense over sparse token count of the paper's schedule (tokens = kept patches + prefix tokens, summed over
+    the 4000 iterations): the speed-up a sparse run reaches if a step costs in proportion to its tokens (attention's
+    quadratic part, which shrinks faster, aside), before any per-step overhead."""
+    from smi.inversion.config import SparsityConfig
+    from smi.models.loading import load_teacher
+
+    model = load_teacher(model_name).model
+    n, prefix = model.patch_embed.num_patches, model.num_prefix_tokens
+    sched = SparsityConfig()
+    bounds = [0] + [it for it, _ in sched.stops] + [PAPER_ITERATIONS]
+    sparse = sum((bounds[i + 1] - bounds[i]) * (k + prefix) for i, k in enumerate(sched.kept_counts(n)))
+    return PAPER_ITERATIONS * (n + prefix) / sparse
+
+
 def _row(model: str, runs: dict[str, list[dict]], final: dict | None, flops: dict | None,
          args: argparse.Namespace) -> dict:
     """One model's row from the runs so far (medians over the repeats each contender finished)."""
@@ -177,7 +203,7 @@ def _row(model: str, runs: dict[str, list[dict]], final: dict | None, flops: dic
                                for d, s in zip(runs["dense"], runs["sparse"], strict=False)],
         "repeats": min(len(runs["dense"]), len(runs["sparse"])),
         "dense_peak_mib": round(d_m / 2**20, 1), "sparse_peak_mib": round(s_m / 2**20, 1),
-        "memory_reduction": round(1 - s_m / d_m, 4),
+        "memory_reduction": round(1 - s_m / d_m, 4), "token_ceiling": round(token_ceiling(model), 2),
     }
     if flops:
         row.update({"dense_tflops_4000": round(flops["dense_tflops"], 2),
@@ -205,6 +231,8 @@ def _cells(row: dict, bf16: bool) -> list[str]:
         return fmt(row) if key in row else "–"
 
     cells = [row["model"], f"{row['dense_s']:.1f}", f"{row['sparse_s']:.1f}", f"**{row['speedup']:.2f}x**",
+             f"{row['token_ceiling']:.2f}x" + opt("dense_tflops_4000", lambda r: " / "
+                                                  f"{r['dense_tflops_4000'] / r['sparse_tflops_4000']:.2f}x"),
              opt("dense_tflops_4000", lambda r: f"{r['dense_tflops_4000']:.0f} / {r['sparse_tflops_4000']:.0f}"),
              opt("flops_reduction", lambda r: f"{100 * r['flops_reduction']:.1f} %"),
              f"{row['dense_peak_mib']:.0f} / {row['sparse_peak_mib']:.0f} ({100 * row['memory_reduction']:.0f} %)",
@@ -292,7 +320,8 @@ def main() -> None:
                 if runs[m]["dense"] and runs[m]["sparse"]]
         if not rows:
             return
-        header = ["model", "dense s", "sparse s", "speed-up", "TFLOPs dense / sparse (4000 it)", "FLOPs saved",
+        header = ["model", "dense s", "sparse s", "speed-up", "ceiling: tokens / FLOPs",
+                  "TFLOPs dense / sparse (4000 it)", "FLOPs saved",
                   "peak MiB dense / sparse, whole run (saved)", "sparse final-phase peak MiB (saved)",
                   "sparse with --recompute never: speed-up, whole-run peak (saved)"]
         if bf16:
@@ -310,6 +339,8 @@ def main() -> None:
                 f"{'one run of each contender' if reps == [1] else 'medians of ' + '/'.join(map(str, reps)) + ' runs'}"
                 f", alternating, each in its own process; {where}; random-init weights. "
                 f"{'' if args.no_flops else 'FLOPs counted for the full 4000-iteration schedule. '}"
+                "Ceilings: the dense/sparse ratio of tokens (kept patches + class token) and of counted FLOPs over "
+                "the schedule, what the speed-up would be if a step cost in proportion to either. "
                 "Sparse runs at the default --recompute auto "
                 "(block activations recomputed in backward until the last stop; identical images); the "
                 "'--recompute never' column is the same run keeping them.\n")
