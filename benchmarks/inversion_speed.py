@@ -231,8 +231,8 @@ def _cells(row: dict, bf16: bool) -> list[str]:
         return fmt(row) if key in row else "–"
 
     cells = [row["model"], f"{row['dense_s']:.1f}", f"{row['sparse_s']:.1f}", f"**{row['speedup']:.2f}x**",
-             f"{row['token_ceiling']:.2f}x" + opt("dense_tflops_4000", lambda r: " / "
-                                                  f"{r['dense_tflops_4000'] / r['sparse_tflops_4000']:.2f}x"),
+             f"{row['token_ceiling']:.2f}x" + (f" / {row['dense_tflops_4000'] / row['sparse_tflops_4000']:.2f}x"
+                                               if "dense_tflops_4000" in row else ""),
              opt("dense_tflops_4000", lambda r: f"{r['dense_tflops_4000']:.0f} / {r['sparse_tflops_4000']:.0f}"),
              opt("flops_reduction", lambda r: f"{100 * r['flops_reduction']:.1f} %"),
              f"{row['dense_peak_mib']:.0f} / {row['sparse_peak_mib']:.0f} ({100 * row['memory_reduction']:.0f} %)",
