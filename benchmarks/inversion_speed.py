@@ -29,6 +29,7 @@ Run:  python benchmarks/inversion_speed.py            (about 30 min on 2 cores)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -161,16 +162,21 @@ def count_flops(model_name: str, batch: int) -> dict[str, float]:
 
     sched = SparsityConfig()
     counts = sched.kept_counts(n)
-    bounds = [0] + [it for it, _ in sched.stops] + [PAPER_ITERATIONS]
     dense = PAPER_ITERATIONS * step_flops(None)
     sparse = 0
-    for phase, k in enumerate(counts):
-        its = bounds[phase + 1] - bounds[phase]
+    for phase, (k, its) in enumerate(zip(counts, _phase_lengths(sched), strict=True)):
         ranked = 1 if phase < len(sched.stops) else 0  # the stop iteration itself reads attention
         sparse += (its - ranked) * step_flops(k) + ranked * step_flops(k, importance=True)
     return {"dense_tflops": dense / 1e12, "sparse_tflops": sparse / 1e12, "kept_counts": counts}
 
 
+def _phase_lengths(sched) -> list[int]:  # noqa: ANN001
+    """Iterations of each phase of ``sched`` over the paper's 4000 (one more phase than stops)."""
+    bounds = [0] + [it for it, _ in sched.stops] + [PAPER_ITERATIONS]
+    return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+@functools.cache
 def token_ceiling(model_name: str) -> float:
     """Dense over sparse token count of the paper's schedule (tokens = kept patches + prefix tokens, summed over
     the 4000 iterations): the speed-up a sparse run reaches if a step costs in proportion to its tokens (attention's
@@ -181,8 +187,7 @@ def token_ceiling(model_name: str) -> float:
     model = load_teacher(model_name).model
     n, prefix = model.patch_embed.num_patches, model.num_prefix_tokens
     sched = SparsityConfig()
-    bounds = [0] + [it for it, _ in sched.stops] + [PAPER_ITERATIONS]
-    sparse = sum((bounds[i + 1] - bounds[i]) * (k + prefix) for i, k in enumerate(sched.kept_counts(n)))
+    sparse = sum(its * (k + prefix) for k, its in zip(sched.kept_counts(n), _phase_lengths(sched), strict=True))
     return PAPER_ITERATIONS * (n + prefix) / sparse
 
 
