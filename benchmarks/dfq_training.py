@@ -29,12 +29,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
-from math import isqrt
 from pathlib import Path
-from typing import Any
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -47,16 +42,13 @@ from _common import (  # noqa: E402
     synthetic_pools,
     test_split,
 )
-from smi.data.sources import ImageSet, ModelSpec, PoolSource, parse_source  # noqa: E402
+from smi.data.sources import PoolSource, parse_source  # noqa: E402
 from smi.errors import SmiError  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
-from smi.inversion import InversionConfig, SparsityConfig  # noqa: E402
-from smi.inversion.augment import fill_background  # noqa: E402
-from smi.inversion.engine import valid_range  # noqa: E402
+from smi.inversion import FilledPoolSource, InversionConfig, SparsityConfig  # noqa: E402
 from smi.inversion.methods import pool_methods  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
-from smi.models.sparse import mask_to_indices  # noqa: E402
 from smi.quant.pipeline import quantize_teacher  # noqa: E402
 from smi.quant.qat import FEATURE_LOSSES, QatConfig, qat  # noqa: E402
 from smi.quant.reconstruct import ReconstructConfig  # noqa: E402
@@ -70,25 +62,6 @@ STARTS_FROM_RECON = ("recon", "qat", "adaptive", "online")
 TRAINS = ("qat", "adaptive", "online")  # the stages that run QAT from the reconstruction
 SYNTHESIZING = ("adaptive", "online")  # ... of which these on images synthesized while it trains
 BACKGROUNDS = {"none": None, "flat": 0.0, "noise": 0.25}  # --pool-background: texture std, fraction of the range
-
-
-@dataclass(frozen=True)
-class FilledPool(PoolSource):
-    """A sparse pool shown whole: every image's stopped patches filled once (seeded) with a random background, a
-    level ~ U(valid range) per image and channel plus Gaussian texture of std up to ``noise`` of the range; both
-    models then see the whole image, so the teacher labels what the quantized model sees."""
-
-    noise: float = 0.0
-
-    def open(self, model: ModelSpec, **context: Any) -> ImageSet:
-        s = super().open(model, **context)
-        if s.masks is None or s.masks.all():
-            return s
-        g = isqrt(s.masks.shape[1])
-        lo, hi = valid_range(model.mean, model.std, "cpu")
-        x = fill_background(s.images, mask_to_indices(s.masks), (g, g), s.images.shape[-1] // g, lo, hi, self.noise,
-                            torch.Generator().manual_seed(0))
-        return ImageSet(x, None, ordered=True, identity={**s.identity, "background": self.noise}, seconds=s.seconds)
 
 
 def same_reconstruction(folder: Path, recon: ReconstructConfig, corrected: bool | str = False) -> bool:
@@ -137,6 +110,9 @@ def main() -> None:
     p.add_argument("--pool-background", default="none", choices=list(BACKGROUNDS),
                    help="show the sparse pools whole, their stopped patches filled with a random flat level per "
                         "image (flat) or that plus texture noise (noise), to both models (default: kept patches only)")
+    p.add_argument("--pool-refill", action="store_true",
+                   help="--pool-background: QAT batches get a fresh background at every draw (smi qat "
+                        "--pool-refill); reconstruction keeps the seeded one")
     p.add_argument("--recon-iterations", type=int, default=1000, help="reconstruction steps per block")
     p.add_argument("--recon-drop", type=float, default=0.0, help="QDrop probability during reconstruction")
     p.add_argument("--recon-prediction", type=float, default=0.0,
@@ -158,6 +134,8 @@ def main() -> None:
     p.add_argument("--qat-attention", type=float, default=0.0,
                    help="QAT's attention transfer weight (smi qat --attention: head-wise KL of each block's "
                         "attention)")
+    p.add_argument("--qat-ema", type=float, default=0.0, metavar="DECAY",
+                   help="QAT evaluates and keeps a moving average of the trained weights (smi qat --ema; 0: off)")
     p.add_argument("--qat-temperature", type=float, default=QatConfig.temperature,
                    help="softmax temperature of QAT's KL term (smi qat --temperature)")
     p.add_argument("--qat-augment-color", type=float, default=0.0,
@@ -227,6 +205,7 @@ def main() -> None:
             extra += f"|stops {SparsityConfig.parse(args.sparse_stops).stops}"
         if filled(source_name):
             extra += f"|background {args.pool_background}"
+            extra += "|refill" if args.pool_refill and stage in TRAINS else ""  # the fixed draws are the same
         if source_name in ("dense", "sparse") and args.recipe:
             extra += f"|recipe {sorted(args.recipe)}"
         if own_method(source_name) and stage not in SYNTHESIZING:
@@ -242,7 +221,7 @@ def main() -> None:
                          lr=args.qat_lr, mixup=args.qat_mixup, feature_loss=args.qat_feature_loss,
                          attention=args.qat_attention, color_shift=args.qat_augment_color,
                          background=args.qat_augment_background,
-                         temperature=args.qat_temperature, seed=seed)
+                         temperature=args.qat_temperature, ema=args.qat_ema, seed=seed)
 
     rows, table, tested = [], [], {}
     for model_name in args.models:
@@ -276,7 +255,8 @@ def main() -> None:
                             key = cell_key(model_name, setting, quantizer, stage, source_name, seed)
                             if key not in done:
                                 pool = pools.get((source_name, seed))
-                                source = (FilledPool(pool, BACKGROUNDS[args.pool_background]) if filled(source_name)
+                                source = (FilledPoolSource(pool, BACKGROUNDS[args.pool_background], args.pool_refill)
+                                          if filled(source_name)
                                           else PoolSource(pool) if pool else parse_source(source_name))
                                 qcfg = quant_config(quantizer, setting)
                                 t0 = time.perf_counter()
@@ -343,6 +323,7 @@ def main() -> None:
                f"{', '.join(args.recipe)}" if args.recipe
                else f"; {args.method}" if args.method != "deepinversion" else "")
             + (f"; sparse pools shown whole, stopped patches filled with a random {args.pool_background} background"
+               + (", refilled at every QAT draw" if args.pool_refill else "")
                if args.pool_background != "none" else "")
             + "); reconstruction: "
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}"
@@ -353,6 +334,7 @@ def main() -> None:
             + f"; QAT after it: {args.qat_epochs} epochs x {args.qat_steps} steps, batch 32, lr {args.qat_lr:g} "
             f"cosine, mixup {args.qat_mixup:g}, feature loss {args.qat_feature_loss}, "
             f"attention transfer {args.qat_attention:g}, "
+            + (f"weight average {args.qat_ema:g}, " if args.qat_ema else "")
             + (f"colour shift {args.qat_augment_color:g}, " if args.qat_augment_color else "")
             + (f"whole images on a random background with probability {args.qat_augment_background:g}, "
                if args.qat_augment_background else "") +

@@ -55,6 +55,11 @@ def _number(text: str) -> float:
 
 _number.__name__ = "finite number"  # argparse's message: "invalid finite number value: 'nan'"
 
+POOL_BACKGROUND_HELP = ("show a sparse pool's images whole (every patch, to every model), each image's stopped "
+                        "patches filled once with a random background: a level anywhere in the pixel range plus "
+                        "Gaussian noise of standard deviation up to STD of the range (0: flat; e.g. 0.25). For "
+                        "teachers whose images hold an object on a background (default: kept patches only)")
+
 
 def _seed(text: str) -> int:
     value = int(text)
@@ -459,8 +464,26 @@ def _training_source(args: argparse.Namespace) -> Any:
                                          game=args.generator_game, init=args.generator_init)
     if args.generator_init is not None:
         raise SmiError("--generator-init starts an --online-generator; give one")
-    return (OnlineSource(_inversion_config(args)) if args.online else RealSource(args.real or None)
-            if args.real is not None else NoiseSource() if args.noise else PoolSource(args.pool))
+    if args.pool_background is not None and args.pool is None:
+        raise SmiError("--pool-background fills the stopped patches of a sparse --pool; give one",
+                       param="pool_background")
+    if args.pool_background is not None and args.augment_background:
+        raise SmiError("--pool-background shows the pool whole, so --augment-background has no stopped patches "
+                       "to fill; give one of them", param="pool_background")
+    if args.online:
+        return OnlineSource(_inversion_config(args))
+    if args.real is not None:
+        return RealSource(args.real or None)
+    if args.noise:
+        return NoiseSource()
+    if args.pool_background is None:
+        if args.pool_refill:
+            raise SmiError("--pool-refill refills a --pool-background; give one", param="pool_refill")
+        return PoolSource(args.pool)
+    from smi.inversion.background import FilledPoolSource
+
+    with _flags(args):
+        return FilledPoolSource(args.pool, background=args.pool_background, refill=args.pool_refill)
 
 
 def _eval_data(args: argparse.Namespace, teacher: Any, what: str, quiet: bool = False) -> str | None:
@@ -479,6 +502,11 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     d = cls()
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pool", help="train on this synthetic pool (offline)")
+    p.add_argument("--pool-background", type=_number, metavar="STD",
+                   help=f"--pool: {POOL_BACKGROUND_HELP}")
+    p.add_argument("--pool-refill", action="store_true",
+                   help="--pool-background: a fresh background every time a training batch draws an image (the "
+                        "objects meet many backgrounds; --train-images keeps its fixed images' objects)")
     src.add_argument("--online", action="store_true",
                      help="synthesize --synth-batch-size images per epoch into OUT/pool and train on the whole pool")
     src.add_argument("--real", nargs="?", const="", metavar="DATASET",
@@ -710,7 +738,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import json
 
-    from smi.data.sources import parse_source
+    from smi.data.sources import PoolSource, parse_source
     from smi.models.loading import load_teacher
     from smi.quant import QuantConfig
     from smi.quant.pipeline import quantize_teacher
@@ -724,6 +752,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
             recon = ReconstructConfig(iterations=args.reconstruct_iterations, seed=args.seed)
         source = parse_source(args.calib)
+        if args.pool_background is not None:
+            if not isinstance(source, PoolSource):
+                raise SmiError(f"--pool-background fills the stopped patches of a sparse pool; --calib "
+                               f"{args.calib} is not a pool folder", param="pool_background")
+            from smi.inversion.background import FilledPoolSource
+
+            source = FilledPoolSource(source.path, background=args.pool_background)
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
         res = quantize_teacher(teacher, cfg, source, num_images=args.calib_images, seed=args.seed,
                                batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, reconstruct=recon,
@@ -752,6 +787,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", required=True,
                    help=f"calibration images: {source_help()} (a dataset's train split is the real-data upper bound)")
     p.add_argument("--calib-images", type=int, default=32, help="calibration images")
+    p.add_argument("--pool-background", type=_number, metavar="STD", help=f"--calib POOL: {POOL_BACKGROUND_HELP}")
     p.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8")
     p.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8")
     p.add_argument("--edge-bits", type=int, metavar="BITS",

@@ -92,6 +92,32 @@ def test_sparse_pool_reaches_both_models_as_kept_patches(tiny_teacher, quantized
     assert res.log[0]["images"] == 8 and torch.isfinite(torch.tensor(res.log[0]["loss"]))
 
 
+def test_refilled_pool_resumes_exactly_and_is_not_the_plain_pool(tiny_teacher, quantized, sparse_pool, tmp_path,
+                                                                  monkeypatch):
+    from smi.inversion.background import FilledPoolSource
+
+    source = FilledPoolSource(str(sparse_pool), background=0.25, refill=True)
+    cfg = QatConfig(epochs=2, steps_per_epoch=2, batch_size=4, lr=1e-3)
+    full = qat(tiny_teacher, quantized, source, tmp_path / "full", cfg, eval_data=None, progress=False)
+    real_save = runner_mod.save_checkpoint
+
+    def dies_in_epoch_2(*args, **kwargs):
+        if dies_in_epoch_2.calls == 1:
+            raise KeyboardInterrupt
+        dies_in_epoch_2.calls += 1
+        return real_save(*args, **kwargs)
+
+    dies_in_epoch_2.calls = 0
+    monkeypatch.setattr(runner_mod, "save_checkpoint", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        qat(tiny_teacher, quantized, source, tmp_path / "resumed", cfg, eval_data=None, progress=False)
+    monkeypatch.setattr(runner_mod, "save_checkpoint", real_save)
+    resumed = qat(tiny_teacher, quantized, source, tmp_path / "resumed", cfg, eval_data=None, progress=False)
+    assert [r["loss"] for r in full.log] == [r["loss"] for r in resumed.log]
+    with pytest.raises(SmiError, match="other"):  # the same folder, the kept patches alone: another run's data
+        qat(tiny_teacher, quantized, PoolSource(sparse_pool), tmp_path / "full", cfg, eval_data=None, progress=False)
+
+
 @pytest.mark.parametrize("ema", [0.0, 0.9])  # with a weight average too: its copy of the quantized model resumes
 def test_resume_equals_uninterrupted_run(tiny_teacher, quantized, tmp_path, monkeypatch, ema):
     cfg = QatConfig(epochs=3, steps_per_epoch=3, batch_size=8, lr=1e-3, ema=ema)
