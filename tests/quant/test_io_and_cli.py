@@ -202,3 +202,17 @@ def test_rotate_survives_the_saved_folder_and_the_cli(ckpt, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     direct = evaluate(model, eval_dataset(f"imagefolder:{tmp_path / 'd'}", teacher))
     assert (res["n"], res["top1"]) == (direct["n"], direct["top1"])
+
+
+def test_cli_pool_background_calibrates_and_trains_on_whole_images(ckpt, sparse_pool, tmp_path, capsys):
+    q = tmp_path / "q"
+    assert main(["quantize", "--model", ckpt, "--calib", str(sparse_pool), "--calib-images", "8",
+                 "--pool-background", "0.25", "--w-bits", "4", "--a-bits", "4", "--out", str(q), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["sparse"] is False and "background 0.25" in summary["source"]  # whole images, said so
+    record = json.loads((q / "quantized.json").read_text())
+    assert "background 0.25" in json.dumps(record)
+    assert main(["qat", "--model", ckpt, "--quantized", str(q), "--pool", str(sparse_pool), "--pool-background",
+                 "0.25", "--pool-refill", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
+                 "--eval-data", "none", "--out", str(tmp_path / "qat")]) == 0
+    assert (tmp_path / "qat" / "quantized.safetensors").is_file()
