@@ -160,6 +160,8 @@ def main() -> None:
     p.add_argument("--work", default=str(RESULTS / "dfq_training_work"), help="partial results")
     p.add_argument("--name", default="dfq_training")
     args = p.parse_args()
+    if args.pool_refill and args.pool_background == "none":
+        p.error("--pool-refill refills a --pool-background; give one")
     try:
         recipe = parse_settings(args.recipe)
     except ValueError as e:
