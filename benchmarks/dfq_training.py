@@ -46,6 +46,7 @@ from smi.data.sources import PoolSource, parse_source  # noqa: E402
 from smi.errors import SmiError  # noqa: E402
 from smi.evaluation import evaluate  # noqa: E402
 from smi.inversion import FilledPoolSource, InversionConfig, SparsityConfig  # noqa: E402
+from smi.inversion.augment import BACKGROUND_NOISE  # noqa: E402
 from smi.inversion.methods import pool_methods  # noqa: E402
 from smi.inversion.synthesis import OnlineSource  # noqa: E402
 from smi.models.loading import load_teacher  # noqa: E402
@@ -61,7 +62,8 @@ STAGES = {"calib": "calibration only", "correct": "+ activation correction", "re
 STARTS_FROM_RECON = ("recon", "qat", "adaptive", "online")
 TRAINS = ("qat", "adaptive", "online")  # the stages that run QAT from the reconstruction
 SYNTHESIZING = ("adaptive", "online")  # ... of which these on images synthesized while it trains
-BACKGROUNDS = {"none": None, "flat": 0.0, "noise": 0.25}  # --pool-background: texture std, fraction of the range
+# --pool-background: texture std, a fraction of the pixel range
+BACKGROUNDS = {"none": None, "flat": 0.0, "noise": BACKGROUND_NOISE}
 
 
 def same_reconstruction(folder: Path, recon: ReconstructConfig, corrected: bool | str = False) -> bool:

@@ -443,7 +443,7 @@ def _kd_config(args: argparse.Namespace, cls: type, **extra: Any) -> Any:
 
 
 def _training_source(args: argparse.Namespace) -> Any:
-    from smi.data.sources import NoiseSource, PoolSource, RealSource
+    from smi.data.sources import NoiseSource, RealSource
     from smi.inversion.synthesis import OnlineSource
 
     if args.generator is not None:
@@ -476,14 +476,22 @@ def _training_source(args: argparse.Namespace) -> Any:
         return RealSource(args.real or None)
     if args.noise:
         return NoiseSource()
+    with _flags(args):
+        return _pool_source(args.pool, args)
+
+
+def _pool_source(path: str, args: argparse.Namespace) -> Any:
+    """A pool folder as its kept patches, or shown whole on a filled background (--pool-background, --pool-refill)."""
+    from smi.data.sources import PoolSource
+
+    refill = getattr(args, "pool_refill", False)
     if args.pool_background is None:
-        if args.pool_refill:
+        if refill:
             raise SmiError("--pool-refill refills a --pool-background; give one", param="pool_refill")
-        return PoolSource(args.pool)
+        return PoolSource(path)
     from smi.inversion.background import FilledPoolSource
 
-    with _flags(args):
-        return FilledPoolSource(args.pool, background=args.pool_background, refill=args.pool_refill)
+    return FilledPoolSource(path, background=args.pool_background, refill=refill)
 
 
 def _eval_data(args: argparse.Namespace, teacher: Any, what: str, quiet: bool = False) -> str | None:
@@ -756,9 +764,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             if not isinstance(source, PoolSource):
                 raise SmiError(f"--pool-background fills the stopped patches of a sparse pool; --calib "
                                f"{args.calib} is not a pool folder", param="pool_background")
-            from smi.inversion.background import FilledPoolSource
-
-            source = FilledPoolSource(source.path, background=args.pool_background)
+            source = _pool_source(source.path, args)
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
         res = quantize_teacher(teacher, cfg, source, num_images=args.calib_images, seed=args.seed,
                                batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, reconstruct=recon,

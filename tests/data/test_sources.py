@@ -55,29 +55,38 @@ def test_online_source_is_refused_for_calibration(tiny_teacher):
         calibration_set(tiny_teacher, OnlineSource(InversionConfig()), 4)
 
 
-def test_pool_background_shows_a_sparse_pool_whole_with_its_stopped_patches_filled(tiny_teacher, tmp_path):
+@pytest.fixture
+def sparse_pool(tiny_teacher, tmp_path):
+    """A tiny sparse pool (half the patches stopped) and its kept pixels as a (N, C, H, W) boolean mask."""
     from smi.data.pool import load_pool
     from smi.inversion.augment import pixel_mask_from_indices
-    from smi.inversion.engine import valid_range
     from smi.models.sparse import mask_to_indices
 
     cfg = InversionConfig(iterations=4, batch_size=4, sparsity=SparsityConfig(((2, 0.5),)))
     synthesize(tiny_teacher, cfg, 4, tmp_path / "sparse", progress=False, grid=False)
     pool = load_pool(tmp_path / "sparse")
     assert pool.masks is not None and not pool.masks.all()
-    whole = FilledPoolSource(str(tmp_path / "sparse"), background=0.25).open(tiny_teacher)
-    assert whole.masks is None and whole.identity["background"] == 0.25
     g = int(pool.masks.shape[1] ** 0.5)
-    patch = pool.images.shape[-1] // g
-    kept = pixel_mask_from_indices(mask_to_indices(pool.masks), (g, g), patch).bool().expand_as(pool.images)
+    kept = pixel_mask_from_indices(mask_to_indices(pool.masks), (g, g), pool.images.shape[-1] // g)
+    return str(tmp_path / "sparse"), pool, kept.bool().expand_as(pool.images)
+
+
+def test_pool_background_shows_a_sparse_pool_whole_with_its_stopped_patches_filled(tiny_teacher, tmp_path,
+                                                                                   sparse_pool):
+    from smi.data.pool import load_pool
+    from smi.inversion.engine import valid_range
+
+    path, pool, kept = sparse_pool
+    whole = FilledPoolSource(path, background=0.25).open(tiny_teacher)
+    assert whole.masks is None and whole.identity["background"] == 0.25
     assert torch.equal(whole.images[kept], pool.images[kept])  # the optimized patches are the pool's own
     lo, hi = valid_range(tiny_teacher.mean, tiny_teacher.std, "cpu")
     filled = whole.images.masked_fill(kept, float("nan"))
     assert bool(((filled >= lo) & (filled <= hi) | filled.isnan()).all())  # the fill stays in the pixel range
     assert float(whole.images[~kept].abs().sum()) > 0  # no longer the pool's zeros (the mean colour)
-    again = FilledPoolSource(str(tmp_path / "sparse"), background=0.25).open(tiny_teacher)
+    again = FilledPoolSource(path, background=0.25).open(tiny_teacher)
     assert torch.equal(again.images, whole.images)  # one fill, the same at every open (resumable runs)
-    assert PoolSource(str(tmp_path / "sparse")).open(tiny_teacher).masks is not None  # the default is unchanged
+    assert PoolSource(path).open(tiny_teacher).masks is not None  # the default is unchanged
     synthesize(tiny_teacher, InversionConfig(iterations=4, batch_size=4, sparsity=SparsityConfig(())), 4,
                tmp_path / "dense", progress=False, grid=False)
     dense = FilledPoolSource(str(tmp_path / "dense"), background=0.25).open(tiny_teacher)
@@ -87,25 +96,18 @@ def test_pool_background_shows_a_sparse_pool_whole_with_its_stopped_patches_fill
             FilledPoolSource("x", background=bad)
 
 
-def test_pool_refill_gives_training_batches_a_fresh_background_and_fixed_draws_the_seeded_one(tiny_teacher, tmp_path):
-    from smi.data.pool import load_pool
-    from smi.inversion.augment import pixel_mask_from_indices
-    from smi.models.sparse import mask_to_indices
-
-    cfg = InversionConfig(iterations=4, batch_size=4, sparsity=SparsityConfig(((2, 0.5),)))
-    synthesize(tiny_teacher, cfg, 4, tmp_path / "sparse", progress=False, grid=False)
-    pool = load_pool(tmp_path / "sparse")
-    fixed = FilledPoolSource(str(tmp_path / "sparse"), background=0.25).open(tiny_teacher)
-    refill = FilledPoolSource(str(tmp_path / "sparse"), background=0.25, refill=True).open(tiny_teacher)
+def test_pool_refill_gives_training_batches_a_fresh_background_and_fixed_draws_the_seeded_one(tiny_teacher,
+                                                                                            sparse_pool):
+    path, pool, kept = sparse_pool
+    fixed = FilledPoolSource(path, background=0.25).open(tiny_teacher)
+    refill = FilledPoolSource(path, background=0.25, refill=True).open(tiny_teacher)
     assert refill.identity["refill"] and "refill" not in fixed.identity
     g = torch.Generator()
     assert torch.equal(refill.take(4, g)[0], fixed.take(4, g)[0])  # calibration and reconstruction: the seeded fill
     one = refill.subset(1, g)  # what --train-images trains on: the first image, refilled at every draw
     (a, ma), (b, mb) = one.batches(2, 1, torch.Generator().manual_seed(1))
     assert ma is None and mb is None
-    n = pool.masks.shape[1]
-    patch = pool.images.shape[-1] // int(n**0.5)
-    kept = pixel_mask_from_indices(mask_to_indices(pool.masks[:1]), (int(n**0.5),) * 2, patch).bool().expand_as(a)
+    kept = kept[:1]
     assert torch.equal(a[kept], pool.images[:1][kept]) and torch.equal(b[kept], pool.images[:1][kept])
     assert not torch.equal(a[~kept], b[~kept])  # the same object, two backgrounds
     again = torch.cat([x for x, _ in one.batches(2, 1, torch.Generator().manual_seed(1))])

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Jitter", "sample_jitter", "apply_jitter", "jitter_indices", "rejitter", "pixel_mask_from_indices",
-           "color_shift", "sample_crops", "crop_resize", "fill_background"]
+           "color_shift", "sample_crops", "crop_resize", "fill_background", "BACKGROUND_NOISE"]
+
+BACKGROUND_NOISE = 0.25  # default largest texture std of a filled background, as a fraction of the pixel range
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 
 from smi.data.sources import SOURCES, ImageSet, ModelSpec, PoolSource
 from smi.errors import SmiError
-from smi.inversion.augment import fill_background
+from smi.inversion.augment import BACKGROUND_NOISE, fill_background
 from smi.inversion.engine import valid_range
 from smi.models.sparse import mask_to_indices
 
@@ -41,7 +41,7 @@ class FilledPoolSource(PoolSource):
     seeded one. A dense pool has nothing stopped and is shown as it is.
     """
 
-    background: float = 0.25
+    background: float = BACKGROUND_NOISE
     refill: bool = False
     kind: ClassVar[str] = "filled-pool"
 

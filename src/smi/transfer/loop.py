@@ -29,7 +29,14 @@ from smi.data.sources import DataSource
 from smi.distributed import Dist
 from smi.errors import SmiError
 from smi.evaluation import evaluate
-from smi.inversion.augment import apply_jitter, color_shift, fill_background, jitter_indices, sample_jitter
+from smi.inversion.augment import (
+    BACKGROUND_NOISE,
+    apply_jitter,
+    color_shift,
+    fill_background,
+    jitter_indices,
+    sample_jitter,
+)
 from smi.inversion.engine import valid_range
 from smi.models.loading import Teacher, require_classifier, save_teacher
 from smi.models.sparse import AttentionCapture, mask_to_indices, sparse_forward
@@ -41,7 +48,6 @@ __all__ = ["DISTILL_FORMAT", "DistillResult", "attention_pairs", "attention_tran
            "mix_images", "open_run", "train_on_teacher"]
 
 DISTILL_FORMAT = "smi-distill/1"
-BACKGROUND_NOISE = 0.25  # largest texture std of a filled background, as a fraction of the pixel range
 
 
 @dataclass
