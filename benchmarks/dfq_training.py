@@ -62,8 +62,8 @@ STAGES = {"calib": "calibration only", "correct": "+ activation correction", "re
 STARTS_FROM_RECON = ("recon", "qat", "adaptive", "online")
 TRAINS = ("qat", "adaptive", "online")  # the stages that run QAT from the reconstruction
 SYNTHESIZING = ("adaptive", "online")  # ... of which these on images synthesized while it trains
-# --pool-background: texture std, a fraction of the pixel range
-BACKGROUNDS = {"none": None, "flat": 0.0, "noise": BACKGROUND_NOISE}
+# --pool-background: (texture std, level), fractions of the pixel range; level None: a random one per image
+BACKGROUNDS = {"none": None, "flat": (0.0, None), "noise": (BACKGROUND_NOISE, None), "black": (0.0, 0.0)}
 
 
 def same_reconstruction(folder: Path, recon: ReconstructConfig, corrected: bool | str = False) -> bool:
@@ -111,7 +111,8 @@ def main() -> None:
                         "the paper's 50:0.3,100:0.3,200:0.3,300:0.3); other schedules get their own pools and cells")
     p.add_argument("--pool-background", default="none", choices=list(BACKGROUNDS),
                    help="show the sparse pools whole, their stopped patches filled with a random flat level per "
-                        "image (flat) or that plus texture noise (noise), to both models (default: kept patches only)")
+                        "image (flat), that plus texture noise (noise) or the lowest valid pixel (black), to both "
+                        "models (default: kept patches only)")
     p.add_argument("--pool-refill", action="store_true",
                    help="--pool-background: QAT batches get a fresh background at every draw (smi qat "
                         "--pool-refill); reconstruction keeps the seeded one")
@@ -259,7 +260,8 @@ def main() -> None:
                             key = cell_key(model_name, setting, quantizer, stage, source_name, seed)
                             if key not in done:
                                 pool = pools.get((source_name, seed))
-                                source = (FilledPoolSource(pool, BACKGROUNDS[args.pool_background], args.pool_refill)
+                                std_level = BACKGROUNDS[args.pool_background]
+                                source = (FilledPoolSource(pool, std_level[0], args.pool_refill, std_level[1])
                                           if filled(source_name)
                                           else PoolSource(pool) if pool else parse_source(source_name))
                                 qcfg = quant_config(quantizer, setting)

@@ -59,6 +59,8 @@ POOL_BACKGROUND_HELP = ("show a sparse pool's images whole (every patch, to ever
                         "patches filled once with a random background: a level anywhere in the pixel range plus "
                         "Gaussian noise of standard deviation up to STD of the range (0: flat; e.g. 0.25). For "
                         "teachers whose images hold an object on a background (default: kept patches only)")
+POOL_LEVEL_HELP = ("--pool-background: the background's level for every image, a fraction of the pixel range (0: "
+                   "black, the background of garments on a black frame; default: a random level per image)")
 
 
 def _seed(text: str) -> int:
@@ -488,10 +490,12 @@ def _pool_source(path: str, args: argparse.Namespace) -> Any:
     if args.pool_background is None:
         if refill:
             raise SmiError("--pool-refill refills a --pool-background; give one", param="pool_refill")
+        if args.pool_level is not None:
+            raise SmiError("--pool-level sets a --pool-background's level; give one", param="pool_level")
         return PoolSource(path)
     from smi.inversion.background import FilledPoolSource
 
-    return FilledPoolSource(path, background=args.pool_background, refill=refill)
+    return FilledPoolSource(path, background=args.pool_background, refill=refill, level=args.pool_level)
 
 
 def _eval_data(args: argparse.Namespace, teacher: Any, what: str, quiet: bool = False) -> str | None:
@@ -512,6 +516,7 @@ def _add_kd_args(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     src.add_argument("--pool", help="train on this synthetic pool (offline)")
     p.add_argument("--pool-background", type=_number, metavar="STD",
                    help=f"--pool: {POOL_BACKGROUND_HELP}")
+    p.add_argument("--pool-level", type=_number, metavar="FRACTION", help=POOL_LEVEL_HELP)
     p.add_argument("--pool-refill", action="store_true",
                    help="--pool-background: a fresh background every time a training batch draws an image (the "
                         "objects meet many backgrounds; --train-images keeps its fixed images' objects)")
@@ -760,7 +765,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
             recon = ReconstructConfig(iterations=args.reconstruct_iterations, seed=args.seed)
         source = parse_source(args.calib)
-        if args.pool_background is not None:
+        if args.pool_background is not None or args.pool_level is not None:
             if not isinstance(source, PoolSource):
                 raise SmiError(f"--pool-background fills the stopped patches of a sparse pool; --calib "
                                f"{args.calib} is not a pool folder", param="pool_background")
@@ -794,6 +799,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help=f"calibration images: {source_help()} (a dataset's train split is the real-data upper bound)")
     p.add_argument("--calib-images", type=int, default=32, help="calibration images")
     p.add_argument("--pool-background", type=_number, metavar="STD", help=f"--calib POOL: {POOL_BACKGROUND_HELP}")
+    p.add_argument("--pool-level", type=_number, metavar="FRACTION", help=POOL_LEVEL_HELP)
     p.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8")
     p.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8")
     p.add_argument("--edge-bits", type=int, metavar="BITS",

@@ -91,9 +91,16 @@ def test_pool_background_shows_a_sparse_pool_whole_with_its_stopped_patches_fill
                tmp_path / "dense", progress=False, grid=False)
     dense = FilledPoolSource(str(tmp_path / "dense"), background=0.25).open(tiny_teacher)
     assert torch.equal(dense.images, load_pool(tmp_path / "dense").images)  # nothing stopped, nothing filled
+    black = FilledPoolSource(path, background=0.0, level=0.0).open(tiny_teacher)
+    assert black.identity["level"] == 0.0 and "level" not in whole.identity
+    assert torch.equal(black.images[kept], pool.images[kept])
+    assert torch.equal(black.images[~kept], lo.expand_as(black.images)[~kept])  # the lowest valid pixel everywhere
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(SmiError, match="fraction of the pixel range"):
             FilledPoolSource("x", background=bad)
+        with pytest.raises(SmiError, match="fraction of the pixel range") as e:
+            FilledPoolSource("x", level=bad)
+        assert e.value.param == "pool_level"
 
 
 def test_pool_refill_gives_training_batches_a_fresh_background_and_fixed_draws_the_seeded_one(tiny_teacher,

@@ -87,6 +87,12 @@ def test_fill_background_changes_only_stopped_patches_within_the_range():
     assert (noisy[~kept] >= -1.5).all() and (noisy[~kept] <= 2.0).all()
     assert noisy[0, 0][~kept[0, 0]].std() > 0
     assert torch.equal(noisy, fill_background(x, idx, grid, patch, lo, hi, 0.25, torch.Generator().manual_seed(0)))
+    black = fill_background(x, idx, grid, patch, lo, hi, 0.0, torch.Generator().manual_seed(0), level=0.0)
+    assert torch.equal(black[kept], x[kept]) and torch.all(black[~kept] == -1.5)  # the lowest valid pixel
+    mid = fill_background(x, idx, grid, patch, lo, hi, 0.0, torch.Generator().manual_seed(0), level=0.5)
+    assert torch.allclose(mid[~kept], torch.tensor(0.25))  # halfway between -1.5 and 2.0
+    textured = fill_background(x, idx, grid, patch, lo, hi, 0.25, torch.Generator().manual_seed(0), level=0.0)
+    assert torch.all(textured[~kept] >= -1.5) and textured[~kept].max() > -1.5  # noise above black, clamped below
 
 
 def test_crop_resize_samples_the_box_bilinearly():

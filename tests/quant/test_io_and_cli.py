@@ -216,3 +216,7 @@ def test_cli_pool_background_calibrates_and_trains_on_whole_images(ckpt, sparse_
                  "0.25", "--pool-refill", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
                  "--eval-data", "none", "--out", str(tmp_path / "qat")]) == 0
     assert (tmp_path / "qat" / "quantized.safetensors").is_file()
+    assert main(["quantize", "--model", ckpt, "--calib", str(sparse_pool), "--calib-images", "8",
+                 "--pool-background", "0", "--pool-level", "0", "--out", str(tmp_path / "black"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "background 0, level 0" in summary["source"]  # black, said so

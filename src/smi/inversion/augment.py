@@ -110,17 +110,21 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 
 def fill_background(x: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int], patch: int, lo: torch.Tensor,
-                    hi: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+                    hi: torch.Tensor, noise: float, generator: torch.Generator, level: float | None = None
+                    ) -> torch.Tensor:
     """Replace the patches sparse inversion stopped (all but the kept ``idx``) with a random background.
 
-    Per image and channel a level ~ U(lo, hi) over the valid range, plus Gaussian noise whose standard
-    deviation is U(0, ``noise``) times the range per image, clamped to the range. A sparse image carries
-    its class in the kept patches; its stopped patches are a flat fill (zero in a pool), which few real
-    images look like. Shown filled this way while the teacher labels the kept patches, a student meets
-    the object on backgrounds from flat black to textured. ``lo``/``hi``: (1, C, 1, 1).
+    Per image and channel a level ~ U(lo, hi) over the valid range (or ``lo + level * (hi - lo)`` for every
+    image when ``level`` is given: 0 is black), plus Gaussian noise whose standard deviation is U(0, ``noise``)
+    times the range per image, clamped to the range. A sparse image carries its class in the kept patches;
+    its stopped patches are a flat fill (zero in a pool), which few real images look like. Shown filled this
+    way while the teacher labels the kept patches, a student meets the object on backgrounds from flat black
+    to textured. ``lo``/``hi``: (1, C, 1, 1).
     """
     b, c = x.shape[:2]
     u = torch.rand(b, c, 1, 1, generator=generator).to(x.device, x.dtype)
+    if level is not None:  # the draw above still runs, so a fixed level leaves the texture's draws as they were
+        u = torch.full_like(u, level)
     level = lo + u * (hi - lo)
     sd = torch.rand(b, 1, 1, 1, generator=generator).to(x.device, x.dtype) * noise * (hi - lo)
     texture = torch.randn(x.shape, generator=generator).to(x.device, x.dtype) * sd

@@ -35,7 +35,9 @@ Fill = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 class FilledPoolSource(PoolSource):
     """A pool folder whose sparse images are shown whole, each stopped patch filled with a random background.
 
-    ``background``: the largest texture std, a fraction of the pixel range (0: a flat level). The fill is seeded,
+    ``background``: the largest texture std, a fraction of the pixel range (0: a flat level). ``level``: the
+    background's level as a fraction of the valid range for every image (0: black; None: a random level per
+    image and channel). The fill is seeded,
     the same at every open; with ``refill``, training batches get a fresh fill every time they draw an image (from
     the batch's generator), while a fixed draw (calibration, reconstruction, ``train_images``' set) keeps the
     seeded one. A dense pool has nothing stopped and is shown as it is.
@@ -43,12 +45,15 @@ class FilledPoolSource(PoolSource):
 
     background: float = BACKGROUND_NOISE
     refill: bool = False
+    level: float | None = None
     kind: ClassVar[str] = "filled-pool"
 
     def __post_init__(self) -> None:
-        b = self.background
-        if not (isinstance(b, (int, float)) and math.isfinite(b) and 0 <= b <= 1):
-            raise SmiError(f"must be a fraction of the pixel range in [0, 1], got {b!r}", param="pool_background")
+        for value, param in ((self.background, "pool_background"), (self.level, "pool_level")):
+            if value is None and param == "pool_level":
+                continue
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+                raise SmiError(f"must be a fraction of the pixel range in [0, 1], got {value!r}", param=param)
 
     def open(self, model: ModelSpec, **context: Any) -> ImageSet:
         sparse = super().open(model, **context)
@@ -61,16 +66,18 @@ class FilledPoolSource(PoolSource):
 
         def fill(x: torch.Tensor, m: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             return fill_background(x, mask_to_indices(m), (h // patch, w // patch), patch, lo, hi, self.background,
-                                   generator)
+                                   generator, self.level)
 
         filled = fill(images, masks, torch.Generator().manual_seed(0))
-        identity = {**sparse.identity, "background": self.background, **({"refill": True} if self.refill else {})}
+        identity = {**sparse.identity, "background": self.background, **({"refill": True} if self.refill else {}),
+                    **({"level": self.level} if self.level is not None else {})}
         if self.refill:
             return _Refilled(filled, ImageSet(images, masks), fill, identity=identity, seconds=sparse.seconds)
         return ImageSet(filled, None, ordered=True, identity=identity, seconds=sparse.seconds)
 
     def describe(self) -> str:
-        return f"{self.path} (shown whole, background {self.background:g}{', refilled' if self.refill else ''})"
+        level = f", level {self.level:g}" if self.level is not None else ""
+        return f"{self.path} (shown whole, background {self.background:g}{level}{', refilled' if self.refill else ''})"
 
 
 class _Refilled(ImageSet):
