@@ -328,7 +328,8 @@ def main() -> None:
             + (f"; {'DeepInversion' if args.method == 'deepinversion' else args.method} with "
                f"{', '.join(args.recipe)}" if args.recipe
                else f"; {args.method}" if args.method != "deepinversion" else "")
-            + (f"; sparse pools shown whole, stopped patches filled with a random {args.pool_background} background"
+            + (f"; sparse pools shown whole, stopped patches filled with a "
+               f"{'' if args.pool_background == 'black' else 'random '}{args.pool_background} background"
                + (", refilled at every QAT draw" if args.pool_refill else "")
                if args.pool_background != "none" else "")
             + "); reconstruction: "
