@@ -48,16 +48,23 @@ def nearest_mean(feats: torch.Tensor, labels: torch.Tensor, means: torch.Tensor)
 
 
 def kl_head(feats: torch.Tensor, logits: torch.Tensor, test: torch.Tensor, labels: torch.Tensor,
-            temperature: float = 20.0, steps: int = 2000) -> float:
+            temperature: float = 20.0, steps: int = 2000, lr: float = 1e-2, weight_decay: float = 0.0,
+            mixup: bool = False, hard: bool = False) -> float:
     """Top-1 (%) on ``test`` of a linear head trained on ``feats`` by KL to the teacher's ``logits`` (the probe's
-    loss)."""
+    loss; Adam, or AdamW with ``weight_decay``). ``mixup``: each batch's features and targets mixed pairwise at a
+    uniform ratio; ``hard``: the teacher's argmax as a one-hot target instead of its softened logits."""
     torch.manual_seed(0)
     head = torch.nn.Linear(feats.shape[1], logits.shape[1])
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-    target = F.softmax(logits / temperature, 1)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay) if weight_decay else \
+        torch.optim.Adam(head.parameters(), lr=lr)
+    target = F.one_hot(logits.argmax(1), logits.shape[1]).float() if hard else F.softmax(logits / temperature, 1)
     for _ in range(steps):
         idx = torch.randint(0, len(feats), (256,))
-        loss = F.kl_div(F.log_softmax(head(feats[idx]) / temperature, 1), target[idx], reduction="batchmean")
+        f, t = feats[idx], target[idx]
+        if mixup:
+            lam, pair = torch.rand(len(idx), 1), torch.randperm(len(idx))
+            f, t = lam * f + (1 - lam) * f[pair], lam * t + (1 - lam) * t[pair]
+        loss = F.kl_div(F.log_softmax(head(f) / temperature, 1), t, reduction="batchmean")
         opt.zero_grad()
         loss.backward()
         opt.step()
