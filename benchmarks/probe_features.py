@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,32 @@ def kl_head(feats: torch.Tensor, logits: torch.Tensor, test: torch.Tensor, label
         return round(100 * (head(test).argmax(1) == labels).float().mean().item(), 2)
 
 
+def add_probe_args(p: argparse.ArgumentParser, name: str) -> None:
+    """The teacher, backbone and work folder arguments this script and probe_screen.py share."""
+    p.add_argument("--teacher", default="fmnist_resnet_tiny")
+    p.add_argument("--gen-epochs", type=int, default=12, help="generator epochs of 100 steps (teacher only)")
+    p.add_argument("--per-class", type=int, default=300, help="generated images per class")
+    p.add_argument("--backbone-data", default="fashion-mnist-classes:5-9")
+    p.add_argument("--backbone-epochs", type=int, default=10)
+    p.add_argument("--work", default=str(RESULTS / "distill_work"), help="backbones and generators")
+    p.add_argument("--name", default=name)
+
+
+def probe_setup(args: argparse.Namespace) -> tuple[Any, torch.nn.Module, float, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor, str]:
+    """The teacher, its frozen backbone (trained on ``--backbone-data``; resumable) and that backbone's top-1 on
+    its own data, the teacher's test images and labels, their pooled backbone features, and how a note names the
+    split."""
+    torch.manual_seed(0)
+    teacher = load_teacher(args.teacher)
+    weights, backbone_top1 = backbone(teacher.spec, Path(args.work), args.backbone_data, args.backbone_epochs)
+    net = build_student(None, teacher, checkpoint=weights, linear_probe=True, seed=0).model.eval()
+    data, tested = test_split(teacher)
+    xs, ys = zip(*[data[i] for i in range(len(data))], strict=True)
+    x, y = torch.stack(xs), torch.tensor(ys)
+    return teacher, net, backbone_top1, x, y, features(net, x), tested
+
+
 def generator_config(variant: str, epochs: int) -> GeneratorConfig:
     """``"gdfq,bounded=1,bn=1"`` -> GeneratorConfig(kind="gdfq", pixel_range=True, bn_weight=1.0, epochs=...)."""
     kind, *items = variant.split(",")
@@ -86,27 +113,14 @@ def generator_config(variant: str, epochs: int) -> GeneratorConfig:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="fmnist_resnet_tiny")
     p.add_argument("--kinds", nargs="+", default=["gdfq"],
                    help="generators: a kind (smi train-generator --kind), then optionally ',bounded=1' "
                         "(--pixel-range), ',bn=W' (--bn-weight) and ',ce=W' (GeneratorConfig.ce_weight)")
-    p.add_argument("--gen-epochs", type=int, default=12, help="generator epochs of 100 steps (teacher only)")
-    p.add_argument("--per-class", type=int, default=300, help="generated images per class")
-    p.add_argument("--backbone-data", default="fashion-mnist-classes:5-9")
-    p.add_argument("--backbone-epochs", type=int, default=10)
-    p.add_argument("--work", default=str(RESULTS / "distill_work"), help="backbones and generators")
-    p.add_argument("--name", default="probe_features")
+    add_probe_args(p, "probe_features")
     args = p.parse_args()
-    torch.manual_seed(0)
     work = Path(args.work)
-    teacher = load_teacher(args.teacher)
+    teacher, net, backbone_top1, x, y, real, tested = probe_setup(args)
     arch = teacher.spec
-    weights, backbone_top1 = backbone(arch, work, args.backbone_data, args.backbone_epochs)
-    net = build_student(None, teacher, checkpoint=weights, linear_probe=True, seed=0).model.eval()
-    data, tested = test_split(teacher)
-    xs, ys = zip(*[data[i] for i in range(len(data))], strict=True)
-    x, y = torch.stack(xs), torch.tensor(ys)
-    real = features(net, x)
     half = len(x) // 2
     classes = teacher.num_classes
     real_means = torch.stack([real[:half][y[:half] == c].mean(0) for c in range(classes)])

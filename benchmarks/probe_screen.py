@@ -27,13 +27,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, publish, test_split  # noqa: E402
-from distill import backbone, trained_generator  # noqa: E402
-from probe_features import features, generator_config, kl_head  # noqa: E402
+from _common import publish  # noqa: E402
+from distill import trained_generator  # noqa: E402
+from probe_features import add_probe_args, features, generator_config, kl_head, probe_setup  # noqa: E402
 from smi.generators.train import load_generator  # noqa: E402
 from smi.inversion.engine import valid_range  # noqa: E402
-from smi.models.loading import load_teacher  # noqa: E402
-from smi.transfer.student import build_student  # noqa: E402
 
 HEADS: dict[str, dict] = {
     "the probe's head (2000 steps, lr 1e-2, T=20)": {},
@@ -69,26 +67,13 @@ def k_center(feats: torch.Tensor, n: int) -> torch.Tensor:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="fmnist_resnet_tiny")
     p.add_argument("--kind", default="gdfq,bounded=1,bn=1", help="the generator, as probe_features.py --kinds")
-    p.add_argument("--gen-epochs", type=int, default=12, help="generator epochs of 100 steps (teacher only)")
-    p.add_argument("--per-class", type=int, default=300, help="generated images per class for the head")
     p.add_argument("--pool-factor", type=int, default=10, help="the selection rows choose from this many times more")
-    p.add_argument("--backbone-data", default="fashion-mnist-classes:5-9")
-    p.add_argument("--backbone-epochs", type=int, default=10)
-    p.add_argument("--work", default=str(RESULTS / "distill_work"), help="backbones and generators")
-    p.add_argument("--name", default="probe_screen")
+    add_probe_args(p, "probe_screen")
     args = p.parse_args()
-    torch.manual_seed(0)
     work = Path(args.work)
-    teacher = load_teacher(args.teacher)
-    weights, _ = backbone(teacher.spec, work, args.backbone_data, args.backbone_epochs)
-    net = build_student(None, teacher, checkpoint=weights, linear_probe=True, seed=0).model.eval()
-    data, tested = test_split(teacher)
-    xs, ys = zip(*[data[i] for i in range(len(data))], strict=True)
-    x, y = torch.stack(xs), torch.tensor(ys)
+    teacher, net, _, x, y, real, tested = probe_setup(args)
     half = len(x) // 2
-    real = features(net, x)
     test, labels = real[half:], y[half:]
 
     def logits_of(images: torch.Tensor) -> torch.Tensor:
