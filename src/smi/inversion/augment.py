@@ -125,9 +125,9 @@ def fill_background(x: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int], p
     u = torch.rand(b, c, 1, 1, generator=generator).to(x.device, x.dtype)
     if level is not None:  # the draw above still runs, so a fixed level leaves the texture's draws as they were
         u = torch.full_like(u, level)
-    level = lo + u * (hi - lo)
+    base = lo + u * (hi - lo)
     sd = torch.rand(b, 1, 1, 1, generator=generator).to(x.device, x.dtype) * noise * (hi - lo)
     texture = torch.randn(x.shape, generator=generator).to(x.device, x.dtype) * sd
-    background = (level + texture).clamp(lo, hi)
+    background = (base + texture).clamp(lo, hi)
     kept = pixel_mask_from_indices(idx, grid, patch).to(x.dtype)
     return kept * x + (1 - kept) * background

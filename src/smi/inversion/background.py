@@ -49,11 +49,9 @@ class FilledPoolSource(PoolSource):
     kind: ClassVar[str] = "filled-pool"
 
     def __post_init__(self) -> None:
-        for value, param in ((self.background, "pool_background"), (self.level, "pool_level")):
-            if value is None and param == "pool_level":
-                continue
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
-                raise SmiError(f"must be a fraction of the pixel range in [0, 1], got {value!r}", param=param)
+        _check_fraction(self.background, "pool_background")
+        if self.level is not None:
+            _check_fraction(self.level, "pool_level")
 
     def open(self, model: ModelSpec, **context: Any) -> ImageSet:
         sparse = super().open(model, **context)
@@ -78,6 +76,11 @@ class FilledPoolSource(PoolSource):
     def describe(self) -> str:
         level = f", level {self.level:g}" if self.level is not None else ""
         return f"{self.path} (shown whole, background {self.background:g}{level}{', refilled' if self.refill else ''})"
+
+
+def _check_fraction(value: object, param: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+        raise SmiError(f"must be a fraction of the pixel range in [0, 1], got {value!r}", param=param)
 
 
 class _Refilled(ImageSet):
