@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     RESULTS,
@@ -198,6 +200,10 @@ def main() -> None:
         """Whether this column's images are a sparse pool shown whole on a background (--pool-background)."""
         return source_name == "sparse" and BACKGROUNDS[args.pool_background] is not None
 
+    def filled_source(pool: str, refill: bool = False) -> FilledPoolSource:
+        std, level = BACKGROUNDS[args.pool_background]
+        return FilledPoolSource(pool, std, refill, level)
+
     def own_method(source_name: str) -> bool:
         """Whether this column's images are pools of another method than DeepInversion (--method)."""
         return source_name in ("dense", "sparse") and args.method != "deepinversion"
@@ -228,7 +234,7 @@ def main() -> None:
                          background=args.qat_augment_background,
                          temperature=args.qat_temperature, ema=args.qat_ema, seed=seed)
 
-    rows, table, tested = [], [], {}
+    rows, table, tested, labelled = [], [], {}, []
     for model_name in args.models:
         teacher = load_teacher(model_name)
         data, tested[model_name] = test_split(teacher, args.limit)
@@ -242,6 +248,13 @@ def main() -> None:
         pools, synth_s = synthetic_pools(teacher, model_name, args.seeds, kinds, Path(args.pools), args.iterations,
                                          args.calib_images, sparse_stops=args.sparse_stops, settings=recipe,
                                          method=args.method)
+        if filled("sparse") and "sparse" in args.sources:  # what the teacher calls the filled images (seeded fill)
+            for seed in args.seeds:
+                whole = filled_source(pools[("sparse", seed)]).open(teacher).images
+                with torch.no_grad():
+                    counts = torch.bincount(teacher.model(whole).argmax(1), minlength=teacher.num_classes)
+                labelled.append(f"{model_name} seed {seed}: {counts.max().item()} of {len(whole)} as class "
+                                f"{counts.argmax().item()}")
         recon_layers = args.correct_layers if args.recon_correct else False  # correction after reconstruction
         corrected = True if recon_layers == "outputs" else recon_layers  # ... as quantized.json records it
         for setting in args.settings:
@@ -260,9 +273,7 @@ def main() -> None:
                             key = cell_key(model_name, setting, quantizer, stage, source_name, seed)
                             if key not in done:
                                 pool = pools.get((source_name, seed))
-                                std_level = BACKGROUNDS[args.pool_background]
-                                source = (FilledPoolSource(pool, std_level[0], args.pool_refill, std_level[1])
-                                          if filled(source_name)
+                                source = (filled_source(pool, args.pool_refill) if filled(source_name)
                                           else PoolSource(pool) if pool else parse_source(source_name))
                                 qcfg = quant_config(quantizer, setting)
                                 t0 = time.perf_counter()
@@ -331,6 +342,7 @@ def main() -> None:
             + (f"; sparse pools shown whole, stopped patches filled with a "
                f"{'' if args.pool_background == 'black' else 'random '}{args.pool_background} background"
                + (", refilled at every QAT draw" if args.pool_refill else "")
+               + f"; the teacher's most common label of the filled images: {', '.join(labelled)}"
                if args.pool_background != "none" else "")
             + "); reconstruction: "
             f"{args.recon_iterations} steps per block, batch {recon.batch_size}, QDrop {args.recon_drop}"
