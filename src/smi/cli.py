@@ -448,6 +448,7 @@ def _training_source(args: argparse.Namespace) -> Any:
     from smi.data.sources import NoiseSource, RealSource
     from smi.inversion.synthesis import OnlineSource
 
+    _check_pool_flags(args, args.pool is not None, "give a sparse --pool")
     if args.generator is not None:
         from smi.generators import GeneratorSource
 
@@ -466,9 +467,6 @@ def _training_source(args: argparse.Namespace) -> Any:
                                          game=args.generator_game, init=args.generator_init)
     if args.generator_init is not None:
         raise SmiError("--generator-init starts an --online-generator; give one")
-    if args.pool_background is not None and args.pool is None:
-        raise SmiError("--pool-background fills the stopped patches of a sparse --pool; give one",
-                       param="pool_background")
     if args.pool_background is not None and args.augment_background:
         raise SmiError("--pool-background shows the pool whole, so --augment-background has no stopped patches "
                        "to fill; give one of them", param="pool_background")
@@ -480,6 +478,17 @@ def _training_source(args: argparse.Namespace) -> Any:
         return NoiseSource()
     with _flags(args):
         return _pool_source(args.pool, args)
+
+
+POOL_FLAGS = ("pool_background", "pool_level", "pool_refill")  # argparse dests; _flags names them as typed
+
+
+def _check_pool_flags(args: argparse.Namespace, is_pool: bool, remedy: str) -> None:
+    """The --pool-* flags fill a sparse pool's stopped patches: refuse the first one given when the images are not a
+    pool (else it would be silently ignored)."""
+    given = [dest for dest in POOL_FLAGS if getattr(args, dest, None) is not None and getattr(args, dest) is not False]
+    if given and not is_pool:
+        raise SmiError(f"fills the stopped patches of a sparse pool's images; {remedy}", param=given[0])
 
 
 def _pool_source(path: str, args: argparse.Namespace) -> Any:
@@ -765,10 +774,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
             recon = ReconstructConfig(iterations=args.reconstruct_iterations, seed=args.seed)
         source = parse_source(args.calib)
-        if args.pool_background is not None or args.pool_level is not None:
-            if not isinstance(source, PoolSource):
-                raise SmiError(f"--pool-background fills the stopped patches of a sparse pool; --calib "
-                               f"{args.calib} is not a pool folder", param="pool_background")
+        _check_pool_flags(args, isinstance(source, PoolSource), f"--calib {args.calib} is not a pool folder")
+        if isinstance(source, PoolSource):
             source = _pool_source(source.path, args)
         teacher = load_teacher(args.model, pretrained=args.pretrained, device=args.device)
         res = quantize_teacher(teacher, cfg, source, num_images=args.calib_images, seed=args.seed,
