@@ -41,6 +41,24 @@ def features(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> torch
                           for i in range(0, len(x), batch)])
 
 
+def teacher_logits(teacher: Any, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([teacher.model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def generated(teacher: Any, cfg: GeneratorConfig, work: Path, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` images of every class from the generator ``cfg`` of ``teacher`` (trained once, cached in
+    ``work``), drawn from seed 0 one class per batch, and the class each was asked for."""
+    gen, _ = load_generator(trained_generator(teacher, cfg, work), teacher)
+    gen.eval()
+    g = torch.Generator().manual_seed(0)
+    asked = torch.arange(teacher.num_classes).repeat_interleave(per_class)
+    with torch.no_grad():
+        images = torch.cat([gen(torch.randn(per_class, gen.latent_dim, generator=g), asked[i:i + per_class])
+                            for i in range(0, len(asked), per_class)])
+    return images, asked
+
+
 def nearest_mean(feats: torch.Tensor, labels: torch.Tensor, means: torch.Tensor) -> tuple[float, list[float]]:
     """Top-1 (%) of nearest-class-mean classification, and per class."""
     pred = torch.cdist(feats, means).argmin(1)
@@ -125,22 +143,15 @@ def main() -> None:
     classes = teacher.num_classes
     real_means = torch.stack([real[:half][y[:half] == c].mean(0) for c in range(classes)])
     top1, per = nearest_mean(real[half:], y[half:], real_means)
-    with torch.no_grad():
-        real_logits = torch.cat([teacher.model(x[i:i + 500]) for i in range(0, half, 500)])
+    real_logits = teacher_logits(teacher, x[:half])
     head_top1 = kl_head(real[:half], real_logits, real[half:], y[half:])
     rows = [{"means": "real (test images 0..N/2)", "top1": top1, "per_class": per, "kl_head_top1": head_top1}]
     table = [["real images", "-", f"{top1:.2f}", " / ".join(f"{a:.0f}" for a in per), "-", f"{head_top1:.2f}"]]
     configs = [generator_config(kind, args.gen_epochs) for kind in args.kinds]
     for kind, cfg in zip(args.kinds, configs, strict=True):
-        gen, _ = load_generator(trained_generator(teacher, cfg, work), teacher)
-        gen.eval()
-        g = torch.Generator().manual_seed(0)
-        labels = torch.arange(classes).repeat_interleave(args.per_class)
-        with torch.no_grad():
-            images = torch.cat([gen(torch.randn(args.per_class, gen.latent_dim, generator=g),
-                                    labels[i:i + args.per_class]) for i in range(0, len(labels), args.per_class)])
-            logits = teacher.model(images)
-            teacher_top1 = round(100 * (logits.argmax(1) == labels).float().mean().item(), 2)
+        images, labels = generated(teacher, cfg, work, args.per_class)
+        logits = teacher_logits(teacher, images)
+        teacher_top1 = round(100 * (logits.argmax(1) == labels).float().mean().item(), 2)
         syn = features(net, images)
         head_top1 = kl_head(syn, logits, real[half:], y[half:])
         syn_means = torch.stack([syn[labels == c].mean(0) for c in range(classes)])

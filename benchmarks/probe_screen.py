@@ -28,9 +28,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import publish  # noqa: E402
-from distill import trained_generator  # noqa: E402
-from probe_features import add_probe_args, features, generator_config, kl_head, probe_setup  # noqa: E402
-from smi.generators.train import load_generator  # noqa: E402
+from probe_features import (  # noqa: E402
+    add_probe_args,
+    features,
+    generated,
+    generator_config,
+    kl_head,
+    probe_setup,
+    teacher_logits,
+)
 from smi.inversion.engine import valid_range  # noqa: E402
 
 HEADS: dict[str, dict] = {
@@ -76,26 +82,14 @@ def main() -> None:
     half = len(x) // 2
     test, labels = real[half:], y[half:]
 
-    def logits_of(images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([teacher.model(images[i:i + 1000]) for i in range(0, len(images), 1000)])
-
-    gen, _ = load_generator(trained_generator(teacher, generator_config(args.kind, args.gen_epochs), work), teacher)
-    gen.eval()
+    cfg = generator_config(args.kind, args.gen_epochs)
     classes = teacher.num_classes
 
-    def draw(per_class: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(0)
-        asked = torch.arange(classes).repeat_interleave(per_class)
-        with torch.no_grad():
-            return torch.cat([gen(torch.randn(len(asked[i:i + 500]), gen.latent_dim, generator=g), asked[i:i + 500])
-                              for i in range(0, len(asked), 500)])
-
-    images = draw(args.per_class)
+    images, _ = generated(teacher, cfg, work, args.per_class)
     n = len(images)
-    logits, syn = logits_of(images), features(net, images)
+    logits, syn = teacher_logits(teacher, images), features(net, images)
     rows: list[dict] = [{"group": "bound", "row": "real images (test images 0..N/2), the probe's head",
-                         "top1": kl_head(real[:half], logits_of(x[:half]), test, labels)}]
+                         "top1": kl_head(real[:half], teacher_logits(teacher, x[:half]), test, labels)}]
     for row, kw in HEADS.items():
         rows.append({"group": "head", "row": row, "top1": kl_head(syn, logits, test, labels, **kw)})
     lo, hi = valid_range(teacher.mean, teacher.std, "cpu")
@@ -112,9 +106,9 @@ def main() -> None:
         with torch.no_grad():
             changed = post(images)
         rows.append({"group": "images", "row": row,
-                     "top1": kl_head(features(net, changed), logits_of(changed), test, labels)})
-    many = draw(args.per_class * args.pool_factor)
-    big_logits, big = logits_of(many), features(net, many)
+                     "top1": kl_head(features(net, changed), teacher_logits(teacher, changed), test, labels)})
+    many, _ = generated(teacher, cfg, work, args.per_class * args.pool_factor)
+    big_logits, big = teacher_logits(teacher, many), features(net, many)
     entropy = -(big_logits.softmax(1) * big_logits.log_softmax(1)).sum(1)
     argmax = big_logits.argmax(1)
     picks = {
